@@ -1,0 +1,59 @@
+use std::io;
+use std::path::PathBuf;
+
+use crate::snapshot::format::FORMAT_VERSION;
+
+/// Every failure of the host crate. Messages are one line: what failed and, where it
+/// helps, what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("not a hexz snapshot (bad magic)")]
+    NotASnapshot,
+    #[error("snapshot format version {0} is not supported (this hexz reads version {FORMAT_VERSION}); use a matching hexz release")]
+    UnsupportedVersion(u32),
+    #[error("corrupt snapshot: {0}; the file is damaged, restore or re-pack it")]
+    Corrupt(String),
+    #[error("no such file or directory in snapshot: {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    At { path: PathBuf, source: Box<Error> },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn corrupt(what: impl Into<String>) -> Error {
+        Error::Corrupt(what.into())
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Prefixes the error with the file it concerns (once).
+    pub fn at(self, path: impl Into<PathBuf>) -> Error {
+        match self {
+            e @ (Error::At { .. } | Error::Io { .. }) => e,
+            e => Error::At {
+                path: path.into(),
+                source: Box::new(e),
+            },
+        }
+    }
+
+    /// True when the bytes on disk are not what was written (as opposed to a usage error).
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            Error::Corrupt(_) | Error::NotASnapshot | Error::UnsupportedVersion(_) => true,
+            Error::At { source, .. } => source.is_corruption(),
+            _ => false,
+        }
+    }
+}

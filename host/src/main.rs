@@ -1,0 +1,312 @@
+//! `hexz-host`: build, inspect and (later) serve snapshots.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use hexz_host::pack::{pack, PackInput, Progress};
+use hexz_host::snapshot::format::Codec;
+use hexz_host::snapshot::{Compression, NodeKind, Snapshot, WriterOptions};
+
+mod cli_fmt;
+
+#[derive(Parser)]
+#[command(
+    name = "hexz-host",
+    version,
+    about = "Snapshot-backed workspaces for microVM sandboxes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    Zstd,
+    Lz4,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pack a directory tree and/or raw streams into a snapshot file.
+    Pack {
+        /// Directory to pack (omit for a stream-only snapshot).
+        src: Option<PathBuf>,
+        /// Output snapshot (written atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Raw disk image to store as the `disk` stream.
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// Raw memory image to store as the `memory` stream.
+        #[arg(long)]
+        memory: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "zstd")]
+        compression: CompressionArg,
+        /// zstd level (1-22; default 3). Ignored for lz4.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: i32,
+        /// Compression threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Describe a snapshot.
+    Info {
+        snapshot: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read and check every chunk; exit 0 only if the snapshot is intact.
+    Verify { snapshot: PathBuf },
+    /// List a directory (or one entry) of the snapshot's tree.
+    Ls {
+        snapshot: PathBuf,
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Write a file of the tree, or a stream (`disk`, `memory`), to stdout.
+    Cat {
+        snapshot: PathBuf,
+        path: String,
+        /// Treat PATH as a stream name even if the tree has such a file.
+        #[arg(long)]
+        stream: bool,
+    },
+    /// Recreate the snapshot's tree, with all metadata, in a new or empty directory.
+    Extract { snapshot: PathBuf, dest: PathBuf },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            eprintln!("hexz-host: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Pack {
+            src,
+            output,
+            disk,
+            memory,
+            compression,
+            level,
+            threads,
+        } => {
+            let mut input = PackInput {
+                tree: src,
+                streams: Vec::new(),
+            };
+            input.streams.extend(disk.map(|p| ("disk".to_string(), p)));
+            input
+                .streams
+                .extend(memory.map(|p| ("memory".to_string(), p)));
+            if input.tree.is_none() && input.streams.is_empty() {
+                bail!("nothing to pack: give a source directory, --disk or --memory");
+            }
+            let compression = match compression {
+                CompressionArg::Zstd => Compression::Zstd { level },
+                CompressionArg::Lz4 => Compression::Lz4,
+            };
+            let opts = WriterOptions {
+                compression,
+                threads,
+            };
+            let bar = ProgressBar::new();
+            let start = Instant::now();
+            let s = pack(&input, &output, &opts, &bar)
+                .with_context(|| format!("packing failed, {} not written", output.display()))?;
+            bar.finish();
+            let st = &s.stats;
+            println!(
+                "packed {} files, {} dirs, {} symlinks, {} other: {} in, {} out ({:.2}x), dedup saved {}, zeros {}, {:.2} s -> {}",
+                s.files,
+                s.dirs,
+                s.symlinks,
+                s.others,
+                cli_fmt::bytes(st.bytes_in),
+                cli_fmt::bytes(st.file_len),
+                st.bytes_in as f64 / st.file_len.max(1) as f64,
+                cli_fmt::bytes(st.bytes_deduped),
+                cli_fmt::bytes(st.bytes_zero),
+                start.elapsed().as_secs_f64(),
+                output.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Info { snapshot, json } => {
+            let snap = Snapshot::open(&snapshot)?;
+            let info = cli_fmt::Info::of(&snap);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{}", info.human());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify { snapshot } => verify(&snapshot),
+        Cmd::Ls { snapshot, path } => {
+            let snap = Snapshot::open(&snapshot)?;
+            let idx = snap.resolve(&path)?;
+            let out = std::io::stdout();
+            let mut out = out.lock();
+            match &snap.node(idx).map(|n| &n.kind) {
+                Some(NodeKind::Dir(d)) => {
+                    for e in &d.entries {
+                        if let Some(n) = snap.node(e.node) {
+                            writeln!(out, "{}", cli_fmt::ls_line(n, &e.name))?;
+                        }
+                    }
+                }
+                Some(_) => {
+                    let name = path.rsplit('/').find(|p| !p.is_empty()).unwrap_or(&path);
+                    if let Some(n) = snap.node(idx) {
+                        writeln!(out, "{}", cli_fmt::ls_line(n, name.as_bytes()))?;
+                    }
+                }
+                None => bail!("no such node"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cat {
+            snapshot,
+            path,
+            stream,
+        } => {
+            let snap = Snapshot::open(&snapshot)?;
+            let data = if stream || (snap.resolve(&path).is_err() && snap.stream(&path).is_some()) {
+                &snap
+                    .stream(&path)
+                    .with_context(|| format!("no stream named '{path}' in this snapshot"))?
+                    .data
+            } else {
+                let idx = cli_fmt::resolve_following(&snap, &path)?;
+                match snap.node(idx).map(|n| &n.kind) {
+                    Some(NodeKind::File(d)) => d,
+                    Some(NodeKind::Dir(_)) => bail!("{path}: is a directory"),
+                    _ => bail!("{path}: not a regular file"),
+                }
+            };
+            let out = std::io::stdout();
+            let mut out = out.lock();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            while off < data.size {
+                let n = snap.read_at(data, off, &mut buf)?;
+                out.write_all(&buf[..n])?;
+                off += n as u64;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Extract { snapshot, dest } => {
+            let snap = Snapshot::open(&snapshot)?;
+            let start = Instant::now();
+            let n = hexz_host::extract::extract(&snap, &dest)
+                .with_context(|| format!("extract into {} stopped", dest.display()))?;
+            println!(
+                "extracted {n} entries in {:.2} s -> {}",
+                start.elapsed().as_secs_f64(),
+                dest.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn verify(path: &PathBuf) -> anyhow::Result<ExitCode> {
+    let snap = Snapshot::open(path)?;
+    let frames = snap.index().frames.len();
+    let bar = ProgressBar::new();
+    bar.set_total(frames as u64);
+    let mut bad = 0usize;
+    let mut bytes = 0u64;
+    for i in 0..frames {
+        match snap.load_frame(i as u32) {
+            Ok(raw) => bytes += raw.len() as u64,
+            Err(e) => {
+                bad += 1;
+                eprintln!("hexz-host: {}: {e}", path.display());
+            }
+        }
+        bar.advance(1);
+    }
+    bar.finish();
+    if bad > 0 {
+        eprintln!(
+            "hexz-host: {}: FAILED: {bad} of {frames} frames are damaged",
+            path.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let codecs = snap
+        .index()
+        .frames
+        .iter()
+        .filter(|f| f.codec != Codec::Raw as u8)
+        .count();
+    println!(
+        "{}: OK: {frames} frames ({codecs} compressed), {} chunks, {} verified, id {}",
+        path.display(),
+        snap.index().chunks.len(),
+        cli_fmt::bytes(bytes),
+        snap.id_hex()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on a terminal; nothing otherwise.
+struct ProgressBar(Option<indicatif::ProgressBar>);
+
+impl ProgressBar {
+    fn new() -> ProgressBar {
+        if !std::io::stderr().is_terminal() {
+            return ProgressBar(None);
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        ProgressBar(Some(bar))
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for ProgressBar {
+    fn set_total(&self, bytes: u64) {
+        if let Some(b) = &self.0 {
+            b.set_length(bytes);
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(bytes);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The snapshot file format: one immutable, verified, random-access file holding a
+//! file tree and/or raw byte streams. Layout in docs/FORMAT.md.
+
+pub mod codec;
+pub mod format;
+pub mod reader;
+mod validate;
+pub mod writer;
+
+pub use codec::Compression;
+pub use format::{ChunkId, FileData, Node, NodeKind, Stream};
+pub use reader::{NodeIdx, Snapshot, ROOT};
+pub use validate::check_name;
+pub use writer::{SnapshotWriter, WriteStats, WriterOptions};

@@ -1,0 +1,272 @@
+//! Opening a snapshot and reading from it: thread-safe, with a byte-bounded frame cache.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+
+use super::codec::decompress;
+use super::format::{
+    bincode_config, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream, HEADER_LEN,
+    MAX_FRAME_RAW, MAX_INDEX_RAW,
+};
+use super::validate::validate;
+use crate::error::{Error, Result};
+
+/// Index of a node in the snapshot's node table; the root directory is `ROOT`.
+pub type NodeIdx = u32;
+pub const ROOT: NodeIdx = 0;
+
+/// Default size of the decompressed-frame cache.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+
+#[derive(Clone)]
+struct FrameWeight;
+
+impl Weighter<u32, Arc<[u8]>> for FrameWeight {
+    fn weight(&self, _key: &u32, val: &Arc<[u8]>) -> u64 {
+        val.len().max(1) as u64
+    }
+}
+
+/// An open, validated snapshot. Share it between threads with `Arc`.
+pub struct Snapshot {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    index: Index,
+    file_len: u64,
+    cache: Cache<u32, Arc<[u8]>, FrameWeight>,
+}
+
+impl Snapshot {
+    /// Opens and validates header and index; reads no frame data.
+    pub fn open(path: impl AsRef<Path>) -> Result<Snapshot> {
+        Snapshot::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: u64) -> Result<Snapshot> {
+        let path = path.as_ref();
+        Snapshot::open_inner(path, cache_bytes).map_err(|e| e.at(path))
+    }
+
+    fn open_inner(path: &Path, cache_bytes: u64) -> Result<Snapshot> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if file_len < HEADER_LEN as u64 {
+            if file_len >= 8 {
+                let mut magic = [0u8; 8];
+                file.read_exact_at(&mut magic, 0)
+                    .map_err(|e| Error::io(path, e))?;
+                if magic == super::format::MAGIC {
+                    return Err(Error::corrupt("truncated inside the header"));
+                }
+            }
+            return Err(Error::NotASnapshot);
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut hb, 0)
+            .map_err(|e| Error::io(path, e))?;
+        let header = Header::decode(&hb)?;
+        let index_end = header.index_offset.checked_add(header.index_len);
+        if header.index_offset < HEADER_LEN as u64 || index_end != Some(file_len) {
+            return Err(Error::corrupt(format!(
+                "index at {}+{} does not end the {file_len}-byte file (truncated or appended to)",
+                header.index_offset, header.index_len
+            )));
+        }
+        if header.index_raw_len > MAX_INDEX_RAW {
+            return Err(Error::corrupt("index larger than the 1 GiB limit"));
+        }
+        let mut stored = vec![0u8; header.index_len as usize];
+        file.read_exact_at(&mut stored, header.index_offset)
+            .map_err(|e| Error::io(path, e))?;
+        if blake3::hash(&stored).as_bytes() != &header.index_hash {
+            return Err(Error::corrupt("index checksum mismatch"));
+        }
+        let raw = decompress(header.index_codec, &stored, header.index_raw_len as usize)?;
+        drop(stored);
+        if blake3::hash(&raw).as_bytes() != &header.id {
+            return Err(Error::corrupt("index does not match the snapshot id"));
+        }
+        let (index, used): (Index, usize) = bincode::decode_from_slice(&raw, bincode_config())
+            .map_err(|e| Error::corrupt(format!("index does not decode: {e}")))?;
+        if used != raw.len() {
+            return Err(Error::corrupt("trailing bytes after the index"));
+        }
+        validate(&index, header.index_offset)?;
+        let cache = Cache::with_weighter(
+            (cache_bytes / (64 << 10)).max(16) as usize,
+            cache_bytes.max(MAX_FRAME_RAW as u64),
+            FrameWeight,
+        );
+        Ok(Snapshot {
+            path: path.to_path_buf(),
+            file,
+            header,
+            index,
+            file_len,
+            cache,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The snapshot id: a digest over the whole index, which names every chunk by hash.
+    pub fn id(&self) -> [u8; 32] {
+        self.header.id
+    }
+
+    pub fn id_hex(&self) -> String {
+        hex(&self.header.id)
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    pub fn has_tree(&self) -> bool {
+        !self.index.nodes.is_empty()
+    }
+
+    /// The node at `idx`. Indices come from the snapshot itself (validated on open).
+    pub fn node(&self, idx: NodeIdx) -> Option<&Node> {
+        self.index.nodes.get(idx as usize)
+    }
+
+    /// Finds `name` in directory `dir` by binary search.
+    pub fn lookup(&self, dir: NodeIdx, name: &[u8]) -> Option<NodeIdx> {
+        match &self.node(dir)?.kind {
+            NodeKind::Dir(d) => d
+                .entries
+                .binary_search_by(|e| e.name.as_slice().cmp(name))
+                .ok()
+                .map(|i| d.entries[i].node),
+            _ => None,
+        }
+    }
+
+    /// Resolves a `/`-separated path from the root without following symlinks.
+    pub fn resolve(&self, path: &str) -> Result<NodeIdx> {
+        if !self.has_tree() {
+            return Err(Error::NotFound(format!(
+                "{path} (this snapshot holds only streams)"
+            )));
+        }
+        let mut cur = super::reader::ROOT;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            cur = if part == ".." {
+                match &self.index.nodes[cur as usize].kind {
+                    NodeKind::Dir(d) => d.parent,
+                    _ => return Err(Error::NotFound(path.to_string())),
+                }
+            } else {
+                self.lookup(cur, part.as_bytes())
+                    .ok_or_else(|| Error::NotFound(path.to_string()))?
+            };
+        }
+        Ok(cur)
+    }
+
+    pub fn stream(&self, name: &str) -> Option<&Stream> {
+        self.index.streams.iter().find(|s| s.name == name)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns fewer only at end of data.
+    /// Every byte returned is verified against its chunk's BLAKE3 (on cache fill).
+    pub fn read_at(&self, data: &FileData, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= data.size {
+            return Ok(0);
+        }
+        let want = buf.len().min((data.size - offset) as usize);
+        let buf = &mut buf[..want];
+        let mut done = 0usize;
+        // First extent that could cover `offset`: the last one starting at or before it.
+        let mut ei = data
+            .extents
+            .partition_point(|e| e.offset <= offset)
+            .saturating_sub(1);
+        while done < want {
+            let pos = offset + done as u64;
+            let ext = data.extents.get(ei);
+            match ext {
+                Some(e) if e.offset <= pos => {
+                    let chunk = &self.index.chunks[e.chunk as usize];
+                    let end = e.offset + chunk.len as u64;
+                    if pos >= end {
+                        ei += 1;
+                        continue;
+                    }
+                    let frame = self.frame(chunk.frame).map_err(|e| e.at(&self.path))?;
+                    let in_chunk = (pos - e.offset) as usize;
+                    let n = (chunk.len as usize - in_chunk).min(want - done);
+                    let start = chunk.offset as usize + in_chunk;
+                    buf[done..done + n].copy_from_slice(&frame[start..start + n]);
+                    done += n;
+                    ei += 1;
+                }
+                _ => {
+                    // A hole up to the next extent (or the end).
+                    let next = ext.map_or(data.size, |e| e.offset);
+                    let n = ((next - pos) as usize).min(want - done);
+                    buf[done..done + n].fill(0);
+                    done += n;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// A frame's verified, decompressed bytes, from the cache or the file.
+    pub fn frame(&self, idx: u32) -> Result<Arc<[u8]>> {
+        self.cache
+            .get_or_insert_with(&idx, || self.load_frame(idx).map(Arc::from))
+    }
+
+    /// Reads, decompresses and verifies one frame, bypassing the cache.
+    pub fn load_frame(&self, idx: u32) -> Result<Vec<u8>> {
+        let f: &Frame = self
+            .index
+            .frames
+            .get(idx as usize)
+            .ok_or_else(|| Error::corrupt(format!("frame {idx} out of range")))?;
+        let mut stored = vec![0u8; f.stored_len as usize];
+        self.file
+            .read_exact_at(&mut stored, f.offset)
+            .map_err(|e| Error::io(&self.path, e))?;
+        let codec = Codec::from_u8(f.codec)
+            .ok_or_else(|| Error::corrupt(format!("frame {idx}: unknown codec {}", f.codec)))?;
+        let raw = decompress(codec, &stored, f.raw_len as usize)
+            .map_err(|e| Error::corrupt(format!("frame {idx} at offset {}: {e}", f.offset)))?;
+        let chunks =
+            &self.index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize];
+        for c in chunks {
+            let bytes = &raw[c.offset as usize..(c.offset + c.len) as usize];
+            if blake3::hash(bytes).as_bytes() != &c.id {
+                return Err(Error::corrupt(format!(
+                    "chunk {} in frame {idx} fails its BLAKE3 check",
+                    &hex(&c.id)[..16]
+                )));
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Bytes currently held by the frame cache.
+    pub fn cache_weight(&self) -> u64 {
+        self.cache.weight()
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
