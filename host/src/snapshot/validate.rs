@@ -155,16 +155,7 @@ fn check_data(index: &Index, data: &FileData) -> std::result::Result<(), String>
     Ok(())
 }
 
-/// The one rule for names stored in a snapshot: what a POSIX directory entry may be.
+/// Names in a snapshot follow the protocol's one rule for names.
 pub fn check_name(name: &[u8]) -> std::result::Result<(), String> {
-    if name.is_empty() || name == b"." || name == b".." {
-        return Err("empty, '.' or '..' entry name".into());
-    }
-    if name.len() > 255 {
-        return Err("entry name longer than 255 bytes".into());
-    }
-    if name.contains(&b'/') || name.contains(&0) {
-        return Err("entry name contains '/' or NUL".into());
-    }
-    Ok(())
+    hexz_protocol::check_name(name).map_err(|e| e.to_string())
 }

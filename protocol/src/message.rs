@@ -1,0 +1,421 @@
+//! Every message of protocol v1. The CBOR shape of each is given in docs/PROTOCOL.md:
+//! structs are maps with the field names as text keys, enums are one-key maps
+//! (`{"lookup": {...}}`), byte strings are CBOR byte strings, `Option` fields are left
+//! out when absent.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::Errno;
+
+/// A node (file, directory, ...) as named by the server. Stable for the life of the
+/// served filesystem, across reconnects and server restarts. The root is [`ROOT_NODE`].
+pub type NodeId = u64;
+/// An open file or directory, valid on the connection that opened it.
+pub type Handle = u64;
+
+pub const ROOT_NODE: NodeId = 1;
+
+/// A client request. `id` is chosen by the client and must be unique among its
+/// requests still awaiting a reply on this connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub op: Op,
+}
+
+/// A server reply to the request with the same `id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: u64,
+    pub r: ReplyBody,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timespec(pub i64, pub u32);
+
+/// A time to set: the server's current time, or a given one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetTime {
+    Now,
+    At(Timespec),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol versions the client speaks.
+    pub versions: Vec<u32>,
+    pub max_frame: u32,
+    pub max_read: u32,
+    pub max_write: u32,
+    pub max_in_flight: u32,
+    pub caps: Vec<String>,
+    /// Free text naming the client, for logs.
+    pub client: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub version: u32,
+    pub max_frame: u32,
+    pub max_read: u32,
+    pub max_write: u32,
+    pub max_in_flight: u32,
+    pub caps: Vec<String>,
+    pub root: NodeId,
+    /// Identity of the served filesystem (snapshot + overlay); unchanged across server
+    /// restarts on the same overlay, so a reconnecting client knows its node ids hold.
+    #[serde(with = "serde_bytes")]
+    pub fs_id: Vec<u8>,
+    pub server: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: u64,
+    /// Full `st_mode`: file type bits and permission bits.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    pub blksize: u32,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub node: NodeId,
+    pub generation: u64,
+    pub attr: Attr,
+    /// How long the client may cache the name → node binding.
+    pub entry_ttl_ms: u32,
+    /// How long the client may cache `attr`.
+    pub attr_ttl_ms: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    pub ino: u64,
+    /// File type bits of `st_mode` (`mode & S_IFMT`).
+    pub kind: u32,
+    /// Pass as `cookie` to continue after this entry.
+    pub cookie: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntryPlus {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    pub cookie: u64,
+    pub entry: Entry,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub frsize: u32,
+    pub namelen: u32,
+}
+
+/// Flags of [`Op::Rename`].
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+/// Flags of [`Op::Setxattr`].
+pub const XATTR_CREATE: u32 = 1;
+pub const XATTR_REPLACE: u32 = 2;
+/// `whence` of [`Op::Lseek`].
+pub const SEEK_DATA: u32 = 3;
+pub const SEEK_HOLE: u32 = 4;
+
+/// Every operation. Names are the CBOR keys (snake_case).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Hello(Hello),
+    Lookup {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
+    Forget {
+        node: NodeId,
+        nlookup: u64,
+    },
+    BatchForget {
+        items: Vec<(NodeId, u64)>,
+    },
+    Getattr {
+        node: NodeId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fh: Option<Handle>,
+    },
+    Setattr {
+        node: NodeId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fh: Option<Handle>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gid: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        atime: Option<SetTime>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime: Option<SetTime>,
+    },
+    Readlink {
+        node: NodeId,
+    },
+    Symlink {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
+    Mknod {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    },
+    Mkdir {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Unlink {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        new_parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    Link {
+        node: NodeId,
+        new_parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        new_name: Vec<u8>,
+    },
+    Open {
+        node: NodeId,
+        flags: u32,
+    },
+    Read {
+        fh: Handle,
+        offset: u64,
+        size: u32,
+    },
+    Write {
+        fh: Handle,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    Flush {
+        fh: Handle,
+        lock_owner: u64,
+    },
+    Release {
+        fh: Handle,
+    },
+    Fsync {
+        fh: Handle,
+        datasync: bool,
+    },
+    Opendir {
+        node: NodeId,
+    },
+    Readdir {
+        fh: Handle,
+        cookie: u64,
+        max_entries: u32,
+    },
+    Readdirplus {
+        fh: Handle,
+        cookie: u64,
+        max_entries: u32,
+    },
+    Releasedir {
+        fh: Handle,
+    },
+    Fsyncdir {
+        fh: Handle,
+        datasync: bool,
+    },
+    Statfs {
+        node: NodeId,
+    },
+    Setxattr {
+        node: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        flags: u32,
+    },
+    Getxattr {
+        node: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
+    Listxattr {
+        node: NodeId,
+    },
+    Removexattr {
+        node: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
+    Create {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        mode: u32,
+        flags: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Fallocate {
+        fh: Handle,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    },
+    Lseek {
+        fh: Handle,
+        offset: u64,
+        whence: u32,
+    },
+}
+
+/// The reply to each operation; which variant answers which op is in docs/PROTOCOL.md.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyBody {
+    /// The operation failed.
+    Err(Errno),
+    /// Success with nothing to return.
+    Ok {},
+    Hello(HelloReply),
+    Entry(Entry),
+    Attr {
+        attr: Attr,
+        attr_ttl_ms: u32,
+    },
+    Opened {
+        fh: Handle,
+        /// The client may keep cached pages of this file from earlier opens.
+        keep_cache: bool,
+    },
+    Created {
+        entry: Entry,
+        fh: Handle,
+    },
+    /// Bytes: file data (read), a symlink target (readlink), an xattr value (getxattr).
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    Written {
+        size: u32,
+    },
+    Dir {
+        entries: Vec<DirEntry>,
+        eof: bool,
+    },
+    DirPlus {
+        entries: Vec<DirEntryPlus>,
+        eof: bool,
+    },
+    Statfs(Statfs),
+    Names {
+        names: Vec<ByteBuf>,
+    },
+    Offset {
+        offset: u64,
+    },
+}
+
+impl Op {
+    /// The opcode's wire name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Hello(_) => "hello",
+            Op::Lookup { .. } => "lookup",
+            Op::Forget { .. } => "forget",
+            Op::BatchForget { .. } => "batch_forget",
+            Op::Getattr { .. } => "getattr",
+            Op::Setattr { .. } => "setattr",
+            Op::Readlink { .. } => "readlink",
+            Op::Symlink { .. } => "symlink",
+            Op::Mknod { .. } => "mknod",
+            Op::Mkdir { .. } => "mkdir",
+            Op::Unlink { .. } => "unlink",
+            Op::Rmdir { .. } => "rmdir",
+            Op::Rename { .. } => "rename",
+            Op::Link { .. } => "link",
+            Op::Open { .. } => "open",
+            Op::Read { .. } => "read",
+            Op::Write { .. } => "write",
+            Op::Flush { .. } => "flush",
+            Op::Release { .. } => "release",
+            Op::Fsync { .. } => "fsync",
+            Op::Opendir { .. } => "opendir",
+            Op::Readdir { .. } => "readdir",
+            Op::Readdirplus { .. } => "readdirplus",
+            Op::Releasedir { .. } => "releasedir",
+            Op::Fsyncdir { .. } => "fsyncdir",
+            Op::Statfs { .. } => "statfs",
+            Op::Setxattr { .. } => "setxattr",
+            Op::Getxattr { .. } => "getxattr",
+            Op::Listxattr { .. } => "listxattr",
+            Op::Removexattr { .. } => "removexattr",
+            Op::Create { .. } => "create",
+            Op::Fallocate { .. } => "fallocate",
+            Op::Lseek { .. } => "lseek",
+        }
+    }
+
+    /// Every opcode name of protocol v1.
+    pub const NAMES: &'static [&'static str] = &[
+        "hello", "lookup", "forget", "batch_forget", "getattr", "setattr", "readlink", "symlink", "mknod", "mkdir",
+        "unlink", "rmdir", "rename", "link", "open", "read", "write", "flush", "release", "fsync", "opendir",
+        "readdir", "readdirplus", "releasedir", "fsyncdir", "statfs", "setxattr", "getxattr", "listxattr",
+        "removexattr", "create", "fallocate", "lseek",
+    ];
+}
