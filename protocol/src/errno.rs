@@ -64,7 +64,10 @@ errno_table! {
 impl Errno {
     /// The symbolic name (`"ENOENT"`), or `None` for a value outside the table.
     pub fn name(self) -> Option<&'static str> {
-        Errno::TABLE.iter().find(|(n, _, _)| *n == self.0).map(|(_, name, _)| *name)
+        Errno::TABLE
+            .iter()
+            .find(|(n, _, _)| *n == self.0)
+            .map(|(_, name, _)| *name)
     }
 
     /// The value as the receiver should use it: itself if in the table, else `EIO`.
@@ -115,7 +118,9 @@ mod tests {
     }
 
     fn libc_enoent() -> i32 {
-        std::io::Error::from(std::io::ErrorKind::NotFound).raw_os_error().unwrap_or(2)
+        std::io::Error::from(std::io::ErrorKind::NotFound)
+            .raw_os_error()
+            .unwrap_or(2)
     }
 
     #[test]

@@ -39,7 +39,11 @@ pub struct BadRequest {
 
 /// Appends `[len][CBOR(msg)]` to `out`; fails without appending if the body would
 /// exceed `max_frame`.
-pub fn encode_frame<T: Serialize>(msg: &T, max_frame: u32, out: &mut Vec<u8>) -> Result<(), FrameError> {
+pub fn encode_frame<T: Serialize>(
+    msg: &T,
+    max_frame: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; PREFIX_LEN]);
     if let Err(e) = ciborium::into_writer(msg, &mut *out) {
@@ -49,7 +53,10 @@ pub fn encode_frame<T: Serialize>(msg: &T, max_frame: u32, out: &mut Vec<u8>) ->
     let len = out.len() - start - PREFIX_LEN;
     if len > max_frame as usize {
         out.truncate(start);
-        return Err(FrameError::TooLarge { len: len as u64, max: max_frame });
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: max_frame,
+        });
     }
     out[start..start + PREFIX_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
@@ -62,7 +69,10 @@ pub fn body_len(prefix: [u8; PREFIX_LEN], max_frame: u32) -> Result<usize, Frame
         return Err(FrameError::Empty);
     }
     if len > max_frame {
-        return Err(FrameError::TooLarge { len: len as u64, max: max_frame });
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: max_frame,
+        });
     }
     Ok(len as usize)
 }
@@ -72,7 +82,10 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     let mut rest = body;
     let v: T = ciborium::from_reader(&mut rest).map_err(|e| FrameError::Decode(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(FrameError::Decode(format!("{} bytes after the message", rest.len())));
+        return Err(FrameError::Decode(format!(
+            "{} bytes after the message",
+            rest.len()
+        )));
     }
     Ok(v)
 }
@@ -98,7 +111,11 @@ struct Envelope {
 fn diagnose(body: &[u8], reason: String) -> BadRequest {
     // Lenient on purpose (trailing bytes allowed): this only looks for an id to answer.
     let Ok(env) = ciborium::from_reader::<Envelope, _>(body) else {
-        return BadRequest { id: None, errno: Errno::EBADMSG, reason };
+        return BadRequest {
+            id: None,
+            errno: Errno::EBADMSG,
+            reason,
+        };
     };
     let opname = match &env.op {
         ciborium::Value::Text(t) => Some(t.as_str()),
@@ -109,14 +126,25 @@ fn diagnose(body: &[u8], reason: String) -> BadRequest {
         Some(name) if !Op::NAMES.contains(&name) => BadRequest {
             id: Some(env.id),
             errno: Errno::ENOSYS,
-            reason: format!("unknown opcode '{}'", name.chars().take(64).collect::<String>()),
+            reason: format!(
+                "unknown opcode '{}'",
+                name.chars().take(64).collect::<String>()
+            ),
         },
-        _ => BadRequest { id: Some(env.id), errno: Errno::EINVAL, reason },
+        _ => BadRequest {
+            id: Some(env.id),
+            errno: Errno::EINVAL,
+            reason,
+        },
     }
 }
 
 /// Blocking I/O: reads one frame body into `buf` (reusing its allocation).
-pub fn read_frame<R: std::io::Read>(r: &mut R, max_frame: u32, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+pub fn read_frame<R: std::io::Read>(
+    r: &mut R,
+    max_frame: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let mut prefix = [0u8; PREFIX_LEN];
     read_exact_or_closed(r, &mut prefix, true)?;
     let len = body_len(prefix, max_frame)?;
@@ -125,7 +153,11 @@ pub fn read_frame<R: std::io::Read>(r: &mut R, max_frame: u32, buf: &mut Vec<u8>
     read_exact_or_closed(r, buf, false)
 }
 
-fn read_exact_or_closed<R: std::io::Read>(r: &mut R, mut buf: &mut [u8], at_boundary: bool) -> Result<(), FrameError> {
+fn read_exact_or_closed<R: std::io::Read>(
+    r: &mut R,
+    mut buf: &mut [u8],
+    at_boundary: bool,
+) -> Result<(), FrameError> {
     let mut first = true;
     while !buf.is_empty() {
         match r.read(buf) {
@@ -141,7 +173,11 @@ fn read_exact_or_closed<R: std::io::Read>(r: &mut R, mut buf: &mut [u8], at_boun
 }
 
 /// Blocking I/O: encodes and writes one frame.
-pub fn write_frame<W: std::io::Write, T: Serialize>(w: &mut W, msg: &T, max_frame: u32) -> Result<(), FrameError> {
+pub fn write_frame<W: std::io::Write, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+    max_frame: u32,
+) -> Result<(), FrameError> {
     let mut out = Vec::new();
     encode_frame(msg, max_frame, &mut out)?;
     w.write_all(&out)?;
@@ -155,7 +191,11 @@ pub mod tokio_io {
 
     use super::{body_len, encode_frame, FrameError, PREFIX_LEN};
 
-    pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max_frame: u32, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        r: &mut R,
+        max_frame: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), FrameError> {
         let mut prefix = [0u8; PREFIX_LEN];
         let mut got = 0;
         while got < PREFIX_LEN {

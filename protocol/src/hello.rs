@@ -31,7 +31,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_frame: (1 << 20) + FRAME_OVERHEAD, max_read: 1 << 20, max_write: 1 << 20, max_in_flight: 256 }
+        Limits {
+            max_frame: (1 << 20) + FRAME_OVERHEAD,
+            max_read: 1 << 20,
+            max_write: 1 << 20,
+            max_in_flight: 256,
+        }
     }
 }
 
@@ -44,11 +49,19 @@ impl Limits {
         let io_cap = max_frame.saturating_sub(FRAME_OVERHEAD).min(MAX_IO_CEILING);
         let max_read = self.max_read.min(other.max_read).min(io_cap);
         let max_write = self.max_write.min(other.max_write).min(io_cap);
-        let max_in_flight = self.max_in_flight.min(other.max_in_flight).min(MAX_IN_FLIGHT_CEILING);
+        let max_in_flight = self
+            .max_in_flight
+            .min(other.max_in_flight)
+            .min(MAX_IN_FLIGHT_CEILING);
         if max_read < 4096 || max_write < 4096 || max_in_flight == 0 {
             return Err(Errno::EINVAL);
         }
-        Ok(Limits { max_frame, max_read, max_write, max_in_flight })
+        Ok(Limits {
+            max_frame,
+            max_read,
+            max_write,
+            max_in_flight,
+        })
     }
 }
 
@@ -71,7 +84,11 @@ pub fn accept_hello(
         max_in_flight: hello.max_in_flight,
     };
     let agreed = server.meet(&client)?;
-    let caps = server_caps.iter().filter(|c| hello.caps.iter().any(|h| h == *c)).map(|c| c.to_string()).collect();
+    let caps = server_caps
+        .iter()
+        .filter(|c| hello.caps.iter().any(|h| h == *c))
+        .map(|c| c.to_string())
+        .collect();
     Ok((
         HelloReply {
             version: VERSION,
@@ -129,25 +146,51 @@ mod tests {
 
     #[test]
     fn negotiation_takes_the_smaller_limits_and_common_caps() {
-        let small = Limits { max_frame: 200 << 10, max_read: 128 << 10, max_write: 64 << 10, max_in_flight: 8 };
-        let (reply, agreed) =
-            accept_hello(&hello(vec![1, 7], small), &Limits::default(), &["readdirplus", "xattr"], 1, vec![1], "s").unwrap();
+        let small = Limits {
+            max_frame: 200 << 10,
+            max_read: 128 << 10,
+            max_write: 64 << 10,
+            max_in_flight: 8,
+        };
+        let (reply, agreed) = accept_hello(
+            &hello(vec![1, 7], small),
+            &Limits::default(),
+            &["readdirplus", "xattr"],
+            1,
+            vec![1],
+            "s",
+        )
+        .unwrap();
         assert_eq!(agreed, small);
         assert_eq!(reply.caps, vec!["readdirplus".to_string()]);
-        assert_eq!(check_hello_reply(&hello(vec![1, 7], small), &reply).unwrap(), small);
+        assert_eq!(
+            check_hello_reply(&hello(vec![1, 7], small), &reply).unwrap(),
+            small
+        );
     }
 
     #[test]
     fn no_common_version_or_silly_limits_are_refused() {
         let d = Limits::default();
-        assert_eq!(accept_hello(&hello(vec![2, 3], d), &d, &[], 1, vec![], "s").unwrap_err(), Errno::EPROTONOSUPPORT);
+        assert_eq!(
+            accept_hello(&hello(vec![2, 3], d), &d, &[], 1, vec![], "s").unwrap_err(),
+            Errno::EPROTONOSUPPORT
+        );
         let tiny = Limits { max_read: 10, ..d };
-        assert_eq!(accept_hello(&hello(vec![1], tiny), &d, &[], 1, vec![], "s").unwrap_err(), Errno::EINVAL);
+        assert_eq!(
+            accept_hello(&hello(vec![1], tiny), &d, &[], 1, vec![], "s").unwrap_err(),
+            Errno::EINVAL
+        );
     }
 
     #[test]
     fn huge_offers_are_clamped_to_the_ceilings() {
-        let huge = Limits { max_frame: u32::MAX, max_read: u32::MAX, max_write: u32::MAX, max_in_flight: u32::MAX };
+        let huge = Limits {
+            max_frame: u32::MAX,
+            max_read: u32::MAX,
+            max_write: u32::MAX,
+            max_in_flight: u32::MAX,
+        };
         let got = huge.meet(&huge).unwrap();
         assert_eq!(got.max_frame, MAX_FRAME_CEILING);
         assert!(got.max_read + FRAME_OVERHEAD <= got.max_frame);
@@ -160,6 +203,9 @@ mod tests {
         let offered = hello(vec![1], d);
         let (mut reply, _) = accept_hello(&offered, &d, &[], 1, vec![], "s").unwrap();
         reply.max_write *= 2;
-        assert_eq!(check_hello_reply(&offered, &reply).unwrap_err(), Errno::EPROTO);
+        assert_eq!(
+            check_hello_reply(&offered, &reply).unwrap_err(),
+            Errno::EPROTO
+        );
     }
 }

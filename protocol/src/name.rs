@@ -52,7 +52,10 @@ mod tests {
         assert_eq!(check_name(b".."), Err(NameError::Dot));
         assert_eq!(check_name(b"a/b"), Err(NameError::Slash));
         assert_eq!(check_name(b"a\0b"), Err(NameError::Nul));
-        assert_eq!(check_name(&[b'x'; 256]).map_err(NameError::errno), Err(Errno::ENAMETOOLONG));
+        assert_eq!(
+            check_name(&[b'x'; 256]).map_err(NameError::errno),
+            Err(Errno::ENAMETOOLONG)
+        );
         assert_eq!(check_name(&[b'x'; 255]), Ok(()));
     }
 }

@@ -96,23 +96,45 @@ fn oversized_length_prefix_is_refused_before_allocation() {
 #[test]
 fn eof_between_frames_is_closed_and_inside_a_frame_is_truncated() {
     let mut out = Vec::new();
-    let req = Request { id: 1, op: Op::Statfs { node: 1 } };
+    let req = Request {
+        id: 1,
+        op: Op::Statfs { node: 1 },
+    };
     write_frame(&mut out, &req, MAX).unwrap();
     let mut buf = Vec::new();
     let mut r = std::io::Cursor::new(out.clone());
     read_frame(&mut r, MAX, &mut buf).unwrap();
-    assert!(matches!(read_frame(&mut r, MAX, &mut buf), Err(FrameError::Closed)));
+    assert!(matches!(
+        read_frame(&mut r, MAX, &mut buf),
+        Err(FrameError::Closed)
+    ));
     let mut r = std::io::Cursor::new(out[..out.len() - 1].to_vec());
-    assert!(matches!(read_frame(&mut r, MAX, &mut buf), Err(FrameError::Truncated)));
+    assert!(matches!(
+        read_frame(&mut r, MAX, &mut buf),
+        Err(FrameError::Truncated)
+    ));
     let mut r = std::io::Cursor::new(out[..2].to_vec());
-    assert!(matches!(read_frame(&mut r, MAX, &mut buf), Err(FrameError::Truncated)));
+    assert!(matches!(
+        read_frame(&mut r, MAX, &mut buf),
+        Err(FrameError::Truncated)
+    ));
 }
 
 #[test]
 fn encoding_past_the_limit_fails_and_writes_nothing() {
-    let req = Request { id: 1, op: Op::Write { fh: 1, offset: 0, data: vec![7; 5000] } };
+    let req = Request {
+        id: 1,
+        op: Op::Write {
+            fh: 1,
+            offset: 0,
+            data: vec![7; 5000],
+        },
+    };
     let mut out = vec![1, 2, 3];
-    assert!(matches!(encode_frame(&req, 4096, &mut out), Err(FrameError::TooLarge { .. })));
+    assert!(matches!(
+        encode_frame(&req, 4096, &mut out),
+        Err(FrameError::TooLarge { .. })
+    ));
     assert_eq!(out, vec![1, 2, 3]);
 }
 
@@ -121,10 +143,16 @@ fn unknown_opcode_is_enosys_with_the_id_and_bad_fields_are_einval() {
     // {"id": 9, "op": {"frobnicate": {}}}
     let mut body = Vec::new();
     let v = ciborium::Value::Map(vec![
-        (ciborium::Value::Text("id".into()), ciborium::Value::Integer(9.into())),
+        (
+            ciborium::Value::Text("id".into()),
+            ciborium::Value::Integer(9.into()),
+        ),
         (
             ciborium::Value::Text("op".into()),
-            ciborium::Value::Map(vec![(ciborium::Value::Text("frobnicate".into()), ciborium::Value::Map(vec![]))]),
+            ciborium::Value::Map(vec![(
+                ciborium::Value::Text("frobnicate".into()),
+                ciborium::Value::Map(vec![]),
+            )]),
         ),
     ]);
     ciborium::into_writer(&v, &mut body).unwrap();
@@ -133,15 +161,27 @@ fn unknown_opcode_is_enosys_with_the_id_and_bad_fields_are_einval() {
 
     // {"id": 10, "op": {"read": {"fh": "x", "offset": 0, "size": 1}}}
     let v = ciborium::Value::Map(vec![
-        (ciborium::Value::Text("id".into()), ciborium::Value::Integer(10.into())),
+        (
+            ciborium::Value::Text("id".into()),
+            ciborium::Value::Integer(10.into()),
+        ),
         (
             ciborium::Value::Text("op".into()),
             ciborium::Value::Map(vec![(
                 ciborium::Value::Text("read".into()),
                 ciborium::Value::Map(vec![
-                    (ciborium::Value::Text("fh".into()), ciborium::Value::Text("x".into())),
-                    (ciborium::Value::Text("offset".into()), ciborium::Value::Integer(0.into())),
-                    (ciborium::Value::Text("size".into()), ciborium::Value::Integer(1.into())),
+                    (
+                        ciborium::Value::Text("fh".into()),
+                        ciborium::Value::Text("x".into()),
+                    ),
+                    (
+                        ciborium::Value::Text("offset".into()),
+                        ciborium::Value::Integer(0.into()),
+                    ),
+                    (
+                        ciborium::Value::Text("size".into()),
+                        ciborium::Value::Integer(1.into()),
+                    ),
                 ]),
             )]),
         ),
@@ -156,7 +196,11 @@ fn unknown_opcode_is_enosys_with_the_id_and_bad_fields_are_einval() {
     assert_eq!((bad.id, bad.errno), (None, Errno::EBADMSG));
 
     // Trailing garbage after a valid request.
-    let mut f = frame_of(&Request { id: 3, op: Op::Statfs { node: 1 } })[PREFIX_LEN..].to_vec();
+    let mut f = frame_of(&Request {
+        id: 3,
+        op: Op::Statfs { node: 1 },
+    })[PREFIX_LEN..]
+        .to_vec();
     f.push(0);
     assert_eq!(decode_request(&f).unwrap_err().id, Some(3));
 }
@@ -175,17 +219,28 @@ fn deeply_nested_cbor_is_refused_not_a_stack_overflow() {
 async fn tokio_codec_reads_what_the_blocking_codec_writes() {
     let (mut a, mut b) = tokio::io::duplex(1 << 16);
     let reqs: Vec<Request> = (0..50)
-        .map(|i| Request { id: i, op: Op::Read { fh: 3, offset: i * 4096, size: 4096 } })
+        .map(|i| Request {
+            id: i,
+            op: Op::Read {
+                fh: 3,
+                offset: i * 4096,
+                size: 4096,
+            },
+        })
         .collect();
     let sent = reqs.clone();
     let writer = tokio::spawn(async move {
         for r in &sent {
-            hexz_protocol::frame::tokio_io::write_frame(&mut a, r, MAX).await.unwrap();
+            hexz_protocol::frame::tokio_io::write_frame(&mut a, r, MAX)
+                .await
+                .unwrap();
         }
     });
     let mut buf = Vec::new();
     for want in &reqs {
-        hexz_protocol::frame::tokio_io::read_frame(&mut b, MAX, &mut buf).await.unwrap();
+        hexz_protocol::frame::tokio_io::read_frame(&mut b, MAX, &mut buf)
+            .await
+            .unwrap();
         assert_eq!(&decode_request(&buf).unwrap(), want);
     }
     writer.await.unwrap();

@@ -19,29 +19,53 @@ fn set_time() -> impl Strategy<Value = SetTime> {
 
 pub fn attr() -> impl Strategy<Value = Attr> {
     (
-        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>()),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+        ),
         (any::<u64>(), any::<u64>(), any::<u32>(), ts(), ts(), ts()),
     )
-        .prop_map(|((ino, mode, nlink, uid, gid, rdev), (size, blocks, blksize, atime, mtime, ctime))| Attr {
-            ino,
-            mode,
-            nlink,
-            uid,
-            gid,
-            rdev,
-            size,
-            blocks,
-            blksize,
-            atime,
-            mtime,
-            ctime,
-        })
+        .prop_map(
+            |((ino, mode, nlink, uid, gid, rdev), (size, blocks, blksize, atime, mtime, ctime))| {
+                Attr {
+                    ino,
+                    mode,
+                    nlink,
+                    uid,
+                    gid,
+                    rdev,
+                    size,
+                    blocks,
+                    blksize,
+                    atime,
+                    mtime,
+                    ctime,
+                }
+            },
+        )
 }
 
 pub fn entry() -> impl Strategy<Value = Entry> {
-    (any::<u64>(), any::<u64>(), attr(), any::<u32>(), any::<u32>()).prop_map(
-        |(node, generation, attr, entry_ttl_ms, attr_ttl_ms)| Entry { node, generation, attr, entry_ttl_ms, attr_ttl_ms },
+    (
+        any::<u64>(),
+        any::<u64>(),
+        attr(),
+        any::<u32>(),
+        any::<u32>(),
     )
+        .prop_map(
+            |(node, generation, attr, entry_ttl_ms, attr_ttl_ms)| Entry {
+                node,
+                generation,
+                attr,
+                entry_ttl_ms,
+                attr_ttl_ms,
+            },
+        )
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
@@ -51,15 +75,17 @@ fn hello() -> impl Strategy<Value = Hello> {
         prop::collection::vec("[a-z_]{0,12}", 0..4),
         ".{0,20}",
     )
-        .prop_map(|(versions, (max_frame, max_read, max_write, max_in_flight), caps, client)| Hello {
-            versions,
-            max_frame,
-            max_read,
-            max_write,
-            max_in_flight,
-            caps,
-            client,
-        })
+        .prop_map(
+            |(versions, (max_frame, max_read, max_write, max_in_flight), caps, client)| Hello {
+                versions,
+                max_frame,
+                max_read,
+                max_write,
+                max_in_flight,
+                caps,
+                client,
+            },
+        )
 }
 
 pub fn op() -> impl Strategy<Value = Op> {
@@ -68,68 +94,169 @@ pub fn op() -> impl Strategy<Value = Op> {
     let o = || prop::option::of(any::<u32>());
     Union::new(vec![
         hello().prop_map(Op::Hello).boxed(),
-        (n(), name()).prop_map(|(parent, name)| Op::Lookup { parent, name }).boxed(),
-        (n(), n()).prop_map(|(node, nlookup)| Op::Forget { node, nlookup }).boxed(),
-        prop::collection::vec((n(), n()), 0..20).prop_map(|items| Op::BatchForget { items }).boxed(),
-        (n(), prop::option::of(n())).prop_map(|(node, fh)| Op::Getattr { node, fh }).boxed(),
+        (n(), name())
+            .prop_map(|(parent, name)| Op::Lookup { parent, name })
+            .boxed(),
+        (n(), n())
+            .prop_map(|(node, nlookup)| Op::Forget { node, nlookup })
+            .boxed(),
+        prop::collection::vec((n(), n()), 0..20)
+            .prop_map(|items| Op::BatchForget { items })
+            .boxed(),
+        (n(), prop::option::of(n()))
+            .prop_map(|(node, fh)| Op::Getattr { node, fh })
+            .boxed(),
         (
             (n(), prop::option::of(n()), o(), o(), o()),
-            (prop::option::of(n()), prop::option::of(set_time()), prop::option::of(set_time())),
+            (
+                prop::option::of(n()),
+                prop::option::of(set_time()),
+                prop::option::of(set_time()),
+            ),
         )
-            .prop_map(|((node, fh, mode, uid, gid), (size, atime, mtime))| Op::Setattr {
-                node,
-                fh,
-                mode,
-                uid,
-                gid,
-                size,
-                atime,
-                mtime,
-            })
+            .prop_map(
+                |((node, fh, mode, uid, gid), (size, atime, mtime))| Op::Setattr {
+                    node,
+                    fh,
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    atime,
+                    mtime,
+                },
+            )
             .boxed(),
         n().prop_map(|node| Op::Readlink { node }).boxed(),
         (n(), name(), bytes(100), any::<u32>(), any::<u32>())
-            .prop_map(|(parent, name, target, uid, gid)| Op::Symlink { parent, name, target, uid, gid })
+            .prop_map(|(parent, name, target, uid, gid)| Op::Symlink {
+                parent,
+                name,
+                target,
+                uid,
+                gid,
+            })
             .boxed(),
         (n(), name(), any::<u32>(), n(), any::<u32>(), any::<u32>())
-            .prop_map(|(parent, name, mode, rdev, uid, gid)| Op::Mknod { parent, name, mode, rdev, uid, gid })
+            .prop_map(|(parent, name, mode, rdev, uid, gid)| Op::Mknod {
+                parent,
+                name,
+                mode,
+                rdev,
+                uid,
+                gid,
+            })
             .boxed(),
         (n(), name(), any::<u32>(), any::<u32>(), any::<u32>())
-            .prop_map(|(parent, name, mode, uid, gid)| Op::Mkdir { parent, name, mode, uid, gid })
+            .prop_map(|(parent, name, mode, uid, gid)| Op::Mkdir {
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+            })
             .boxed(),
-        (n(), name()).prop_map(|(parent, name)| Op::Unlink { parent, name }).boxed(),
-        (n(), name()).prop_map(|(parent, name)| Op::Rmdir { parent, name }).boxed(),
+        (n(), name())
+            .prop_map(|(parent, name)| Op::Unlink { parent, name })
+            .boxed(),
+        (n(), name())
+            .prop_map(|(parent, name)| Op::Rmdir { parent, name })
+            .boxed(),
         (n(), name(), n(), name(), any::<u32>())
-            .prop_map(|(parent, name, new_parent, new_name, flags)| Op::Rename { parent, name, new_parent, new_name, flags })
+            .prop_map(|(parent, name, new_parent, new_name, flags)| Op::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            })
             .boxed(),
-        (n(), n(), name()).prop_map(|(node, new_parent, new_name)| Op::Link { node, new_parent, new_name }).boxed(),
-        (n(), any::<u32>()).prop_map(|(node, flags)| Op::Open { node, flags }).boxed(),
-        (n(), n(), any::<u32>()).prop_map(|(fh, offset, size)| Op::Read { fh, offset, size }).boxed(),
-        (n(), n(), bytes(5000)).prop_map(|(fh, offset, data)| Op::Write { fh, offset, data }).boxed(),
-        (n(), n()).prop_map(|(fh, lock_owner)| Op::Flush { fh, lock_owner }).boxed(),
-        n().prop_map(|fh| Op::Release { fh }).boxed(),
-        (n(), any::<bool>()).prop_map(|(fh, datasync)| Op::Fsync { fh, datasync }).boxed(),
-        n().prop_map(|node| Op::Opendir { node }).boxed(),
-        (n(), n(), any::<u32>()).prop_map(|(fh, cookie, max_entries)| Op::Readdir { fh, cookie, max_entries }).boxed(),
+        (n(), n(), name())
+            .prop_map(|(node, new_parent, new_name)| Op::Link {
+                node,
+                new_parent,
+                new_name,
+            })
+            .boxed(),
+        (n(), any::<u32>())
+            .prop_map(|(node, flags)| Op::Open { node, flags })
+            .boxed(),
         (n(), n(), any::<u32>())
-            .prop_map(|(fh, cookie, max_entries)| Op::Readdirplus { fh, cookie, max_entries })
+            .prop_map(|(fh, offset, size)| Op::Read { fh, offset, size })
+            .boxed(),
+        (n(), n(), bytes(5000))
+            .prop_map(|(fh, offset, data)| Op::Write { fh, offset, data })
+            .boxed(),
+        (n(), n())
+            .prop_map(|(fh, lock_owner)| Op::Flush { fh, lock_owner })
+            .boxed(),
+        n().prop_map(|fh| Op::Release { fh }).boxed(),
+        (n(), any::<bool>())
+            .prop_map(|(fh, datasync)| Op::Fsync { fh, datasync })
+            .boxed(),
+        n().prop_map(|node| Op::Opendir { node }).boxed(),
+        (n(), n(), any::<u32>())
+            .prop_map(|(fh, cookie, max_entries)| Op::Readdir {
+                fh,
+                cookie,
+                max_entries,
+            })
+            .boxed(),
+        (n(), n(), any::<u32>())
+            .prop_map(|(fh, cookie, max_entries)| Op::Readdirplus {
+                fh,
+                cookie,
+                max_entries,
+            })
             .boxed(),
         n().prop_map(|fh| Op::Releasedir { fh }).boxed(),
-        (n(), any::<bool>()).prop_map(|(fh, datasync)| Op::Fsyncdir { fh, datasync }).boxed(),
+        (n(), any::<bool>())
+            .prop_map(|(fh, datasync)| Op::Fsyncdir { fh, datasync })
+            .boxed(),
         n().prop_map(|node| Op::Statfs { node }).boxed(),
         (n(), name(), bytes(300), any::<u32>())
-            .prop_map(|(node, name, value, flags)| Op::Setxattr { node, name, value, flags })
+            .prop_map(|(node, name, value, flags)| Op::Setxattr {
+                node,
+                name,
+                value,
+                flags,
+            })
             .boxed(),
-        (n(), name()).prop_map(|(node, name)| Op::Getxattr { node, name }).boxed(),
+        (n(), name())
+            .prop_map(|(node, name)| Op::Getxattr { node, name })
+            .boxed(),
         n().prop_map(|node| Op::Listxattr { node }).boxed(),
-        (n(), name()).prop_map(|(node, name)| Op::Removexattr { node, name }).boxed(),
-        (n(), name(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>())
-            .prop_map(|(parent, name, mode, flags, uid, gid)| Op::Create { parent, name, mode, flags, uid, gid })
+        (n(), name())
+            .prop_map(|(node, name)| Op::Removexattr { node, name })
+            .boxed(),
+        (
+            n(),
+            name(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+        )
+            .prop_map(|(parent, name, mode, flags, uid, gid)| Op::Create {
+                parent,
+                name,
+                mode,
+                flags,
+                uid,
+                gid,
+            })
             .boxed(),
         (n(), n(), n(), any::<u32>())
-            .prop_map(|(fh, offset, length, mode)| Op::Fallocate { fh, offset, length, mode })
+            .prop_map(|(fh, offset, length, mode)| Op::Fallocate {
+                fh,
+                offset,
+                length,
+                mode,
+            })
             .boxed(),
-        (n(), n(), any::<u32>()).prop_map(|(fh, offset, whence)| Op::Lseek { fh, offset, whence }).boxed(),
+        (n(), n(), any::<u32>())
+            .prop_map(|(fh, offset, whence)| Op::Lseek { fh, offset, whence })
+            .boxed(),
     ])
 }
 
@@ -139,35 +266,64 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
         any::<u32>().prop_map(|e| ReplyBody::Err(Errno(e))).boxed(),
         Just(ReplyBody::Ok {}).boxed(),
         (
-            (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+            ),
             prop::collection::vec("[a-z]{0,10}", 0..4),
             n(),
             bytes(40),
             ".{0,10}",
         )
-            .prop_map(|((version, max_frame, max_read, max_write, max_in_flight), caps, root, fs_id, server)| {
-                ReplyBody::Hello(HelloReply {
-                    version,
-                    max_frame,
-                    max_read,
-                    max_write,
-                    max_in_flight,
+            .prop_map(
+                |(
+                    (version, max_frame, max_read, max_write, max_in_flight),
                     caps,
                     root,
                     fs_id,
                     server,
-                })
-            })
+                )| {
+                    ReplyBody::Hello(HelloReply {
+                        version,
+                        max_frame,
+                        max_read,
+                        max_write,
+                        max_in_flight,
+                        caps,
+                        root,
+                        fs_id,
+                        server,
+                    })
+                },
+            )
             .boxed(),
         entry().prop_map(ReplyBody::Entry).boxed(),
-        (attr(), any::<u32>()).prop_map(|(attr, attr_ttl_ms)| ReplyBody::Attr { attr, attr_ttl_ms }).boxed(),
-        (n(), any::<bool>()).prop_map(|(fh, keep_cache)| ReplyBody::Opened { fh, keep_cache }).boxed(),
-        (entry(), n()).prop_map(|(entry, fh)| ReplyBody::Created { entry, fh }).boxed(),
+        (attr(), any::<u32>())
+            .prop_map(|(attr, attr_ttl_ms)| ReplyBody::Attr { attr, attr_ttl_ms })
+            .boxed(),
+        (n(), any::<bool>())
+            .prop_map(|(fh, keep_cache)| ReplyBody::Opened { fh, keep_cache })
+            .boxed(),
+        (entry(), n())
+            .prop_map(|(entry, fh)| ReplyBody::Created { entry, fh })
+            .boxed(),
         bytes(5000).prop_map(ReplyBody::Data).boxed(),
-        any::<u32>().prop_map(|size| ReplyBody::Written { size }).boxed(),
+        any::<u32>()
+            .prop_map(|size| ReplyBody::Written { size })
+            .boxed(),
         (
             prop::collection::vec(
-                (bytes(40), n(), any::<u32>(), n()).prop_map(|(name, ino, kind, cookie)| DirEntry { name, ino, kind, cookie }),
+                (bytes(40), n(), any::<u32>(), n()).prop_map(|(name, ino, kind, cookie)| {
+                    DirEntry {
+                        name,
+                        ino,
+                        kind,
+                        cookie,
+                    }
+                }),
                 0..10,
             ),
             any::<bool>(),
@@ -176,17 +332,35 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
             .boxed(),
         (
             prop::collection::vec(
-                (bytes(40), n(), entry()).prop_map(|(name, cookie, entry)| DirEntryPlus { name, cookie, entry }),
+                (bytes(40), n(), entry()).prop_map(|(name, cookie, entry)| DirEntryPlus {
+                    name,
+                    cookie,
+                    entry,
+                }),
                 0..5,
             ),
             any::<bool>(),
         )
             .prop_map(|(entries, eof)| ReplyBody::DirPlus { entries, eof })
             .boxed(),
-        ((n(), n(), n(), n(), n()), (any::<u32>(), any::<u32>(), any::<u32>()))
-            .prop_map(|((blocks, bfree, bavail, files, ffree), (bsize, frsize, namelen))| {
-                ReplyBody::Statfs(Statfs { blocks, bfree, bavail, files, ffree, bsize, frsize, namelen })
-            })
+        (
+            (n(), n(), n(), n(), n()),
+            (any::<u32>(), any::<u32>(), any::<u32>()),
+        )
+            .prop_map(
+                |((blocks, bfree, bavail, files, ffree), (bsize, frsize, namelen))| {
+                    ReplyBody::Statfs(Statfs {
+                        blocks,
+                        bfree,
+                        bavail,
+                        files,
+                        ffree,
+                        bsize,
+                        frsize,
+                        namelen,
+                    })
+                },
+            )
             .boxed(),
         prop::collection::vec(bytes(30).prop_map(serde_bytes::ByteBuf::from), 0..6)
             .prop_map(|names| ReplyBody::Names { names })
