@@ -7,8 +7,8 @@ use crate::snapshot::format::FORMAT_VERSION;
 /// helps, what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: io::Error },
     #[error("not a hexz snapshot (bad magic)")]
     NotASnapshot,
     #[error("snapshot format version {0} is not supported (this hexz reads version {FORMAT_VERSION}); use a matching hexz release")]
@@ -19,8 +19,8 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("{path}: {source}")]
-    At { path: PathBuf, source: Box<Error> },
+    #[error("{path}: {err}")]
+    At { path: PathBuf, err: Box<Error> },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -33,7 +33,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 
@@ -43,7 +43,7 @@ impl Error {
             e @ (Error::At { .. } | Error::Io { .. }) => e,
             e => Error::At {
                 path: path.into(),
-                source: Box::new(e),
+                err: Box::new(e),
             },
         }
     }
@@ -52,7 +52,7 @@ impl Error {
     pub fn is_corruption(&self) -> bool {
         match self {
             Error::Corrupt(_) | Error::NotASnapshot | Error::UnsupportedVersion(_) => true,
-            Error::At { source, .. } => source.is_corruption(),
+            Error::At { err, .. } => err.is_corruption(),
             _ => false,
         }
     }

@@ -245,8 +245,12 @@ impl Snapshot {
             .map_err(|e| Error::io(&self.path, e))?;
         let codec = Codec::from_u8(f.codec)
             .ok_or_else(|| Error::corrupt(format!("frame {idx}: unknown codec {}", f.codec)))?;
-        let raw = decompress(codec, &stored, f.raw_len as usize)
-            .map_err(|e| Error::corrupt(format!("frame {idx} at offset {}: {e}", f.offset)))?;
+        let raw = decompress(codec, &stored, f.raw_len as usize).map_err(|e| match e {
+            Error::Corrupt(what) => {
+                Error::corrupt(format!("frame {idx} at offset {}: {what}", f.offset))
+            }
+            other => other,
+        })?;
         let chunks =
             &self.index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize];
         for c in chunks {
