@@ -54,7 +54,7 @@ T_SQ3=$(timeit "mksquashfs $CORPUS $OUT/s3.sqfs -comp zstd -Xcompression-level 3
 S_HEXZ=$(stat -c %s "$OUT/h.hxz"); S_LZ4=$(stat -c %s "$OUT/lz.hxz")
 S_TAR=$(stat -c %s "$OUT/t.tar.zst"); S_SQ3=$(stat -c %s "$OUT/s3.sqfs")
 
-PREP="rm -rf $OUT/x"
+PREP="rm -rf $OUT/x; sync"
 X_HEXZ=$(timeit "$HEXZ extract $OUT/h.hxz $OUT/x")
 X_SQ=$(timeit "unsquashfs -q -d $OUT/x $OUT/s3.sqfs")
 X_TAR=$(timeit "mkdir -p $OUT/x && zstd -dc $OUT/t.tar.zst | tar xf - -C $OUT/x")

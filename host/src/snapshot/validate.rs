@@ -103,10 +103,8 @@ pub fn validate(index: &Index, data_end: u64) -> Result<()> {
                 }
             }
             NodeKind::File(data) => check_data(index, data).map_err(|w| bad(&w))?,
-            NodeKind::Symlink(t) => {
-                if t.is_empty() || t.len() > 4095 || t.contains(&0) {
-                    return Err(bad("invalid symlink target"));
-                }
+            NodeKind::Symlink(t) if t.is_empty() || t.len() > 4095 || t.contains(&0) => {
+                return Err(bad("invalid symlink target"));
             }
             _ => {}
         }

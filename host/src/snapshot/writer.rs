@@ -27,21 +27,13 @@ pub const FRAME_TARGET: usize = 128 << 10;
 /// How much of a file the chunker looks at at once.
 const WINDOW: usize = 8 << 20;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct WriterOptions {
     pub compression: Compression,
     /// Compression threads; 0 means one per core.
     pub threads: usize,
 }
 
-impl Default for WriterOptions {
-    fn default() -> Self {
-        WriterOptions {
-            compression: Compression::default(),
-            threads: 0,
-        }
-    }
-}
 
 /// What a finished snapshot holds, for the summary line and `info`.
 #[derive(Clone, Debug, Default)]
