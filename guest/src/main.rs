@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "hexz-guestfused", version, about = "hexz guest FUSE daemon (not implemented yet)")]
+#[command(
+    name = "hexz-guestfused",
+    version,
+    about = "hexz guest FUSE daemon (not implemented yet)"
+)]
 struct Cli {
     /// Where to mount the workspace.
     mountpoint: std::path::PathBuf,

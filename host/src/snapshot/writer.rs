@@ -34,7 +34,6 @@ pub struct WriterOptions {
     pub threads: usize,
 }
 
-
 /// What a finished snapshot holds, for the summary line and `info`.
 #[derive(Clone, Debug, Default)]
 pub struct WriteStats {
@@ -304,7 +303,8 @@ impl SnapshotWriter {
         file.write_all_at(&header.encode(), 0).map_err(io)?;
         // Snapshots are shared read-only between sandboxes: readable by all, like `cp` output.
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io)?;
         file.sync_all().map_err(io)?;
         self.tmp
             .persist(&self.dest)
