@@ -2,7 +2,10 @@
 
 pub mod error;
 pub mod extract;
+pub mod overlay;
 pub mod pack;
+pub mod server;
 pub mod snapshot;
+pub mod vfs;
 
 pub use error::{Error, Result};

@@ -78,14 +78,46 @@ enum Cmd {
     },
     /// Recreate the snapshot's tree, with all metadata, in a new or empty directory.
     Extract { snapshot: PathBuf, dest: PathBuf },
+    /// Serve the snapshot plus a copy-on-write overlay over the hexz protocol.
+    Serve {
+        snapshot: PathBuf,
+        /// Persistent overlay directory (created if missing). Without it: an ephemeral
+        /// overlay removed on exit.
+        #[arg(long)]
+        overlay: Option<PathBuf>,
+        /// Refuse every change with EROFS; create nothing.
+        #[arg(long)]
+        read_only: bool,
+        /// vsock:PORT | vsock-uds:PATH[:PORT] (listens on PATH_PORT) | unix:PATH | tcp:127.0.0.1:PORT.
+        /// Repeat for several listeners.
+        #[arg(long = "listen", required = true)]
+        listen: Vec<hexz_host::server::ListenAddr>,
+        /// Decompressed-frame cache, MiB.
+        #[arg(long, default_value_t = 256)]
+        cache_mib: u64,
+        /// How long clients may cache entries and attributes, seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u32,
+        /// Requests in flight per connection (at most).
+        #[arg(long, default_value_t = 256)]
+        max_in_flight: u32,
+    },
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs connections by default; the one-shot commands only warnings.
+    let default = if matches!(cli.cmd, Cmd::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
@@ -217,6 +249,23 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Serve {
+            snapshot,
+            overlay,
+            read_only,
+            listen,
+            cache_mib,
+            ttl,
+            max_in_flight,
+        } => serve(
+            snapshot,
+            overlay,
+            read_only,
+            listen,
+            cache_mib,
+            ttl,
+            max_in_flight,
+        ),
         Cmd::Extract { snapshot, dest } => {
             let snap = Snapshot::open(&snapshot)?;
             let start = Instant::now();
@@ -230,6 +279,66 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn serve(
+    snapshot: PathBuf,
+    overlay: Option<PathBuf>,
+    read_only: bool,
+    listen: Vec<hexz_host::server::ListenAddr>,
+    cache_mib: u64,
+    ttl: u32,
+    max_in_flight: u32,
+) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+    let snap = Arc::new(Snapshot::open_with_cache(&snapshot, cache_mib << 20)?);
+    let vfs = Arc::new(hexz_host::vfs::Vfs::new(
+        snap,
+        overlay.as_deref(),
+        read_only,
+    )?);
+    let mut cfg = hexz_host::server::ServerConfig {
+        ttl_ms: ttl.saturating_mul(1000),
+        ..Default::default()
+    };
+    cfg.limits.max_in_flight = max_in_flight.max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let overlay_desc = match (&overlay, read_only) {
+        (Some(d), _) => d.display().to_string(),
+        (None, true) => "none, read-only".into(),
+        (None, false) => "ephemeral".into(),
+    };
+    let listeners = listen
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    rt.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(mut i), Ok(mut t)) => {
+                    tokio::select! { _ = i.recv() => {}, _ = t.recv() => {} }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        let ready = async {
+            println!(
+                "serving {} (overlay: {overlay_desc}) on {listeners}",
+                snapshot.display()
+            );
+            let _ = std::io::stdout().flush();
+            shutdown.await
+        };
+        hexz_host::server::serve(vfs, &listen, cfg, ready).await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn verify(path: &PathBuf) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,381 @@
+//! The copy-on-write overlay: where a sandbox's changes live. A directory holding
+//! `journal` (metadata records, see `journal.rs`), `data/<node id>` (sparse upper files)
+//! and `lock`. Persistent when the user names the directory, ephemeral otherwise.
+
+pub mod journal;
+pub mod ranges;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use journal::{Journal, Kind, NodeRec, Record};
+use ranges::RangeSet;
+
+use crate::error::{Error, Result};
+use crate::snapshot::{NodeKind, Snapshot};
+
+/// Node ids of snapshot nodes are their index + 1 (the root is 1).
+pub fn lower_id(idx: u32) -> u64 {
+    idx as u64 + 1
+}
+
+/// The overlay's view of what changed, rebuilt from the journal on open.
+#[derive(Default)]
+pub struct OverlayState {
+    pub nodes: HashMap<u64, NodeRec>,
+    /// Directories whose listing differs from the snapshot's (full listing).
+    pub dirs: HashMap<u64, BTreeMap<Vec<u8>, u64>>,
+    /// Lower-backed files: which ranges the upper file holds.
+    pub present: HashMap<u64, Arc<RangeSet>>,
+    /// Snapshot nodes that no longer exist.
+    pub gone: HashSet<u64>,
+    pub next_id: u64,
+}
+
+impl OverlayState {
+    fn new(snap: &Snapshot) -> OverlayState {
+        OverlayState {
+            next_id: snap.index().nodes.len() as u64 + 1,
+            ..Default::default()
+        }
+    }
+
+    /// The one way state changes: replay and live operations both come through here.
+    pub fn apply(&mut self, rec: &Record, snap: &Snapshot) {
+        match rec {
+            Record::Init { .. } => {}
+            Record::Node(n) => {
+                self.next_id = self.next_id.max(n.id + 1);
+                if n.kind == Kind::Dir && n.lower.is_none() {
+                    self.dirs.entry(n.id).or_default();
+                }
+                if let Some(p) = self.present.get_mut(&n.id) {
+                    Arc::make_mut(p).truncate(n.size);
+                }
+                self.nodes.insert(n.id, n.clone());
+            }
+            Record::Dir { id, entries } => {
+                self.dirs.insert(*id, entries.iter().cloned().collect());
+            }
+            Record::Entry { dir, name, node } => {
+                let listing = self.listing_mut(*dir, snap);
+                match node {
+                    Some(n) => listing.insert(name.clone(), *n),
+                    None => listing.remove(name),
+                };
+            }
+            Record::Present { id, start, end } => {
+                Arc::make_mut(self.present.entry(*id).or_default()).insert(*start, *end);
+            }
+            Record::Drop { id } => {
+                self.nodes.remove(id);
+                self.dirs.remove(id);
+                self.present.remove(id);
+                self.gone.insert(*id);
+                self.next_id = self.next_id.max(id + 1);
+            }
+            Record::NextId(n) => self.next_id = self.next_id.max(*n),
+            Record::Batch(v) => {
+                for r in v {
+                    self.apply(r, snap);
+                }
+            }
+        }
+    }
+
+    /// A directory's listing, copied up from the snapshot the first time it changes.
+    fn listing_mut(&mut self, dir: u64, snap: &Snapshot) -> &mut BTreeMap<Vec<u8>, u64> {
+        self.dirs.entry(dir).or_insert_with(|| {
+            let idx = dir.checked_sub(1).and_then(|i| u32::try_from(i).ok());
+            match idx.and_then(|i| snap.node(i)).map(|n| &n.kind) {
+                Some(NodeKind::Dir(d)) => d
+                    .entries
+                    .iter()
+                    .map(|e| (e.name.clone(), lower_id(e.node)))
+                    .collect(),
+                _ => BTreeMap::new(),
+            }
+        })
+    }
+
+    /// Records that rebuild this state from nothing (a checkpoint).
+    fn checkpoint(&self, init: Record) -> Vec<Record> {
+        let mut out = vec![init, Record::NextId(self.next_id)];
+        let mut ids: Vec<_> = self.nodes.keys().copied().collect();
+        ids.sort_unstable();
+        out.extend(ids.iter().map(|id| Record::Node(self.nodes[id].clone())));
+        for (id, p) in &self.present {
+            out.extend(p.iter().map(|(start, end)| Record::Present {
+                id: *id,
+                start,
+                end,
+            }));
+        }
+        for (id, listing) in &self.dirs {
+            out.push(Record::Dir {
+                id: *id,
+                entries: listing.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            });
+        }
+        let mut gone: Vec<_> = self.gone.iter().copied().collect();
+        gone.sort_unstable();
+        out.extend(gone.into_iter().map(|id| Record::Drop { id }));
+        out
+    }
+}
+
+pub struct Overlay {
+    dir: PathBuf,
+    journal: Option<Journal>,
+    init: Record,
+    pub state: OverlayState,
+    /// Identity of this overlay (random, made when it was created).
+    pub id: [u8; 16],
+    _lock: Option<File>,
+    _ephemeral: Option<tempfile::TempDir>,
+}
+
+impl Overlay {
+    /// Opens (or creates) the overlay for `snap`. `dir = None` makes an ephemeral overlay
+    /// in a temporary directory removed on drop; with `read_only` nothing is created or
+    /// written, and without a directory the overlay is empty.
+    pub fn open(snap: &Snapshot, dir: Option<&Path>, read_only: bool) -> Result<Overlay> {
+        let (dir, ephemeral) = match dir {
+            Some(d) => (d.to_path_buf(), None),
+            None if read_only => {
+                return Ok(Overlay {
+                    dir: PathBuf::new(),
+                    journal: None,
+                    init: Record::Init {
+                        snapshot: snap.id(),
+                        overlay: [0; 16],
+                    },
+                    state: OverlayState::new(snap),
+                    id: [0; 16],
+                    _lock: None,
+                    _ephemeral: None,
+                })
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("hexz-overlay-")
+                    .tempdir()
+                    .map_err(|e| Error::io("/tmp", e))?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        if read_only && !dir.join("journal").exists() {
+            return Err(Error::Invalid(format!(
+                "{}: no overlay here (read-only mode creates none)",
+                dir.display()
+            )));
+        }
+        if !read_only {
+            std::fs::create_dir_all(dir.join("data")).map_err(|e| Error::io(&dir, e))?;
+        }
+        let lock = lock(&dir.join("lock"), read_only)?;
+        let jpath = dir.join("journal");
+        let (journal, records) = if jpath.exists() {
+            let (j, replay) = Journal::open(&jpath, !read_only)?;
+            if replay.torn_bytes > 0 {
+                tracing::warn!(overlay = %dir.display(), bytes = replay.torn_bytes, "journal had a torn tail (crash during a write); rolled back to the last complete record");
+            }
+            (j, replay.records)
+        } else {
+            let init = Record::Init {
+                snapshot: snap.id(),
+                overlay: random_id()?,
+            };
+            (
+                Journal::create(&jpath, std::slice::from_ref(&init))?,
+                vec![init],
+            )
+        };
+        let (init, id) = match records.first() {
+            Some(r @ Record::Init { snapshot, overlay }) => {
+                if *snapshot != snap.id() {
+                    return Err(Error::Invalid(format!(
+                        "{}: this overlay belongs to snapshot {}, not {} ({})",
+                        dir.display(),
+                        &crate::snapshot::reader::hex(snapshot)[..16],
+                        &snap.id_hex()[..16],
+                        snap.path().display()
+                    )));
+                }
+                (r.clone(), *overlay)
+            }
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{}: overlay journal does not start with its identity",
+                    jpath.display()
+                )))
+            }
+        };
+        let mut state = OverlayState::new(snap);
+        for r in &records {
+            state.apply(r, snap);
+        }
+        let mut ov = Overlay {
+            dir,
+            journal: Some(journal),
+            init,
+            state,
+            id,
+            _lock: Some(lock),
+            _ephemeral: ephemeral,
+        };
+        ov.reconcile_upper_files()?;
+        if !read_only {
+            ov.collect_orphans()?;
+            ov.compact_if_large()?;
+        }
+        Ok(ov)
+    }
+
+    /// Upper files are the truth for sizes (writes do not journal sizes); a missing upper
+    /// file means its creation never became durable.
+    fn reconcile_upper_files(&mut self) -> Result<()> {
+        for rec in self.state.nodes.values_mut() {
+            if !rec.upper {
+                continue;
+            }
+            match std::fs::metadata(self.dir.join("data").join(format!("{:016x}", rec.id))) {
+                Ok(m) => {
+                    rec.size = m.len();
+                    if let Some(p) = self.state.present.get_mut(&rec.id) {
+                        Arc::make_mut(p).truncate(rec.size);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    rec.upper = false;
+                    self.state.present.remove(&rec.id);
+                }
+                Err(e) => return Err(Error::io(&self.dir, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Nodes with no names left were only kept alive by open handles, which a restart closed.
+    fn collect_orphans(&mut self) -> Result<()> {
+        let orphans: Vec<u64> = self
+            .state
+            .nodes
+            .values()
+            .filter(|r| r.nlink == 0)
+            .map(|r| r.id)
+            .collect();
+        for id in orphans {
+            self.drop_node(id)?;
+        }
+        Ok(())
+    }
+
+    fn compact_if_large(&mut self) -> Result<()> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let records = self.state.checkpoint(self.init.clone());
+        let approx: u64 = records.len() as u64 * 64;
+        if j.len() > 1 << 20 && j.len() > 4 * approx {
+            self.journal = Some(Journal::create(&self.dir.join("journal"), &records)?);
+        }
+        Ok(())
+    }
+
+    /// Journals `records` (as one atomic batch) and applies them. On error nothing changed.
+    pub fn commit(&mut self, mut records: Vec<Record>, snap: &Snapshot) -> Result<()> {
+        let rec = if records.len() == 1 {
+            records.pop().unwrap_or(Record::Batch(vec![]))
+        } else {
+            Record::Batch(records)
+        };
+        match &mut self.journal {
+            Some(j) => j.append(&rec)?,
+            None => return Err(Error::Invalid("overlay is read-only".into())),
+        }
+        self.state.apply(&rec, snap);
+        Ok(())
+    }
+
+    /// Removes a node and its upper file.
+    pub fn drop_node(&mut self, id: u64) -> Result<()> {
+        let had_upper = self.state.nodes.get(&id).is_some_and(|r| r.upper);
+        let rec = Record::Drop { id };
+        if let Some(j) = &mut self.journal {
+            j.append(&rec)?;
+        }
+        self.state.gone.insert(id);
+        self.state.nodes.remove(&id);
+        self.state.dirs.remove(&id);
+        self.state.present.remove(&id);
+        if had_upper {
+            let _ = std::fs::remove_file(self.upper_path(id));
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        match &self.journal {
+            Some(j) => j.sync(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn upper_path(&self, id: u64) -> PathBuf {
+        self.dir.join("data").join(format!("{id:016x}"))
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.journal.is_some() && !self.dir.as_os_str().is_empty()
+    }
+
+    /// Rewrites the journal as a checkpoint (on clean shutdown).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        if self.journal.is_some() {
+            let records = self.state.checkpoint(self.init.clone());
+            self.journal = Some(Journal::create(&self.dir.join("journal"), &records)?);
+        }
+        Ok(())
+    }
+}
+
+fn lock(path: &Path, shared: bool) -> Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!shared)
+        .truncate(false)
+        .open(path)
+        .or_else(|_| File::open(path))
+        .map_err(|e| Error::io(path, e))?;
+    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        return Err(Error::Invalid(format!(
+            "{}: overlay is in use by another hexz process (one server per overlay)",
+            path.parent().unwrap_or(path).display()
+        )));
+    }
+    Ok(f)
+}
+
+fn random_id() -> Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(|e| Error::io("/dev/urandom", e))?;
+    Ok(id)
+}

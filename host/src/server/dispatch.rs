@@ -1,0 +1,244 @@
+//! The one translation from protocol operations to VFS calls and back.
+
+use hexz_protocol::hello::{MAX_BATCH_FORGET, MAX_READDIR_ENTRIES};
+use hexz_protocol::{Attr, DirEntry, DirEntryPlus, Entry, Errno, Limits, Op, ReplyBody};
+use serde_bytes::ByteBuf;
+
+use crate::vfs::{SetAttr, Vfs, VfsResult};
+
+/// What one connection has agreed and who it is, as dispatch needs it.
+pub struct Session {
+    pub owner: u64,
+    pub limits: Limits,
+    pub ttl_ms: u32,
+}
+
+impl Session {
+    fn entry(&self, attr: Attr) -> Entry {
+        Entry {
+            node: attr.ino,
+            generation: 0,
+            attr,
+            entry_ttl_ms: self.ttl_ms,
+            attr_ttl_ms: self.ttl_ms,
+        }
+    }
+
+    fn attr(&self, attr: Attr) -> ReplyBody {
+        ReplyBody::Attr {
+            attr,
+            attr_ttl_ms: self.ttl_ms,
+        }
+    }
+}
+
+fn reply<T>(r: VfsResult<T>, f: impl FnOnce(T) -> ReplyBody) -> ReplyBody {
+    match r {
+        Ok(v) => f(v),
+        Err(e) => ReplyBody::Err(e),
+    }
+}
+
+fn ok(r: VfsResult<()>) -> ReplyBody {
+    reply(r, |_| ReplyBody::Ok {})
+}
+
+/// Executes one request (already past hello) against the VFS.
+pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
+    match op {
+        Op::Hello(_) => ReplyBody::Err(Errno::EPROTO),
+        Op::Lookup { parent, name } => {
+            reply(vfs.lookup(parent, &name), |a| ReplyBody::Entry(s.entry(a)))
+        }
+        Op::Forget { .. } => ReplyBody::Ok {},
+        Op::BatchForget { items } if items.len() > MAX_BATCH_FORGET => {
+            ReplyBody::Err(Errno::EINVAL)
+        }
+        Op::BatchForget { .. } => ReplyBody::Ok {},
+        Op::Getattr { node, .. } => reply(vfs.getattr(node), |a| s.attr(a)),
+        Op::Setattr {
+            node,
+            fh: _,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } => {
+            let set = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+            };
+            reply(vfs.setattr(node, set), |a| s.attr(a))
+        }
+        Op::Readlink { node } => reply(vfs.readlink(node), ReplyBody::Data),
+        Op::Symlink {
+            parent,
+            name,
+            target,
+            uid,
+            gid,
+        } => reply(vfs.symlink(parent, &name, &target, uid, gid), |a| {
+            ReplyBody::Entry(s.entry(a))
+        }),
+        Op::Mknod {
+            parent,
+            name,
+            mode,
+            rdev,
+            uid,
+            gid,
+        } => reply(vfs.mknod(parent, &name, mode, rdev, uid, gid), |a| {
+            ReplyBody::Entry(s.entry(a))
+        }),
+        Op::Mkdir {
+            parent,
+            name,
+            mode,
+            uid,
+            gid,
+        } => reply(vfs.mkdir(parent, &name, mode, uid, gid), |a| {
+            ReplyBody::Entry(s.entry(a))
+        }),
+        Op::Unlink { parent, name } => ok(vfs.unlink(parent, &name)),
+        Op::Rmdir { parent, name } => ok(vfs.rmdir(parent, &name)),
+        Op::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+        } => ok(vfs.rename(parent, &name, new_parent, &new_name, flags)),
+        Op::Link {
+            node,
+            new_parent,
+            new_name,
+        } => reply(vfs.link(node, new_parent, &new_name), |a| {
+            ReplyBody::Entry(s.entry(a))
+        }),
+        Op::Open { node, flags } => reply(vfs.open(node, flags, s.owner), |fh| ReplyBody::Opened {
+            fh,
+            keep_cache: true,
+        }),
+        Op::Read { size, .. } if size > s.limits.max_read => ReplyBody::Err(Errno::EINVAL),
+        Op::Read { fh, offset, size } => reply(vfs.read(fh, offset, size), ReplyBody::Data),
+        Op::Write { data, .. } if data.len() > s.limits.max_write as usize => {
+            ReplyBody::Err(Errno::EINVAL)
+        }
+        Op::Write { fh, offset, data } => reply(vfs.write(fh, offset, &data), |size| {
+            ReplyBody::Written { size }
+        }),
+        Op::Flush { fh, .. } => ok(vfs.flush(fh)),
+        Op::Release { fh } | Op::Releasedir { fh } => ok(vfs.release(fh)),
+        Op::Fsync { fh, datasync } => ok(vfs.fsync(fh, datasync)),
+        Op::Opendir { node } => reply(vfs.opendir(node, s.owner), |fh| ReplyBody::Opened {
+            fh,
+            keep_cache: true,
+        }),
+        Op::Readdir { max_entries, .. } | Op::Readdirplus { max_entries, .. }
+            if max_entries == 0 || max_entries > MAX_READDIR_ENTRIES =>
+        {
+            ReplyBody::Err(Errno::EINVAL)
+        }
+        Op::Readdir {
+            fh,
+            cookie,
+            max_entries,
+        } => readdir(vfs, s, fh, cookie, max_entries, false),
+        Op::Readdirplus {
+            fh,
+            cookie,
+            max_entries,
+        } => readdir(vfs, s, fh, cookie, max_entries, true),
+        Op::Fsyncdir { fh, .. } => ok(vfs.fsyncdir(fh)),
+        Op::Statfs { .. } => reply(vfs.statfs(), ReplyBody::Statfs),
+        Op::Setxattr {
+            node,
+            name,
+            value,
+            flags,
+        } => ok(vfs.setxattr(node, &name, &value, flags)),
+        Op::Getxattr { node, name } => reply(vfs.getxattr(node, &name), ReplyBody::Data),
+        Op::Listxattr { node } => reply(vfs.listxattr(node), |names| ReplyBody::Names {
+            names: names.into_iter().map(ByteBuf::from).collect(),
+        }),
+        Op::Removexattr { node, name } => ok(vfs.removexattr(node, &name)),
+        Op::Create {
+            parent,
+            name,
+            mode,
+            flags,
+            uid,
+            gid,
+        } => reply(
+            vfs.create(parent, &name, mode, flags, uid, gid, s.owner),
+            |(a, fh)| ReplyBody::Created {
+                entry: s.entry(a),
+                fh,
+            },
+        ),
+        Op::Fallocate {
+            fh,
+            offset,
+            length,
+            mode,
+        } => ok(vfs.fallocate(fh, offset, length, mode)),
+        Op::Lseek { fh, offset, whence } => reply(vfs.lseek(fh, offset, whence), |offset| {
+            ReplyBody::Offset { offset }
+        }),
+    }
+}
+
+/// A page of entries that fits the negotiated frame.
+fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -> ReplyBody {
+    let items = match vfs.readdir(fh, cookie, max) {
+        Ok(i) => i,
+        Err(e) => return ReplyBody::Err(e),
+    };
+    let budget = s.limits.max_frame as usize - 1024;
+    let per_entry = if plus { 220 } else { 48 };
+    let mut used = 0usize;
+    let mut n = 0;
+    for it in &items {
+        used += it.name.len() + per_entry;
+        if used > budget {
+            break;
+        }
+        n += 1;
+    }
+    let eof = n == items.len() && items.len() < max as usize;
+    let items = &items[..n];
+    if !plus {
+        return ReplyBody::Dir {
+            entries: items
+                .iter()
+                .map(|i| DirEntry {
+                    name: i.name.clone(),
+                    ino: i.node,
+                    kind: i.kind,
+                    cookie: i.cookie,
+                })
+                .collect(),
+            eof,
+        };
+    }
+    let ids: Vec<u64> = items.iter().map(|i| i.node).collect();
+    let attrs = vfs.attr_many(&ids);
+    let entries = items
+        .iter()
+        .zip(attrs)
+        .filter_map(|(i, a)| {
+            a.ok().map(|attr| DirEntryPlus {
+                name: i.name.clone(),
+                cookie: i.cookie,
+                entry: s.entry(attr),
+            })
+        })
+        .collect();
+    ReplyBody::DirPlus { entries, eof }
+}

@@ -1,0 +1,440 @@
+//! File data through the merged view. A lower-backed file gets a sparse upper file of the
+//! same length on its first change; writes go there in whole 4 KiB blocks (edges filled
+//! from the merged view) and the written ranges are recorded, so a 4 KiB write into a
+//! 1 GiB snapshot file costs that write, not a copy. Reads take each range from wherever
+//! it lives: upper file, snapshot (below `lower_limit`), or zeros.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hexz_protocol::message::{SEEK_DATA, SEEK_HOLE};
+use hexz_protocol::Errno;
+
+use super::handles::HandleKind;
+use super::{errno_of, io_errno, now, Inner, Vfs, VfsResult, BLOCK};
+use crate::overlay::journal::{Kind, NodeRec, Record};
+use crate::overlay::ranges::RangeSet;
+use crate::snapshot::NodeKind;
+
+/// Largest file the overlay accepts (the kernel's own limit for most file systems).
+const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+/// Upper files kept open at once; the cache is cleared past this.
+const MAX_OPEN_UPPER: usize = 512;
+
+/// Where a file's bytes are, captured under the lock so the I/O can happen outside it.
+struct DataView {
+    size: u64,
+    lower: Option<u32>,
+    lower_limit: u64,
+    present: Option<Arc<RangeSet>>,
+    upper: Option<Arc<File>>,
+}
+
+impl Vfs {
+    fn upper_file(&self, inner: &Inner, id: u64, create: bool) -> VfsResult<Option<Arc<File>>> {
+        if let Some(f) = self.files_lock().get(&id) {
+            return Ok(Some(f.clone()));
+        }
+        let path = inner.overlay.upper_path(id);
+        let f = match OpenOptions::new()
+            .read(true)
+            .write(!self.read_only)
+            .create(create)
+            .truncate(false)
+            .open(&path)
+        {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
+            Err(e) => return Err(io_errno(e)),
+        };
+        let mut files = self.files_lock();
+        if files.len() >= MAX_OPEN_UPPER {
+            files.clear();
+        }
+        files.insert(id, f.clone());
+        Ok(Some(f))
+    }
+
+    fn view(&self, inner: &Inner, id: u64) -> VfsResult<DataView> {
+        let rec = self.rec(inner, id)?;
+        match rec.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(Errno::EISDIR),
+            _ => return Err(Errno::EINVAL),
+        }
+        let upper = if rec.upper {
+            self.upper_file(inner, id, false)?
+        } else {
+            None
+        };
+        Ok(DataView {
+            size: rec.size,
+            lower: rec.lower,
+            lower_limit: rec.lower_limit,
+            present: inner.overlay.state.present.get(&id).cloned(),
+            upper,
+        })
+    }
+
+    /// Reads `[off, off + len)` of the merged file into a new buffer (short at EOF).
+    fn read_view(&self, v: &DataView, off: u64, len: u64) -> VfsResult<Vec<u8>> {
+        let end = off.saturating_add(len).min(v.size);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; (end - off) as usize];
+        let lower_data = match v.lower.and_then(|i| self.snap.node(i)).map(|n| &n.kind) {
+            Some(NodeKind::File(d)) => Some(d),
+            _ => None,
+        };
+        let Some(lower) = lower_data else {
+            if let Some(f) = &v.upper {
+                read_full(f, &mut buf, off)?;
+            }
+            return Ok(buf);
+        };
+        let empty = RangeSet::new();
+        let present = v.present.as_deref().unwrap_or(&empty);
+        let mut pos = off;
+        while pos < end {
+            let at = (pos - off) as usize;
+            if let Some((_, e)) = present.containing(pos) {
+                let n = (e.min(end) - pos) as usize;
+                let f = v.upper.as_ref().ok_or(Errno::EIO)?;
+                read_full(f, &mut buf[at..at + n], pos)?;
+                pos += n as u64;
+            } else {
+                let next = present.next_after(pos).map_or(end, |(s, _)| s.min(end));
+                let lower_end = next.min(v.lower_limit);
+                if pos < lower_end {
+                    let n = (lower_end - pos) as usize;
+                    self.snap
+                        .read_at(lower, pos, &mut buf[at..at + n])
+                        .map_err(|e| errno_of(&e))?;
+                }
+                pos = next;
+            }
+        }
+        Ok(buf)
+    }
+
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> VfsResult<Vec<u8>> {
+        let node = match self.handles().get(fh)? {
+            h if matches!(h.kind, HandleKind::File { .. }) => h.node,
+            _ => return Err(Errno::EISDIR),
+        };
+        let view = self.view(&self.state(), node)?;
+        self.read_view(&view, off, size as u64)
+    }
+
+    /// Gives the node an overlay record and an upper file (sparse, the file's length).
+    fn ensure_upper(&self, inner: &mut Inner, rec: &mut NodeRec) -> VfsResult<Arc<File>> {
+        if rec.upper {
+            if let Some(f) = self.upper_file(inner, rec.id, false)? {
+                return Ok(f);
+            }
+        }
+        let f = self.upper_file(inner, rec.id, true)?.ok_or(Errno::EIO)?;
+        f.set_len(rec.size).map_err(io_errno)?;
+        self.data_dir_dirty.store(true, Ordering::Release);
+        rec.upper = true;
+        self.commit(inner, vec![Record::Node(rec.clone())])?;
+        Ok(f)
+    }
+
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> VfsResult<u32> {
+        let (node, append) = match self.handles().get(fh)? {
+            h => match h.kind {
+                HandleKind::File {
+                    write: true,
+                    append,
+                } => (h.node, append),
+                HandleKind::File { .. } => return Err(Errno::EBADF),
+                HandleKind::Dir { .. } => return Err(Errno::EISDIR),
+            },
+        };
+        let mut inner = self.write_lock()?;
+        let mut rec = self.rec(&inner, node)?;
+        if rec.kind != Kind::File {
+            return Err(Errno::EINVAL);
+        }
+        let off = if append { rec.size } else { off };
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(Errno::EFBIG)?;
+        let f = self.ensure_upper(&mut inner, &mut rec)?;
+        if rec.lower.is_some() {
+            // Whole blocks, so every block in the upper file is either absent or complete.
+            let a = off - off % BLOCK;
+            let b = end.div_ceil(BLOCK) * BLOCK;
+            let b = end.max(b.min(rec.size));
+            let view = self.view(&inner, node)?;
+            let mut buf = self.read_view(&view, a, off - a)?;
+            buf.resize((off - a) as usize, 0);
+            buf.extend_from_slice(data);
+            if b > end {
+                let tail = self.read_view(&view, end, b - end)?;
+                buf.extend_from_slice(&tail);
+                buf.resize((b - a) as usize, 0);
+            }
+            f.write_all_at(&buf, a).map_err(io_errno)?;
+            let p = inner.overlay.state.present.entry(node).or_default();
+            if Arc::make_mut(p).insert(a, b) {
+                inner.pending_present.entry(node).or_default().push((a, b));
+            }
+        } else {
+            f.write_all_at(data, off).map_err(io_errno)?;
+        }
+        let t = now();
+        if let Some(r) = inner.overlay.state.nodes.get_mut(&node) {
+            r.size = r.size.max(end);
+            r.mtime = t;
+            r.ctime = t;
+        }
+        inner.pending_present.entry(node).or_default();
+        Ok(data.len() as u32)
+    }
+
+    /// Sets a file's length; the caller journals `rec` afterwards.
+    pub(super) fn truncate_locked(
+        &self,
+        inner: &mut Inner,
+        rec: &mut NodeRec,
+        size: u64,
+    ) -> VfsResult<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG);
+        }
+        let f = self.ensure_upper(inner, rec)?;
+        f.set_len(size).map_err(io_errno)?;
+        rec.lower_limit = rec.lower_limit.min(size);
+        rec.size = size;
+        if let Some(p) = inner.overlay.state.present.get_mut(&rec.id) {
+            Arc::make_mut(p).truncate(size);
+        }
+        Ok(())
+    }
+
+    /// Records for data changes of `id` not yet in the journal (present ranges, then the
+    /// node itself so its size and times follow).
+    pub(super) fn take_pending(&self, inner: &mut Inner, id: u64) -> Vec<Record> {
+        match inner.pending_present.remove(&id) {
+            Some(ranges) => ranges
+                .into_iter()
+                .map(|(start, end)| Record::Present { id, start, end })
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Journals a node's pending data changes (visible after a server crash).
+    pub(super) fn flush_node(&self, id: u64) -> VfsResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if !inner.pending_present.contains_key(&id) {
+            return Ok(());
+        }
+        let mut records = self.take_pending(&mut inner, id);
+        match inner.overlay.state.nodes.get(&id).cloned() {
+            Some(rec) => records.push(Record::Node(rec)),
+            None => return Ok(()),
+        }
+        self.commit(&mut inner, records)
+    }
+
+    pub fn flush(&self, fh: u64) -> VfsResult<()> {
+        let node = self.handles().get(fh)?.node;
+        self.flush_node(node)
+    }
+
+    /// Makes the file's data and the metadata that reaches it durable: upper data, then
+    /// the upper directory, then the journal records naming them.
+    pub fn fsync(&self, fh: u64, _datasync: bool) -> VfsResult<()> {
+        let node = self.handles().get(fh)?.node;
+        if self.read_only {
+            return Ok(());
+        }
+        let upper = {
+            let inner = self.state();
+            match inner.overlay.state.nodes.get(&node) {
+                Some(r) if r.upper => self.upper_file(&inner, node, false)?,
+                _ => None,
+            }
+        };
+        if let Some(f) = upper {
+            f.sync_all().map_err(io_errno)?;
+        }
+        if self.data_dir_dirty.swap(false, Ordering::AcqRel) {
+            let dir = self.state().overlay.data_dir();
+            if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+                self.data_dir_dirty.store(true, Ordering::Release);
+                return Err(io_errno(e));
+            }
+        }
+        self.flush_node(node)?;
+        self.state().overlay.sync().map_err(|e| errno_of(&e))
+    }
+
+    /// `fallocate`: mode 0 and KEEP_SIZE reserve space (extending the size for mode 0);
+    /// PUNCH_HOLE|KEEP_SIZE makes the range read as zeros.
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: u32) -> VfsResult<()> {
+        const KEEP_SIZE: u32 = libc::FALLOC_FL_KEEP_SIZE as u32;
+        const PUNCH_HOLE: u32 = libc::FALLOC_FL_PUNCH_HOLE as u32;
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= MAX_FILE_SIZE && len > 0)
+            .ok_or(Errno::EINVAL)?;
+        match mode {
+            0 | KEEP_SIZE => {
+                let node = self.handles().get(fh)?.node;
+                let mut inner = self.write_lock()?;
+                let mut rec = self.rec(&inner, node)?;
+                if rec.kind != Kind::File {
+                    return Err(Errno::ENODEV);
+                }
+                if mode == 0 && end > rec.size {
+                    self.truncate_locked(&mut inner, &mut rec, end)?;
+                    rec.ctime = now();
+                    rec.mtime = rec.ctime;
+                    let mut records = self.take_pending(&mut inner, node);
+                    records.push(Record::Node(rec));
+                    self.commit(&mut inner, records)?;
+                }
+                Ok(())
+            }
+            m if m == PUNCH_HOLE | KEEP_SIZE => {
+                let size = self.getattr(self.handles().get(fh)?.node)?.size;
+                let end = end.min(size);
+                let zeros = vec![0u8; 1 << 20];
+                let mut pos = off;
+                while pos < end {
+                    let n = (end - pos).min(zeros.len() as u64) as usize;
+                    self.write_at_handle(fh, pos, &zeros[..n])?;
+                    pos += n as u64;
+                }
+                Ok(())
+            }
+            _ => Err(Errno::EOPNOTSUPP),
+        }
+    }
+
+    /// A positional write that ignores O_APPEND (for fallocate's zeroing).
+    fn write_at_handle(&self, fh: u64, off: u64, data: &[u8]) -> VfsResult<()> {
+        let saved = {
+            let mut h = self.handles();
+            let handle = h.get_mut(fh)?;
+            match &mut handle.kind {
+                HandleKind::File { append, write } => {
+                    if !*write {
+                        return Err(Errno::EBADF);
+                    }
+                    std::mem::replace(append, false)
+                }
+                HandleKind::Dir { .. } => return Err(Errno::EISDIR),
+            }
+        };
+        let r = self.write(fh, off, data).map(|_| ());
+        if let Ok(h) = self.handles().get_mut(fh) {
+            if let HandleKind::File { append, .. } = &mut h.kind {
+                *append = saved;
+            }
+        }
+        r
+    }
+
+    /// SEEK_DATA / SEEK_HOLE over the merged file.
+    pub fn lseek(&self, fh: u64, off: u64, whence: u32) -> VfsResult<u64> {
+        let node = self.handles().get(fh)?.node;
+        let inner = self.state();
+        let v = self.view(&inner, node)?;
+        if off >= v.size {
+            return Err(Errno::ENXIO);
+        }
+        // Data ranges: upper present ranges, lower extents below lower_limit, or (for a
+        // file with no snapshot origin) whatever the upper file reports.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        match v.lower.and_then(|i| self.snap.node(i)).map(|n| &n.kind) {
+            Some(NodeKind::File(d)) => {
+                for e in &d.extents {
+                    let len = self.snap.index().chunks[e.chunk as usize].len as u64;
+                    let end = (e.offset + len).min(v.lower_limit);
+                    if e.offset < end {
+                        ranges.push((e.offset, end));
+                    }
+                }
+                if let Some(p) = &v.present {
+                    ranges.extend(p.iter());
+                }
+            }
+            _ => match &v.upper {
+                Some(f) => ranges.extend(upper_data_ranges(f, v.size)),
+                None => {}
+            },
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        match whence {
+            SEEK_DATA => merged
+                .iter()
+                .find(|(_, e)| *e > off)
+                .map(|(s, _)| (*s).max(off))
+                .filter(|&p| p < v.size)
+                .ok_or(Errno::ENXIO),
+            SEEK_HOLE => {
+                let hole = merged
+                    .iter()
+                    .find(|(s, e)| *s <= off && off < *e)
+                    .map_or(off, |(_, e)| *e);
+                Ok(hole.min(v.size))
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+}
+
+fn read_full(f: &File, buf: &mut [u8], off: u64) -> VfsResult<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break, // past the upper file's end: zeros
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_errno(e)),
+        }
+    }
+    Ok(())
+}
+
+fn upper_data_ranges(f: &File, size: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let s = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if s < 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                return vec![(0, size)];
+            }
+            break;
+        }
+        // SAFETY: as above.
+        let e = unsafe { libc::lseek(fd, s, libc::SEEK_HOLE) };
+        let e = if e < 0 { size as i64 } else { e };
+        out.push((s as u64, (e as u64).min(size)));
+        pos = e as u64;
+    }
+    out
+}
