@@ -145,15 +145,17 @@ impl Vfs {
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> VfsResult<u32> {
-        let (node, append) = match self.handles().get(fh)? {
-            h => match h.kind {
+        let (node, append) = {
+            let handles = self.handles();
+            let h = handles.get(fh)?;
+            match h.kind {
                 HandleKind::File {
                     write: true,
                     append,
                 } => (h.node, append),
                 HandleKind::File { .. } => return Err(Errno::EBADF),
                 HandleKind::Dir { .. } => return Err(Errno::EISDIR),
-            },
+            }
         };
         let mut inner = self.write_lock()?;
         let mut rec = self.rec(&inner, node)?;
@@ -371,10 +373,11 @@ impl Vfs {
                     ranges.extend(p.iter());
                 }
             }
-            _ => match &v.upper {
-                Some(f) => ranges.extend(upper_data_ranges(f, v.size)),
-                None => {}
-            },
+            _ => {
+                if let Some(f) = &v.upper {
+                    ranges.extend(upper_data_ranges(f, v.size));
+                }
+            }
         }
         ranges.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::new();
