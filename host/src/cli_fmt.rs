@@ -27,6 +27,8 @@ pub struct Info {
     pub path: String,
     pub id: String,
     pub format_version: u32,
+    /// The base snapshot this one refers to for shared chunks, if any.
+    pub base: Option<String>,
     pub file_bytes: u64,
     pub files: u64,
     pub dirs: u64,
@@ -47,7 +49,14 @@ impl Info {
         let mut info = Info {
             path: snap.path().display().to_string(),
             id: snap.id_hex(),
-            format_version: hexz_host::snapshot::format::FORMAT_VERSION,
+            format_version: snap.format_version(),
+            base: snap.index().base.as_ref().map(|b| {
+                format!(
+                    "{} ({})",
+                    b.path,
+                    &hexz_host::snapshot::reader::hex(&b.id)[..16]
+                )
+            }),
             file_bytes: snap.file_len(),
             files: 0,
             dirs: 0,
@@ -104,10 +113,11 @@ impl Info {
             .join(", ");
         let logical = self.tree_bytes + self.streams.values().sum::<u64>();
         format!(
-            "snapshot  {}\nid        {}\nformat    v{}\nsize      {} ({} bytes)\ntree      {} files ({} hard-linked), {} dirs, {} symlinks, {} other; {}\nstreams   {}\ndata      {} logical, {} unique, {} stored ({:.2}x)\nchunks    {} in {} frames ({})\n",
+            "snapshot  {}\nid        {}\nformat    v{}{}\nsize      {} ({} bytes)\ntree      {} files ({} hard-linked), {} dirs, {} symlinks, {} other; {}\nstreams   {}\ndata      {} logical, {} unique, {} stored ({:.2}x)\nchunks    {} in {} frames ({})\n",
             self.path,
             self.id,
             self.format_version,
+            self.base.as_ref().map(|b| format!(", on base {b}")).unwrap_or_default(),
             bytes(self.file_bytes),
             self.file_bytes,
             self.files,

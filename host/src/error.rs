@@ -11,7 +11,7 @@ pub enum Error {
     Io { path: PathBuf, err: io::Error },
     #[error("not a hexz snapshot (bad magic)")]
     NotASnapshot,
-    #[error("snapshot format version {0} is not supported (this hexz reads version {FORMAT_VERSION}); use a matching hexz release")]
+    #[error("snapshot format version {0} is not supported (this hexz reads versions 1 to {FORMAT_VERSION}); use a newer hexz")]
     UnsupportedVersion(u32),
     #[error("corrupt snapshot: {0}; the file is damaged, restore or re-pack it")]
     Corrupt(String),

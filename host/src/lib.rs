@@ -1,5 +1,6 @@
 //! hexz host side: the snapshot format and the commands that build and inspect snapshots.
 
+pub mod commit;
 pub mod error;
 pub mod extract;
 pub mod overlay;

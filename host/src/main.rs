@@ -78,6 +78,17 @@ enum Cmd {
     },
     /// Recreate the snapshot's tree, with all metadata, in a new or empty directory.
     Extract { snapshot: PathBuf, dest: PathBuf },
+    /// Fold an overlay into a new snapshot.
+    Commit {
+        snapshot: PathBuf,
+        #[arg(long)]
+        overlay: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Copy every chunk instead of referring to the base snapshot's.
+        #[arg(long)]
+        standalone: bool,
+    },
     /// Serve the snapshot plus a copy-on-write overlay over the hexz protocol.
     Serve {
         snapshot: PathBuf,
@@ -247,6 +258,31 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 off += n as u64;
             }
             out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Commit {
+            snapshot,
+            overlay,
+            output,
+            standalone,
+        } => {
+            let start = Instant::now();
+            let opts = hexz_host::commit::CommitOptions {
+                standalone,
+                ..Default::default()
+            };
+            let st = hexz_host::commit::commit(&snapshot, &overlay, &output, &opts)
+                .with_context(|| format!("commit failed, {} not written", output.display()))?;
+            println!(
+                "committed {} -> {}: {} logical, {} new data stored, {} shared with the base, {} file, {:.2} s",
+                overlay.display(),
+                output.display(),
+                cli_fmt::bytes(st.bytes_in),
+                cli_fmt::bytes(st.bytes_unique),
+                cli_fmt::bytes(st.bytes_in_base),
+                cli_fmt::bytes(st.file_len),
+                start.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Serve {

@@ -9,7 +9,11 @@ use bincode::{Decode, Encode};
 use crate::error::Error as SnapshotError;
 
 pub const MAGIC: [u8; 8] = *b"HEXZSNAP";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest version this code reads and writes. Version 1 files (no base) are still
+/// read, and are what the writer produces when there is no base.
+pub const FORMAT_VERSION: u32 = 2;
+/// Chunk table `frame` value of a chunk stored in the base snapshot (version 2).
+pub const EXTERNAL: u32 = u32::MAX;
 pub const HEADER_LEN: usize = 128;
 
 /// Upper bounds a reader enforces before allocating anything a file claims.
@@ -50,6 +54,7 @@ impl Codec {
 /// The fixed 128-byte header at offset 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    pub version: u32,
     pub flags: u32,
     pub index_offset: u64,
     pub index_len: u64,
@@ -65,7 +70,7 @@ impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&self.flags.to_le_bytes());
         b[16..24].copy_from_slice(&self.index_offset.to_le_bytes());
         b[24..32].copy_from_slice(&self.index_len.to_le_bytes());
@@ -83,7 +88,7 @@ impl Header {
             return Err(SnapshotError::NotASnapshot);
         }
         let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
+        if version == 0 || version > FORMAT_VERSION {
             return Err(SnapshotError::UnsupportedVersion(version));
         }
         let check = blake3::hash(&b[0..112]);
@@ -103,6 +108,7 @@ impl Header {
         let mut id = [0u8; 32];
         id.copy_from_slice(&b[80..112]);
         Ok(Header {
+            version,
             flags,
             index_offset: u64_at(b, 16),
             index_len: u64_at(b, 24),
@@ -135,8 +141,16 @@ pub struct Index {
     pub nodes: Vec<Node>,
     /// Named raw byte streams (`disk`, `memory`), sorted by name.
     pub streams: Vec<Stream>,
-    /// Reserved for snapshots layered on a base snapshot; always `None` in v1.
-    pub base: Option<[u8; 32]>,
+    /// Version 2: the snapshot whose chunks `EXTERNAL` chunk entries refer to.
+    pub base: Option<BaseRef>,
+}
+
+/// Names the base snapshot: its id (checked on open) and where to find it.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct BaseRef {
+    pub id: [u8; 32],
+    /// Relative to the directory of the snapshot naming it, or absolute.
+    pub path: String,
 }
 
 /// A compressed run of whole chunks, the unit of I/O and of the cache.
@@ -155,6 +169,7 @@ pub struct Frame {
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct Chunk {
     pub id: ChunkId,
+    /// The frame holding the chunk, or `EXTERNAL` (in the base snapshot, found by id).
     pub frame: u32,
     /// Offset of the chunk inside its frame's uncompressed bytes.
     pub offset: u32,
@@ -245,6 +260,7 @@ mod tests {
 
     fn header() -> Header {
         Header {
+            version: FORMAT_VERSION,
             flags: 0,
             index_offset: 4096,
             index_len: 77,
@@ -274,10 +290,10 @@ mod tests {
     #[test]
     fn header_refuses_unknown_version() {
         let mut b = header().encode();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
         match Header::decode(&b) {
-            Err(SnapshotError::UnsupportedVersion(2)) => {}
-            other => panic!("expected UnsupportedVersion(2), got {other:?}"),
+            Err(SnapshotError::UnsupportedVersion(3)) => {}
+            other => panic!("expected UnsupportedVersion(3), got {other:?}"),
         }
     }
 }

@@ -1,17 +1,18 @@
 //! Opening a snapshot and reading from it: thread-safe, with a byte-bounded frame cache.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
 use super::codec::decompress;
 use super::format::{
-    bincode_config, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream, HEADER_LEN,
-    MAX_FRAME_RAW, MAX_INDEX_RAW,
+    bincode_config, ChunkId, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream,
+    EXTERNAL, HEADER_LEN, MAX_FRAME_RAW, MAX_INDEX_RAW,
 };
 use super::validate::validate;
 use crate::error::{Error, Result};
@@ -22,6 +23,8 @@ pub const ROOT: NodeIdx = 0;
 
 /// Default size of the decompressed-frame cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+/// Longest chain of base snapshots a reader follows.
+pub const MAX_BASE_DEPTH: usize = 64;
 
 #[derive(Clone)]
 struct FrameWeight;
@@ -40,6 +43,12 @@ pub struct Snapshot {
     index: Index,
     file_len: u64,
     cache: Cache<u32, Arc<[u8]>, FrameWeight>,
+    /// The base snapshot, for chunks stored there (format version 2).
+    base: Option<Arc<Snapshot>>,
+    /// Chunks `local_chunks..` live in the base: their index there.
+    local_chunks: usize,
+    external: Vec<u32>,
+    by_id: OnceLock<HashMap<ChunkId, u32>>,
 }
 
 impl Snapshot {
@@ -50,7 +59,96 @@ impl Snapshot {
 
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: u64) -> Result<Snapshot> {
         let path = path.as_ref();
-        Snapshot::open_inner(path, cache_bytes).map_err(|e| e.at(path))
+        Snapshot::open_chain(path, cache_bytes, &mut Vec::new()).map_err(|e| e.at(path))
+    }
+
+    fn open_chain(path: &Path, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Result<Snapshot> {
+        let mut snap = Snapshot::open_inner(path, cache_bytes)?;
+        let Some(base_ref) = snap.index.base.clone() else {
+            return Ok(snap);
+        };
+        if seen.len() >= MAX_BASE_DEPTH || seen.contains(&snap.header.id) {
+            return Err(Error::corrupt(
+                "chain of base snapshots is too deep or loops",
+            ));
+        }
+        seen.push(snap.header.id);
+        let base_path = match Path::new(&base_ref.path) {
+            p if p.is_absolute() => p.to_path_buf(),
+            p => path.parent().unwrap_or(Path::new(".")).join(p),
+        };
+        let missing = |e: Error| {
+            Error::Invalid(format!(
+                "base snapshot {} (id {}) cannot be used: {e}; keep the base beside this snapshot, or commit with --standalone",
+                base_path.display(),
+                &hex(&base_ref.id)[..16]
+            ))
+        };
+        let base = Snapshot::open_chain(&base_path, (cache_bytes / 4).max(16 << 20), seen)
+            .map_err(|e| missing(e.at(&base_path)))?;
+        if base.header.id != base_ref.id {
+            return Err(missing(Error::Invalid(format!(
+                "it has id {}",
+                &base.id_hex()[..16]
+            ))));
+        }
+        let base_ids = base.chunk_ids();
+        let mut external = Vec::with_capacity(snap.index.chunks.len() - snap.local_chunks);
+        for c in &snap.index.chunks[snap.local_chunks..] {
+            match base_ids.get(&c.id) {
+                Some(&bi) if base.index.chunks[bi as usize].len == c.len => external.push(bi),
+                _ => {
+                    return Err(missing(Error::Invalid(format!(
+                        "it lacks chunk {}",
+                        &hex(&c.id)[..16]
+                    ))));
+                }
+            }
+        }
+        snap.external = external;
+        snap.base = Some(Arc::new(base));
+        Ok(snap)
+    }
+
+    /// Chunk id → chunk index, built on first use.
+    fn chunk_ids(&self) -> &HashMap<ChunkId, u32> {
+        self.by_id.get_or_init(|| {
+            self.index
+                .chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.id, i as u32))
+                .collect()
+        })
+    }
+
+    /// Whether a chunk with this id is readable from this snapshot (or its bases).
+    pub fn has_chunk(&self, id: &ChunkId) -> Option<u32> {
+        self.chunk_ids()
+            .get(id)
+            .map(|&i| self.index.chunks[i as usize].len)
+    }
+
+    pub fn base(&self) -> Option<&Arc<Snapshot>> {
+        self.base.as_ref()
+    }
+
+    /// A chunk's verified bytes: the frame holding it and the chunk's offset in the frame.
+    fn chunk_bytes(&self, ci: u32) -> Result<(Arc<[u8]>, usize)> {
+        let c = &self.index.chunks[ci as usize];
+        if c.frame != EXTERNAL {
+            return self
+                .frame(c.frame)
+                .map(|f| (f, c.offset as usize))
+                .map_err(|e| e.at(&self.path));
+        }
+        match (
+            &self.base,
+            self.external.get(ci as usize - self.local_chunks),
+        ) {
+            (Some(base), Some(&bi)) => base.chunk_bytes(bi),
+            _ => Err(Error::corrupt("chunk in a base snapshot that is not open").at(&self.path)),
+        }
     }
 
     fn open_inner(path: &Path, cache_bytes: u64) -> Result<Snapshot> {
@@ -97,7 +195,11 @@ impl Snapshot {
         if used != raw.len() {
             return Err(Error::corrupt("trailing bytes after the index"));
         }
-        validate(&index, header.index_offset)?;
+        validate(&index, header.index_offset, header.version)?;
+        let local_chunks = index
+            .frames
+            .last()
+            .map_or(0, |f| (f.first_chunk + f.chunk_count) as usize);
         let cache = Cache::with_weighter(
             (cache_bytes / (64 << 10)).max(16) as usize,
             cache_bytes.max(MAX_FRAME_RAW as u64),
@@ -110,6 +212,10 @@ impl Snapshot {
             index,
             file_len,
             cache,
+            base: None,
+            local_chunks,
+            external: Vec::new(),
+            by_id: OnceLock::new(),
         })
     }
 
@@ -120,6 +226,10 @@ impl Snapshot {
     /// The snapshot id: a digest over the whole index, which names every chunk by hash.
     pub fn id(&self) -> [u8; 32] {
         self.header.id
+    }
+
+    pub fn format_version(&self) -> u32 {
+        self.header.version
     }
 
     pub fn id_hex(&self) -> String {
@@ -206,10 +316,10 @@ impl Snapshot {
                         ei += 1;
                         continue;
                     }
-                    let frame = self.frame(chunk.frame).map_err(|e| e.at(&self.path))?;
+                    let (frame, chunk_off) = self.chunk_bytes(e.chunk)?;
                     let in_chunk = (pos - e.offset) as usize;
                     let n = (chunk.len as usize - in_chunk).min(want - done);
-                    let start = chunk.offset as usize + in_chunk;
+                    let start = chunk_off + in_chunk;
                     buf[done..done + n].copy_from_slice(&frame[start..start + n]);
                     done += n;
                     ei += 1;

@@ -1,16 +1,14 @@
 //! Structural checks run once on open, so that no later read can index out of bounds,
 //! loop, or return bytes the index does not account for.
 
-use super::format::{FileData, Index, NodeKind, HEADER_LEN, MAX_FRAME_RAW};
+use super::format::{FileData, Index, NodeKind, EXTERNAL, HEADER_LEN, MAX_FRAME_RAW};
 use crate::error::{Error, Result};
 
 const S_IFMT: u32 = libc::S_IFMT;
 
-pub fn validate(index: &Index, data_end: u64) -> Result<()> {
-    if index.base.is_some() {
-        return Err(Error::corrupt(
-            "snapshot names a base snapshot, which format v1 does not define",
-        ));
+pub fn validate(index: &Index, data_end: u64, version: u32) -> Result<()> {
+    if index.base.is_some() && version < 2 {
+        return Err(Error::corrupt("a version 1 snapshot names a base snapshot"));
     }
     let mut next_chunk = 0u64;
     for (fi, f) in index.frames.iter().enumerate() {
@@ -46,8 +44,16 @@ pub fn validate(index: &Index, data_end: u64) -> Result<()> {
             return Err(bad("chunk lengths do not add up to the frame"));
         }
     }
-    if next_chunk != index.chunks.len() as u64 {
-        return Err(Error::corrupt("chunks not held by any frame"));
+    // After the chunks the frames hold come the ones stored in the base, if any.
+    for c in &index.chunks[next_chunk as usize..] {
+        if c.frame != EXTERNAL || c.offset != 0 || c.len == 0 {
+            return Err(Error::corrupt("chunks not held by any frame"));
+        }
+        if index.base.is_none() {
+            return Err(Error::corrupt(
+                "chunk refers to a base snapshot, but none is named",
+            ));
+        }
     }
 
     let n = index.nodes.len();

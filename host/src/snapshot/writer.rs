@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -12,9 +13,10 @@ use tempfile::NamedTempFile;
 
 use super::codec::{Compression, Compressor};
 use super::format::{
-    bincode_config, Chunk, ChunkId, Codec, Extent, FileData, Frame, Header, Index, Node, Stream,
-    HEADER_LEN,
+    bincode_config, BaseRef, Chunk, ChunkId, Codec, Extent, FileData, Frame, Header, Index, Node,
+    NodeKind, Stream, EXTERNAL, HEADER_LEN,
 };
+use super::reader::Snapshot;
 use crate::error::{Error, Result};
 
 /// Content-defined chunk sizes (FastCDC 2020): small enough to share, large enough to compress.
@@ -26,6 +28,8 @@ pub const CHUNK_MAX: u32 = 128 << 10;
 pub const FRAME_TARGET: usize = 128 << 10;
 /// How much of a file the chunker looks at at once.
 const WINDOW: usize = 8 << 20;
+/// Marks a provisional chunk index as "stored in the base" until `finish` renumbers it.
+const EXT_BIT: u32 = 1 << 31;
 
 #[derive(Clone, Debug, Default)]
 pub struct WriterOptions {
@@ -45,6 +49,8 @@ pub struct WriteStats {
     pub bytes_deduped: u64,
     /// Bytes that read as zeros (holes and all-zero chunks) and cost nothing.
     pub bytes_zero: u64,
+    /// Bytes referenced in the base snapshot instead of stored.
+    pub bytes_in_base: u64,
     pub chunks: u64,
     pub frames: u64,
     pub file_len: u64,
@@ -58,7 +64,10 @@ pub struct SnapshotWriter {
     dest: PathBuf,
     tmp: NamedTempFile,
     chunks: Vec<Chunk>,
+    /// Chunks stored in the base, numbered `EXT_BIT | i` until `finish`.
+    external: Vec<Chunk>,
     chunk_ids: HashMap<ChunkId, u32>,
+    base: Option<(Arc<Snapshot>, String)>,
     frames: Vec<Frame>,
     cur: Vec<u8>,
     window: Vec<u8>,
@@ -107,7 +116,9 @@ impl SnapshotWriter {
             dest,
             tmp,
             chunks: Vec::new(),
+            external: Vec::new(),
             chunk_ids: HashMap::new(),
+            base: None,
             frames: Vec::new(),
             cur: Vec::with_capacity(FRAME_TARGET + CHUNK_MAX as usize),
             window: Vec::new(),
@@ -118,13 +129,17 @@ impl SnapshotWriter {
         })
     }
 
+    /// Layers the new snapshot on `base`: chunks the base already has are referenced by
+    /// id instead of stored. `path` is how readers will find the base (relative to the
+    /// new snapshot's directory, or absolute).
+    pub fn set_base(&mut self, base: Arc<Snapshot>, path: String) {
+        self.base = Some((base, path));
+    }
+
     /// Reads `file` (skipping holes) and stores its bytes; returns where they went.
     /// `size` is the length the caller saw; a file that changes size meanwhile is an error.
     pub fn add_file(&mut self, file: &File, size: u64, path: &Path) -> Result<FileData> {
-        let mut data = FileData {
-            size,
-            extents: Vec::new(),
-        };
+        let mut segments = Vec::new();
         let mut pos = 0u64;
         while pos < size {
             let (start, end) =
@@ -132,26 +147,110 @@ impl SnapshotWriter {
             if start >= size {
                 break;
             }
-            self.add_segment(file, start, end, &mut data.extents, path)?;
+            segments.push((start, end));
             pos = end;
+        }
+        self.add_source(size, &segments, &mut |buf, at| {
+            read_full_at(file, buf, at, path)
+        })
+    }
+
+    /// Stores a file's bytes given its data `segments` (everything else reads as zeros)
+    /// and a function that reads exactly `buf.len()` bytes at an offset.
+    pub fn add_source(
+        &mut self,
+        size: u64,
+        segments: &[(u64, u64)],
+        read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<FileData> {
+        let mut data = FileData {
+            size,
+            extents: Vec::new(),
+        };
+        for &(start, end) in segments {
+            self.add_segment(read, start, end.min(size), &mut data.extents)?;
         }
         self.stats.bytes_in += size;
         let stored: u64 = data
             .extents
             .iter()
-            .map(|e| self.chunks[e.chunk as usize].len as u64)
+            .map(|e| self.chunk_len(e.chunk) as u64)
             .sum();
         self.stats.bytes_zero += size - stored;
         Ok(data)
     }
 
+    /// Stores a file or stream of the base snapshot by referring to its chunks, without
+    /// reading them.
+    pub fn add_base_file(&mut self, data: &FileData) -> Result<FileData> {
+        let base = self
+            .base
+            .as_ref()
+            .map(|(b, _)| b.clone())
+            .ok_or_else(|| Error::Invalid("no base snapshot set".into()))?;
+        let mut out = FileData {
+            size: data.size,
+            extents: Vec::with_capacity(data.extents.len()),
+        };
+        let mut stored = 0u64;
+        for e in &data.extents {
+            let c = base
+                .index()
+                .chunks
+                .get(e.chunk as usize)
+                .ok_or_else(|| Error::corrupt("extent names a missing chunk"))?;
+            out.extents.push(Extent {
+                offset: e.offset,
+                chunk: self.add_base_chunk(c.id, c.len)?,
+            });
+            stored += c.len as u64;
+        }
+        self.stats.bytes_in += data.size;
+        self.stats.bytes_zero += data.size.saturating_sub(stored);
+        Ok(out)
+    }
+
+    /// Refers to a chunk of the base snapshot without reading it.
+    fn add_base_chunk(&mut self, id: ChunkId, len: u32) -> Result<u32> {
+        if let Some(&idx) = self.chunk_ids.get(&id) {
+            self.stats.bytes_deduped += len as u64;
+            return Ok(idx);
+        }
+        if self.base.as_ref().and_then(|(b, _)| b.has_chunk(&id)) != Some(len) {
+            return Err(Error::Invalid(
+                "the base snapshot does not hold that chunk".into(),
+            ));
+        }
+        self.stats.bytes_in_base += len as u64;
+        Ok(self.push_external(id, len))
+    }
+
+    fn push_external(&mut self, id: ChunkId, len: u32) -> u32 {
+        let idx = EXT_BIT | self.external.len() as u32;
+        self.external.push(Chunk {
+            id,
+            frame: EXTERNAL,
+            offset: 0,
+            len,
+        });
+        self.chunk_ids.insert(id, idx);
+        idx
+    }
+
+    fn chunk_len(&self, idx: u32) -> u32 {
+        if idx & EXT_BIT != 0 {
+            self.external[(idx & !EXT_BIT) as usize].len
+        } else {
+            self.chunks[idx as usize].len
+        }
+    }
+
     fn add_segment(
         &mut self,
-        file: &File,
+        read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
         start: u64,
         end: u64,
         extents: &mut Vec<Extent>,
-        path: &Path,
     ) -> Result<()> {
         let mut window = std::mem::take(&mut self.window);
         window.clear();
@@ -161,7 +260,7 @@ impl SnapshotWriter {
             let want = (WINDOW - window.len()).min((end - read_to) as usize);
             let old = window.len();
             window.resize(old + want, 0);
-            read_full_at(file, &mut window[old..], read_to, path)?;
+            read(&mut window[old..], read_to)?;
             read_to += want as u64;
             let last_window = read_to == end;
             let mut consumed = 0usize;
@@ -197,6 +296,10 @@ impl SnapshotWriter {
         if let Some(&idx) = self.chunk_ids.get(&id) {
             self.stats.bytes_deduped += bytes.len() as u64;
             return Ok(Some(idx));
+        }
+        if self.base.as_ref().and_then(|(b, _)| b.has_chunk(&id)) == Some(bytes.len() as u32) {
+            self.stats.bytes_in_base += bytes.len() as u64;
+            return Ok(Some(self.push_external(id, bytes.len() as u32)));
         }
         if !self.cur.is_empty() && self.cur.len() + bytes.len() > FRAME_TARGET {
             self.seal_frame()?;
@@ -262,7 +365,7 @@ impl SnapshotWriter {
     }
 
     /// Writes index and header, fsyncs, and renames into place.
-    pub fn finish(mut self, nodes: Vec<Node>, mut streams: Vec<Stream>) -> Result<WriteStats> {
+    pub fn finish(mut self, mut nodes: Vec<Node>, mut streams: Vec<Stream>) -> Result<WriteStats> {
         self.seal_frame()?;
         let placements = self.collect()?;
         if placements.len() != self.frames.len() {
@@ -273,15 +376,39 @@ impl SnapshotWriter {
             f.stored_len = len;
             f.codec = codec as u8;
         }
+        // Chunks in the base go after the local ones; renumber the extents naming them.
+        let local = self.chunks.len() as u32;
+        let renumber = |data: &mut FileData| {
+            for e in &mut data.extents {
+                if e.chunk & EXT_BIT != 0 {
+                    e.chunk = local + (e.chunk & !EXT_BIT);
+                }
+            }
+        };
+        for n in &mut nodes {
+            if let NodeKind::File(d) = &mut n.kind {
+                renumber(d);
+            }
+        }
+        for st in &mut streams {
+            renumber(&mut st.data);
+        }
+        let mut chunks = std::mem::take(&mut self.chunks);
+        chunks.append(&mut self.external);
         streams.sort_by(|a, b| a.name.cmp(&b.name));
+        let base = self.base.as_ref().map(|(b, path)| BaseRef {
+            id: b.id(),
+            path: path.clone(),
+        });
+        let version = if base.is_some() { 2 } else { 1 };
         let index = Index {
             frames: std::mem::take(&mut self.frames),
-            chunks: std::mem::take(&mut self.chunks),
+            chunks,
             nodes,
             streams,
-            base: None,
+            base,
         };
-        super::validate::validate(&index, u64::MAX)?;
+        super::validate::validate(&index, u64::MAX, version)?;
         let raw = bincode::encode_to_vec(&index, bincode_config())
             .map_err(|e| Error::Invalid(format!("encoding the index: {e}")))?;
         let (index_codec, stored) = Compressor::new(Compression::Zstd { level: 3 })?.compress(&raw);
@@ -292,6 +419,7 @@ impl SnapshotWriter {
         file.write_all(&stored).map_err(io)?;
         let id = *blake3::hash(&raw).as_bytes();
         let header = Header {
+            version,
             flags: 0,
             index_offset,
             index_len: stored.len() as u64,

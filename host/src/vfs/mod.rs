@@ -912,6 +912,19 @@ impl Vfs {
         Ok(out)
     }
 
+    /// A node's full record and, for a directory, its children: for exporting the merged
+    /// tree (`commit`).
+    pub fn export_node(&self, id: u64) -> VfsResult<(NodeRec, Option<Vec<(Vec<u8>, u64)>>)> {
+        let inner = self.state();
+        let rec = self.rec(&inner, id)?;
+        let listing = if rec.kind == Kind::Dir {
+            Some(self.listing(&inner, id)?)
+        } else {
+            None
+        };
+        Ok((rec, listing))
+    }
+
     /// Attributes for readdirplus entries.
     pub fn attr_many(&self, ids: &[u64]) -> Vec<VfsResult<Attr>> {
         let inner = self.state();

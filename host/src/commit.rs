@@ -1,0 +1,224 @@
+//! `commit`: fold an overlay into a new snapshot. By default the new snapshot refers to
+//! the chunks its base already holds (by id, format version 2), so only changed data is
+//! stored; `standalone` copies everything.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::overlay::journal::{Kind, NodeRec};
+use crate::snapshot::format::{Dir, DirEntry, FileData, Node, NodeKind, Stream, Timespec, Xattr};
+use crate::snapshot::{Snapshot, SnapshotWriter, WriteStats, WriterOptions};
+use crate::vfs::{Vfs, ROOT};
+
+/// Owner id for handles `commit` opens on the VFS.
+const COMMIT_OWNER: u64 = u64::MAX;
+
+#[derive(Clone, Debug, Default)]
+pub struct CommitOptions {
+    pub standalone: bool,
+    pub writer: WriterOptions,
+}
+
+pub fn commit(
+    snapshot: &Path,
+    overlay: &Path,
+    out: &Path,
+    opts: &CommitOptions,
+) -> Result<WriteStats> {
+    let snap = Arc::new(Snapshot::open(snapshot)?);
+    let vfs = Vfs::new(snap.clone(), Some(overlay), true)?;
+    let mut w = SnapshotWriter::create(out, &opts.writer)?;
+    if !opts.standalone {
+        w.set_base(snap.clone(), base_path(snapshot, out)?);
+    }
+    let vfs_err = |e: hexz_protocol::Errno| Error::Invalid(format!("reading the merged tree: {e}"));
+
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut new_idx: HashMap<u64, u32> = HashMap::new();
+    let mut queue = VecDeque::from([(ROOT, 0u32)]);
+    let (root_rec, _) = vfs.export_node(ROOT).map_err(vfs_err)?;
+    nodes.push(node_of(
+        &root_rec,
+        NodeKind::Dir(Dir {
+            parent: 0,
+            entries: Vec::new(),
+        }),
+    ));
+    while let Some((dir_id, dir_idx)) = queue.pop_front() {
+        let (_, listing) = vfs.export_node(dir_id).map_err(vfs_err)?;
+        let mut entries = Vec::new();
+        let mut subdirs = 0;
+        for (name, id) in listing.unwrap_or_default() {
+            if let Some(&idx) = new_idx.get(&id) {
+                nodes[idx as usize].nlink += 1; // another name of a hard-linked file
+                entries.push(DirEntry { name, node: idx });
+                continue;
+            }
+            let (rec, _) = vfs.export_node(id).map_err(vfs_err)?;
+            let idx = nodes.len() as u32;
+            let kind = match &rec.kind {
+                Kind::Dir => {
+                    subdirs += 1;
+                    queue.push_back((id, idx));
+                    NodeKind::Dir(Dir {
+                        parent: dir_idx,
+                        entries: Vec::new(),
+                    })
+                }
+                Kind::File => {
+                    NodeKind::File(file_data(&vfs, &snap, &mut w, &rec, opts.standalone)?)
+                }
+                Kind::Symlink(t) => NodeKind::Symlink(t.clone()),
+                Kind::Device => NodeKind::Device(rec.rdev),
+                Kind::Fifo => NodeKind::Fifo,
+                Kind::Socket => NodeKind::Socket,
+            };
+            let mut node = node_of(&rec, kind);
+            node.nlink = if rec.kind == Kind::Dir { 2 } else { 1 };
+            nodes.push(node);
+            if rec.kind != Kind::Dir {
+                new_idx.insert(id, idx);
+            }
+            entries.push(DirEntry { name, node: idx });
+        }
+        let dir = &mut nodes[dir_idx as usize];
+        dir.nlink = 2 + subdirs;
+        if let NodeKind::Dir(d) = &mut dir.kind {
+            d.entries = entries; // listings are sorted by name already
+        }
+    }
+
+    let mut streams = Vec::new();
+    for s in &snap.index().streams {
+        let data = if opts.standalone {
+            let segments: Vec<(u64, u64)> = vec![(0, s.data.size)];
+            w.add_source(s.data.size, &segments, &mut |buf, at| {
+                let n = snap.read_at(&s.data, at, buf)?;
+                if n != buf.len() {
+                    return Err(Error::corrupt("stream shorter than its size"));
+                }
+                Ok(())
+            })?
+        } else {
+            w.add_base_file(&s.data)?
+        };
+        streams.push(Stream {
+            name: s.name.clone(),
+            data,
+        });
+    }
+    w.finish(nodes, streams)
+}
+
+/// How the new snapshot names its base: by file name when both sit in one directory,
+/// otherwise by absolute path.
+fn base_path(snapshot: &Path, out: &Path) -> Result<String> {
+    let abs = std::fs::canonicalize(snapshot).map_err(|e| Error::io(snapshot, e))?;
+    let out_dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let out_dir = std::fs::canonicalize(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let same_dir = abs.parent() == Some(out_dir.as_path());
+    let p = if same_dir {
+        abs.file_name()
+            .map(std::path::PathBuf::from)
+            .unwrap_or(abs.clone())
+    } else {
+        abs.clone()
+    };
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::Invalid(format!("{}: base path is not UTF-8", abs.display())))
+}
+
+fn node_of(rec: &NodeRec, kind: NodeKind) -> Node {
+    let t = |(sec, nsec): (i64, u32)| Timespec { sec, nsec };
+    let ftype = match &rec.kind {
+        Kind::Dir => libc::S_IFDIR,
+        Kind::File => libc::S_IFREG,
+        Kind::Symlink(_) => libc::S_IFLNK,
+        Kind::Device => rec.mode & libc::S_IFMT,
+        Kind::Fifo => libc::S_IFIFO,
+        Kind::Socket => libc::S_IFSOCK,
+    };
+    Node {
+        mode: ftype | (rec.mode & 0o7777),
+        uid: rec.uid,
+        gid: rec.gid,
+        nlink: rec.nlink,
+        atime: t(rec.atime),
+        mtime: t(rec.mtime),
+        ctime: t(rec.ctime),
+        xattrs: rec
+            .xattrs
+            .iter()
+            .map(|(name, value)| Xattr {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        kind,
+    }
+}
+
+/// An unchanged snapshot file keeps its chunks (referenced in the base); anything else is
+/// read through the merged view and chunked again (chunks the base has are still shared).
+fn file_data(
+    vfs: &Vfs,
+    snap: &Snapshot,
+    w: &mut SnapshotWriter,
+    rec: &NodeRec,
+    standalone: bool,
+) -> Result<FileData> {
+    if let (false, Some(idx), false) = (standalone, rec.lower, rec.upper) {
+        if let Some(NodeKind::File(d)) = snap.node(idx).map(|n| &n.kind) {
+            if d.size == rec.size {
+                return w.add_base_file(d);
+            }
+        }
+    }
+    let fh = vfs
+        .open(rec.id, libc::O_RDONLY as u32, COMMIT_OWNER)
+        .map_err(|e| Error::Invalid(format!("node {}: {e}", rec.id)))?;
+    let result = (|| {
+        let mut segments = Vec::new();
+        let mut pos = 0;
+        while pos < rec.size {
+            let start = match vfs.lseek(fh, pos, hexz_protocol::message::SEEK_DATA) {
+                Ok(s) => s,
+                Err(hexz_protocol::Errno::ENXIO) => break,
+                Err(e) => return Err(Error::Invalid(format!("node {}: {e}", rec.id))),
+            };
+            let end = vfs
+                .lseek(fh, start, hexz_protocol::message::SEEK_HOLE)
+                .unwrap_or(rec.size)
+                .max(start + 1);
+            segments.push((start, end.min(rec.size)));
+            pos = end;
+        }
+        w.add_source(rec.size, &segments, &mut |buf, at| {
+            let mut done = 0;
+            while done < buf.len() {
+                let want = (buf.len() - done).min(1 << 20) as u32;
+                let d = vfs
+                    .read(fh, at + done as u64, want)
+                    .map_err(|e| Error::Invalid(format!("node {}: read: {e}", rec.id)))?;
+                if d.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "node {}: shorter than its size",
+                        rec.id
+                    )));
+                }
+                buf[done..done + d.len()].copy_from_slice(&d);
+                done += d.len();
+            }
+            Ok(())
+        })
+    })();
+    vfs.release(fh)
+        .map_err(|e| Error::Invalid(format!("node {}: release: {e}", rec.id)))?;
+    result
+}
