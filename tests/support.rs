@@ -71,33 +71,16 @@ pub mod proto {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use hexz_protocol::frame::{read_frame, write_frame};
     pub use hexz_protocol::*;
 
     pub fn default_hello() -> Hello {
-        let l = Limits::default();
-        Hello {
-            versions: vec![1],
-            max_frame: l.max_frame,
-            max_read: l.max_read,
-            max_write: l.max_write,
-            max_in_flight: l.max_in_flight,
-            caps: vec![
-                "readdirplus".into(),
-                "xattr".into(),
-                "rename2".into(),
-                "lseek".into(),
-                "fallocate".into(),
-            ],
-            client: "hexz-e2e".into(),
-        }
+        client::default_hello("hexz-e2e")
     }
 
+    /// The protocol crate's client plus helpers that turn replies into `Result`s.
     pub struct Client {
-        pub stream: UnixStream,
+        pub inner: client::Client<UnixStream>,
         pub hello: HelloReply,
-        next_id: u64,
-        buf: Vec<u8>,
     }
 
     impl Client {
@@ -107,41 +90,21 @@ pub mod proto {
             stream
                 .set_read_timeout(Some(Duration::from_secs(60)))
                 .unwrap();
-            let mut c = Client {
-                stream,
-                hello: empty_hello(),
-                next_id: 1,
-                buf: Vec::new(),
-            };
-            match c.call(Op::Hello(default_hello())) {
-                ReplyBody::Hello(h) => c.hello = h,
-                other => panic!("hello refused: {other:?}"),
-            }
-            c
+            let inner = client::Client::new(stream, default_hello()).expect("hello");
+            let hello = inner.hello.clone();
+            Client { inner, hello }
         }
 
         pub fn send(&mut self, op: Op) -> u64 {
-            let id = self.next_id;
-            self.next_id += 1;
-            write_frame(&mut self.stream, &Request { id, op }, 32 << 20).expect("send");
-            id
+            self.inner.send(op).expect("send")
         }
 
         pub fn recv(&mut self) -> Reply {
-            read_frame(&mut self.stream, 32 << 20, &mut self.buf).expect("recv");
-            decode_reply(&self.buf).expect("decode reply")
-        }
-
-        pub fn try_recv(&mut self) -> Result<Reply, FrameError> {
-            read_frame(&mut self.stream, 32 << 20, &mut self.buf)?;
-            decode_reply(&self.buf)
+            self.inner.recv().expect("recv")
         }
 
         pub fn call(&mut self, op: Op) -> ReplyBody {
-            let id = self.send(op);
-            let r = self.recv();
-            assert_eq!(r.id, id, "reply to another request");
-            r.r
+            self.inner.call(op).expect("call")
         }
 
         pub fn entry(&mut self, op: Op) -> Result<Entry, Errno> {
@@ -347,20 +310,6 @@ pub mod proto {
             }
             self.ok(Op::Releasedir { fh })?;
             Ok(out)
-        }
-    }
-
-    fn empty_hello() -> HelloReply {
-        HelloReply {
-            version: 0,
-            max_frame: 0,
-            max_read: 0,
-            max_write: 0,
-            max_in_flight: 0,
-            caps: vec![],
-            root: 0,
-            fs_id: vec![],
-            server: String::new(),
         }
     }
 

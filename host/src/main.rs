@@ -338,9 +338,6 @@ fn serve(
         ..Default::default()
     };
     cfg.limits.max_in_flight = max_in_flight.max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let overlay_desc = match (&overlay, read_only) {
         (Some(d), _) => d.display().to_string(),
         (None, true) => "none, read-only".into(),
@@ -351,28 +348,14 @@ fn serve(
         .map(|l| l.to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    rt.block_on(async move {
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) {
-                (Ok(mut i), Ok(mut t)) => {
-                    tokio::select! { _ = i.recv() => {}, _ = t.recv() => {} }
-                }
-                _ => std::future::pending::<()>().await,
-            }
-        };
-        let ready = async {
-            println!(
-                "serving {} (overlay: {overlay_desc}) on {listeners}",
-                snapshot.display()
-            );
-            let _ = std::io::stdout().flush();
-            shutdown.await
-        };
-        hexz_host::server::serve(vfs, &listen, cfg, ready).await
+    let wait = hexz_host::server::shutdown_on_signal()?;
+    hexz_host::server::serve(vfs, &listen, cfg, || {
+        println!(
+            "serving {} (overlay: {overlay_desc}) on {listeners}",
+            snapshot.display()
+        );
+        let _ = std::io::stdout().flush();
+        wait()
     })?;
     Ok(ExitCode::SUCCESS)
 }

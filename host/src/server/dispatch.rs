@@ -43,6 +43,28 @@ fn ok(r: VfsResult<()>) -> ReplyBody {
     reply(r, |_| ReplyBody::Ok {})
 }
 
+/// Answers `op` if it can be answered from memory without waiting for a disk; `None`
+/// means it must go to a worker.
+pub fn dispatch_inline(vfs: &Vfs, s: &Session, op: &Op) -> Option<ReplyBody> {
+    match op {
+        Op::Lookup { .. }
+        | Op::Forget { .. }
+        | Op::BatchForget { .. }
+        | Op::Getattr { .. }
+        | Op::Readlink { .. }
+        | Op::Getxattr { .. }
+        | Op::Listxattr { .. }
+        | Op::Opendir { .. }
+        | Op::Readdir { .. }
+        | Op::Readdirplus { .. }
+        | Op::Hello(_) => Some(dispatch(vfs, s, op.clone())),
+        Op::Read { fh, offset, size } if *size <= s.limits.max_read => vfs
+            .read_cached(*fh, *offset, *size)
+            .map(|r| reply(r, ReplyBody::Data)),
+        _ => None,
+    }
+}
+
 /// Executes one request (already past hello) against the VFS.
 pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
     match op {

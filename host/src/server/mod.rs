@@ -1,19 +1,27 @@
 //! `hexz-host serve`: the protocol over every listener, many connections, many requests
 //! in flight per connection, replies as they complete.
+//!
+//! Each connection has a reader thread. Requests answered from memory (lookups,
+//! attributes, listings, reads of cached snapshot data) are answered inline on it, with
+//! no thread hand-off; anything that may wait for a disk goes to a shared worker pool,
+//! which writes its reply itself. So a slow read never holds up a lookup, and a lone
+//! request costs one read and one write system call on the server.
 
 mod dispatch;
 pub mod listen;
 
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
-use hexz_protocol::frame::tokio_io::read_frame;
-use hexz_protocol::hello::PRE_HELLO_MAX_FRAME as PRE_HELLO_MAX_FRAME_BODY;
+use crossbeam_channel::{unbounded, Sender};
+use hexz_protocol::frame::read_frame;
+use hexz_protocol::hello::PRE_HELLO_MAX_FRAME;
 use hexz_protocol::{
     accept_hello, decode_request, encode_frame, Errno, FrameError, Limits, Op, Reply, ReplyBody,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
 
 pub use dispatch::Session;
 pub use listen::ListenAddr;
@@ -29,6 +37,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// How long clients may cache entries and attributes.
     pub ttl_ms: u32,
+    /// Threads serving requests that may block on a disk.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -36,100 +46,129 @@ impl Default for ServerConfig {
         ServerConfig {
             limits: Limits::default(),
             ttl_ms: 3_600_000,
+            workers: 16,
         }
     }
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
-/// Serves until `shutdown` resolves, then flushes the overlay.
-pub async fn serve(
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Binds every listener, serves until `wait_for_shutdown` returns, then flushes the
+/// overlay (journal, upper files) and removes the socket files it created.
+pub fn serve(
     vfs: Arc<Vfs>,
     addrs: &[ListenAddr],
     cfg: ServerConfig,
-    shutdown: impl std::future::Future<Output = ()>,
+    wait_for_shutdown: impl FnOnce(),
 ) -> Result<()> {
     let cfg = Arc::new(cfg);
-    let mut tasks = tokio::task::JoinSet::new();
+    let (jobs, job_rx) = unbounded::<Job>();
+    for i in 0..cfg.workers.max(1) {
+        let rx = job_rx.clone();
+        std::thread::Builder::new()
+            .name(format!("hexz-worker-{i}"))
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .map_err(|e| Error::io("worker thread", e))?;
+    }
     let mut sockets = Vec::new();
     for addr in addrs {
-        match addr {
+        let accept: Box<dyn FnMut() -> std::io::Result<(OwnedFd, String)> + Send> = match addr {
             ListenAddr::Unix(_) | ListenAddr::VsockUds(..) => {
                 let path = addr
                     .socket_path()
                     .ok_or_else(|| Error::Invalid("no socket path".into()))?;
                 let l = bind_unix(&path)?;
                 sockets.push(path);
-                let (vfs, cfg, name) = (vfs.clone(), cfg.clone(), addr.to_string());
-                tasks.spawn(async move {
-                    loop {
-                        match l.accept().await {
-                            Ok((s, _)) => spawn_conn(s, vfs.clone(), cfg.clone(), name.clone()),
-                            Err(e) => tracing::warn!(listener = %name, "accept failed: {e}"),
-                        }
-                    }
-                });
+                Box::new(move || l.accept().map(|(s, _)| (OwnedFd::from(s), String::new())))
             }
             ListenAddr::Tcp(a) => {
-                let l = tokio::net::TcpListener::bind(a)
-                    .await
-                    .map_err(|e| Error::io(a.to_string(), e))?;
-                let (vfs, cfg, name) = (vfs.clone(), cfg.clone(), addr.to_string());
-                tasks.spawn(async move {
-                    loop {
-                        match l.accept().await {
-                            Ok((s, peer)) => {
-                                let _ = s.set_nodelay(true);
-                                spawn_conn(
-                                    s,
-                                    vfs.clone(),
-                                    cfg.clone(),
-                                    format!("{name} from {peer}"),
-                                )
-                            }
-                            Err(e) => tracing::warn!(listener = %name, "accept failed: {e}"),
-                        }
-                    }
-                });
+                let l = std::net::TcpListener::bind(a).map_err(|e| Error::io(a.to_string(), e))?;
+                Box::new(move || {
+                    let (s, peer) = l.accept()?;
+                    s.set_nodelay(true)?;
+                    Ok((OwnedFd::from(s), format!(" from {peer}")))
+                })
             }
             ListenAddr::Vsock(port) => {
-                let l = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
-                    tokio_vsock::VMADDR_CID_ANY,
-                    *port,
-                ))
-                .map_err(|e| Error::io(format!("vsock port {port}"), e))?;
-                let (vfs, cfg, name) = (vfs.clone(), cfg.clone(), addr.to_string());
-                tasks.spawn(async move {
-                    loop {
-                        match l.accept().await {
-                            Ok((s, peer)) => spawn_conn(
-                                s,
-                                vfs.clone(),
-                                cfg.clone(),
-                                format!("{name} from {peer:?}"),
-                            ),
-                            Err(e) => tracing::warn!(listener = %name, "accept failed: {e}"),
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .map_err(|e| Error::io("tokio", e))?;
+                let l = rt
+                    .block_on(async {
+                        tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+                            tokio_vsock::VMADDR_CID_ANY,
+                            *port,
+                        ))
+                    })
+                    .map_err(|e| Error::io(format!("vsock port {port}"), e))?;
+                Box::new(move || {
+                    let (s, peer) = rt.block_on(l.accept())?;
+                    // Serve it with blocking I/O like every other stream.
+                    let fd = s.as_fd().try_clone_to_owned()?;
+                    drop(s);
+                    set_blocking(&fd)?;
+                    Ok((fd, format!(" from {peer:?}")))
+                })
+            }
+        };
+        let (vfs, cfg, jobs, name) = (vfs.clone(), cfg.clone(), jobs.clone(), addr.to_string());
+        let mut accept = accept;
+        std::thread::Builder::new()
+            .name(format!("hexz-accept-{name}"))
+            .spawn(move || loop {
+                match accept() {
+                    Ok((fd, peer)) => {
+                        let (vfs, cfg, jobs, peer) = (
+                            vfs.clone(),
+                            cfg.clone(),
+                            jobs.clone(),
+                            format!("{name}{peer}"),
+                        );
+                        let spawned = std::thread::Builder::new()
+                            .name("hexz-conn".into())
+                            .spawn(move || connection(File::from(fd), vfs, cfg, jobs, peer));
+                        if let Err(e) = spawned {
+                            tracing::error!("cannot start a connection thread: {e}");
                         }
                     }
-                });
-            }
-        }
+                    Err(e) => {
+                        tracing::warn!(listener = %name, "accept failed: {e}");
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                }
+            })
+            .map_err(|e| Error::io("accept thread", e))?;
         tracing::info!(listener = %addr, "listening");
     }
-    shutdown.await;
+    wait_for_shutdown();
     tracing::info!("shutting down: flushing the overlay");
-    tasks.abort_all();
-    for p in sockets {
+    for p in &sockets {
         let _ = std::fs::remove_file(p);
     }
-    let v = vfs.clone();
-    tokio::task::spawn_blocking(move || v.shutdown())
-        .await
-        .map_err(|e| Error::Invalid(format!("shutdown task: {e}")))?
+    vfs.shutdown()
 }
 
-fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
-    match tokio::net::UnixListener::bind(path) {
+fn set_blocking(fd: &OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener> {
+    match std::os::unix::net::UnixListener::bind(path) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             // A socket file left by a server that died: replace it, unless someone answers.
@@ -140,154 +179,187 @@ fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
                 )));
             }
             std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
-            tokio::net::UnixListener::bind(path).map_err(|e| Error::io(path, e))
+            std::os::unix::net::UnixListener::bind(path).map_err(|e| Error::io(path, e))
         }
         Err(e) => Err(Error::io(path, e)),
     }
 }
 
-fn spawn_conn<S>(stream: S, vfs: Arc<Vfs>, cfg: Arc<ServerConfig>, peer: String)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    tokio::spawn(async move {
-        let owner = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(conn = owner, %peer, "connection opened");
-        let (served, why) = connection(stream, vfs.clone(), cfg, owner).await;
-        let v = vfs.clone();
-        let released = tokio::task::spawn_blocking(move || v.release_owner(owner))
-            .await
-            .unwrap_or(0);
-        tracing::info!(conn = owner, %peer, requests = served, handles_released = released, "connection closed: {why}");
-    });
+/// Requests in flight on one connection, bounded by the negotiated limit.
+struct InFlight {
+    count: Mutex<u32>,
+    changed: Condvar,
+    max: u32,
 }
 
-/// Runs one connection; returns how many requests it served and why it ended.
-async fn connection<S>(
-    stream: S,
+impl InFlight {
+    fn acquire(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= self.max {
+            n = self.changed.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+    }
+
+    fn release(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.changed.notify_all();
+    }
+
+    fn drain(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = self.changed.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// The write side of a connection, shared by the reader and the workers.
+struct Replies {
+    stream: Mutex<File>,
+    max_frame: u32,
+}
+
+impl Replies {
+    fn send(&self, id: u64, body: ReplyBody) {
+        let frame = reply_frame(id, body, self.max_frame);
+        let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        // A failed write means the client is gone; the reader notices and cleans up.
+        let _ = s.write_all(&frame);
+    }
+}
+
+fn connection(
+    stream: File,
     vfs: Arc<Vfs>,
     cfg: Arc<ServerConfig>,
+    jobs: Sender<Job>,
+    peer: String,
+) {
+    let owner = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(conn = owner, %peer, "connection opened");
+    let (served, why) = match stream.try_clone() {
+        Ok(writer) => run_connection(stream, writer, &vfs, &cfg, &jobs, owner),
+        Err(e) => (0, format!("cannot clone the stream: {e}")),
+    };
+    let released = vfs.release_owner(owner);
+    tracing::info!(conn = owner, %peer, requests = served, handles_released = released, "connection closed: {why}");
+}
+
+/// Serves one connection; returns how many requests it read and why it ended.
+fn run_connection(
+    mut rd: File,
+    wr: File,
+    vfs: &Arc<Vfs>,
+    cfg: &ServerConfig,
+    jobs: &Sender<Job>,
     owner: u64,
-) -> (u64, String)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut rd, wr) = tokio::io::split(stream);
+) -> (u64, String) {
     let mut buf = Vec::new();
-
-    // Hello first, under the small pre-hello frame limit.
-    let (limits, hello_frame) = match read_frame(&mut rd, PRE_HELLO_MAX_FRAME_BODY, &mut buf).await
-    {
-        Err(e) => return (0, format!("before hello: {e}")),
-        Ok(()) => match decode_request(&buf) {
-            Ok(req) => match req.op {
-                Op::Hello(h) => match accept_hello(
-                    &h,
-                    &cfg.limits,
-                    CAPS,
-                    crate::vfs::ROOT,
-                    vfs.fs_id().to_vec(),
-                    "hexz-host",
-                ) {
-                    Ok((r, limits)) => (
-                        Some(limits),
-                        reply_frame(req.id, ReplyBody::Hello(r), PRE_HELLO_MAX_FRAME_BODY),
-                    ),
-                    Err(e) => (
-                        None,
-                        reply_frame(req.id, ReplyBody::Err(e), PRE_HELLO_MAX_FRAME_BODY),
-                    ),
-                },
-                _ => (
-                    None,
-                    reply_frame(
-                        req.id,
-                        ReplyBody::Err(Errno::EPROTO),
-                        PRE_HELLO_MAX_FRAME_BODY,
-                    ),
-                ),
-            },
-            Err(bad) => match bad.id {
-                Some(id) => (
-                    None,
-                    reply_frame(id, ReplyBody::Err(Errno::EPROTO), PRE_HELLO_MAX_FRAME_BODY),
-                ),
-                None => return (0, format!("first frame is not a request: {}", bad.reason)),
-            },
-        },
+    let pre = Replies {
+        stream: Mutex::new(wr),
+        max_frame: PRE_HELLO_MAX_FRAME,
     };
-    let mut wr = BufWriter::with_capacity(256 << 10, wr);
-    if wr.write_all(&hello_frame).await.is_err() || wr.flush().await.is_err() {
-        return (0, "write failed during hello".into());
+    if let Err(e) = read_frame(&mut rd, PRE_HELLO_MAX_FRAME, &mut buf) {
+        return (0, format!("before hello: {e}"));
     }
-    let Some(limits) = limits else {
-        return (0, "hello refused".into());
+    let limits = match decode_request(&buf) {
+        Ok(req) => match req.op {
+            Op::Hello(h) => match accept_hello(
+                &h,
+                &cfg.limits,
+                CAPS,
+                crate::vfs::ROOT,
+                vfs.fs_id().to_vec(),
+                "hexz-host",
+            ) {
+                Ok((r, limits)) => {
+                    pre.send(req.id, ReplyBody::Hello(r));
+                    limits
+                }
+                Err(e) => {
+                    pre.send(req.id, ReplyBody::Err(e));
+                    return (0, format!("hello refused: {e}"));
+                }
+            },
+            _ => {
+                pre.send(req.id, ReplyBody::Err(Errno::EPROTO));
+                return (0, "request before hello".into());
+            }
+        },
+        Err(bad) => {
+            if let Some(id) = bad.id {
+                pre.send(id, ReplyBody::Err(Errno::EPROTO));
+            }
+            return (0, format!("first frame is not a hello: {}", bad.reason));
+        }
     };
-
+    let replies = Arc::new(Replies {
+        stream: pre.stream,
+        max_frame: limits.max_frame,
+    });
     let session = Arc::new(Session {
         owner,
         limits,
         ttl_ms: cfg.ttl_ms,
     });
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.max_in_flight as usize + 8);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if wr.write_all(&frame).await.is_err() {
-                return;
-            }
-            // Batch replies that are already waiting into one write.
-            while let Ok(frame) = rx.try_recv() {
-                if wr.write_all(&frame).await.is_err() {
-                    return;
-                }
-            }
-            if wr.flush().await.is_err() {
-                return;
-            }
-        }
+    let in_flight = Arc::new(InFlight {
+        count: Mutex::new(0),
+        changed: Condvar::new(),
+        max: limits.max_in_flight,
     });
-    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight as usize));
     let mut served = 0u64;
     let why = loop {
-        let permit = match in_flight.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => break "server stopping".to_string(),
-        };
-        match read_frame(&mut rd, limits.max_frame, &mut buf).await {
+        in_flight.acquire();
+        match read_frame(&mut rd, limits.max_frame, &mut buf) {
             Ok(()) => {}
-            Err(FrameError::Closed) => break "client closed".into(),
-            Err(e) => break format!("{e}"),
+            Err(FrameError::Closed) => {
+                in_flight.release();
+                break "client closed".to_string();
+            }
+            Err(e) => {
+                in_flight.release();
+                break e.to_string();
+            }
         }
         served += 1;
         let req = match decode_request(&buf) {
             Ok(r) => r,
-            Err(bad) => match bad.id {
-                Some(id) => {
-                    tracing::debug!(conn = owner, id, "bad request: {}", bad.reason);
-                    if tx
-                        .send(reply_frame(id, ReplyBody::Err(bad.errno), limits.max_frame))
-                        .await
-                        .is_err()
-                    {
-                        break "writer gone".into();
+            Err(bad) => {
+                in_flight.release();
+                match bad.id {
+                    Some(id) => {
+                        tracing::debug!(conn = owner, id, "bad request: {}", bad.reason);
+                        replies.send(id, ReplyBody::Err(bad.errno));
+                        continue;
                     }
-                    continue;
+                    None => break format!("undecodable frame: {}", bad.reason),
                 }
-                None => break format!("undecodable frame: {}", bad.reason),
-            },
+            }
         };
-        let (vfs, session, tx) = (vfs.clone(), session.clone(), tx.clone());
-        tokio::task::spawn_blocking(move || {
+        // Answer from memory when possible; otherwise hand off so the reader keeps reading.
+        if let Some(body) = dispatch::dispatch_inline(vfs, &session, &req.op) {
+            replies.send(req.id, body);
+            in_flight.release();
+            continue;
+        }
+        let (vfs, session, replies, in_flight) = (
+            vfs.clone(),
+            session.clone(),
+            replies.clone(),
+            in_flight.clone(),
+        );
+        let job: Job = Box::new(move || {
             let body = dispatch::dispatch(&vfs, &session, req.op);
-            let frame = reply_frame(req.id, body, session.limits.max_frame);
-            let _ = tx.blocking_send(frame);
-            drop(permit);
+            replies.send(req.id, body);
+            in_flight.release();
         });
+        if jobs.send(job).is_err() {
+            break "worker pool stopped".into();
+        }
     };
-    // Let in-flight requests finish before their handles are released.
-    let _ = in_flight.acquire_many(limits.max_in_flight).await;
-    drop(tx);
-    let _ = writer.await;
+    // In-flight requests finish before the connection's handles are released.
+    in_flight.drain();
     (served, why)
 }
 
@@ -307,4 +379,18 @@ fn reply_frame(id: u64, body: ReplyBody, max_frame: u32) -> Vec<u8> {
         );
     }
     out
+}
+
+/// Blocks until SIGINT or SIGTERM arrives. Call before starting any thread, so that
+/// every thread inherits the blocked mask and the signal is taken here.
+pub fn shutdown_on_signal() -> Result<impl FnOnce()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .map_err(|e| Error::Invalid(format!("blocking signals: {e}")))?;
+    Ok(move || {
+        let _ = set.wait();
+    })
 }

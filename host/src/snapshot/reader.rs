@@ -134,20 +134,28 @@ impl Snapshot {
     }
 
     /// A chunk's verified bytes: the frame holding it and the chunk's offset in the frame.
-    fn chunk_bytes(&self, ci: u32) -> Result<(Arc<[u8]>, usize)> {
+    /// With `cached_only`, `None` when the frame is not in the cache.
+    fn chunk_bytes(&self, ci: u32, cached_only: bool) -> Option<Result<(Arc<[u8]>, usize)>> {
         let c = &self.index.chunks[ci as usize];
         if c.frame != EXTERNAL {
-            return self
-                .frame(c.frame)
-                .map(|f| (f, c.offset as usize))
-                .map_err(|e| e.at(&self.path));
+            if cached_only {
+                return self.cache.get(&c.frame).map(|f| Ok((f, c.offset as usize)));
+            }
+            return Some(
+                self.frame(c.frame)
+                    .map(|f| (f, c.offset as usize))
+                    .map_err(|e| e.at(&self.path)),
+            );
         }
         match (
             &self.base,
             self.external.get(ci as usize - self.local_chunks),
         ) {
-            (Some(base), Some(&bi)) => base.chunk_bytes(bi),
-            _ => Err(Error::corrupt("chunk in a base snapshot that is not open").at(&self.path)),
+            (Some(base), Some(&bi)) => base.chunk_bytes(bi, cached_only),
+            _ => Some(Err(Error::corrupt(
+                "chunk in a base snapshot that is not open",
+            )
+            .at(&self.path))),
         }
     }
 
@@ -294,8 +302,29 @@ impl Snapshot {
     /// Reads up to `buf.len()` bytes at `offset`; returns fewer only at end of data.
     /// Every byte returned is verified against its chunk's BLAKE3 (on cache fill).
     pub fn read_at(&self, data: &FileData, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.read_with(data, offset, buf, false)
+            .unwrap_or_else(|| Err(Error::corrupt("read needed a frame it may not load")))
+    }
+
+    /// As `read_at`, but only from frames already in the cache: `None` if any is missing.
+    pub fn read_at_cached(
+        &self,
+        data: &FileData,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<usize>> {
+        self.read_with(data, offset, buf, true)
+    }
+
+    fn read_with(
+        &self,
+        data: &FileData,
+        offset: u64,
+        buf: &mut [u8],
+        cached_only: bool,
+    ) -> Option<Result<usize>> {
         if offset >= data.size {
-            return Ok(0);
+            return Some(Ok(0));
         }
         let want = buf.len().min((data.size - offset) as usize);
         let buf = &mut buf[..want];
@@ -316,7 +345,10 @@ impl Snapshot {
                         ei += 1;
                         continue;
                     }
-                    let (frame, chunk_off) = self.chunk_bytes(e.chunk)?;
+                    let (frame, chunk_off) = match self.chunk_bytes(e.chunk, cached_only)? {
+                        Ok(x) => x,
+                        Err(err) => return Some(Err(err)),
+                    };
                     let in_chunk = (pos - e.offset) as usize;
                     let n = (chunk.len as usize - in_chunk).min(want - done);
                     let start = chunk_off + in_chunk;
@@ -333,7 +365,7 @@ impl Snapshot {
                 }
             }
         }
-        Ok(done)
+        Some(Ok(done))
     }
 
     /// A frame's verified, decompressed bytes, from the cache or the file.

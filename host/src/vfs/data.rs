@@ -129,6 +129,39 @@ impl Vfs {
         self.read_view(&view, off, size as u64)
     }
 
+    /// A read answered from memory (snapshot data already in the frame cache), or `None`
+    /// when it might wait for a disk.
+    pub fn read_cached(&self, fh: u64, off: u64, size: u32) -> Option<VfsResult<Vec<u8>>> {
+        let node = match self.handles().get(fh) {
+            Ok(h) if matches!(h.kind, HandleKind::File { .. }) => h.node,
+            Ok(_) => return Some(Err(Errno::EISDIR)),
+            Err(e) => return Some(Err(e)),
+        };
+        let (size_now, idx) = {
+            let inner = self.state();
+            match self.rec(&inner, node) {
+                Ok(r) if r.kind == Kind::File && !r.upper => (r.size, r.lower?),
+                Ok(_) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        };
+        let Some(NodeKind::File(d)) = self.snap.node(idx).map(|n| &n.kind) else {
+            return None;
+        };
+        let end = off.saturating_add(size as u64).min(size_now);
+        if off >= end {
+            return Some(Ok(Vec::new()));
+        }
+        let mut buf = vec![0u8; (end - off) as usize];
+        match self.snap.read_at_cached(d, off, &mut buf)? {
+            Ok(n) => {
+                buf.truncate(n);
+                Some(Ok(buf))
+            }
+            Err(e) => Some(Err(errno_of(&e))),
+        }
+    }
+
     /// Gives the node an overlay record and an upper file (sparse, the file's length).
     fn ensure_upper(&self, inner: &mut Inner, rec: &mut NodeRec) -> VfsResult<Arc<File>> {
         if rec.upper {
