@@ -43,6 +43,9 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
 }
 
+/// A directory's children: (name, node id), sorted by name.
+pub type Children = Vec<(Vec<u8>, u64)>;
+
 /// One directory entry as `readdir` returns it.
 #[derive(Clone, Debug)]
 pub struct DirItem {
@@ -914,7 +917,7 @@ impl Vfs {
 
     /// A node's full record and, for a directory, its children: for exporting the merged
     /// tree (`commit`).
-    pub fn export_node(&self, id: u64) -> VfsResult<(NodeRec, Option<Vec<(Vec<u8>, u64)>>)> {
+    pub fn export_node(&self, id: u64) -> VfsResult<(NodeRec, Option<Children>)> {
         let inner = self.state();
         let rec = self.rec(&inner, id)?;
         let listing = if rec.kind == Kind::Dir {
