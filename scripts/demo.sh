@@ -1,27 +1,41 @@
 #!/usr/bin/env bash
 # The main job, as far as hexz goes today: pack the sample workspace into a snapshot,
-# inspect it, verify it, read a file, and extract it back identical.
-# (The microVM boot that runs a command in /workspace comes with the server and guest issues.)
+# serve it with a copy-on-write overlay, change it through the hexz protocol, commit
+# the overlay into a new snapshot on top of the first, and check both.
+# (The microVM that mounts it at /workspace comes with the guest-daemon issue.)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-cargo build --release -q -p hexz-host
+cargo build --release -q -p hexz-host --bin hexz-host --example demo_client
 HEXZ=$ROOT/target/release/hexz-host
+CLIENT=$ROOT/target/release/examples/demo_client
 SRC=${1:-$ROOT/tests/data/sample-workspace}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+SERVER=
+trap '[ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 echo "== pack $SRC"
 "$HEXZ" pack "$SRC" -o "$WORK/workspace.hxz"
-echo "== info"
 "$HEXZ" info "$WORK/workspace.hxz"
-echo "== ls /"
-"$HEXZ" ls "$WORK/workspace.hxz" /
-echo "== cat README.md"
-"$HEXZ" cat "$WORK/workspace.hxz" README.md
-echo "== verify"
 "$HEXZ" verify "$WORK/workspace.hxz"
-echo "== extract and compare with the source"
-"$HEXZ" extract "$WORK/workspace.hxz" "$WORK/out"
-diff -r --no-dereference "$SRC" "$WORK/out"
-echo "identical: every file, symlink and byte round-tripped"
+
+echo "== serve it with an overlay, change it through the protocol"
+"$HEXZ" serve "$WORK/workspace.hxz" --overlay "$WORK/overlay" --listen "unix:$WORK/hexz.sock" &
+SERVER=$!
+for _ in $(seq 100); do [ -S "$WORK/hexz.sock" ] && break; sleep 0.05; done
+"$CLIENT" "$WORK/hexz.sock" put RESULT.txt "built in a sandbox at $(date -u +%FT%TZ)"
+"$CLIENT" "$WORK/hexz.sock" ls
+kill "$SERVER"; wait "$SERVER" || true; SERVER=
+
+echo "== commit the overlay into a new snapshot on the first"
+"$HEXZ" commit "$WORK/workspace.hxz" --overlay "$WORK/overlay" -o "$WORK/workspace-2.hxz"
+"$HEXZ" info "$WORK/workspace-2.hxz"
+"$HEXZ" cat "$WORK/workspace-2.hxz" RESULT.txt; echo
+
+echo "== extract both and compare with the source"
+"$HEXZ" extract "$WORK/workspace.hxz" "$WORK/out1" >/dev/null
+diff -r --no-dereference "$SRC" "$WORK/out1"
+"$HEXZ" extract "$WORK/workspace-2.hxz" "$WORK/out2" >/dev/null
+diff -r --no-dereference --exclude RESULT.txt "$SRC" "$WORK/out2"
+test -f "$WORK/out2/RESULT.txt"
+echo "identical: the first snapshot round-trips the workspace; the second adds exactly RESULT.txt"

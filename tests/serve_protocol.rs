@@ -1110,3 +1110,117 @@ fn an_overlay_refuses_a_different_snapshot_and_a_second_server() {
     assert_ne!(r.status, 0);
     assert!(r.stderr.contains("belongs to snapshot"), "{}", r.stderr);
 }
+
+#[test]
+fn unix_hybrid_vsock_and_loopback_tcp_listeners_serve_at_once_and_an_ephemeral_overlay_leaves_nothing(
+) {
+    use std::process::Command;
+    let fx = Fixture::new();
+    let tmp = fx.dir.join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uds = fx.dir.join("vm.vsock");
+    let unix = fx.dir.join("plain.sock");
+    let mut child = Command::new(hexz_e2e::bin("hexz-host"))
+        .arg("serve")
+        .arg(&fx.snap)
+        .args(["--listen", &format!("unix:{}", unix.display())])
+        .args(["--listen", &format!("vsock-uds:{}", uds.display())])
+        .args(["--listen", &format!("tcp:127.0.0.1:{port}")])
+        .env("TMPDIR", &tmp)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hybrid = PathBuf::from(format!("{}_5001", uds.display()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !(hybrid.exists() && unix.exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The hybrid-vsock convention: a guest's connection to port 5001 lands on <uds>_5001.
+    let mut via_uds = client::Client::new(
+        std::os::unix::net::UnixStream::connect(&hybrid).unwrap(),
+        default_hello(),
+    )
+    .unwrap();
+    let mut via_tcp = {
+        let mut tries = 0;
+        loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break client::Client::new(s, default_hello()).unwrap(),
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("tcp: {e}"),
+            }
+        }
+    };
+    let mut via_unix = Client::connect(&unix);
+    let op = || Op::Create {
+        parent: ROOT_NODE,
+        name: b"made.txt".to_vec(),
+        mode: 0o644,
+        flags: (O_RDWR | libc::O_CREAT) as u32,
+        uid: 0,
+        gid: 0,
+    };
+    let ReplyBody::Created { fh, .. } = via_uds.call(op()).unwrap() else {
+        panic!("create over hybrid vsock")
+    };
+    assert!(matches!(
+        via_uds
+            .call(Op::Write {
+                fh,
+                offset: 0,
+                data: b"via uds".to_vec()
+            })
+            .unwrap(),
+        ReplyBody::Written { size: 7 }
+    ));
+    let node = via_unix.walk("made.txt").unwrap().node;
+    assert_eq!(
+        via_unix.read_all(node).unwrap(),
+        b"via uds",
+        "all listeners serve one filesystem"
+    );
+    match via_tcp
+        .call(Op::Lookup {
+            parent: ROOT_NODE,
+            name: b"made.txt".to_vec(),
+        })
+        .unwrap()
+    {
+        ReplyBody::Entry(e) => assert_eq!(e.node, node),
+        other => panic!("tcp lookup: {other:?}"),
+    }
+    let overlays = || {
+        fs::read_dir(&tmp)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("hexz-overlay")
+            })
+            .count()
+    };
+    assert_eq!(
+        overlays(),
+        1,
+        "the ephemeral overlay lives in TMPDIR while serving"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert_eq!(overlays(), 0, "the ephemeral overlay outlived the server");
+    assert!(
+        !hybrid.exists() && !unix.exists(),
+        "socket files left behind"
+    );
+}

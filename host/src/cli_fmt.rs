@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::bail;
-use hexz_host::snapshot::format::{Codec, Node};
+use hexz_host::snapshot::format::{Codec, Node, EXTERNAL};
 use hexz_host::snapshot::{NodeIdx, NodeKind, Snapshot, ROOT};
 use serde::Serialize;
 
@@ -37,7 +37,10 @@ pub struct Info {
     pub other: u64,
     pub tree_bytes: u64,
     pub streams: BTreeMap<String, u64>,
+    /// Distinct chunk bytes stored in this file (before compression).
     pub unique_bytes: u64,
+    /// Distinct chunk bytes this snapshot reads from its base.
+    pub base_bytes: u64,
     pub chunks: u64,
     pub frames: u64,
     pub frames_by_codec: BTreeMap<String, u64>,
@@ -69,7 +72,18 @@ impl Info {
                 .iter()
                 .map(|s| (s.name.clone(), s.data.size))
                 .collect(),
-            unique_bytes: ix.chunks.iter().map(|c| c.len as u64).sum(),
+            unique_bytes: ix
+                .chunks
+                .iter()
+                .filter(|c| c.frame != EXTERNAL)
+                .map(|c| c.len as u64)
+                .sum(),
+            base_bytes: ix
+                .chunks
+                .iter()
+                .filter(|c| c.frame == EXTERNAL)
+                .map(|c| c.len as u64)
+                .sum(),
             chunks: ix.chunks.len() as u64,
             frames: ix.frames.len() as u64,
             frames_by_codec: BTreeMap::new(),
@@ -113,7 +127,7 @@ impl Info {
             .join(", ");
         let logical = self.tree_bytes + self.streams.values().sum::<u64>();
         format!(
-            "snapshot  {}\nid        {}\nformat    v{}{}\nsize      {} ({} bytes)\ntree      {} files ({} hard-linked), {} dirs, {} symlinks, {} other; {}\nstreams   {}\ndata      {} logical, {} unique, {} stored ({:.2}x)\nchunks    {} in {} frames ({})\n",
+            "snapshot  {}\nid        {}\nformat    v{}{}\nsize      {} ({} bytes)\ntree      {} files ({} hard-linked), {} dirs, {} symlinks, {} other; {}\nstreams   {}\ndata      {} logical, {} unique here, {} in the base, {} file ({:.2}x)\nchunks    {} in {} frames ({})\n",
             self.path,
             self.id,
             self.format_version,
@@ -129,6 +143,7 @@ impl Info {
             streams,
             bytes(logical),
             bytes(self.unique_bytes),
+            bytes(self.base_bytes),
             bytes(self.file_bytes),
             logical as f64 / self.file_bytes.max(1) as f64,
             self.chunks,

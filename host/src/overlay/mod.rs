@@ -342,6 +342,21 @@ impl Overlay {
         self.journal.is_some() && !self.dir.as_os_str().is_empty()
     }
 
+    /// An ephemeral overlay is deleted (nothing in it outlives the server).
+    pub fn is_ephemeral(&self) -> bool {
+        self._ephemeral.is_some()
+    }
+
+    /// Deletes an ephemeral overlay's directory now (the process may exit without drops).
+    pub fn remove_ephemeral(&mut self) {
+        if let Some(t) = self._ephemeral.take() {
+            self.journal = None;
+            if let Err(e) = t.close() {
+                tracing::warn!("removing the ephemeral overlay: {e}");
+            }
+        }
+    }
+
     /// Rewrites the journal as a checkpoint (on clean shutdown).
     pub fn checkpoint(&mut self) -> Result<()> {
         if self.journal.is_some() {

@@ -1079,6 +1079,11 @@ impl Vfs {
             return Ok(());
         }
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if inner.overlay.is_ephemeral() {
+            self.files_lock().clear();
+            inner.overlay.remove_ephemeral();
+            return Ok(());
+        }
         let ids: Vec<u64> = inner.pending_present.keys().copied().collect();
         for id in ids {
             let records = self.take_pending(&mut inner, id);
