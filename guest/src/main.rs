@@ -1,31 +1,114 @@
-//! `hexz-guestfused`: the guest FUSE daemon. Not built yet: this binary only parses its
-//! command line and says so, so that nobody mistakes it for a working daemon.
+//! `hexz-guestfused`: mounts the workspace served by the host (`hexz-host serve`) with
+//! FUSE, translating each FUSE request into hexz protocol requests.
 
+mod conn;
+mod fs;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
+use fuser::{Config, MountOption, SessionACL};
 
 #[derive(Parser)]
 #[command(
     name = "hexz-guestfused",
     version,
-    about = "hexz guest FUSE daemon (not implemented yet)"
+    about = "Mount a hexz workspace served by the host"
 )]
 struct Cli {
     /// Where to mount the workspace.
-    mountpoint: std::path::PathBuf,
-    /// Server address: vsock:<CID>:<PORT>, unix:<PATH> or tcp:<HOST>:<PORT>.
+    mountpoint: PathBuf,
+    /// The host server: vsock:CID:PORT, unix:PATH or tcp:HOST:PORT.
     #[arg(long, default_value = "vsock:2:5001")]
-    connect: String,
+    connect: conn::Addr,
+    /// How long a request waits (including for the host to come back) before failing
+    /// with ETIMEDOUT; also how long startup waits for the host. Seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// How long the kernel may remember that a name does not exist. Seconds; 0 disables.
+    #[arg(long, default_value_t = 60)]
+    negative_ttl: u64,
+    /// Do not let the kernel cache writes (each write goes to the host at once).
+    #[arg(long)]
+    no_writeback: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "hexz-guestfused: cannot mount {} from {}: the guest daemon is not implemented in this build (protocol v{} only)",
-        cli.mountpoint.display(),
-        cli.connect,
-        hexz_protocol::VERSION
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hexz-guestfused: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use nix::sys::signal::{SigSet, Signal};
+    // Take SIGINT/SIGTERM in one thread (below), never in the FUSE workers.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking signals")?;
+
+    let conn = conn::Conn::connect(cli.connect.clone(), Duration::from_secs(cli.timeout))
+        .with_context(|| format!("cannot reach the host at {:?}", cli.connect))?;
+    tracing::info!(server = %conn.hello.server, "connected to the host");
+    let fs = fs::HexzFs::new(
+        conn,
+        !cli.no_writeback,
+        Duration::from_secs(cli.negative_ttl),
     );
-    ExitCode::from(2)
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("hexz".into()),
+        MountOption::Subtype("hexz".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(cli.threads.max(1));
+    config.clone_fd = true;
+    let mountpoint = std::fs::canonicalize(&cli.mountpoint)
+        .with_context(|| format!("mountpoint {}", cli.mountpoint.display()))?;
+    let session = fuser::Session::new(fs, &mountpoint, &config)
+        .with_context(|| format!("cannot mount {}", mountpoint.display()))?;
+    let background = session.spawn().context("starting the FUSE session")?;
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    std::thread::Builder::new()
+        .name("hexz-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!("{sig:?}: unmounting {}", mountpoint.display());
+                // Unmounting ends the FUSE session, and with it the daemon.
+                if let Err(e) = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::empty()) {
+                    // Busy (a process still has a file open): detach it so the daemon can go;
+                    // the kernel fails what is still pending with ENOTCONN.
+                    tracing::warn!("unmount failed ({e}); detaching the mount");
+                    if let Err(e) =
+                        nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH)
+                    {
+                        tracing::error!("detach failed: {e}");
+                    }
+                    std::process::exit(0);
+                }
+            }
+        })?;
+    background.join().context("FUSE session")?;
+    tracing::info!("unmounted");
+    Ok(())
 }

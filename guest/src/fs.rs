@@ -1,0 +1,937 @@
+//! FUSE requests in, protocol requests out. No filesystem semantics live here: the host
+//! decides everything; this file translates types and keeps the handle table that lets
+//! open files survive a reconnect.
+//!
+//! Caching (why it is safe, and when it would not be): the snapshot never changes and the
+//! overlay changes only through this daemon, so the kernel may keep entries, attributes,
+//! negative lookups and file pages for the TTLs the host gives (FOPEN_KEEP_CACHE), and may
+//! cache writes (writeback). If anything else changed the overlay while mounted (a second
+//! client, a host process), this mount would show stale data until the TTLs expire; the
+//! host serves each sandbox's overlay to one client for that reason.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use hexz_protocol::{Attr, Errno, Op, ReplyBody, SetTime, Timespec};
+
+use crate::conn::{CallError, Conn};
+
+/// An open file or directory as the kernel knows it; `server_fh` is valid in `epoch`.
+#[derive(Clone, Copy)]
+struct Handle {
+    node: u64,
+    flags: u32,
+    dir: bool,
+    server_fh: u64,
+    epoch: u64,
+    /// Epoch in which data was written and not yet fsynced.
+    dirty: Option<u64>,
+}
+
+pub struct HexzFs {
+    conn: Arc<Conn>,
+    writeback: bool,
+    negative_ttl: Duration,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+fn fuse_err(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e.sanitized().as_i32())
+}
+
+fn ttl(ms: u32) -> Duration {
+    Duration::from_millis(ms as u64)
+}
+
+fn time(t: Timespec) -> SystemTime {
+    if t.0 >= 0 {
+        UNIX_EPOCH + Duration::new(t.0 as u64, t.1)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.0.unsigned_abs()) + Duration::from_nanos(t.1 as u64)
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(st) => match st.duration_since(UNIX_EPOCH) {
+            Ok(d) => SetTime::At(Timespec(d.as_secs() as i64, d.subsec_nanos())),
+            Err(e) => {
+                let d = e.duration();
+                let (s, n) = if d.subsec_nanos() == 0 {
+                    (-(d.as_secs() as i64), 0)
+                } else {
+                    (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+                };
+                SetTime::At(Timespec(s, n))
+            }
+        },
+    }
+}
+
+/// Linux's 32-bit device encoding, as FUSE carries it.
+fn encode_dev(rdev: u64) -> u32 {
+    let (major, minor) = (
+        libc::major(rdev as libc::dev_t),
+        libc::minor(rdev as libc::dev_t),
+    );
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn decode_dev(dev: u32) -> u64 {
+    let major = (dev & 0xfff00) >> 8;
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+    libc::makedev(major, minor) as u64
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: time(a.atime),
+        mtime: time(a.mtime),
+        ctime: time(a.ctime),
+        crtime: UNIX_EPOCH,
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: encode_dev(a.rdev),
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+/// Requests that may be sent again after a reconnect without changing their effect.
+fn idempotent(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Lookup { .. }
+            | Op::Getattr { .. }
+            | Op::Readlink { .. }
+            | Op::Read { .. }
+            | Op::Readdir { .. }
+            | Op::Readdirplus { .. }
+            | Op::Statfs { .. }
+            | Op::Getxattr { .. }
+            | Op::Listxattr { .. }
+            | Op::Lseek { .. }
+            | Op::Open { .. }
+            | Op::Opendir { .. }
+    )
+}
+
+impl HexzFs {
+    pub fn new(conn: Arc<Conn>, writeback: bool, negative_ttl: Duration) -> HexzFs {
+        HexzFs {
+            conn,
+            writeback,
+            negative_ttl,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One request; idempotent ones are re-sent once the host is back.
+    fn call(&self, op: Op) -> Result<ReplyBody, Errno> {
+        let again = idempotent(&op).then(|| op.clone());
+        match self.conn.call(op) {
+            Ok(b) => Ok(b),
+            Err(CallError::Errno(e)) => Err(e),
+            Err(CallError::Lost) => match again {
+                Some(op) => self.call(op),
+                None => Err(Errno::EIO),
+            },
+        }
+    }
+
+    /// A request naming an open handle: the handle is reopened on the server first if the
+    /// connection was re-established since it was opened.
+    fn call_fh(&self, fh: FileHandle, make: impl Fn(u64) -> Op) -> Result<ReplyBody, Errno> {
+        for _ in 0..3 {
+            let server_fh = self.server_fh(fh.0)?;
+            let op = make(server_fh);
+            let retry = idempotent(&op);
+            match self.conn.call(op) {
+                Ok(b) => return Ok(b),
+                Err(CallError::Errno(e)) => return Err(e),
+                Err(CallError::Lost) if retry => continue,
+                Err(CallError::Lost) => return Err(Errno::EIO),
+            }
+        }
+        Err(Errno::EIO)
+    }
+
+    fn server_fh(&self, fh: u64) -> Result<u64, Errno> {
+        let h = *self.handles().get(&fh).ok_or(Errno::EBADF)?;
+        let epoch = self.conn.epoch();
+        if h.epoch == epoch {
+            return Ok(h.server_fh);
+        }
+        let reopen_flags = h.flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
+        let op = if h.dir {
+            Op::Opendir { node: h.node }
+        } else {
+            Op::Open {
+                node: h.node,
+                flags: reopen_flags,
+            }
+        };
+        let server_fh = match self.call(op)? {
+            ReplyBody::Opened { fh, .. } => fh,
+            _ => return Err(Errno::EIO),
+        };
+        if let Some(e) = self.handles().get_mut(&fh) {
+            e.server_fh = server_fh;
+            e.epoch = self.conn.epoch();
+        }
+        Ok(server_fh)
+    }
+
+    fn add_handle(&self, node: u64, flags: u32, dir: bool, server_fh: u64) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles().insert(
+            fh,
+            Handle {
+                node,
+                flags,
+                dir,
+                server_fh,
+                epoch: self.conn.epoch(),
+                dirty: None,
+            },
+        );
+        fh
+    }
+
+    fn drop_handle(&self, fh: FileHandle, reply: ReplyEmpty) {
+        let Some(h) = self.handles().remove(&fh.0) else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        if h.epoch == self.conn.epoch() {
+            let op = if h.dir {
+                Op::Releasedir { fh: h.server_fh }
+            } else {
+                Op::Release { fh: h.server_fh }
+            };
+            if let Err(e) = self.call(op) {
+                tracing::debug!("release: {e}");
+            }
+        }
+        reply.ok();
+    }
+
+    fn reply_entry(&self, r: Result<ReplyBody, Errno>, reply: ReplyEntry) {
+        match r {
+            Ok(ReplyBody::Entry(e)) => reply.entry(
+                &ttl(e.entry_ttl_ms),
+                &attr(&e.attr),
+                Generation(e.generation),
+            ),
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn reply_empty(&self, r: Result<ReplyBody, Errno>, reply: ReplyEmpty) {
+        match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn open_flags(&self, flags: i32) -> u32 {
+        // With the writeback cache the kernel does O_APPEND itself, and may read through a
+        // write-only descriptor to fill partial pages.
+        let mut f = flags;
+        if self.writeback {
+            f &= !libc::O_APPEND;
+            if f & libc::O_ACCMODE == libc::O_WRONLY {
+                f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+        }
+        f as u32
+    }
+
+    fn fopen(&self, keep_cache: bool) -> FopenFlags {
+        if keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
+    }
+}
+
+fn name(n: &OsStr) -> Vec<u8> {
+    n.as_bytes().to_vec()
+}
+
+impl Filesystem for HexzFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let limits = self.conn.limits();
+        let _ = config.set_max_write(limits.max_write);
+        let _ = config.set_max_readahead(limits.max_read.min(1 << 20));
+        let _ = config.set_max_background(64);
+        let mut wanted = vec![
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_MAX_PAGES,
+        ];
+        if self.writeback {
+            wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        for f in wanted {
+            if config.add_capabilities(f).is_err() {
+                if f == InitFlags::FUSE_WRITEBACK_CACHE {
+                    self.writeback = false;
+                }
+                tracing::info!("kernel lacks {f:?}");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        match self.call(Op::Lookup {
+            parent: parent.0,
+            name: name(n),
+        }) {
+            Err(Errno::ENOENT) if !self.negative_ttl.is_zero() => {
+                // Node 0 is a negative entry: the kernel remembers the absence for the TTL
+                // (and forgets it when this mount creates the name).
+                reply.entry(&self.negative_ttl, &attr(&Attr::default()), Generation(0));
+            }
+            r => self.reply_entry(r, reply),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.conn.post(Op::Forget {
+            node: ino.0,
+            nlookup,
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.call(Op::Getattr {
+            node: ino.0,
+            fh: None,
+        }) {
+            Ok(ReplyBody::Attr {
+                attr: a,
+                attr_ttl_ms,
+            }) => reply.attr(&ttl(attr_ttl_ms), &attr(&a)),
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let op = Op::Setattr {
+            node: ino.0,
+            fh: None,
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+        };
+        match self.call(op) {
+            Ok(ReplyBody::Attr {
+                attr: a,
+                attr_ttl_ms,
+            }) => reply.attr(&ttl(attr_ttl_ms), &attr(&a)),
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.call(Op::Readlink { node: ino.0 }) {
+            Ok(ReplyBody::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::Mknod {
+            parent: parent.0,
+            name: name(n),
+            mode,
+            rdev: decode_dev(rdev),
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        self.reply_entry(self.call(op), reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::Mkdir {
+            parent: parent.0,
+            name: name(n),
+            mode,
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        self.reply_entry(self.call(op), reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        self.reply_empty(
+            self.call(Op::Unlink {
+                parent: parent.0,
+                name: name(n),
+            }),
+            reply,
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        self.reply_empty(
+            self.call(Op::Rmdir {
+                parent: parent.0,
+                name: name(n),
+            }),
+            reply,
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::Symlink {
+            parent: parent.0,
+            name: name(link),
+            target: target.as_os_str().as_bytes().to_vec(),
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        self.reply_entry(self.call(op), reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let op = Op::Rename {
+            parent: parent.0,
+            name: name(n),
+            new_parent: newparent.0,
+            new_name: name(newname),
+            flags: flags.bits(),
+        };
+        self.reply_empty(self.call(op), reply);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.reply_entry(
+            self.call(Op::Link {
+                node: ino.0,
+                new_parent: newparent.0,
+                new_name: name(newname),
+            }),
+            reply,
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let flags = self.open_flags(flags.0);
+        match self.call(Op::Open { node: ino.0, flags }) {
+            Ok(ReplyBody::Opened { fh, keep_cache }) => {
+                let g = self.add_handle(ino.0, flags, false, fh);
+                let mut f = self.fopen(keep_cache);
+                if flags as i32 & libc::O_ACCMODE == libc::O_RDONLY {
+                    f |= FopenFlags::FOPEN_NOFLUSH; // nothing to flush from a read-only open
+                }
+                reply.opened(FileHandle(g), f);
+            }
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let size = size.min(self.conn.limits().max_read);
+        match self.call_fh(fh, |fh| Op::Read { fh, offset, size }) {
+            Ok(ReplyBody::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.call_fh(fh, |fh| Op::Write {
+            fh,
+            offset,
+            data: data.to_vec(),
+        }) {
+            Ok(ReplyBody::Written { size }) => {
+                let epoch = self.conn.epoch();
+                if let Some(h) = self.handles().get_mut(&fh.0) {
+                    h.dirty.get_or_insert(epoch);
+                }
+                reply.written(size)
+            }
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Flush only journals writes made through this handle; with none there is nothing
+        // to tell the host (and closing a file must not wait for a host that is away).
+        let written = self.handles().get(&fh.0).is_some_and(|h| h.dirty.is_some());
+        if !written {
+            return reply.ok();
+        }
+        self.reply_empty(
+            self.call_fh(fh, |fh| Op::Flush {
+                fh,
+                lock_owner: lock_owner.0,
+            }),
+            reply,
+        );
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.drop_handle(fh, reply);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Writes acknowledged by a server that has since gone away may be lost: say so.
+        let lost = self
+            .handles()
+            .get(&fh.0)
+            .and_then(|h| h.dirty)
+            .is_some_and(|e| e != self.conn.epoch());
+        if lost {
+            if let Some(h) = self.handles().get_mut(&fh.0) {
+                h.dirty = None;
+            }
+            return reply.error(fuser::Errno::EIO);
+        }
+        match self.call_fh(fh, |fh| Op::Fsync { fh, datasync }) {
+            Ok(_) => {
+                if let Some(h) = self.handles().get_mut(&fh.0) {
+                    h.dirty = None;
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.call(Op::Opendir { node: ino.0 }) {
+            Ok(ReplyBody::Opened { fh, keep_cache }) => {
+                let g = self.add_handle(ino.0, 0, true, fh);
+                let mut f = self.fopen(keep_cache);
+                if keep_cache {
+                    f |= FopenFlags::FOPEN_CACHE_DIR;
+                }
+                reply.opened(FileHandle(g), f);
+            }
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.call_fh(fh, |fh| Op::Readdir {
+            fh,
+            cookie: offset,
+            max_entries: 256,
+        }) {
+            Ok(ReplyBody::Dir { entries, .. }) => {
+                for e in entries {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.cookie,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.call_fh(fh, |fh| Op::Readdirplus {
+            fh,
+            cookie: offset,
+            max_entries: 128,
+        }) {
+            Ok(ReplyBody::DirPlus { entries, .. }) => {
+                for e in entries {
+                    let a = attr(&e.entry.attr);
+                    let full = reply.add(
+                        INodeNo(e.entry.node),
+                        e.cookie,
+                        OsStr::from_bytes(&e.name),
+                        &ttl(e.entry.entry_ttl_ms),
+                        &a,
+                        Generation(e.entry.generation),
+                    );
+                    if full {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.drop_handle(fh, reply);
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.reply_empty(self.call_fh(fh, |fh| Op::Fsyncdir { fh, datasync }), reply);
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.call(Op::Statfs { node: ino.0 }) {
+            Ok(ReplyBody::Statfs(s)) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        n: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let op = Op::Setxattr {
+            node: ino.0,
+            name: name(n),
+            value: value.to_vec(),
+            flags: flags as u32,
+        };
+        self.reply_empty(self.call(op), reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.call(Op::Getxattr {
+            node: ino.0,
+            name: name(n),
+        }) {
+            Ok(ReplyBody::Data(v)) => xattr_reply(&v, size, reply),
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.call(Op::Listxattr { node: ino.0 }) {
+            Ok(ReplyBody::Names { names }) => {
+                let mut v = Vec::new();
+                for n in names {
+                    v.extend_from_slice(&n);
+                    v.push(0);
+                }
+                xattr_reply(&v, size, reply)
+            }
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        self.reply_empty(
+            self.call(Op::Removexattr {
+                node: ino.0,
+                name: name(n),
+            }),
+            reply,
+        );
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let flags = self.open_flags(flags);
+        let op = Op::Create {
+            parent: parent.0,
+            name: name(n),
+            mode,
+            flags,
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        match self.call(op) {
+            Ok(ReplyBody::Created { entry, fh }) => {
+                let g = self.add_handle(entry.node, flags, false, fh);
+                reply.created(
+                    &ttl(entry.entry_ttl_ms),
+                    &attr(&entry.attr),
+                    Generation(entry.generation),
+                    FileHandle(g),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                );
+            }
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.reply_empty(
+            self.call_fh(fh, |fh| Op::Fallocate {
+                fh,
+                offset,
+                length,
+                mode: mode as u32,
+            }),
+            reply,
+        );
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        if offset < 0 {
+            return reply.error(fuser::Errno::EINVAL);
+        }
+        match self.call_fh(fh, |fh| Op::Lseek {
+            fh,
+            offset: offset as u64,
+            whence: whence as u32,
+        }) {
+            Ok(ReplyBody::Offset { offset }) => reply.offset(offset as i64),
+            Ok(_) => reply.error(fuser::Errno::EIO),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+}
+
+/// getxattr/listxattr: a size probe (0) gets the length; too small a buffer is ERANGE.
+fn xattr_reply(v: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(v.len() as u32)
+    } else if v.len() > size as usize {
+        reply.error(fuser::Errno::ERANGE)
+    } else {
+        reply.data(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_survive_the_fuse_encoding() {
+        for (maj, min) in [(1, 3), (8, 1), (259, 65537), (4095, 255)] {
+            let dev = libc::makedev(maj, min) as u64;
+            assert_eq!(decode_dev(encode_dev(dev)), dev, "{maj}:{min}");
+        }
+    }
+
+    #[test]
+    fn times_before_the_epoch_round_trip() {
+        for t in [
+            Timespec(0, 0),
+            Timespec(1_700_000_000, 123),
+            Timespec(-5, 500_000_000),
+        ] {
+            assert_eq!(set_time(TimeOrNow::SpecificTime(time(t))), SetTime::At(t));
+        }
+    }
+}
