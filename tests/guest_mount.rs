@@ -325,6 +325,18 @@ fn posix_behaviour_through_the_guest_mount() {
     assert_eq!(s, "still readable");
     drop(f);
 
+    // ...also for a read-only descriptor whose first read from the host comes after the
+    // unlink (page cache dropped, so the read cannot be served from memory).
+    fs::write(m.path("ghost-ro"), b"read-only ghost").unwrap();
+    File::open(m.path("ghost-ro")).unwrap().sync_all().unwrap();
+    let mut ro = File::open(m.path("ghost-ro")).unwrap();
+    fs::remove_file(m.path("ghost-ro")).unwrap();
+    fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
+    let mut s = String::new();
+    ro.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "read-only ghost");
+    drop(ro);
+
     // mmap: read a snapshot file, write through a shared mapping
     fs::write(m.path("mm"), vec![0u8; 8192]).unwrap();
     let f = OpenOptions::new()

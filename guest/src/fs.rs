@@ -27,13 +27,15 @@ use hexz_protocol::{Attr, Errno, Op, ReplyBody, SetTime, Timespec};
 
 use crate::conn::{CallError, Conn};
 
-/// An open file or directory as the kernel knows it; `server_fh` is valid in `epoch`.
+/// An open file or directory as the kernel knows it. `server_fh` is the host's handle,
+/// valid in `epoch`; read-only opens get one only when the kernel first needs data (a
+/// warm page cache never does), so opening a cached file costs no round trip.
 #[derive(Clone, Copy)]
 struct Handle {
     node: u64,
     flags: u32,
     dir: bool,
-    server_fh: u64,
+    server_fh: Option<u64>,
     epoch: u64,
     /// Epoch in which data was written and not yet fsynced.
     dirty: Option<u64>,
@@ -195,8 +197,8 @@ impl HexzFs {
     fn server_fh(&self, fh: u64) -> Result<u64, Errno> {
         let h = *self.handles().get(&fh).ok_or(Errno::EBADF)?;
         let epoch = self.conn.epoch();
-        if h.epoch == epoch {
-            return Ok(h.server_fh);
+        if let (Some(server_fh), true) = (h.server_fh, h.epoch == epoch) {
+            return Ok(server_fh);
         }
         let reopen_flags = h.flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
         let op = if h.dir {
@@ -212,13 +214,29 @@ impl HexzFs {
             _ => return Err(Errno::EIO),
         };
         if let Some(e) = self.handles().get_mut(&fh) {
-            e.server_fh = server_fh;
-            e.epoch = self.conn.epoch();
+            e.server_fh = Some(server_fh);
+            e.epoch = epoch;
         }
         Ok(server_fh)
     }
 
-    fn add_handle(&self, node: u64, flags: u32, dir: bool, server_fh: u64) -> u64 {
+    /// Gives every lazily opened handle a host handle: called before anything that can
+    /// remove a name, so a file unlinked while open stays readable through its handle.
+    fn materialize_handles(&self) {
+        let lazy: Vec<u64> = self
+            .handles()
+            .iter()
+            .filter(|(_, h)| h.server_fh.is_none())
+            .map(|(&fh, _)| fh)
+            .collect();
+        for fh in lazy {
+            if let Err(e) = self.server_fh(fh) {
+                tracing::debug!(fh, "opening a lazy handle on the host: {e}");
+            }
+        }
+    }
+
+    fn add_handle(&self, node: u64, flags: u32, dir: bool, server_fh: Option<u64>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles().insert(
             fh,
@@ -238,11 +256,11 @@ impl HexzFs {
         let Some(h) = self.handles().remove(&fh.0) else {
             return reply.error(fuser::Errno::EBADF);
         };
-        if h.epoch == self.conn.epoch() {
+        if let (Some(server_fh), true) = (h.server_fh, h.epoch == self.conn.epoch()) {
             let op = if h.dir {
-                Op::Releasedir { fh: h.server_fh }
+                Op::Releasedir { fh: server_fh }
             } else {
-                Op::Release { fh: h.server_fh }
+                Op::Release { fh: server_fh }
             };
             if let Err(e) = self.call(op) {
                 tracing::debug!("release: {e}");
@@ -447,6 +465,7 @@ impl Filesystem for HexzFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        self.materialize_handles();
         self.reply_empty(
             self.call(Op::Unlink {
                 parent: parent.0,
@@ -457,6 +476,7 @@ impl Filesystem for HexzFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        self.materialize_handles();
         self.reply_empty(
             self.call(Op::Rmdir {
                 parent: parent.0,
@@ -494,6 +514,7 @@ impl Filesystem for HexzFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.materialize_handles();
         let op = Op::Rename {
             parent: parent.0,
             name: name(n),
@@ -524,14 +545,19 @@ impl Filesystem for HexzFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = self.open_flags(flags.0);
+        if flags as i32 & (libc::O_ACCMODE | libc::O_TRUNC) == libc::O_RDONLY {
+            // The kernel has checked the node and the permissions; the host handle waits
+            // for the first read that misses the page cache.
+            let g = self.add_handle(ino.0, flags, false, None);
+            return reply.opened(
+                FileHandle(g),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            );
+        }
         match self.call(Op::Open { node: ino.0, flags }) {
             Ok(ReplyBody::Opened { fh, keep_cache }) => {
-                let g = self.add_handle(ino.0, flags, false, fh);
-                let mut f = self.fopen(keep_cache);
-                if flags as i32 & libc::O_ACCMODE == libc::O_RDONLY {
-                    f |= FopenFlags::FOPEN_NOFLUSH; // nothing to flush from a read-only open
-                }
-                reply.opened(FileHandle(g), f);
+                let g = self.add_handle(ino.0, flags, false, Some(fh));
+                reply.opened(FileHandle(g), self.fopen(keep_cache));
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(fuse_err(e)),
@@ -654,18 +680,13 @@ impl Filesystem for HexzFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.call(Op::Opendir { node: ino.0 }) {
-            Ok(ReplyBody::Opened { fh, keep_cache }) => {
-                let g = self.add_handle(ino.0, 0, true, fh);
-                let mut f = self.fopen(keep_cache);
-                if keep_cache {
-                    f |= FopenFlags::FOPEN_CACHE_DIR;
-                }
-                reply.opened(FileHandle(g), f);
-            }
-            Ok(_) => reply.error(fuser::Errno::EIO),
-            Err(e) => reply.error(fuse_err(e)),
-        }
+        // Listings the kernel has cached (FOPEN_CACHE_DIR) need no host handle; the first
+        // readdir that reaches us opens one.
+        let g = self.add_handle(ino.0, 0, true, None);
+        reply.opened(
+            FileHandle(g),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+        );
     }
 
     fn readdir(
@@ -842,7 +863,7 @@ impl Filesystem for HexzFs {
         };
         match self.call(op) {
             Ok(ReplyBody::Created { entry, fh }) => {
-                let g = self.add_handle(entry.node, flags, false, fh);
+                let g = self.add_handle(entry.node, flags, false, Some(fh));
                 reply.created(
                     &ttl(entry.entry_ttl_ms),
                     &attr(&entry.attr),
