@@ -10,19 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hexz_e2e::proto::Server;
-use hexz_e2e::{bin, hexz_host};
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use hexz_e2e::{bin, hexz_host, pseudo_random};
 
 fn is_mounted(path: &Path) -> bool {
     let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());

@@ -7,20 +7,8 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use hexz_e2e::hexz_host;
 use hexz_e2e::proto::*;
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use hexz_e2e::{hexz_host, pseudo_random};
 
 struct Fixture {
     _tmp: tempfile::TempDir,

@@ -18,6 +18,19 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Deterministic bytes for test files (xorshift), the same for the same seed.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 pub struct Run {
     pub status: i32,
     pub stdout: Vec<u8>,
