@@ -492,11 +492,23 @@ fn random_reads_and_writes_match_a_local_copy_across_a_remount() {
     if !fuse_available() {
         return;
     }
+    random_io_matches_a_local_copy(&[]);
+}
+
+#[test]
+fn random_reads_and_writes_match_a_local_copy_with_the_writeback_cache() {
+    if !fuse_available() {
+        return;
+    }
+    random_io_matches_a_local_copy(&["--writeback"]);
+}
+
+fn random_io_matches_a_local_copy(guest_args: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let snap = fixture(tmp.path());
     let local = tmp.path().join("local.bin");
     fs::copy(tmp.path().join("src/big.bin"), &local).unwrap();
-    let mut m = Mount::new(tmp.path(), &snap, &[]);
+    let mut m = Mount::new(tmp.path(), &snap, guest_args);
     let lf = OpenOptions::new()
         .read(true)
         .write(true)
@@ -538,7 +550,7 @@ fn random_reads_and_writes_match_a_local_copy_across_a_remount() {
     );
     // Remount (new daemon, same server and overlay): still identical.
     m.unmount();
-    m.guest = spawn_guest(&m.mnt, &m.socket, &[]);
+    m.guest = spawn_guest(&m.mnt, &m.socket, guest_args);
     m.wait_mounted();
     assert!(
         fs::read(m.path("big.bin")).unwrap() == want,

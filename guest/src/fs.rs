@@ -5,7 +5,7 @@
 //! Caching (why it is safe, and when it would not be): the snapshot never changes and the
 //! overlay changes only through this daemon, so the kernel may keep entries, attributes,
 //! negative lookups and file pages for the TTLs the host gives (FOPEN_KEEP_CACHE), and may
-//! cache writes (writeback). If anything else changed the overlay while mounted (a second
+//! cache writes (writeback, when enabled). If anything else changed the overlay while mounted (a second
 //! client, a host process), this mount would show stale data until the TTLs expire; the
 //! host serves each sandbox's overlay to one client for that reason.
 
