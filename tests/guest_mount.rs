@@ -136,7 +136,7 @@ fn spawn_guest(mnt: &Path, socket: &Path, extra: &[&str]) -> Child {
             &["--timeout", "20"][..]
         })
         .args(extra)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,fuser::mnt=error")
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn hexz-guestfused")

@@ -423,14 +423,17 @@ fn every_change_lands_in_the_overlay_with_local_filesystem_semantics() {
     c.write(gfh, 10, b"!").unwrap();
     assert_eq!(c.getattr(g.node).unwrap().nlink, 0);
     c.ok(Op::Release { fh: gfh }).unwrap();
+    // Still referenced by this client's lookup (create) until it forgets the node.
+    assert_eq!(c.getattr(g.node).unwrap().nlink, 0);
+    let ghost_data = fx.dir.join("ov/data").join(format!("{:016x}", g.node));
+    assert!(ghost_data.exists());
+    c.ok(Op::Forget {
+        node: g.node,
+        nlookup: 1,
+    })
+    .unwrap();
     assert_eq!(c.getattr(g.node), Err(Errno::ESTALE));
-    assert!(
-        !fx.dir
-            .join("ov/data")
-            .join(format!("{:016x}", g.node))
-            .exists(),
-        "unlinked file's data was not removed"
-    );
+    assert!(!ghost_data.exists(), "unlinked file's data was not removed");
 
     // symlink / mknod / xattrs
     let s = c

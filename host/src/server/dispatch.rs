@@ -1,5 +1,8 @@
 //! The one translation from protocol operations to VFS calls and back.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use hexz_protocol::hello::{MAX_BATCH_FORGET, MAX_READDIR_ENTRIES};
 use hexz_protocol::{Attr, DirEntry, DirEntryPlus, Entry, Errno, Limits, Op, ReplyBody};
 use serde_bytes::ByteBuf;
@@ -11,10 +14,25 @@ pub struct Session {
     pub owner: u64,
     pub limits: Limits,
     pub ttl_ms: u32,
+    /// Node references this connection holds (one per entry handed out, less forgets).
+    refs: Mutex<HashMap<u64, u64>>,
 }
 
 impl Session {
-    fn entry(&self, attr: Attr) -> Entry {
+    pub fn new(owner: u64, limits: Limits, ttl_ms: u32) -> Session {
+        Session {
+            owner,
+            limits,
+            ttl_ms,
+            refs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn refs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        self.refs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn plain_entry(&self, attr: Attr) -> Entry {
         Entry {
             node: attr.ino,
             generation: 0,
@@ -22,6 +40,40 @@ impl Session {
             entry_ttl_ms: self.ttl_ms,
             attr_ttl_ms: self.ttl_ms,
         }
+    }
+
+    /// An entry handed to the client: it holds a reference to the node until it forgets it.
+    fn entry(&self, vfs: &Vfs, attr: Attr) -> Entry {
+        *self.refs().entry(attr.ino).or_default() += 1;
+        vfs.pin(attr.ino, 1);
+        self.plain_entry(attr)
+    }
+
+    fn forget(&self, vfs: &Vfs, node: u64, n: u64) {
+        let released = {
+            let mut refs = self.refs();
+            let Some(held) = refs.get_mut(&node) else {
+                return;
+            };
+            let k = n.min(*held);
+            *held -= k;
+            if *held == 0 {
+                refs.remove(&node);
+            }
+            k
+        };
+        if released > 0 {
+            vfs.unpin(node, released);
+        }
+    }
+
+    /// Drops every reference this connection still holds (it went away).
+    pub fn release_refs(&self, vfs: &Vfs) -> usize {
+        let refs: Vec<(u64, u64)> = self.refs().drain().collect();
+        for &(node, n) in &refs {
+            vfs.unpin(node, n);
+        }
+        refs.len()
     }
 
     fn attr(&self, attr: Attr) -> ReplyBody {
@@ -69,14 +121,22 @@ pub fn dispatch_inline(vfs: &Vfs, s: &Session, op: &Op) -> Option<ReplyBody> {
 pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
     match op {
         Op::Hello(_) => ReplyBody::Err(Errno::EPROTO),
-        Op::Lookup { parent, name } => {
-            reply(vfs.lookup(parent, &name), |a| ReplyBody::Entry(s.entry(a)))
+        Op::Lookup { parent, name } => reply(vfs.lookup(parent, &name), |a| {
+            ReplyBody::Entry(s.entry(vfs, a))
+        }),
+        Op::Forget { node, nlookup } => {
+            s.forget(vfs, node, nlookup);
+            ReplyBody::Ok {}
         }
-        Op::Forget { .. } => ReplyBody::Ok {},
         Op::BatchForget { items } if items.len() > MAX_BATCH_FORGET => {
             ReplyBody::Err(Errno::EINVAL)
         }
-        Op::BatchForget { .. } => ReplyBody::Ok {},
+        Op::BatchForget { items } => {
+            for (node, n) in items {
+                s.forget(vfs, node, n);
+            }
+            ReplyBody::Ok {}
+        }
         Op::Getattr { node, .. } => reply(vfs.getattr(node), |a| s.attr(a)),
         Op::Setattr {
             node,
@@ -106,7 +166,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             uid,
             gid,
         } => reply(vfs.symlink(parent, &name, &target, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(a))
+            ReplyBody::Entry(s.entry(vfs, a))
         }),
         Op::Mknod {
             parent,
@@ -116,7 +176,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             uid,
             gid,
         } => reply(vfs.mknod(parent, &name, mode, rdev, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(a))
+            ReplyBody::Entry(s.entry(vfs, a))
         }),
         Op::Mkdir {
             parent,
@@ -125,7 +185,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             uid,
             gid,
         } => reply(vfs.mkdir(parent, &name, mode, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(a))
+            ReplyBody::Entry(s.entry(vfs, a))
         }),
         Op::Unlink { parent, name } => ok(vfs.unlink(parent, &name)),
         Op::Rmdir { parent, name } => ok(vfs.rmdir(parent, &name)),
@@ -141,7 +201,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             new_parent,
             new_name,
         } => reply(vfs.link(node, new_parent, &new_name), |a| {
-            ReplyBody::Entry(s.entry(a))
+            ReplyBody::Entry(s.entry(vfs, a))
         }),
         Op::Open { node, flags } => reply(vfs.open(node, flags, s.owner), |fh| ReplyBody::Opened {
             fh,
@@ -200,7 +260,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         } => reply(
             vfs.create(parent, &name, mode, flags, uid, gid, s.owner),
             |(a, fh)| ReplyBody::Created {
-                entry: s.entry(a),
+                entry: s.entry(vfs, a),
                 fh,
             },
         ),
@@ -255,10 +315,18 @@ fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -
         .iter()
         .zip(attrs)
         .filter_map(|(i, a)| {
-            a.ok().map(|attr| DirEntryPlus {
-                name: i.name.clone(),
-                cookie: i.cookie,
-                entry: s.entry(attr),
+            a.ok().map(|attr| {
+                // "." and ".." take no reference (as in FUSE).
+                let entry = if i.name == b"." || i.name == b".." {
+                    s.plain_entry(attr)
+                } else {
+                    s.entry(vfs, attr)
+                };
+                DirEntryPlus {
+                    name: i.name.clone(),
+                    cookie: i.cookie,
+                    entry,
+                }
             })
         })
         .collect();

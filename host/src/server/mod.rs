@@ -298,11 +298,7 @@ fn run_connection(
         stream: pre.stream,
         max_frame: limits.max_frame,
     });
-    let session = Arc::new(Session {
-        owner,
-        limits,
-        ttl_ms: cfg.ttl_ms,
-    });
+    let session = Arc::new(Session::new(owner, limits, cfg.ttl_ms));
     let in_flight = Arc::new(InFlight {
         count: Mutex::new(0),
         changed: Condvar::new(),
@@ -358,8 +354,9 @@ fn run_connection(
             break "worker pool stopped".into();
         }
     };
-    // In-flight requests finish before the connection's handles are released.
+    // In-flight requests finish before the connection's handles and references go.
     in_flight.drain();
+    session.release_refs(vfs);
     (served, why)
 }
 

@@ -57,8 +57,6 @@ pub struct DirItem {
 
 pub(crate) struct Inner {
     pub(crate) overlay: Overlay,
-    /// Handles open per node (unlinked nodes live while this is non-zero).
-    open_count: HashMap<u64, u32>,
     /// Data written but not yet journaled (present ranges, size and times live in memory).
     pending_present: HashMap<u64, Vec<(u64, u64)>>,
 }
@@ -68,6 +66,9 @@ pub struct Vfs {
     read_only: bool,
     inner: RwLock<Inner>,
     handles: Mutex<Handles>,
+    /// What keeps a node alive after its last name is gone: open handles plus the
+    /// references clients hold from lookups (released by forget or disconnect).
+    pins: Mutex<HashMap<u64, u64>>,
     files: Mutex<HashMap<u64, Arc<File>>>,
     /// New upper files exist whose directory entries are not yet fsynced.
     data_dir_dirty: AtomicBool,
@@ -149,10 +150,10 @@ impl Vfs {
             read_only,
             inner: RwLock::new(Inner {
                 overlay,
-                open_count: HashMap::new(),
                 pending_present: HashMap::new(),
             }),
             handles: Mutex::new(Handles::default()),
+            pins: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             data_dir_dirty: AtomicBool::new(false),
             fs_id,
@@ -603,7 +604,7 @@ impl Vfs {
         let orphan = rec.nlink == 0;
         records.push(Record::Node(rec));
         self.commit(&mut inner, records)?;
-        if orphan && inner.open_count.get(&id).copied().unwrap_or(0) == 0 {
+        if orphan && self.pinned(id) == 0 {
             self.drop_node(&mut inner, id)?;
         }
         Ok(())
@@ -768,7 +769,7 @@ impl Vfs {
         records.extend(ids.into_iter().map(|id| Record::Node(changed[&id].clone())));
         self.commit(&mut inner, records)?;
         if let Some(id) = dropped {
-            if inner.open_count.get(&id).copied().unwrap_or(0) == 0 {
+            if self.pinned(id) == 0 {
                 self.drop_node(&mut inner, id)?;
             }
         }
@@ -820,8 +821,7 @@ impl Vfs {
 
     fn new_handle(&self, node: u64, owner: u64, kind: HandleKind) -> VfsResult<u64> {
         let fh = self.handles().insert(OpenHandle { node, owner, kind })?;
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        *inner.open_count.entry(node).or_default() += 1;
+        self.pin(node, 1);
         Ok(fh)
     }
 
@@ -940,22 +940,56 @@ impl Vfs {
             self.flush_node(h.node)?;
         }
         self.handles().remove(fh)?;
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        let count = inner.open_count.entry(h.node).or_default();
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            inner.open_count.remove(&h.node);
+        self.unpin(h.node, 1);
+        Ok(())
+    }
+
+    /// Keeps `node` alive (even without names) until as many `unpin`s.
+    pub fn pin(&self, node: u64, n: u64) {
+        *self
+            .pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node)
+            .or_default() += n;
+    }
+
+    /// Releases `n` references; a node with no names and no references left is removed.
+    pub fn unpin(&self, node: u64, n: u64) {
+        let free = {
+            let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+            let c = pins.entry(node).or_default();
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                pins.remove(&node);
+                true
+            } else {
+                false
+            }
+        };
+        if free && !self.read_only {
+            let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
             let orphan = inner
                 .overlay
                 .state
                 .nodes
-                .get(&h.node)
+                .get(&node)
                 .is_some_and(|r| r.nlink == 0);
-            if orphan && !self.read_only {
-                self.drop_node(&mut inner, h.node)?;
+            if orphan && self.pinned(node) == 0 {
+                if let Err(e) = self.drop_node(&mut inner, node) {
+                    tracing::warn!(node, "removing an unreferenced node: {e}");
+                }
             }
         }
-        Ok(())
+    }
+
+    fn pinned(&self, node: u64) -> u64 {
+        self.pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Closes every handle `owner` still holds (a connection went away).
