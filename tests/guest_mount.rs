@@ -164,9 +164,21 @@ fn posix_behaviour_through_the_guest_mount() {
     if !fuse_available() {
         return;
     }
+    posix_suite(&[]);
+}
+
+#[test]
+fn posix_behaviour_through_the_guest_mount_opening_each_file_on_the_host() {
+    if !fuse_available() {
+        return;
+    }
+    posix_suite(&["--open-per-file"]);
+}
+
+fn posix_suite(guest_args: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let snap = fixture(tmp.path());
-    let m = Mount::new(tmp.path(), &snap, &[]);
+    let m = Mount::new(tmp.path(), &snap, guest_args);
 
     // Snapshot contents, symlinks, hard links, fifos.
     assert_eq!(

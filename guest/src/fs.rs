@@ -41,8 +41,25 @@ struct Handle {
     dirty: Option<u64>,
 }
 
+/// The host handle the daemon uses for a file's data when the kernel opens files without
+/// asking the daemon (no-open mode).
+#[derive(Clone, Copy)]
+struct NodeHandle {
+    server_fh: u64,
+    epoch: u64,
+    /// Epoch in which data was written and not yet fsynced.
+    dirty: Option<u64>,
+}
+
+/// Node handles kept at once; beyond this the oldest are released on the host.
+const MAX_NODE_HANDLES: usize = 4096;
+
 pub struct HexzFs {
     conn: Arc<Conn>,
+    /// Files are opened without a round trip (the kernel's no-open mode): data goes
+    /// through per-node host handles.
+    no_open: bool,
+    nodes: Mutex<HashMap<u64, NodeHandle>>,
     writeback: bool,
     negative_ttl: Duration,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -150,13 +167,141 @@ fn idempotent(op: &Op) -> bool {
 }
 
 impl HexzFs {
-    pub fn new(conn: Arc<Conn>, writeback: bool, negative_ttl: Duration) -> HexzFs {
+    pub fn new(conn: Arc<Conn>, writeback: bool, negative_ttl: Duration, no_open: bool) -> HexzFs {
         HexzFs {
             conn,
+            no_open,
+            nodes: Mutex::new(HashMap::new()),
             writeback,
             negative_ttl,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn node_handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, NodeHandle>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The host handle for a node's data, opened read-write (read-only where the host
+    /// refuses writes) the first time it is needed or after a reconnect.
+    fn node_fh(&self, node: u64) -> Result<u64, Errno> {
+        let epoch = self.conn.epoch();
+        if let Some(h) = self.node_handles().get(&node) {
+            if h.epoch == epoch {
+                return Ok(h.server_fh);
+            }
+        }
+        let open = |flags: i32| {
+            self.call(Op::Open {
+                node,
+                flags: flags as u32,
+            })
+        };
+        let server_fh = match open(libc::O_RDWR) {
+            Err(Errno::EROFS) | Err(Errno::EACCES) | Err(Errno::EPERM) | Err(Errno::EINVAL) => {
+                open(libc::O_RDONLY)
+            }
+            r => r,
+        };
+        let server_fh = match server_fh? {
+            ReplyBody::Opened { fh, .. } => fh,
+            _ => return Err(Errno::EIO),
+        };
+        self.keep_node_fh(node, server_fh, epoch);
+        Ok(server_fh)
+    }
+
+    fn keep_node_fh(&self, node: u64, server_fh: u64, epoch: u64) {
+        let evicted: Vec<(u64, NodeHandle)> = {
+            let mut nodes = self.node_handles();
+            let dirty = nodes.get(&node).and_then(|h| h.dirty);
+            let old = nodes.insert(
+                node,
+                NodeHandle {
+                    server_fh,
+                    epoch,
+                    dirty,
+                },
+            );
+            let mut out: Vec<(u64, NodeHandle)> = old.map(|h| (node, h)).into_iter().collect();
+            if nodes.len() > MAX_NODE_HANDLES {
+                let victims: Vec<u64> = nodes
+                    .keys()
+                    .filter(|&&n| n != node)
+                    .take(MAX_NODE_HANDLES / 4)
+                    .copied()
+                    .collect();
+                out.extend(
+                    victims
+                        .into_iter()
+                        .filter_map(|n| nodes.remove(&n).map(|h| (n, h))),
+                );
+            }
+            out
+        };
+        for (_, h) in evicted {
+            if h.epoch == self.conn.epoch() && h.server_fh != server_fh {
+                let _ = self.conn.call(Op::Release { fh: h.server_fh });
+            }
+        }
+    }
+
+    /// A data request for a file: through the handle table, or (fh 0, no-open mode)
+    /// through the node's host handle.
+    fn data_call(
+        &self,
+        node: u64,
+        fh: FileHandle,
+        make: impl Fn(u64) -> Op,
+    ) -> Result<ReplyBody, Errno> {
+        if fh.0 != 0 {
+            return self.call_fh(fh, make);
+        }
+        for _ in 0..3 {
+            let server_fh = self.node_fh(node)?;
+            let op = make(server_fh);
+            let retry = idempotent(&op);
+            match self.conn.call(op) {
+                Ok(b) => return Ok(b),
+                Err(CallError::Errno(e)) => return Err(e),
+                Err(CallError::Lost) if retry => continue,
+                Err(CallError::Lost) => return Err(Errno::EIO),
+            }
+        }
+        Err(Errno::EIO)
+    }
+
+    /// Remembers (or, for fsync, checks and clears) unsynced writes of a file.
+    fn note_written(&self, node: u64, fh: FileHandle) {
+        let epoch = self.conn.epoch();
+        if fh.0 == 0 {
+            if let Some(h) = self.node_handles().get_mut(&node) {
+                h.dirty.get_or_insert(epoch);
+            }
+        } else if let Some(h) = self.handles().get_mut(&fh.0) {
+            h.dirty.get_or_insert(epoch);
+        }
+    }
+
+    /// True if writes acknowledged by a host that has since gone away may be lost.
+    fn take_lost_writes(&self, node: u64, fh: FileHandle, clear: bool) -> bool {
+        let epoch = self.conn.epoch();
+        let check = |dirty: &mut Option<u64>| {
+            let lost = dirty.is_some_and(|e| e != epoch);
+            if clear || lost {
+                *dirty = None;
+            }
+            lost
+        };
+        if fh.0 == 0 {
+            self.node_handles()
+                .get_mut(&node)
+                .is_some_and(|h| check(&mut h.dirty))
+        } else {
+            self.handles()
+                .get_mut(&fh.0)
+                .is_some_and(|h| check(&mut h.dirty))
         }
     }
 
@@ -325,17 +470,25 @@ impl Filesystem for HexzFs {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_MAX_PAGES,
         ];
         if self.writeback {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
+        if self.no_open {
+            // O_TRUNC must then come as a setattr, so no atomic O_TRUNC in OPEN.
+            wanted.push(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        } else {
+            wanted.push(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        }
         for f in wanted {
             if config.add_capabilities(f).is_err() {
                 if f == InitFlags::FUSE_WRITEBACK_CACHE {
                     self.writeback = false;
+                }
+                if f == InitFlags::FUSE_NO_OPEN_SUPPORT {
+                    self.no_open = false;
                 }
                 tracing::info!("kernel lacks {f:?}");
             }
@@ -358,6 +511,13 @@ impl Filesystem for HexzFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        // The kernel dropped the inode: so does the daemon's data handle for it (which
+        // would otherwise keep a deleted file's space in use on the host).
+        if let Some(h) = self.node_handles().remove(&ino.0) {
+            if h.epoch == self.conn.epoch() {
+                self.conn.post(Op::Release { fh: h.server_fh });
+            }
+        }
         self.conn.post(Op::Forget {
             node: ino.0,
             nlookup,
@@ -544,6 +704,11 @@ impl Filesystem for HexzFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            // ENOSYS = "opened": the kernel stops sending OPEN and RELEASE for files;
+            // O_TRUNC then arrives as a setattr, data through the node's host handle.
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         let flags = self.open_flags(flags.0);
         if flags as i32 & (libc::O_ACCMODE | libc::O_TRUNC) == libc::O_RDONLY {
             // The kernel has checked the node and the permissions; the host handle waits
@@ -567,7 +732,7 @@ impl Filesystem for HexzFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -576,7 +741,7 @@ impl Filesystem for HexzFs {
         reply: ReplyData,
     ) {
         let size = size.min(self.conn.limits().max_read);
-        match self.call_fh(fh, |fh| Op::Read { fh, offset, size }) {
+        match self.data_call(ino.0, fh, |fh| Op::Read { fh, offset, size }) {
             Ok(ReplyBody::Data(d)) => reply.data(&d),
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(fuse_err(e)),
@@ -586,7 +751,7 @@ impl Filesystem for HexzFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -595,16 +760,13 @@ impl Filesystem for HexzFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.call_fh(fh, |fh| Op::Write {
+        match self.data_call(ino.0, fh, |fh| Op::Write {
             fh,
             offset,
             data: data.to_vec(),
         }) {
             Ok(ReplyBody::Written { size }) => {
-                let epoch = self.conn.epoch();
-                if let Some(h) = self.handles().get_mut(&fh.0) {
-                    h.dirty.get_or_insert(epoch);
-                }
+                self.note_written(ino.0, fh);
                 reply.written(size)
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
@@ -620,6 +782,11 @@ impl Filesystem for HexzFs {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if self.no_open {
+            // Nothing to do at close (durability is fsync's job): ENOSYS tells the kernel
+            // to stop sending flushes, so close() costs no round trip.
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         // Flush only journals writes made through this handle; with none there is nothing
         // to tell the host (and closing a file must not wait for a host that is away).
         let written = self.handles().get(&fh.0).is_some_and(|h| h.dirty.is_some());
@@ -645,34 +812,27 @@ impl Filesystem for HexzFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if fh.0 == 0 {
+            return reply.ok(); // a file created in no-open mode: its data handle is per node
+        }
         self.drop_handle(fh, reply);
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Writes acknowledged by a server that has since gone away may be lost: say so.
-        let lost = self
-            .handles()
-            .get(&fh.0)
-            .and_then(|h| h.dirty)
-            .is_some_and(|e| e != self.conn.epoch());
-        if lost {
-            if let Some(h) = self.handles().get_mut(&fh.0) {
-                h.dirty = None;
-            }
+        // Writes acknowledged by a host that has since gone away may be lost: say so.
+        if self.take_lost_writes(ino.0, fh, false) {
             return reply.error(fuser::Errno::EIO);
         }
-        match self.call_fh(fh, |fh| Op::Fsync { fh, datasync }) {
+        match self.data_call(ino.0, fh, |fh| Op::Fsync { fh, datasync }) {
             Ok(_) => {
-                if let Some(h) = self.handles().get_mut(&fh.0) {
-                    h.dirty = None;
-                }
+                self.take_lost_writes(ino.0, fh, true);
                 reply.ok()
             }
             Err(e) => reply.error(fuse_err(e)),
@@ -852,7 +1012,12 @@ impl Filesystem for HexzFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let flags = self.open_flags(flags);
+        let mut flags = self.open_flags(flags);
+        if self.no_open {
+            // The host handle becomes the node's data handle: make it read-write (the
+            // kernel has already checked what this caller may do).
+            flags = (flags & !(libc::O_ACCMODE as u32)) | libc::O_RDWR as u32;
+        }
         let op = Op::Create {
             parent: parent.0,
             name: name(n),
@@ -862,6 +1027,15 @@ impl Filesystem for HexzFs {
             gid: req.gid(),
         };
         match self.call(op) {
+            Ok(ReplyBody::Created { entry, fh }) if self.no_open => {
+                self.keep_node_fh(entry.node, fh, self.conn.epoch());
+                let (t, a, g) = (
+                    ttl(entry.entry_ttl_ms),
+                    attr(&entry.attr),
+                    Generation(entry.generation),
+                );
+                reply.created(&t, &a, g, FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            }
             Ok(ReplyBody::Created { entry, fh }) => {
                 let g = self.add_handle(entry.node, flags, false, Some(fh));
                 reply.created(
@@ -880,28 +1054,29 @@ impl Filesystem for HexzFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.reply_empty(
-            self.call_fh(fh, |fh| Op::Fallocate {
-                fh,
-                offset,
-                length,
-                mode: mode as u32,
-            }),
-            reply,
-        );
+        let r = self.data_call(ino.0, fh, |fh| Op::Fallocate {
+            fh,
+            offset,
+            length,
+            mode: mode as u32,
+        });
+        if r.is_ok() {
+            self.note_written(ino.0, fh);
+        }
+        self.reply_empty(r, reply);
     }
 
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
@@ -910,7 +1085,7 @@ impl Filesystem for HexzFs {
         if offset < 0 {
             return reply.error(fuser::Errno::EINVAL);
         }
-        match self.call_fh(fh, |fh| Op::Lseek {
+        match self.data_call(ino.0, fh, |fh| Op::Lseek {
             fh,
             offset: offset as u64,
             whence: whence as u32,

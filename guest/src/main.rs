@@ -38,6 +38,10 @@ struct Cli {
     /// so read-mostly work (tar, git status) pays a round trip per file.
     #[arg(long)]
     writeback: bool,
+    /// Have the kernel send OPEN/RELEASE for every file (off by default: files open
+    /// without a round trip and their data goes through one host handle per file).
+    #[arg(long)]
+    open_per_file: bool,
 }
 
 fn main() -> ExitCode {
@@ -69,7 +73,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let conn = conn::Conn::connect(cli.connect.clone(), Duration::from_secs(cli.timeout))
         .with_context(|| format!("cannot reach the host at {:?}", cli.connect))?;
     tracing::info!(server = %conn.hello.server, "connected to the host");
-    let fs = fs::HexzFs::new(conn, cli.writeback, Duration::from_secs(cli.negative_ttl));
+    let fs = fs::HexzFs::new(
+        conn,
+        cli.writeback,
+        Duration::from_secs(cli.negative_ttl),
+        !cli.open_per_file,
+    );
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("hexz".into()),
