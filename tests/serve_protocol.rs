@@ -81,6 +81,13 @@ fn snapshot_contents_read_back_exactly_through_the_protocol() {
     }
     let sparse = c.walk("sparse.img").unwrap();
     assert_eq!(sparse.attr.size, 64 << 20);
+    // st_blocks counts stored bytes: the 200 KB of data, not the 64 MiB of holes.
+    let stored = sparse.attr.blocks * 512;
+    assert!(
+        (200_000..1 << 20).contains(&stored),
+        "sparse.img reports {stored} bytes allocated"
+    );
+    assert!(c.walk("big.bin").unwrap().attr.blocks * 512 >= 3_000_000);
     let fh = c.open(sparse.node, libc::O_RDONLY).unwrap();
     assert_eq!(c.read(fh, 0, 4096).unwrap(), vec![0u8; 4096]);
     assert_eq!(

@@ -100,8 +100,4 @@ impl<S: Read + Write> Client<S> {
         }
         Ok(r.r)
     }
-
-    pub fn stream(&mut self) -> &mut S {
-        &mut self.stream
-    }
 }

@@ -338,10 +338,6 @@ impl Overlay {
         &self.dir
     }
 
-    pub fn is_writable(&self) -> bool {
-        self.journal.is_some() && !self.dir.as_os_str().is_empty()
-    }
-
     /// An ephemeral overlay is deleted (nothing in it outlives the server).
     pub fn is_ephemeral(&self) -> bool {
         self._ephemeral.is_some()

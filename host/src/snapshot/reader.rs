@@ -49,6 +49,8 @@ pub struct Snapshot {
     local_chunks: usize,
     external: Vec<u32>,
     by_id: OnceLock<HashMap<ChunkId, u32>>,
+    /// Per node: bytes its extents store (what `st_blocks` reports), summed once at open.
+    stored: Vec<u64>,
 }
 
 impl Snapshot {
@@ -129,10 +131,6 @@ impl Snapshot {
             .map(|&i| self.index.chunks[i as usize].len)
     }
 
-    pub fn base(&self) -> Option<&Arc<Snapshot>> {
-        self.base.as_ref()
-    }
-
     /// A chunk's verified bytes: the frame holding it and the chunk's offset in the frame.
     /// With `cached_only`, `None` when the frame is not in the cache.
     fn chunk_bytes(&self, ci: u32, cached_only: bool) -> Option<Result<(Arc<[u8]>, usize)>> {
@@ -208,6 +206,18 @@ impl Snapshot {
             .frames
             .last()
             .map_or(0, |f| (f.first_chunk + f.chunk_count) as usize);
+        let stored_per_node = index
+            .nodes
+            .iter()
+            .map(|n| match &n.kind {
+                NodeKind::File(d) => d
+                    .extents
+                    .iter()
+                    .map(|e| index.chunks[e.chunk as usize].len as u64)
+                    .sum(),
+                _ => 0,
+            })
+            .collect();
         let cache = Cache::with_weighter(
             (cache_bytes / (64 << 10)).max(16) as usize,
             cache_bytes.max(MAX_FRAME_RAW as u64),
@@ -224,6 +234,7 @@ impl Snapshot {
             local_chunks,
             external: Vec::new(),
             by_id: OnceLock::new(),
+            stored: stored_per_node,
         })
     }
 
@@ -405,6 +416,11 @@ impl Snapshot {
             }
         }
         Ok(raw)
+    }
+
+    /// Bytes a node's file data occupies in chunks (holes and zero runs excluded).
+    pub fn stored_bytes(&self, idx: NodeIdx) -> u64 {
+        self.stored.get(idx as usize).copied().unwrap_or(0)
     }
 
     /// Bytes currently held by the frame cache.

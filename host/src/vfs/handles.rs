@@ -79,8 +79,4 @@ impl Handles {
             .map(|(&fh, _)| fh)
             .collect()
     }
-
-    pub fn count(&self) -> usize {
-        self.map.len()
-    }
 }

@@ -244,8 +244,13 @@ impl Vfs {
     }
 
     fn attr_of(&self, inner: &Inner, rec: &NodeRec) -> Attr {
-        let lower_blocks = || match rec.lower.and_then(|i| self.snap.node(i)).map(|n| &n.kind) {
-            Some(NodeKind::File(f)) => f
+        // Snapshot bytes still visible: all of them (summed at open) unless truncated.
+        let lower_blocks = || match rec
+            .lower
+            .and_then(|i| self.snap.node(i).map(|n| (i, &n.kind)))
+        {
+            Some((i, NodeKind::File(f))) if rec.lower_limit >= f.size => self.snap.stored_bytes(i),
+            Some((_, NodeKind::File(f))) => f
                 .extents
                 .iter()
                 .filter(|e| e.offset < rec.lower_limit)
@@ -1002,10 +1007,6 @@ impl Vfs {
             }
         }
         n
-    }
-
-    pub fn open_handles(&self) -> usize {
-        self.handles().count()
     }
 
     pub fn fsyncdir(&self, fh: u64) -> VfsResult<()> {
