@@ -549,10 +549,7 @@ fn every_change_lands_in_the_overlay_with_local_filesystem_semantics() {
     c.ok(Op::Release { fh: hfh }).unwrap();
 
     // directory fsync
-    let dfh = match c.call(Op::Opendir { node: root }) {
-        ReplyBody::Opened { fh, .. } => fh,
-        other => panic!("{other:?}"),
-    };
+    let dfh = c.opendir(root).unwrap();
     c.ok(Op::Fsyncdir {
         fh: dfh,
         datasync: false,
@@ -939,10 +936,7 @@ fn fsynced_data_survives_kill_9_every_time() {
             datasync: false,
         })
         .unwrap();
-        let dfh = match c.call(Op::Opendir { node: dir }) {
-            ReplyBody::Opened { fh, .. } => fh,
-            other => panic!("{other:?}"),
-        };
+        let dfh = c.opendir(dir).unwrap();
         c.ok(Op::Fsyncdir {
             fh: dfh,
             datasync: false,

@@ -259,13 +259,17 @@ pub mod proto {
             })
         }
 
+        pub fn opendir(&mut self, node: u64) -> Result<u64, Errno> {
+            match self.call(Op::Opendir { node }) {
+                ReplyBody::Opened { fh, .. } => Ok(fh),
+                ReplyBody::Err(e) => Err(e),
+                other => panic!("expected opened, got {other:?}"),
+            }
+        }
+
         /// All names of a directory via readdir paging.
         pub fn list(&mut self, node: u64, plus: bool) -> Result<Vec<(String, u64)>, Errno> {
-            let fh = match self.call(Op::Opendir { node }) {
-                ReplyBody::Opened { fh, .. } => fh,
-                ReplyBody::Err(e) => return Err(e),
-                other => panic!("{other:?}"),
-            };
+            let fh = self.opendir(node)?;
             let mut out = Vec::new();
             let mut cookie = 0;
             loop {

@@ -90,35 +90,38 @@ enum Cmd {
         standalone: bool,
     },
     /// Serve the snapshot plus a copy-on-write overlay over the hexz protocol.
-    Serve {
-        snapshot: PathBuf,
-        /// Persistent overlay directory (created if missing). Without it: an ephemeral
-        /// overlay removed on exit.
-        #[arg(long)]
-        overlay: Option<PathBuf>,
-        /// Refuse every change with EROFS; create nothing.
-        #[arg(long)]
-        read_only: bool,
-        /// vsock:PORT | vsock-uds:PATH[:PORT] (listens on PATH_PORT) | unix:PATH | tcp:127.0.0.1:PORT.
-        /// Repeat for several listeners.
-        #[arg(long = "listen", required = true)]
-        listen: Vec<hexz_host::server::ListenAddr>,
-        /// Decompressed-frame cache, MiB.
-        #[arg(long, default_value_t = 256)]
-        cache_mib: u64,
-        /// How long clients may cache entries and attributes, seconds.
-        #[arg(long, default_value_t = 3600)]
-        ttl: u32,
-        /// Requests in flight per connection (at most).
-        #[arg(long, default_value_t = 256)]
-        max_in_flight: u32,
-    },
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    snapshot: PathBuf,
+    /// Persistent overlay directory (created if missing). Without it: an ephemeral
+    /// overlay removed on exit.
+    #[arg(long)]
+    overlay: Option<PathBuf>,
+    /// Refuse every change with EROFS; create nothing.
+    #[arg(long)]
+    read_only: bool,
+    /// vsock:PORT | vsock-uds:PATH[:PORT] (listens on PATH_PORT) | unix:PATH | tcp:127.0.0.1:PORT.
+    /// Repeat for several listeners.
+    #[arg(long = "listen", required = true)]
+    listen: Vec<hexz_host::server::ListenAddr>,
+    /// Decompressed-frame cache, MiB.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
+    /// How long clients may cache entries and attributes, seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u32,
+    /// Requests in flight per connection (at most).
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: u32,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs connections by default; the one-shot commands only warnings.
-    let default = if matches!(cli.cmd, Cmd::Serve { .. }) {
+    let default = if matches!(cli.cmd, Cmd::Serve(_)) {
         "info"
     } else {
         "warn"
@@ -285,23 +288,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve {
-            snapshot,
-            overlay,
-            read_only,
-            listen,
-            cache_mib,
-            ttl,
-            max_in_flight,
-        } => serve(
-            snapshot,
-            overlay,
-            read_only,
-            listen,
-            cache_mib,
-            ttl,
-            max_in_flight,
-        ),
+        Cmd::Serve(args) => serve(args),
         Cmd::Extract { snapshot, dest } => {
             let snap = Snapshot::open(&snapshot)?;
             let start = Instant::now();
@@ -317,15 +304,16 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn serve(
-    snapshot: PathBuf,
-    overlay: Option<PathBuf>,
-    read_only: bool,
-    listen: Vec<hexz_host::server::ListenAddr>,
-    cache_mib: u64,
-    ttl: u32,
-    max_in_flight: u32,
-) -> anyhow::Result<ExitCode> {
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let ServeArgs {
+        snapshot,
+        overlay,
+        read_only,
+        listen,
+        cache_mib,
+        ttl,
+        max_in_flight,
+    } = args;
     use std::sync::Arc;
     let snap = Arc::new(Snapshot::open_with_cache(&snapshot, cache_mib << 20)?);
     let vfs = Arc::new(hexz_host::vfs::Vfs::new(

@@ -6,6 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use hexz_e2e::pseudo_random;
 use hexz_host::pack::{pack, PackInput};
 use hexz_host::snapshot::{Compression, NodeKind, Snapshot, WriterOptions};
 use proptest::prelude::*;
@@ -37,18 +38,6 @@ fn set_mtime(path: &Path, sec: i64, nsec: i64) {
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
     .expect("utimensat");
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A tree holding every file type and every kind of metadata the format keeps.

@@ -43,6 +43,15 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
 }
 
+/// What a new node is made of (the name and parent are given separately).
+struct NewNode {
+    kind: Kind,
+    mode: u32,
+    rdev: u64,
+    uid: u32,
+    gid: u32,
+}
+
 /// A directory's children: (name, node id), sorted by name.
 pub type Children = Vec<(Vec<u8>, u64)>;
 
@@ -397,34 +406,26 @@ impl Vfs {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn make_node(
-        &self,
-        parent: u64,
-        name: &[u8],
-        kind: Kind,
-        mode: u32,
-        rdev: u64,
-        uid: u32,
-        gid: u32,
-    ) -> VfsResult<Attr> {
+    fn make_node(&self, parent: u64, name: &[u8], new: NewNode) -> VfsResult<Attr> {
         check_name(name).map_err(|e| e.errno())?;
         let mut inner = self.write_lock()?;
-        self.make_node_locked(&mut inner, parent, name, kind, mode, rdev, uid, gid)
+        self.make_node_locked(&mut inner, parent, name, new)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn make_node_locked(
         &self,
         inner: &mut Inner,
         parent: u64,
         name: &[u8],
-        kind: Kind,
-        mode: u32,
-        rdev: u64,
-        uid: u32,
-        gid: u32,
+        new: NewNode,
     ) -> VfsResult<Attr> {
+        let NewNode {
+            kind,
+            mode,
+            rdev,
+            uid,
+            gid,
+        } = new;
         let mut prec = self.dir_rec(inner, parent)?;
         if self.child(inner, parent, name)?.is_some() {
             return Err(Errno::EEXIST);
@@ -497,7 +498,17 @@ impl Vfs {
         } else {
             mode
         };
-        self.make_node(parent, name, kind, mode, rdev, uid, gid)
+        self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind,
+                mode,
+                rdev,
+                uid,
+                gid,
+            },
+        )
     }
 
     pub fn mkdir(
@@ -508,7 +519,17 @@ impl Vfs {
         uid: u32,
         gid: u32,
     ) -> VfsResult<Attr> {
-        self.make_node(parent, name, Kind::Dir, mode, 0, uid, gid)
+        self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind: Kind::Dir,
+                mode,
+                rdev: 0,
+                uid,
+                gid,
+            },
+        )
     }
 
     pub fn symlink(
@@ -528,11 +549,13 @@ impl Vfs {
         self.make_node(
             parent,
             name,
-            Kind::Symlink(target.to_vec()),
-            0o777,
-            0,
-            uid,
-            gid,
+            NewNode {
+                kind: Kind::Symlink(target.to_vec()),
+                mode: 0o777,
+                rdev: 0,
+                uid,
+                gid,
+            },
         )
     }
 
@@ -851,8 +874,19 @@ impl Vfs {
                 Some(id) => id,
                 None => {
                     let mode = libc::S_IFREG | (mode & 0o7777);
-                    self.make_node_locked(&mut inner, parent, name, Kind::File, mode, 0, uid, gid)?
-                        .ino
+                    self.make_node_locked(
+                        &mut inner,
+                        parent,
+                        name,
+                        NewNode {
+                            kind: Kind::File,
+                            mode,
+                            rdev: 0,
+                            uid,
+                            gid,
+                        },
+                    )?
+                    .ino
                 }
             }
         };
