@@ -158,6 +158,11 @@ pub enum Op {
     BatchForget {
         items: Vec<(NodeId, u64)>,
     },
+    /// Takes `n` references on each node again (after a reconnect, for nodes the client
+    /// still references); nodes that no longer exist are skipped.
+    Retain {
+        items: Vec<(NodeId, u64)>,
+    },
     Getattr {
         node: NodeId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -379,6 +384,7 @@ impl Op {
             Op::Lookup { .. } => "lookup",
             Op::Forget { .. } => "forget",
             Op::BatchForget { .. } => "batch_forget",
+            Op::Retain { .. } => "retain",
             Op::Getattr { .. } => "getattr",
             Op::Setattr { .. } => "setattr",
             Op::Readlink { .. } => "readlink",
@@ -417,6 +423,7 @@ impl Op {
         "lookup",
         "forget",
         "batch_forget",
+        "retain",
         "getattr",
         "setattr",
         "readlink",

@@ -137,6 +137,17 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             }
             ReplyBody::Ok {}
         }
+        Op::Retain { items } if items.len() > MAX_BATCH_FORGET => ReplyBody::Err(Errno::EINVAL),
+        Op::Retain { items } => {
+            for (node, n) in items {
+                if let Ok(a) = vfs.getattr(node) {
+                    for _ in 0..n.min(1 << 20) {
+                        s.entry(vfs, a.clone());
+                    }
+                }
+            }
+            ReplyBody::Ok {}
+        }
         Op::Getattr { node, .. } => reply(vfs.getattr(node), |a| s.attr(a)),
         Op::Setattr {
             node,
