@@ -38,16 +38,17 @@ pub fn commit(
     let mut nodes: Vec<Node> = Vec::new();
     let mut new_idx: HashMap<u64, u32> = HashMap::new();
     let mut queue = VecDeque::from([(ROOT, 0u32)]);
-    let (root_rec, _) = vfs.export_node(ROOT).map_err(vfs_err)?;
+    let (root_rec, root_xattrs, _) = vfs.export_node(ROOT).map_err(vfs_err)?;
     nodes.push(node_of(
         &root_rec,
+        root_xattrs,
         NodeKind::Dir(Dir {
             parent: 0,
             entries: Vec::new(),
         }),
     ));
     while let Some((dir_id, dir_idx)) = queue.pop_front() {
-        let (_, listing) = vfs.export_node(dir_id).map_err(vfs_err)?;
+        let (_, _, listing) = vfs.export_node(dir_id).map_err(vfs_err)?;
         let mut entries = Vec::new();
         let mut subdirs = 0;
         for (name, id) in listing.unwrap_or_default() {
@@ -56,7 +57,7 @@ pub fn commit(
                 entries.push(DirEntry { name, node: idx });
                 continue;
             }
-            let (rec, _) = vfs.export_node(id).map_err(vfs_err)?;
+            let (rec, xattrs, _) = vfs.export_node(id).map_err(vfs_err)?;
             let idx = nodes.len() as u32;
             let kind = match &rec.kind {
                 Kind::Dir => {
@@ -75,7 +76,7 @@ pub fn commit(
                 Kind::Fifo => NodeKind::Fifo,
                 Kind::Socket => NodeKind::Socket,
             };
-            let mut node = node_of(&rec, kind);
+            let mut node = node_of(&rec, xattrs, kind);
             node.nlink = if rec.kind == Kind::Dir { 2 } else { 1 };
             nodes.push(node);
             if rec.kind != Kind::Dir {
@@ -134,7 +135,7 @@ fn base_path(snapshot: &Path, out: &Path) -> Result<String> {
         .ok_or_else(|| Error::Invalid(format!("{}: base path is not UTF-8", abs.display())))
 }
 
-fn node_of(rec: &NodeRec, kind: NodeKind) -> Node {
+fn node_of(rec: &NodeRec, xattrs: crate::vfs::Xattrs, kind: NodeKind) -> Node {
     let t = |(sec, nsec): (i64, u32)| Timespec { sec, nsec };
     let ftype = match &rec.kind {
         Kind::Dir => libc::S_IFDIR,
@@ -152,13 +153,9 @@ fn node_of(rec: &NodeRec, kind: NodeKind) -> Node {
         atime: t(rec.atime),
         mtime: t(rec.mtime),
         ctime: t(rec.ctime),
-        xattrs: rec
-            .xattrs
-            .iter()
-            .map(|(name, value)| Xattr {
-                name: name.clone(),
-                value: value.clone(),
-            })
+        xattrs: xattrs
+            .into_iter()
+            .map(|(name, value)| Xattr { name, value })
             .collect(),
         kind,
     }
@@ -181,19 +178,19 @@ fn file_data(
         }
     }
     let fh = vfs
-        .open(rec.id, libc::O_RDONLY as u32, COMMIT_OWNER)
+        .open(COMMIT_OWNER, rec.id, libc::O_RDONLY as u32)
         .map_err(|e| Error::Invalid(format!("node {}: {e}", rec.id)))?;
     let result = (|| {
         let mut segments = Vec::new();
         let mut pos = 0;
         while pos < rec.size {
-            let start = match vfs.lseek(fh, pos, hexz_protocol::message::SEEK_DATA) {
+            let start = match vfs.lseek(COMMIT_OWNER, fh, pos, hexz_protocol::message::SEEK_DATA) {
                 Ok(s) => s,
                 Err(hexz_protocol::Errno::ENXIO) => break,
                 Err(e) => return Err(Error::Invalid(format!("node {}: {e}", rec.id))),
             };
             let end = vfs
-                .lseek(fh, start, hexz_protocol::message::SEEK_HOLE)
+                .lseek(COMMIT_OWNER, fh, start, hexz_protocol::message::SEEK_HOLE)
                 .unwrap_or(rec.size)
                 .max(start + 1);
             segments.push((start, end.min(rec.size)));
@@ -204,7 +201,7 @@ fn file_data(
             while done < buf.len() {
                 let want = (buf.len() - done).min(1 << 20) as u32;
                 let d = vfs
-                    .read(fh, at + done as u64, want)
+                    .read(COMMIT_OWNER, fh, at + done as u64, want)
                     .map_err(|e| Error::Invalid(format!("node {}: read: {e}", rec.id)))?;
                 if d.is_empty() {
                     return Err(Error::Invalid(format!(
@@ -218,7 +215,7 @@ fn file_data(
             Ok(())
         })
     })();
-    vfs.release(fh)
+    vfs.release(COMMIT_OWNER, fh)
         .map_err(|e| Error::Invalid(format!("node {}: release: {e}", rec.id)))?;
     result
 }

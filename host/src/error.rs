@@ -15,6 +15,14 @@ pub enum Error {
     UnsupportedVersion(u32),
     #[error("corrupt snapshot: {0}; the file is damaged, restore or re-pack it")]
     Corrupt(String),
+    #[error("corrupt overlay: {0}")]
+    CorruptOverlay(String),
+    /// Something would exceed a size the format or a configured limit allows.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The overlay reached its size limit (`--overlay-size`).
+    #[error("{0}")]
+    NoSpace(String),
     #[error("no such file or directory in snapshot: {0}")]
     NotFound(String),
     #[error("{0}")]

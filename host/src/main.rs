@@ -103,7 +103,8 @@ struct ServeArgs {
     /// Refuse every change with EROFS; create nothing.
     #[arg(long)]
     read_only: bool,
-    /// vsock:PORT | vsock-uds:PATH[:PORT] (listens on PATH_PORT) | unix:PATH | tcp:127.0.0.1:PORT.
+    /// vsock:CID:PORT (accepts only that VM) | vsock-uds:PATH[:PORT] (listens on PATH_PORT) |
+    /// unix:PATH | tcp:127.0.0.1:PORT.
     /// Repeat for several listeners.
     #[arg(long = "listen", required = true)]
     listen: Vec<hexz_host::server::ListenAddr>,
@@ -116,6 +117,13 @@ struct ServeArgs {
     /// Requests in flight per connection (at most).
     #[arg(long, default_value_t = 256)]
     max_in_flight: u32,
+    /// Space the overlay may take (upper files + journal), e.g. 512M, 10G; past it
+    /// changes fail with ENOSPC. Default: no limit but the disk's.
+    #[arg(long, value_parser = cli_fmt::parse_size)]
+    overlay_size: Option<u64>,
+    /// Connections served at once; more are refused (logged).
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
 }
 
 fn main() -> ExitCode {
@@ -131,6 +139,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli.cmd) {
         Ok(code) => code,
@@ -313,16 +322,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         cache_mib,
         ttl,
         max_in_flight,
+        overlay_size,
+        max_connections,
     } = args;
     use std::sync::Arc;
     let snap = Arc::new(Snapshot::open_with_cache(&snapshot, cache_mib << 20)?);
-    let vfs = Arc::new(hexz_host::vfs::Vfs::new(
+    let opts = hexz_host::vfs::VfsOptions {
+        read_only,
+        overlay_size,
+    };
+    let vfs = Arc::new(hexz_host::vfs::Vfs::with_options(
         snap,
         overlay.as_deref(),
-        read_only,
+        opts,
     )?);
     let mut cfg = hexz_host::server::ServerConfig {
         ttl_ms: ttl.saturating_mul(1000),
+        max_connections: max_connections.max(1),
         ..Default::default()
     };
     cfg.limits.max_in_flight = max_in_flight.max(1);

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use journal::{Journal, Kind, NodeRec, Record};
+use journal::{Journal, Kind, NodeRec, Record, DIR_ENTRIES_PER_RECORD};
 use ranges::RangeSet;
 
 use crate::error::{Error, Result};
@@ -31,6 +31,8 @@ pub struct OverlayState {
     pub dirs: HashMap<u64, BTreeMap<Vec<u8>, u64>>,
     /// Lower-backed files: which ranges the upper file holds.
     pub present: HashMap<u64, Arc<RangeSet>>,
+    /// Nodes whose xattrs differ from the snapshot's (all of them, sorted by name).
+    pub xattrs: HashMap<u64, Vec<(Vec<u8>, Vec<u8>)>>,
     /// Snapshot nodes that no longer exist.
     pub gone: HashSet<u64>,
     pub next_id: u64,
@@ -61,6 +63,26 @@ impl OverlayState {
             Record::Dir { id, entries } => {
                 self.dirs.insert(*id, entries.iter().cloned().collect());
             }
+            Record::DirPart { id, entries } => {
+                self.dirs
+                    .entry(*id)
+                    .or_default()
+                    .extend(entries.iter().cloned());
+            }
+            Record::Xattrs { id, all } => {
+                self.xattrs.insert(*id, all.clone());
+            }
+            Record::Xattr { id, name, value } => {
+                let all = self.xattrs.entry(*id).or_default();
+                match (all.binary_search_by(|(n, _)| n.cmp(name)), value) {
+                    (Ok(i), Some(v)) => all[i].1 = v.clone(),
+                    (Ok(i), None) => {
+                        all.remove(i);
+                    }
+                    (Err(i), Some(v)) => all.insert(i, (name.clone(), v.clone())),
+                    (Err(_), None) => {}
+                }
+            }
             Record::Entry { dir, name, node } => {
                 let listing = self.listing_mut(*dir, snap);
                 match node {
@@ -75,6 +97,7 @@ impl OverlayState {
                 self.nodes.remove(id);
                 self.dirs.remove(id);
                 self.present.remove(id);
+                self.xattrs.remove(id);
                 self.gone.insert(*id);
                 self.next_id = self.next_id.max(id + 1);
             }
@@ -116,9 +139,22 @@ impl OverlayState {
             }));
         }
         for (id, listing) in &self.dirs {
+            let entries: Vec<(Vec<u8>, u64)> =
+                listing.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let mut parts = entries.chunks(DIR_ENTRIES_PER_RECORD);
             out.push(Record::Dir {
                 id: *id,
-                entries: listing.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                entries: parts.next().unwrap_or_default().to_vec(),
+            });
+            out.extend(parts.map(|p| Record::DirPart {
+                id: *id,
+                entries: p.to_vec(),
+            }));
+        }
+        for (id, all) in &self.xattrs {
+            out.push(Record::Xattrs {
+                id: *id,
+                all: all.clone(),
             });
         }
         let mut gone: Vec<_> = self.gone.iter().copied().collect();
@@ -135,6 +171,10 @@ pub struct Overlay {
     pub state: OverlayState,
     /// Identity of this overlay (random, made when it was created).
     pub id: [u8; 16],
+    /// Bytes appended to the journal since open (never decreases; compaction included).
+    appended: u64,
+    /// Journal length past which to consider compacting again.
+    next_compaction_check: u64,
     _lock: Option<File>,
     _ephemeral: Option<tempfile::TempDir>,
 }
@@ -156,6 +196,8 @@ impl Overlay {
                     },
                     state: OverlayState::new(snap),
                     id: [0; 16],
+                    appended: 0,
+                    next_compaction_check: u64::MAX,
                     _lock: None,
                     _ephemeral: None,
                 })
@@ -225,12 +267,13 @@ impl Overlay {
             init,
             state,
             id,
+            appended: 0,
+            next_compaction_check: 0,
             _lock: Some(lock),
             _ephemeral: ephemeral,
         };
         ov.reconcile_upper_files()?;
         if !read_only {
-            ov.collect_orphans()?;
             ov.compact_if_large()?;
         }
         Ok(ov)
@@ -260,31 +303,40 @@ impl Overlay {
         Ok(())
     }
 
-    /// Nodes with no names left were only kept alive by open handles, which a restart closed.
-    fn collect_orphans(&mut self) -> Result<()> {
-        let orphans: Vec<u64> = self
+    /// Nodes with no names left: kept alive by references, or leftovers of a restart.
+    pub fn orphans(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
             .state
             .nodes
             .values()
             .filter(|r| r.nlink == 0)
             .map(|r| r.id)
             .collect();
-        for id in orphans {
-            self.drop_node(id)?;
-        }
-        Ok(())
+        v.sort_unstable();
+        v
     }
 
-    fn compact_if_large(&mut self) -> Result<()> {
+    /// Rewrites the journal as a checkpoint when it has grown well past the live state
+    /// (checked again only after it grows by a quarter, so the cost is amortized).
+    /// Returns whether it did; the new journal is durable when it returns.
+    pub fn compact_if_large(&mut self) -> Result<bool> {
         let Some(j) = &self.journal else {
-            return Ok(());
+            return Ok(false);
         };
-        let records = self.state.checkpoint(self.init.clone());
-        let approx: u64 = records.len() as u64 * 64;
-        if j.len() > 1 << 20 && j.len() > 4 * approx {
-            self.journal = Some(Journal::create(&self.dir.join("journal"), &records)?);
+        if j.len() < self.next_compaction_check {
+            return Ok(false);
         }
-        Ok(())
+        let records = self.state.checkpoint(self.init.clone());
+        let approx: u64 = records.iter().map(approx_size).sum();
+        let compact = j.len() > 1 << 20 && j.len() > 4 * approx;
+        if compact {
+            let new = Journal::create(&self.dir.join("journal"), &records)?;
+            self.appended += new.len();
+            self.journal = Some(new);
+        }
+        let len = self.journal.as_ref().map_or(0, Journal::len);
+        self.next_compaction_check = len + (len / 4).max(1 << 20);
+        Ok(compact)
     }
 
     /// Journals `records` (as one atomic batch) and applies them. On error nothing changed.
@@ -295,7 +347,7 @@ impl Overlay {
             Record::Batch(records)
         };
         match &mut self.journal {
-            Some(j) => j.append(&rec)?,
+            Some(j) => self.appended += j.append(&rec)?,
             None => return Err(Error::Invalid("overlay is read-only".into())),
         }
         self.state.apply(&rec, snap);
@@ -307,12 +359,13 @@ impl Overlay {
         let had_upper = self.state.nodes.get(&id).is_some_and(|r| r.upper);
         let rec = Record::Drop { id };
         if let Some(j) = &mut self.journal {
-            j.append(&rec)?;
+            self.appended += j.append(&rec)?;
         }
         self.state.gone.insert(id);
         self.state.nodes.remove(&id);
         self.state.dirs.remove(&id);
         self.state.present.remove(&id);
+        self.state.xattrs.remove(&id);
         if had_upper {
             let _ = std::fs::remove_file(self.upper_path(id));
         }
@@ -324,6 +377,17 @@ impl Overlay {
             Some(j) => j.sync(),
             None => Ok(()),
         }
+    }
+
+    /// What to sync for everything appended so far: the bytes appended since open and the
+    /// journal file (syncing it needs no lock on the overlay).
+    pub fn sync_point(&self) -> Option<(u64, Arc<File>)> {
+        self.journal.as_ref().map(|j| (self.appended, j.file()))
+    }
+
+    /// Journal bytes on disk.
+    pub fn journal_len(&self) -> u64 {
+        self.journal.as_ref().map_or(0, Journal::len)
     }
 
     pub fn upper_path(&self, id: u64) -> PathBuf {
@@ -357,9 +421,38 @@ impl Overlay {
     pub fn checkpoint(&mut self) -> Result<()> {
         if self.journal.is_some() {
             let records = self.state.checkpoint(self.init.clone());
-            self.journal = Some(Journal::create(&self.dir.join("journal"), &records)?);
+            let new = Journal::create(&self.dir.join("journal"), &records)?;
+            self.appended += new.len();
+            self.journal = Some(new);
         }
         Ok(())
+    }
+
+    /// Bytes the upper files take on disk now (allocated blocks).
+    pub fn upper_bytes_on_disk(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir(self.data_dir())
+            .map(|it| {
+                it.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// A rough encoded size of a checkpoint record (for deciding when to compact).
+fn approx_size(r: &Record) -> u64 {
+    20 + match r {
+        Record::Node(_) => 96,
+        Record::Dir { entries, .. } | Record::DirPart { entries, .. } => {
+            entries.iter().map(|(n, _)| n.len() as u64 + 10).sum()
+        }
+        Record::Xattrs { all, .. } => all
+            .iter()
+            .map(|(n, v)| (n.len() + v.len()) as u64 + 8)
+            .sum(),
+        _ => 24,
     }
 }
 

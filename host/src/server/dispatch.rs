@@ -1,38 +1,32 @@
 //! The one translation from protocol operations to VFS calls and back.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use hexz_protocol::hello::{MAX_BATCH_FORGET, MAX_READDIR_ENTRIES};
 use hexz_protocol::{Attr, DirEntry, DirEntryPlus, Entry, Errno, Limits, Op, ReplyBody};
 use serde_bytes::ByteBuf;
 
 use crate::vfs::{SetAttr, Vfs, VfsResult};
 
-/// What one connection has agreed and who it is, as dispatch needs it.
+/// What one connection has agreed and who it is, as dispatch needs it. Handles and node
+/// references belong to `owner` in the VFS core.
 pub struct Session {
     pub owner: u64,
     pub limits: Limits,
     pub ttl_ms: u32,
-    /// Node references this connection holds (one per entry handed out, less forgets).
-    refs: Mutex<HashMap<u64, u64>>,
+    /// Capabilities agreed in hello; ops needing another one get ENOSYS.
+    pub caps: Vec<String>,
 }
 
 impl Session {
-    pub fn new(owner: u64, limits: Limits, ttl_ms: u32) -> Session {
+    pub fn new(owner: u64, limits: Limits, ttl_ms: u32, caps: Vec<String>) -> Session {
         Session {
             owner,
             limits,
             ttl_ms,
-            refs: Mutex::new(HashMap::new()),
+            caps,
         }
     }
 
-    fn refs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
-        self.refs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn plain_entry(&self, attr: Attr) -> Entry {
+    fn entry(&self, attr: Attr) -> Entry {
         Entry {
             node: attr.ino,
             generation: 0,
@@ -42,45 +36,30 @@ impl Session {
         }
     }
 
-    /// An entry handed to the client: it holds a reference to the node until it forgets it.
-    fn entry(&self, vfs: &Vfs, attr: Attr) -> Entry {
-        *self.refs().entry(attr.ino).or_default() += 1;
-        vfs.pin(attr.ino, 1);
-        self.plain_entry(attr)
-    }
-
-    fn forget(&self, vfs: &Vfs, node: u64, n: u64) {
-        let released = {
-            let mut refs = self.refs();
-            let Some(held) = refs.get_mut(&node) else {
-                return;
-            };
-            let k = n.min(*held);
-            *held -= k;
-            if *held == 0 {
-                refs.remove(&node);
-            }
-            k
-        };
-        if released > 0 {
-            vfs.unpin(node, released);
-        }
-    }
-
-    /// Drops every reference this connection still holds (it went away).
-    pub fn release_refs(&self, vfs: &Vfs) -> usize {
-        let refs: Vec<(u64, u64)> = self.refs().drain().collect();
-        for &(node, n) in &refs {
-            vfs.unpin(node, n);
-        }
-        refs.len()
-    }
-
     fn attr(&self, attr: Attr) -> ReplyBody {
         ReplyBody::Attr {
             attr,
             attr_ttl_ms: self.ttl_ms,
         }
+    }
+
+    fn allows(&self, op: &Op) -> bool {
+        required_cap(op).is_none_or(|c| self.caps.iter().any(|h| h == c))
+    }
+}
+
+/// The capability an op needs beyond the base protocol (docs/PROTOCOL.md §4).
+fn required_cap(op: &Op) -> Option<&'static str> {
+    match op {
+        Op::Readdirplus { .. } => Some("readdirplus"),
+        Op::Setxattr { .. }
+        | Op::Getxattr { .. }
+        | Op::Listxattr { .. }
+        | Op::Removexattr { .. } => Some("xattr"),
+        Op::Rename { flags, .. } if *flags != 0 => Some("rename2"),
+        Op::Lseek { .. } => Some("lseek"),
+        Op::Fallocate { .. } => Some("fallocate"),
+        _ => None,
     }
 }
 
@@ -102,6 +81,7 @@ pub fn dispatch_inline(vfs: &Vfs, s: &Session, op: &Op) -> Option<ReplyBody> {
         Op::Lookup { .. }
         | Op::Forget { .. }
         | Op::BatchForget { .. }
+        | Op::Retain { .. }
         | Op::Getattr { .. }
         | Op::Readlink { .. }
         | Op::Getxattr { .. }
@@ -111,7 +91,7 @@ pub fn dispatch_inline(vfs: &Vfs, s: &Session, op: &Op) -> Option<ReplyBody> {
         | Op::Readdirplus { .. }
         | Op::Hello(_) => Some(dispatch(vfs, s, op.clone())),
         Op::Read { fh, offset, size } if *size <= s.limits.max_read => vfs
-            .read_cached(*fh, *offset, *size)
+            .read_cached(s.owner, *fh, *offset, *size)
             .map(|r| reply(r, ReplyBody::Data)),
         _ => None,
     }
@@ -119,13 +99,17 @@ pub fn dispatch_inline(vfs: &Vfs, s: &Session, op: &Op) -> Option<ReplyBody> {
 
 /// Executes one request (already past hello) against the VFS.
 pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
+    if !s.allows(&op) {
+        return ReplyBody::Err(Errno::ENOSYS);
+    }
+    let o = s.owner;
     match op {
         Op::Hello(_) => ReplyBody::Err(Errno::EPROTO),
-        Op::Lookup { parent, name } => reply(vfs.lookup(parent, &name), |a| {
-            ReplyBody::Entry(s.entry(vfs, a))
+        Op::Lookup { parent, name } => reply(vfs.lookup(o, parent, &name), |a| {
+            ReplyBody::Entry(s.entry(a))
         }),
         Op::Forget { node, nlookup } => {
-            s.forget(vfs, node, nlookup);
+            vfs.forget(o, node, nlookup);
             ReplyBody::Ok {}
         }
         Op::BatchForget { items } if items.len() > MAX_BATCH_FORGET => {
@@ -133,25 +117,21 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         }
         Op::BatchForget { items } => {
             for (node, n) in items {
-                s.forget(vfs, node, n);
+                vfs.forget(o, node, n);
             }
             ReplyBody::Ok {}
         }
         Op::Retain { items } if items.len() > MAX_BATCH_FORGET => ReplyBody::Err(Errno::EINVAL),
         Op::Retain { items } => {
             for (node, n) in items {
-                if let Ok(a) = vfs.getattr(node) {
-                    for _ in 0..n.min(1 << 20) {
-                        s.entry(vfs, a.clone());
-                    }
-                }
+                vfs.retain(o, node, n);
             }
             ReplyBody::Ok {}
         }
-        Op::Getattr { node, .. } => reply(vfs.getattr(node), |a| s.attr(a)),
+        Op::Getattr { node, fh } => reply(vfs.getattr(o, node, fh), |a| s.attr(a)),
         Op::Setattr {
             node,
-            fh: _,
+            fh,
             mode,
             uid,
             gid,
@@ -167,7 +147,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
                 atime,
                 mtime,
             };
-            reply(vfs.setattr(node, set), |a| s.attr(a))
+            reply(vfs.setattr(o, node, fh, set), |a| s.attr(a))
         }
         Op::Readlink { node } => reply(vfs.readlink(node), ReplyBody::Data),
         Op::Symlink {
@@ -176,8 +156,8 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             target,
             uid,
             gid,
-        } => reply(vfs.symlink(parent, &name, &target, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(vfs, a))
+        } => reply(vfs.symlink(o, parent, &name, &target, uid, gid), |a| {
+            ReplyBody::Entry(s.entry(a))
         }),
         Op::Mknod {
             parent,
@@ -186,8 +166,8 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             rdev,
             uid,
             gid,
-        } => reply(vfs.mknod(parent, &name, mode, rdev, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(vfs, a))
+        } => reply(vfs.mknod(o, parent, &name, mode, rdev, uid, gid), |a| {
+            ReplyBody::Entry(s.entry(a))
         }),
         Op::Mkdir {
             parent,
@@ -195,8 +175,8 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             mode,
             uid,
             gid,
-        } => reply(vfs.mkdir(parent, &name, mode, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(vfs, a))
+        } => reply(vfs.mkdir(o, parent, &name, mode, uid, gid), |a| {
+            ReplyBody::Entry(s.entry(a))
         }),
         Op::Unlink { parent, name } => ok(vfs.unlink(parent, &name)),
         Op::Rmdir { parent, name } => ok(vfs.rmdir(parent, &name)),
@@ -211,25 +191,26 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             node,
             new_parent,
             new_name,
-        } => reply(vfs.link(node, new_parent, &new_name), |a| {
-            ReplyBody::Entry(s.entry(vfs, a))
+        } => reply(vfs.link(o, node, new_parent, &new_name), |a| {
+            ReplyBody::Entry(s.entry(a))
         }),
-        Op::Open { node, flags } => reply(vfs.open(node, flags, s.owner), |fh| ReplyBody::Opened {
+        Op::Open { node, flags } => reply(vfs.open(o, node, flags), |fh| ReplyBody::Opened {
             fh,
             keep_cache: true,
         }),
         Op::Read { size, .. } if size > s.limits.max_read => ReplyBody::Err(Errno::EINVAL),
-        Op::Read { fh, offset, size } => reply(vfs.read(fh, offset, size), ReplyBody::Data),
+        Op::Read { fh, offset, size } => reply(vfs.read(o, fh, offset, size), ReplyBody::Data),
         Op::Write { data, .. } if data.len() > s.limits.max_write as usize => {
             ReplyBody::Err(Errno::EINVAL)
         }
-        Op::Write { fh, offset, data } => reply(vfs.write(fh, offset, &data), |size| {
+        Op::Write { fh, offset, data } => reply(vfs.write(o, fh, offset, &data), |size| {
             ReplyBody::Written { size }
         }),
-        Op::Flush { fh, .. } => ok(vfs.flush(fh)),
-        Op::Release { fh } | Op::Releasedir { fh } => ok(vfs.release(fh)),
-        Op::Fsync { fh, datasync } => ok(vfs.fsync(fh, datasync)),
-        Op::Opendir { node } => reply(vfs.opendir(node, s.owner), |fh| ReplyBody::Opened {
+        Op::Flush { fh, .. } => ok(vfs.flush(o, fh)),
+        Op::Release { fh } => ok(vfs.release(o, fh)),
+        Op::Releasedir { fh } => ok(vfs.releasedir(o, fh)),
+        Op::Fsync { fh, datasync } => ok(vfs.fsync(o, fh, datasync)),
+        Op::Opendir { node } => reply(vfs.opendir(o, node), |fh| ReplyBody::Opened {
             fh,
             keep_cache: true,
         }),
@@ -248,8 +229,8 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             cookie,
             max_entries,
         } => readdir(vfs, s, fh, cookie, max_entries, true),
-        Op::Fsyncdir { fh, .. } => ok(vfs.fsyncdir(fh)),
-        Op::Statfs { .. } => reply(vfs.statfs(), ReplyBody::Statfs),
+        Op::Fsyncdir { fh, .. } => ok(vfs.fsyncdir(o, fh)),
+        Op::Statfs { node } => reply(vfs.statfs(node), ReplyBody::Statfs),
         Op::Setxattr {
             node,
             name,
@@ -269,9 +250,9 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             uid,
             gid,
         } => reply(
-            vfs.create(parent, &name, mode, flags, uid, gid, s.owner),
+            vfs.create(o, parent, &name, mode, flags, uid, gid),
             |(a, fh)| ReplyBody::Created {
-                entry: s.entry(vfs, a),
+                entry: s.entry(a),
                 fh,
             },
         ),
@@ -280,16 +261,16 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             offset,
             length,
             mode,
-        } => ok(vfs.fallocate(fh, offset, length, mode)),
-        Op::Lseek { fh, offset, whence } => reply(vfs.lseek(fh, offset, whence), |offset| {
+        } => ok(vfs.fallocate(o, fh, offset, length, mode)),
+        Op::Lseek { fh, offset, whence } => reply(vfs.lseek(o, fh, offset, whence), |offset| {
             ReplyBody::Offset { offset }
         }),
     }
 }
 
-/// A page of entries that fits the negotiated frame.
+/// A page of entries that fits the negotiated frame. Only the entries sent are referenced.
 fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -> ReplyBody {
-    let items = match vfs.readdir(fh, cookie, max) {
+    let items = match vfs.readdir(s.owner, fh, cookie, max) {
         Ok(i) => i,
         Err(e) => return ReplyBody::Err(e),
     };
@@ -305,13 +286,14 @@ fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -
         n += 1;
     }
     let eof = n == items.len() && items.len() < max as usize;
-    let items = &items[..n];
+    let mut items = items;
+    items.truncate(n);
     if !plus {
         return ReplyBody::Dir {
             entries: items
-                .iter()
+                .into_iter()
                 .map(|i| DirEntry {
-                    name: i.name.clone(),
+                    name: i.name,
                     ino: i.node,
                     kind: i.kind,
                     cookie: i.cookie,
@@ -320,25 +302,13 @@ fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -
             eof,
         };
     }
-    let ids: Vec<u64> = items.iter().map(|i| i.node).collect();
-    let attrs = vfs.attr_many(&ids);
-    let entries = items
-        .iter()
-        .zip(attrs)
-        .filter_map(|(i, a)| {
-            a.ok().map(|attr| {
-                // "." and ".." take no reference (as in FUSE).
-                let entry = if i.name == b"." || i.name == b".." {
-                    s.plain_entry(attr)
-                } else {
-                    s.entry(vfs, attr)
-                };
-                DirEntryPlus {
-                    name: i.name.clone(),
-                    cookie: i.cookie,
-                    entry,
-                }
-            })
+    let entries = vfs
+        .entries_plus(s.owner, items)
+        .into_iter()
+        .map(|(i, attr)| DirEntryPlus {
+            name: i.name,
+            cookie: i.cookie,
+            entry: s.entry(attr),
         })
         .collect();
     ReplyBody::DirPlus { entries, eof }

@@ -11,8 +11,12 @@ pub const DEFAULT_VSOCK_PORT: u32 = 5001;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
-    /// AF_VSOCK on this port (hosts with vhost-vsock).
-    Vsock(u32),
+    /// AF_VSOCK on `port`, accepting only the VM with context id `cid` (hosts with
+    /// vhost-vsock).
+    Vsock {
+        cid: u32,
+        port: u32,
+    },
     /// Firecracker / Cloud Hypervisor / vhost-device-vsock convention: a guest
     /// connecting to CID 2 port P reaches the Unix socket `<path>_<P>`.
     VsockUds(PathBuf, u32),
@@ -25,12 +29,20 @@ impl FromStr for ListenAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, rest) = s.split_once(':').ok_or_else(|| format!("'{s}': expected KIND:ADDRESS (vsock:PORT, vsock-uds:PATH[:PORT], unix:PATH, tcp:127.0.0.1:PORT)"))?;
+        let (kind, rest) = s.split_once(':').ok_or_else(|| format!("'{s}': expected KIND:ADDRESS (vsock:CID:PORT, vsock-uds:PATH[:PORT], unix:PATH, tcp:127.0.0.1:PORT)"))?;
         match kind {
-            "vsock" => rest
-                .parse()
-                .map(ListenAddr::Vsock)
-                .map_err(|_| format!("'{s}': vsock port must be a number")),
+            "vsock" => {
+                let bad = || {
+                    format!(
+                        "'{s}': expected vsock:CID:PORT (the CID of the one VM allowed to connect)"
+                    )
+                };
+                let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
+                Ok(ListenAddr::Vsock {
+                    cid: cid.parse().map_err(|_| bad())?,
+                    port: port.parse().map_err(|_| bad())?,
+                })
+            }
             "vsock-uds" => {
                 let (path, port) = match rest.rsplit_once(':') {
                     Some((p, port))
@@ -78,7 +90,7 @@ impl ListenAddr {
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ListenAddr::Vsock(p) => write!(f, "vsock:{p}"),
+            ListenAddr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             ListenAddr::VsockUds(p, port) => write!(f, "vsock-uds:{}_{port}", p.display()),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
@@ -92,7 +104,11 @@ mod tests {
 
     #[test]
     fn addresses_parse_and_remote_tcp_is_refused() {
-        assert_eq!("vsock:5001".parse(), Ok(ListenAddr::Vsock(5001)));
+        assert_eq!(
+            "vsock:3:5001".parse(),
+            Ok(ListenAddr::Vsock { cid: 3, port: 5001 })
+        );
+        assert!("vsock:5001".parse::<ListenAddr>().is_err());
         assert_eq!(
             "vsock-uds:/run/vm.vsock".parse(),
             Ok(ListenAddr::VsockUds("/run/vm.vsock".into(), 5001))

@@ -1,22 +1,29 @@
 //! `hexz-host serve`: the protocol over every listener, many connections, many requests
 //! in flight per connection, replies as they complete.
 //!
-//! Each connection has a reader thread. Requests answered from memory (lookups,
-//! attributes, listings, reads of cached snapshot data) are answered inline on it, with
-//! no thread hand-off; anything that may wait for a disk goes to a shared worker pool,
-//! which writes its reply itself. So a slow read never holds up a lookup, and a lone
-//! request costs one read and one write system call on the server.
+//! Each connection has a reader thread and a writer thread. Requests answered from memory
+//! (lookups, attributes, listings, reads of cached snapshot data) are answered inline on
+//! the reader, with no thread hand-off; anything that may wait for a disk goes to a
+//! shared worker pool. Every reply goes through the connection's own bounded queue to its
+//! writer, so a client that stops reading stalls only itself: its writer gives up after
+//! `send_timeout` and the connection is closed, while the workers never block on it.
+//!
+//! Bounds against hostile clients: `max_connections`, a deadline for the hello,
+//! `max_in_flight` requests per connection (the reader stops reading at the bound),
+//! duplicate in-flight ids close the connection, handles per connection (EMFILE).
 
 mod dispatch;
 pub mod listen;
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use hexz_protocol::frame::read_frame;
 use hexz_protocol::hello::PRE_HELLO_MAX_FRAME;
 use hexz_protocol::{
@@ -39,6 +46,15 @@ pub struct ServerConfig {
     pub ttl_ms: u32,
     /// Threads serving requests that may block on a disk.
     pub workers: usize,
+    /// Connections served at once; more are closed right after accept.
+    pub max_connections: usize,
+    /// Time a new connection has to send its hello.
+    pub hello_timeout: Duration,
+    /// Time a reply may wait for the client to read it before the connection is closed.
+    pub send_timeout: Duration,
+    /// Nameless nodes left by a previous server are kept this long after start, so
+    /// reconnecting clients can `retain` them; then unreferenced ones are removed.
+    pub orphan_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -47,11 +63,16 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             ttl_ms: 3_600_000,
             workers: 16,
+            max_connections: 256,
+            hello_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            orphan_grace: Duration::from_secs(30),
         }
     }
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+static OPEN_CONNS: AtomicUsize = AtomicUsize::new(0);
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -95,7 +116,8 @@ pub fn serve(
                     Ok((OwnedFd::from(s), format!(" from {peer}")))
                 })
             }
-            ListenAddr::Vsock(port) => {
+            ListenAddr::Vsock { cid, port } => {
+                let (cid, port) = (*cid, *port);
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .build()
@@ -104,17 +126,27 @@ pub fn serve(
                     .block_on(async {
                         tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
                             tokio_vsock::VMADDR_CID_ANY,
-                            *port,
+                            port,
                         ))
                     })
                     .map_err(|e| Error::io(format!("vsock port {port}"), e))?;
-                Box::new(move || {
+                Box::new(move || loop {
                     let (s, peer) = rt.block_on(l.accept())?;
+                    // Only the VM this server serves may connect (one VM must not mount
+                    // another's sandbox).
+                    if peer.cid() != cid {
+                        tracing::warn!(
+                            peer_cid = peer.cid(),
+                            serving_cid = cid,
+                            "refused a vsock connection from another VM"
+                        );
+                        continue;
+                    }
                     // Serve it with blocking I/O like every other stream.
                     let fd = s.as_fd().try_clone_to_owned()?;
                     drop(s);
                     set_blocking(&fd)?;
-                    Ok((fd, format!(" from {peer:?}")))
+                    return Ok((fd, format!(" from {peer:?}")));
                 })
             }
         };
@@ -125,16 +157,30 @@ pub fn serve(
             .spawn(move || loop {
                 match accept() {
                     Ok((fd, peer)) => {
+                        let open = OPEN_CONNS.fetch_add(1, Ordering::AcqRel);
+                        if open >= cfg.max_connections {
+                            OPEN_CONNS.fetch_sub(1, Ordering::AcqRel);
+                            tracing::warn!(
+                                limit = cfg.max_connections,
+                                "refused a connection on {name}{peer}: too many connections"
+                            );
+                            continue;
+                        }
                         let (vfs, cfg, jobs, peer) = (
                             vfs.clone(),
                             cfg.clone(),
                             jobs.clone(),
                             format!("{name}{peer}"),
                         );
-                        let spawned = std::thread::Builder::new()
-                            .name("hexz-conn".into())
-                            .spawn(move || connection(File::from(fd), vfs, cfg, jobs, peer));
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("hexz-conn".into())
+                                .spawn(move || {
+                                    connection(File::from(fd), vfs, cfg, jobs, peer);
+                                    OPEN_CONNS.fetch_sub(1, Ordering::AcqRel);
+                                });
                         if let Err(e) = spawned {
+                            OPEN_CONNS.fetch_sub(1, Ordering::AcqRel);
                             tracing::error!("cannot start a connection thread: {e}");
                         }
                     }
@@ -147,6 +193,8 @@ pub fn serve(
             .map_err(|e| Error::io("accept thread", e))?;
         tracing::info!(listener = %addr, "listening");
     }
+    start_orphan_collection(&vfs, cfg.orphan_grace);
+    start_stats_on_usr1(&vfs);
     wait_for_shutdown();
     tracing::info!("shutting down: flushing the overlay");
     for p in &sockets {
@@ -185,48 +233,115 @@ fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener>
     }
 }
 
-/// Requests in flight on one connection, bounded by the negotiated limit.
+/// Requests in flight on one connection (their ids), bounded by the negotiated limit. A
+/// request stays in flight until its reply is written.
 struct InFlight {
-    count: Mutex<u32>,
+    state: Mutex<(u32, HashSet<u64>)>,
     changed: Condvar,
     max: u32,
 }
 
 impl InFlight {
-    fn acquire(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *n >= self.max {
-            n = self.changed.wait(n).unwrap_or_else(|p| p.into_inner());
+    fn wait_for_room(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.0 >= self.max {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        *n += 1;
     }
 
-    fn release(&self) {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+    /// Registers `id`; false when a request with that id is still in flight.
+    fn start(&self, id: u64) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.1.insert(id) {
+            return false;
+        }
+        st.0 += 1;
+        true
+    }
+
+    fn done(&self, id: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.1.remove(&id) {
+            st.0 -= 1;
+        }
         self.changed.notify_all();
     }
 
     fn drain(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *n > 0 {
-            n = self.changed.wait(n).unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.0 > 0 {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
 
-/// The write side of a connection, shared by the reader and the workers.
+/// The write side of a connection: replies queue here for the connection's writer.
+/// The queue holds at most `max_in_flight` replies (a request keeps its in-flight slot
+/// until its reply is written), so sending never blocks a worker.
 struct Replies {
-    stream: Mutex<File>,
+    queue: Sender<(u64, Vec<u8>)>,
     max_frame: u32,
 }
 
 impl Replies {
     fn send(&self, id: u64, body: ReplyBody) {
         let frame = reply_frame(id, body, self.max_frame);
-        let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        // A failed write means the client is gone; the reader notices and cleans up.
-        let _ = s.write_all(&frame);
+        if self.queue.try_send((id, frame)).is_err() {
+            tracing::error!(id, "reply queue full or closed; reply dropped");
+        }
     }
+}
+
+/// Writes queued replies until the queue closes. A client that leaves a reply unread for
+/// `send_timeout` is disconnected; the rest of the queue is then discarded.
+fn write_replies(
+    mut wr: File,
+    queue: Receiver<(u64, Vec<u8>)>,
+    in_flight: Arc<InFlight>,
+    owner: u64,
+) {
+    let mut broken = false;
+    for (id, frame) in queue {
+        if !broken {
+            if let Err(e) = wr.write_all(&frame) {
+                broken = true;
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut
+                {
+                    tracing::warn!(
+                        conn = owner,
+                        "client does not read its replies: disconnecting"
+                    );
+                }
+                // Wakes the reader, which ends the connection.
+                // SAFETY: shutdown on a descriptor we own; no memory is passed.
+                unsafe { libc::shutdown(wr.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        }
+        in_flight.done(id);
+    }
+}
+
+fn set_timeout(fd: &File, opt: libc::c_int, t: Option<Duration>) -> std::io::Result<()> {
+    let t = t.unwrap_or_default();
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt with a timeval that lives across the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn connection(
@@ -242,28 +357,27 @@ fn connection(
         Ok(writer) => run_connection(stream, writer, &vfs, &cfg, &jobs, owner),
         Err(e) => (0, format!("cannot clone the stream: {e}")),
     };
-    let released = vfs.release_owner(owner);
-    tracing::info!(conn = owner, %peer, requests = served, handles_released = released, "connection closed: {why}");
+    let (handles, nodes) = vfs.release_owner(owner);
+    tracing::info!(conn = owner, %peer, requests = served, handles_released = handles, nodes_released = nodes, "connection closed: {why}");
 }
 
-/// Serves one connection; returns how many requests it read and why it ended.
-fn run_connection(
-    mut rd: File,
-    wr: File,
-    vfs: &Arc<Vfs>,
+/// Reads and answers the hello; returns the agreed limits and capabilities.
+fn hello(
+    rd: &mut File,
+    wr: &mut File,
+    vfs: &Vfs,
     cfg: &ServerConfig,
-    jobs: &Sender<Job>,
-    owner: u64,
-) -> (u64, String) {
+) -> Result<(Limits, Vec<String>), String> {
     let mut buf = Vec::new();
-    let pre = Replies {
-        stream: Mutex::new(wr),
-        max_frame: PRE_HELLO_MAX_FRAME,
-    };
-    if let Err(e) = read_frame(&mut rd, PRE_HELLO_MAX_FRAME, &mut buf) {
-        return (0, format!("before hello: {e}"));
+    let _ = set_timeout(rd, libc::SO_RCVTIMEO, Some(cfg.hello_timeout));
+    if let Err(e) = read_frame(rd, PRE_HELLO_MAX_FRAME, &mut buf) {
+        return Err(format!("no hello: {e}"));
     }
-    let limits = match decode_request(&buf) {
+    let _ = set_timeout(rd, libc::SO_RCVTIMEO, None);
+    let mut send = |id: u64, body: ReplyBody| {
+        let _ = wr.write_all(&reply_frame(id, body, PRE_HELLO_MAX_FRAME));
+    };
+    match decode_request(&buf) {
         Ok(req) => match req.op {
             Op::Hello(h) => match accept_hello(
                 &h,
@@ -274,89 +388,107 @@ fn run_connection(
                 "hexz-host",
             ) {
                 Ok((r, limits)) => {
-                    pre.send(req.id, ReplyBody::Hello(r));
-                    limits
+                    let caps = r.caps.clone();
+                    send(req.id, ReplyBody::Hello(r));
+                    Ok((limits, caps))
                 }
                 Err(e) => {
-                    pre.send(req.id, ReplyBody::Err(e));
-                    return (0, format!("hello refused: {e}"));
+                    send(req.id, ReplyBody::Err(e));
+                    Err(format!("hello refused: {e}"))
                 }
             },
             _ => {
-                pre.send(req.id, ReplyBody::Err(Errno::EPROTO));
-                return (0, "request before hello".into());
+                send(req.id, ReplyBody::Err(Errno::EPROTO));
+                Err("request before hello".into())
             }
         },
         Err(bad) => {
             if let Some(id) = bad.id {
-                pre.send(id, ReplyBody::Err(Errno::EPROTO));
+                send(id, ReplyBody::Err(Errno::EPROTO));
             }
-            return (0, format!("first frame is not a hello: {}", bad.reason));
+            Err(format!("first frame is not a hello: {}", bad.reason))
         }
+    }
+}
+
+/// Serves one connection; returns how many requests it read and why it ended.
+fn run_connection(
+    mut rd: File,
+    mut wr: File,
+    vfs: &Arc<Vfs>,
+    cfg: &ServerConfig,
+    jobs: &Sender<Job>,
+    owner: u64,
+) -> (u64, String) {
+    let (limits, caps) = match hello(&mut rd, &mut wr, vfs, cfg) {
+        Ok(v) => v,
+        Err(why) => return (0, why),
     };
-    let replies = Arc::new(Replies {
-        stream: pre.stream,
-        max_frame: limits.max_frame,
-    });
-    let session = Arc::new(Session::new(owner, limits, cfg.ttl_ms));
+    let _ = set_timeout(&wr, libc::SO_SNDTIMEO, Some(cfg.send_timeout));
     let in_flight = Arc::new(InFlight {
-        count: Mutex::new(0),
+        state: Mutex::new((0, HashSet::new())),
         changed: Condvar::new(),
         max: limits.max_in_flight,
     });
+    let (tx, rx) = bounded(limits.max_in_flight as usize + 1);
+    let writer = {
+        let in_flight = in_flight.clone();
+        std::thread::Builder::new()
+            .name("hexz-conn-writer".into())
+            .spawn(move || write_replies(wr, rx, in_flight, owner))
+    };
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => return (0, format!("cannot start the writer thread: {e}")),
+    };
+    let replies = Arc::new(Replies {
+        queue: tx,
+        max_frame: limits.max_frame,
+    });
+    let session = Arc::new(Session::new(owner, limits, cfg.ttl_ms, caps));
+    let mut buf = Vec::new();
     let mut served = 0u64;
     let why = loop {
-        in_flight.acquire();
+        in_flight.wait_for_room();
         match read_frame(&mut rd, limits.max_frame, &mut buf) {
             Ok(()) => {}
-            Err(FrameError::Closed) => {
-                in_flight.release();
-                break "client closed".to_string();
-            }
-            Err(e) => {
-                in_flight.release();
-                break e.to_string();
-            }
+            Err(FrameError::Closed) => break "client closed".to_string(),
+            Err(e) => break e.to_string(),
         }
         served += 1;
         let req = match decode_request(&buf) {
             Ok(r) => r,
-            Err(bad) => {
-                in_flight.release();
-                match bad.id {
-                    Some(id) => {
-                        tracing::debug!(conn = owner, id, "bad request: {}", bad.reason);
-                        replies.send(id, ReplyBody::Err(bad.errno));
-                        continue;
-                    }
-                    None => break format!("undecodable frame: {}", bad.reason),
+            Err(bad) => match bad.id {
+                Some(id) if in_flight.start(id) => {
+                    tracing::debug!(conn = owner, id, "bad request: {}", bad.reason);
+                    replies.send(id, ReplyBody::Err(bad.errno));
+                    continue;
                 }
-            }
+                Some(id) => break format!("request id {id} reused while in flight"),
+                None => break format!("undecodable frame: {}", bad.reason),
+            },
         };
+        if !in_flight.start(req.id) {
+            break format!("request id {} reused while in flight", req.id);
+        }
         // Answer from memory when possible; otherwise hand off so the reader keeps reading.
         if let Some(body) = dispatch::dispatch_inline(vfs, &session, &req.op) {
             replies.send(req.id, body);
-            in_flight.release();
             continue;
         }
-        let (vfs, session, replies, in_flight) = (
-            vfs.clone(),
-            session.clone(),
-            replies.clone(),
-            in_flight.clone(),
-        );
+        let (vfs, session, replies) = (vfs.clone(), session.clone(), replies.clone());
         let job: Job = Box::new(move || {
             let body = dispatch::dispatch(&vfs, &session, req.op);
             replies.send(req.id, body);
-            in_flight.release();
         });
         if jobs.send(job).is_err() {
             break "worker pool stopped".into();
         }
     };
-    // In-flight requests finish before the connection's handles and references go.
+    // In-flight requests finish (and their replies go) before the handles and references.
+    drop(replies);
     in_flight.drain();
-    session.release_refs(vfs);
+    let _ = writer.join();
     (served, why)
 }
 
@@ -378,15 +510,68 @@ fn reply_frame(id: u64, body: ReplyBody, max_frame: u32) -> Vec<u8> {
     out
 }
 
+/// After `grace`, removes the nameless nodes a previous server kept for its clients and
+/// that no client retained.
+fn start_orphan_collection(vfs: &Arc<Vfs>, grace: Duration) {
+    if vfs.is_read_only() || vfs.stats().orphans == 0 {
+        return;
+    }
+    let vfs = vfs.clone();
+    let _ = std::thread::Builder::new()
+        .name("hexz-orphans".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            match vfs.collect_orphans() {
+                Ok(n) => tracing::info!(removed = n, "unreferenced nameless nodes removed"),
+                Err(e) => tracing::warn!("removing unreferenced nameless nodes: {e}"),
+            }
+        });
+}
+
+/// Logs the core's counts on SIGUSR1 (when `shutdown_on_signal` blocked it for us).
+fn start_stats_on_usr1(vfs: &Arc<Vfs>) {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut current = SigSet::empty();
+    if nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut current)).is_err()
+        || !current.contains(Signal::SIGUSR1)
+    {
+        return;
+    }
+    let vfs = vfs.clone();
+    let _ = std::thread::Builder::new()
+        .name("hexz-stats".into())
+        .spawn(move || {
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGUSR1);
+            while set.wait().is_ok() {
+                let s = vfs.stats();
+                tracing::info!(
+                    "stats: live_nodes={} handles={} orphans={} overlay_bytes={} connections={}",
+                    s.live_nodes,
+                    s.handles,
+                    s.orphans,
+                    s.overlay_bytes,
+                    OPEN_CONNS.load(Ordering::Relaxed)
+                );
+            }
+        });
+}
+
 /// Blocks until SIGINT or SIGTERM arrives. Call before starting any thread, so that
-/// every thread inherits the blocked mask and the signal is taken here.
+/// every thread inherits the blocked mask and the signal is taken here. SIGUSR1 is
+/// blocked too: `serve` then logs its counts on it.
 pub fn shutdown_on_signal() -> Result<impl FnOnce()> {
     use nix::sys::signal::{SigSet, Signal};
+    let mut block = SigSet::empty();
+    block.add(Signal::SIGINT);
+    block.add(Signal::SIGTERM);
+    block.add(Signal::SIGUSR1);
+    block
+        .thread_block()
+        .map_err(|e| Error::Invalid(format!("blocking signals: {e}")))?;
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
-    set.thread_block()
-        .map_err(|e| Error::Invalid(format!("blocking signals: {e}")))?;
     Ok(move || {
         let _ = set.wait();
     })

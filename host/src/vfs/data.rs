@@ -3,9 +3,12 @@
 //! from the merged view) and the written ranges are recorded, so a 4 KiB write into a
 //! 1 GiB snapshot file costs that write, not a copy. Reads take each range from wherever
 //! it lives: upper file, snapshot (below `lower_limit`), or zeros.
+//!
+//! Writes and truncations of one file are serialized by its data lock; the state lock is
+//! held only to read where the bytes are and to record what changed, never across I/O.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -14,7 +17,8 @@ use hexz_protocol::Errno;
 
 use super::handles::HandleKind;
 use super::{errno_of, io_errno, now, Inner, Vfs, VfsResult, BLOCK};
-use crate::overlay::journal::{Kind, NodeRec, Record};
+use crate::error::Error;
+use crate::overlay::journal::{Kind, Record};
 use crate::overlay::ranges::RangeSet;
 use crate::snapshot::NodeKind;
 
@@ -33,16 +37,19 @@ struct DataView {
 }
 
 impl Vfs {
-    fn upper_file(&self, inner: &Inner, id: u64, create: bool) -> VfsResult<Option<Arc<File>>> {
-        if let Some(f) = self.files_lock().get(&id) {
-            return Ok(Some(f.clone()));
+    /// The node's upper file, opened once and cached; `create` makes a new, empty one.
+    fn upper_file(&self, id: u64, create: bool) -> VfsResult<Option<Arc<File>>> {
+        if !create {
+            if let Some(f) = self.files_lock().get(&id) {
+                return Ok(Some(f.clone()));
+            }
         }
-        let path = inner.overlay.upper_path(id);
+        let path = self.data_dir.join(format!("{id:016x}"));
         let f = match OpenOptions::new()
             .read(true)
             .write(!self.read_only)
             .create(create)
-            .truncate(false)
+            .truncate(create)
             .open(&path)
         {
             Ok(f) => Arc::new(f),
@@ -57,15 +64,22 @@ impl Vfs {
         Ok(Some(f))
     }
 
-    fn view(&self, inner: &Inner, id: u64) -> VfsResult<DataView> {
-        let rec = self.rec(inner, id)?;
+    /// Where the node's bytes are now. Takes the state lock briefly; opens the upper
+    /// file (if not cached) after releasing it.
+    fn view(&self, id: u64) -> VfsResult<DataView> {
+        let (rec, present) = {
+            let inner = self.state();
+            let rec = self.rec(&inner, id)?;
+            let present = inner.overlay.state.present.get(&id).cloned();
+            (rec, present)
+        };
         match rec.kind {
             Kind::File => {}
             Kind::Dir => return Err(Errno::EISDIR),
             _ => return Err(Errno::EINVAL),
         }
         let upper = if rec.upper {
-            self.upper_file(inner, id, false)?
+            self.upper_file(id, false)?
         } else {
             None
         };
@@ -73,9 +87,23 @@ impl Vfs {
             size: rec.size,
             lower: rec.lower,
             lower_limit: rec.lower_limit,
-            present: inner.overlay.state.present.get(&id).cloned(),
+            present,
             upper,
         })
+    }
+
+    /// The node of `owner`'s file handle `fh`, with the access it was opened for.
+    fn file_handle(&self, owner: u64, fh: u64) -> VfsResult<(u64, bool, bool, bool)> {
+        let handles = self.handles();
+        let h = handles.get(owner, fh)?;
+        match h.kind {
+            HandleKind::File {
+                read,
+                write,
+                append,
+            } => Ok((h.node, read, write, append)),
+            HandleKind::Dir { .. } => Err(Errno::EISDIR),
+        }
     }
 
     /// Reads `[off, off + len)` of the merged file into a new buffer (short at EOF).
@@ -120,21 +148,27 @@ impl Vfs {
         Ok(buf)
     }
 
-    pub fn read(&self, fh: u64, off: u64, size: u32) -> VfsResult<Vec<u8>> {
-        let node = match self.handles().get(fh)? {
-            h if matches!(h.kind, HandleKind::File { .. }) => h.node,
-            _ => return Err(Errno::EISDIR),
-        };
-        let view = self.view(&self.state(), node)?;
+    pub fn read(&self, owner: u64, fh: u64, off: u64, size: u32) -> VfsResult<Vec<u8>> {
+        let (node, read, _, _) = self.file_handle(owner, fh)?;
+        if !read {
+            return Err(Errno::EBADF);
+        }
+        let view = self.view(node)?;
         self.read_view(&view, off, size as u64)
     }
 
     /// A read answered from memory (snapshot data already in the frame cache), or `None`
     /// when it might wait for a disk.
-    pub fn read_cached(&self, fh: u64, off: u64, size: u32) -> Option<VfsResult<Vec<u8>>> {
-        let node = match self.handles().get(fh) {
-            Ok(h) if matches!(h.kind, HandleKind::File { .. }) => h.node,
-            Ok(_) => return Some(Err(Errno::EISDIR)),
+    pub fn read_cached(
+        &self,
+        owner: u64,
+        fh: u64,
+        off: u64,
+        size: u32,
+    ) -> Option<VfsResult<Vec<u8>>> {
+        let node = match self.file_handle(owner, fh) {
+            Ok((node, true, _, _)) => node,
+            Ok(_) => return Some(Err(Errno::EBADF)),
             Err(e) => return Some(Err(e)),
         };
         let (size_now, idx) = {
@@ -162,51 +196,79 @@ impl Vfs {
         }
     }
 
-    /// Gives the node an overlay record and an upper file (sparse, the file's length).
-    fn ensure_upper(&self, inner: &mut Inner, rec: &mut NodeRec) -> VfsResult<Arc<File>> {
-        if rec.upper {
-            if let Some(f) = self.upper_file(inner, rec.id, false)? {
-                return Ok(f);
-            }
-        }
-        let f = self.upper_file(inner, rec.id, true)?.ok_or(Errno::EIO)?;
-        f.set_len(rec.size).map_err(io_errno)?;
-        self.data_dir_dirty.store(true, Ordering::Release);
-        rec.upper = true;
-        self.commit(inner, vec![Record::Node(rec.clone())])?;
-        Ok(f)
-    }
-
-    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> VfsResult<u32> {
-        let (node, append) = {
-            let handles = self.handles();
-            let h = handles.get(fh)?;
-            match h.kind {
-                HandleKind::File {
-                    write: true,
-                    append,
-                } => (h.node, append),
-                HandleKind::File { .. } => return Err(Errno::EBADF),
-                HandleKind::Dir { .. } => return Err(Errno::EISDIR),
-            }
-        };
-        let mut inner = self.write_lock()?;
-        let mut rec = self.rec(&inner, node)?;
+    /// The node's upper file, creating it (sparse, the file's length) and journaling that
+    /// on first need. The caller holds the node's data lock.
+    fn ensure_upper(&self, node: u64) -> VfsResult<Arc<File>> {
+        let rec = self.rec(&self.state(), node)?;
         if rec.kind != Kind::File {
             return Err(Errno::EINVAL);
         }
-        let off = if append { rec.size } else { off };
+        if rec.upper {
+            if let Some(f) = self.upper_file(node, false)? {
+                return Ok(f);
+            }
+        }
+        let f = self.upper_file(node, true)?.ok_or(Errno::EIO)?;
+        f.set_len(rec.size).map_err(io_errno)?;
+        self.data_dir_changes.fetch_add(1, Ordering::AcqRel);
+        let mut inner = self.write_lock()?;
+        let mut rec = self.rec(&inner, node)?;
+        rec.upper = true;
+        self.commit(&mut inner, vec![Record::Node(rec)])?;
+        Ok(f)
+    }
+
+    /// Tracks how many bytes the node's upper file takes (for `--overlay-size`).
+    fn account_upper(&self, node: u64, f: &File) {
+        let Ok(m) = f.metadata() else { return };
+        let now = m.blocks() * 512;
+        let old = self
+            .upper_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, now);
+        match old {
+            Some(old) if now >= old => {
+                self.upper_bytes.fetch_add(now - old, Ordering::Relaxed);
+            }
+            Some(old) => {
+                let d = (old - now).min(self.upper_bytes.load(Ordering::Relaxed));
+                self.upper_bytes.fetch_sub(d, Ordering::Relaxed);
+            }
+            // First sight: the total measured at open already counts what it had.
+            None => {}
+        }
+    }
+
+    pub fn write(&self, owner: u64, fh: u64, off: u64, data: &[u8]) -> VfsResult<u32> {
+        let (node, _, write, append) = self.file_handle(owner, fh)?;
+        if !write {
+            return Err(Errno::EBADF);
+        }
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        self.check_space(data.len() as u64)?;
+        let _data = self.node_lock(node);
+        self.write_locked(node, off, data, append)
+    }
+
+    /// A write with the node's data lock held.
+    fn write_locked(&self, node: u64, off: u64, data: &[u8], append: bool) -> VfsResult<u32> {
+        let f = self.ensure_upper(node)?;
+        self.account_upper(node, &f);
+        let view = self.view(node)?;
+        let off = if append { view.size } else { off };
         let end = off
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(Errno::EFBIG)?;
-        let f = self.ensure_upper(&mut inner, &mut rec)?;
-        if rec.lower.is_some() {
+        let mut block = None;
+        if view.lower.is_some() {
             // Whole blocks, so every block in the upper file is either absent or complete.
             let a = off - off % BLOCK;
             let b = end.div_ceil(BLOCK) * BLOCK;
-            let b = end.max(b.min(rec.size));
-            let view = self.view(&inner, node)?;
+            let b = end.max(b.min(view.size));
             let mut buf = self.read_view(&view, a, off - a)?;
             buf.resize((off - a) as usize, 0);
             buf.extend_from_slice(data);
@@ -216,12 +278,18 @@ impl Vfs {
                 buf.resize((b - a) as usize, 0);
             }
             f.write_all_at(&buf, a).map_err(io_errno)?;
+            block = Some((a, b));
+        } else {
+            f.write_all_at(data, off).map_err(io_errno)?;
+        }
+        self.account_upper(node, &f);
+        self.dirty().insert(node);
+        let mut inner = self.write_lock()?;
+        if let Some((a, b)) = block {
             let p = inner.overlay.state.present.entry(node).or_default();
             if Arc::make_mut(p).insert(a, b) {
                 inner.pending_present.entry(node).or_default().push((a, b));
             }
-        } else {
-            f.write_all_at(data, off).map_err(io_errno)?;
         }
         let t = now();
         if let Some(r) = inner.overlay.state.nodes.get_mut(&node) {
@@ -233,24 +301,25 @@ impl Vfs {
         Ok(data.len() as u32)
     }
 
-    /// Sets a file's length; the caller journals `rec` afterwards.
-    pub(super) fn truncate_locked(
-        &self,
-        inner: &mut Inner,
-        rec: &mut NodeRec,
-        size: u64,
-    ) -> VfsResult<()> {
+    /// Sets a file's length (the caller holds its data lock and journals its attributes).
+    pub(super) fn truncate(&self, node: u64, size: u64) -> VfsResult<()> {
         if size > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
         }
-        let f = self.ensure_upper(inner, rec)?;
+        let f = self.ensure_upper(node)?;
         f.set_len(size).map_err(io_errno)?;
+        self.account_upper(node, &f);
+        self.dirty().insert(node);
+        let mut inner = self.write_lock()?;
+        let mut rec = self.rec(&inner, node)?;
         rec.lower_limit = rec.lower_limit.min(size);
         rec.size = size;
-        if let Some(p) = inner.overlay.state.present.get_mut(&rec.id) {
+        if let Some(p) = inner.overlay.state.present.get_mut(&node) {
             Arc::make_mut(p).truncate(size);
         }
-        Ok(())
+        let mut records = self.take_pending(&mut inner, node);
+        records.push(Record::Node(rec));
+        self.commit(&mut inner, records)
     }
 
     /// Records for data changes of `id` not yet in the journal (present ranges, then the
@@ -282,111 +351,139 @@ impl Vfs {
         self.commit(&mut inner, records)
     }
 
-    pub fn flush(&self, fh: u64) -> VfsResult<()> {
-        let node = self.handles().get(fh)?.node;
+    pub fn flush(&self, owner: u64, fh: u64) -> VfsResult<()> {
+        let (node, ..) = self.file_handle(owner, fh)?;
         self.flush_node(node)
     }
 
     /// Makes the file's data and the metadata that reaches it durable: upper data, then
-    /// the upper directory, then the journal records naming them.
-    pub fn fsync(&self, fh: u64, _datasync: bool) -> VfsResult<()> {
-        let node = self.handles().get(fh)?.node;
+    /// the data directory's entries, then the journal records naming them. Concurrent
+    /// callers share the directory and journal syncs (group commit), and none returns
+    /// before everything it depends on is durable.
+    pub fn fsync(&self, owner: u64, fh: u64, _datasync: bool) -> VfsResult<()> {
+        let (node, ..) = self.file_handle(owner, fh)?;
         if self.read_only {
             return Ok(());
         }
-        let upper = {
-            let inner = self.state();
-            match inner.overlay.state.nodes.get(&node) {
-                Some(r) if r.upper => self.upper_file(&inner, node, false)?,
-                _ => None,
-            }
-        };
-        if let Some(f) = upper {
-            f.sync_all().map_err(io_errno)?;
-        }
-        if self.data_dir_dirty.swap(false, Ordering::AcqRel) {
-            let dir = self.state().overlay.data_dir();
-            if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
-                self.data_dir_dirty.store(true, Ordering::Release);
-                return Err(io_errno(e));
+        let upper = self.rec(&self.state(), node)?.upper;
+        if upper {
+            if let Some(f) = self.upper_file(node, false)? {
+                self.dirty().remove(&node);
+                if let Err(e) = f.sync_all() {
+                    self.dirty().insert(node);
+                    return Err(io_errno(e));
+                }
             }
         }
+        let target = self.data_dir_changes.load(Ordering::Acquire);
+        self.data_dir_sync
+            .sync_to(target, || {
+                let reached = self.data_dir_changes.load(Ordering::Acquire);
+                File::open(&self.data_dir)?.sync_all()?;
+                Ok(reached)
+            })
+            .map_err(io_errno)?;
         self.flush_node(node)?;
-        self.state().overlay.sync().map_err(|e| errno_of(&e))
+        self.sync_journal().map_err(|e| errno_of(&e))
+    }
+
+    /// Makes everything journaled so far durable (one sync for many concurrent callers).
+    pub(super) fn sync_journal(&self) -> crate::Result<()> {
+        let Some((target, _)) = self.state().overlay.sync_point() else {
+            return Ok(());
+        };
+        self.journal_sync
+            .sync_to(target, || {
+                let Some((reached, file)) = self.state().overlay.sync_point() else {
+                    return Ok(target);
+                };
+                file.sync_data()?;
+                Ok(reached)
+            })
+            .map_err(|e| Error::io("overlay journal", e))
     }
 
     /// `fallocate`: mode 0 and KEEP_SIZE reserve space (extending the size for mode 0);
-    /// PUNCH_HOLE|KEEP_SIZE makes the range read as zeros.
-    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: u32) -> VfsResult<()> {
+    /// PUNCH_HOLE|KEEP_SIZE makes the range a hole that reads as zeros (whole blocks are
+    /// punched in the upper file, never written; only partial edge blocks are written).
+    pub fn fallocate(&self, owner: u64, fh: u64, off: u64, len: u64, mode: u32) -> VfsResult<()> {
         const KEEP_SIZE: u32 = libc::FALLOC_FL_KEEP_SIZE as u32;
         const PUNCH_HOLE: u32 = libc::FALLOC_FL_PUNCH_HOLE as u32;
         let end = off
             .checked_add(len)
             .filter(|&e| e <= MAX_FILE_SIZE && len > 0)
             .ok_or(Errno::EINVAL)?;
-        match mode {
-            0 | KEEP_SIZE => {
-                let node = self.handles().get(fh)?.node;
+        let (node, _, write, _) = self.file_handle(owner, fh)?;
+        if !write {
+            return Err(Errno::EBADF);
+        }
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        if mode != 0 && mode != KEEP_SIZE && mode != PUNCH_HOLE | KEEP_SIZE {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let _data = self.node_lock(node);
+        let size = self.rec(&self.state(), node)?.size;
+        if mode != PUNCH_HOLE | KEEP_SIZE {
+            if mode == 0 && end > size {
+                self.check_space(end - size)?;
+                self.truncate(node, end)?;
                 let mut inner = self.write_lock()?;
                 let mut rec = self.rec(&inner, node)?;
-                if rec.kind != Kind::File {
-                    return Err(Errno::ENODEV);
-                }
-                if mode == 0 && end > rec.size {
-                    self.truncate_locked(&mut inner, &mut rec, end)?;
-                    rec.ctime = now();
-                    rec.mtime = rec.ctime;
-                    let mut records = self.take_pending(&mut inner, node);
-                    records.push(Record::Node(rec));
-                    self.commit(&mut inner, records)?;
-                }
-                Ok(())
+                rec.ctime = now();
+                rec.mtime = rec.ctime;
+                self.commit(&mut inner, vec![Record::Node(rec)])?;
             }
-            m if m == PUNCH_HOLE | KEEP_SIZE => {
-                let size = self.getattr(self.handles().get(fh)?.node)?.size;
-                let end = end.min(size);
-                let zeros = vec![0u8; 1 << 20];
-                let mut pos = off;
-                while pos < end {
-                    let n = (end - pos).min(zeros.len() as u64) as usize;
-                    self.write_at_handle(fh, pos, &zeros[..n])?;
-                    pos += n as u64;
-                }
-                Ok(())
-            }
-            _ => Err(Errno::EOPNOTSUPP),
+            return Ok(());
         }
-    }
-
-    /// A positional write that ignores O_APPEND (for fallocate's zeroing).
-    fn write_at_handle(&self, fh: u64, off: u64, data: &[u8]) -> VfsResult<()> {
-        let saved = {
-            let mut h = self.handles();
-            let handle = h.get_mut(fh)?;
-            match &mut handle.kind {
-                HandleKind::File { append, write } => {
-                    if !*write {
-                        return Err(Errno::EBADF);
-                    }
-                    std::mem::replace(append, false)
-                }
-                HandleKind::Dir { .. } => return Err(Errno::EISDIR),
-            }
-        };
-        let r = self.write(fh, off, data).map(|_| ());
-        if let Ok(h) = self.handles().get_mut(fh) {
-            if let HandleKind::File { append, .. } = &mut h.kind {
-                *append = saved;
+        let end = end.min(size);
+        if off >= end {
+            return Ok(());
+        }
+        // Partial blocks at the edges are written as zeros; whole blocks become holes.
+        let a = off.div_ceil(BLOCK) * BLOCK;
+        let b = end - end % BLOCK;
+        let zeros = vec![0u8; BLOCK as usize];
+        if a >= b {
+            self.write_locked(node, off, &zeros[..(end - off) as usize], false)?;
+            return Ok(());
+        }
+        if off < a {
+            self.write_locked(node, off, &zeros[..(a - off) as usize], false)?;
+        }
+        if b < end {
+            self.write_locked(node, b, &zeros[..(end - b) as usize], false)?;
+        }
+        let f = self.ensure_upper(node)?;
+        punch_hole(&f, a, b - a).map_err(io_errno)?;
+        self.account_upper(node, &f);
+        self.dirty().insert(node);
+        let mut inner = self.write_lock()?;
+        let is_lower = self.rec(&inner, node)?.lower.is_some();
+        if is_lower {
+            // The hole stands for these blocks now, not the snapshot's bytes.
+            let p = inner.overlay.state.present.entry(node).or_default();
+            if Arc::make_mut(p).insert(a, b) {
+                inner.pending_present.entry(node).or_default().push((a, b));
             }
         }
-        r
+        let t = now();
+        if let Some(r) = inner.overlay.state.nodes.get_mut(&node) {
+            r.mtime = t;
+            r.ctime = t;
+        }
+        inner.pending_present.entry(node).or_default();
+        Ok(())
     }
 
     /// SEEK_DATA / SEEK_HOLE over the merged file.
-    pub fn lseek(&self, fh: u64, off: u64, whence: u32) -> VfsResult<u64> {
-        let node = self.handles().get(fh)?.node;
-        let inner = self.state();
-        let v = self.view(&inner, node)?;
+    pub fn lseek(&self, owner: u64, fh: u64, off: u64, whence: u32) -> VfsResult<u64> {
+        let (node, ..) = self.file_handle(owner, fh)?;
+        if whence != SEEK_DATA && whence != SEEK_HOLE {
+            return Err(Errno::EINVAL);
+        }
+        let v = self.view(node)?;
         if off >= v.size {
             return Err(Errno::ENXIO);
         }
@@ -437,6 +534,17 @@ impl Vfs {
             _ => Err(Errno::EINVAL),
         }
     }
+}
+
+fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn read_full(f: &File, buf: &mut [u8], off: u64) -> VfsResult<()> {

@@ -1,4 +1,6 @@
-//! Open files and directories, each owned by one connection (or front end).
+//! Open files and directories. A handle belongs to the owner (connection or front end)
+//! that opened it: any other owner gets EBADF. Handle numbers are unpredictable (a keyed
+//! permutation of a counter), so one client cannot guess another's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,15 +12,23 @@ pub const MAX_HANDLES_PER_OWNER: usize = 16_384;
 /// Handles all owners together may hold; more gives ENFILE.
 pub const MAX_HANDLES: usize = 1 << 20;
 
-pub type Listing = Arc<Vec<(Vec<u8>, u64)>>;
+/// A directory's children as one opendir (or rewind) saw them, shared by every handle
+/// that saw the same version.
+#[derive(Clone, Debug)]
+pub enum Listing {
+    /// An unchanged snapshot directory: read straight from the index (no copy).
+    Lower(u32),
+    /// A directory the overlay changed: (name, node), sorted by name.
+    Upper(Arc<Vec<(Vec<u8>, u64)>>),
+}
 
 #[derive(Clone, Debug)]
 pub enum HandleKind {
     File {
-        append: bool,
+        read: bool,
         write: bool,
+        append: bool,
     },
-    /// A directory listing captured at opendir (and at each rewind to cookie 0).
     Dir {
         listing: Option<Listing>,
     },
@@ -31,14 +41,30 @@ pub struct OpenHandle {
     pub kind: HandleKind,
 }
 
-#[derive(Default)]
 pub struct Handles {
     map: HashMap<u64, OpenHandle>,
     per_owner: HashMap<u64, usize>,
-    next: u64,
+    counter: u64,
+    key: u64,
+}
+
+/// A bijection on u64 (splitmix64's finalizer): distinct inputs give distinct handles.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Handles {
+    pub fn new(key: u64) -> Handles {
+        Handles {
+            map: HashMap::new(),
+            per_owner: HashMap::new(),
+            counter: 0,
+            key,
+        }
+    }
+
     pub fn insert(&mut self, h: OpenHandle) -> Result<u64, Errno> {
         if self.map.len() >= MAX_HANDLES {
             return Err(Errno::ENFILE);
@@ -48,20 +74,37 @@ impl Handles {
             return Err(Errno::EMFILE);
         }
         *count += 1;
-        self.next += 1;
-        self.map.insert(self.next, h);
-        Ok(self.next)
+        let fh = loop {
+            self.counter += 1;
+            let fh = mix(self.counter ^ self.key);
+            if fh != 0 && !self.map.contains_key(&fh) {
+                break fh;
+            }
+        };
+        self.map.insert(fh, h);
+        Ok(fh)
     }
 
-    pub fn get(&self, fh: u64) -> Result<&OpenHandle, Errno> {
-        self.map.get(&fh).ok_or(Errno::EBADF)
+    pub fn get(&self, owner: u64, fh: u64) -> Result<&OpenHandle, Errno> {
+        self.map
+            .get(&fh)
+            .filter(|h| h.owner == owner)
+            .ok_or(Errno::EBADF)
     }
 
-    pub fn get_mut(&mut self, fh: u64) -> Result<&mut OpenHandle, Errno> {
-        self.map.get_mut(&fh).ok_or(Errno::EBADF)
+    pub fn get_mut(&mut self, owner: u64, fh: u64) -> Result<&mut OpenHandle, Errno> {
+        self.map
+            .get_mut(&fh)
+            .filter(|h| h.owner == owner)
+            .ok_or(Errno::EBADF)
     }
 
-    pub fn remove(&mut self, fh: u64) -> Result<OpenHandle, Errno> {
+    /// Removes a handle of the given kind (a directory handle is not released as a file).
+    pub fn remove(&mut self, owner: u64, fh: u64, dir: bool) -> Result<OpenHandle, Errno> {
+        let h = self.get(owner, fh)?;
+        if matches!(h.kind, HandleKind::Dir { .. }) != dir {
+            return Err(Errno::EBADF);
+        }
         let h = self.map.remove(&fh).ok_or(Errno::EBADF)?;
         if let Some(c) = self.per_owner.get_mut(&h.owner) {
             *c -= 1;
@@ -72,11 +115,52 @@ impl Handles {
         Ok(h)
     }
 
-    pub fn owned_by(&self, owner: u64) -> Vec<u64> {
+    /// Every handle `owner` holds, as (fh, is a directory).
+    pub fn owned_by(&self, owner: u64) -> Vec<(u64, bool)> {
+        if !self.per_owner.contains_key(&owner) {
+            return Vec::new();
+        }
         self.map
             .iter()
             .filter(|(_, h)| h.owner == owner)
-            .map(|(&fh, _)| fh)
+            .map(|(&fh, h)| (fh, matches!(h.kind, HandleKind::Dir { .. })))
             .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(owner: u64) -> OpenHandle {
+        OpenHandle {
+            node: 7,
+            owner,
+            kind: HandleKind::File {
+                read: true,
+                write: false,
+                append: false,
+            },
+        }
+    }
+
+    #[test]
+    fn handles_belong_to_their_owner_and_are_not_a_sequence() {
+        let mut h = Handles::new(0x1234_5678);
+        let a: Vec<u64> = (0..100).map(|_| h.insert(file(1)).unwrap()).collect();
+        assert!(a.windows(2).all(|w| w[1] != w[0] + 1), "{a:?}");
+        assert_eq!(h.get(2, a[0]).unwrap_err(), Errno::EBADF);
+        assert_eq!(h.remove(2, a[0], false).unwrap_err(), Errno::EBADF);
+        assert_eq!(h.remove(1, a[0], true).unwrap_err(), Errno::EBADF);
+        assert!(h.remove(1, a[0], false).is_ok());
+        assert_eq!(h.get(1, a[0]).unwrap_err(), Errno::EBADF);
     }
 }

@@ -1,0 +1,240 @@
+//! Opening files and directories, listing directories, closing. A handle pins its node
+//! (an unlinked file stays readable while open) and belongs to the owner that opened it.
+
+use hexz_protocol::{check_name, Attr, Errno};
+
+use super::handles::{HandleKind, Listing, OpenHandle};
+use super::names::NewNode;
+use super::{errno_of, kind_bits, DirItem, Vfs, VfsResult, ROOT};
+use crate::overlay::journal::Kind;
+
+fn access(flags: u32) -> (bool, bool) {
+    match flags as i32 & libc::O_ACCMODE {
+        libc::O_RDONLY => (true, false),
+        libc::O_WRONLY => (false, true),
+        _ => (true, true),
+    }
+}
+
+impl Vfs {
+    /// Opens a node: regular files for reading and/or writing; directories and special
+    /// files read-only (their data reads give EISDIR / EINVAL); a symlink gives ELOOP (the
+    /// server never follows one). `O_TRUNC` with write access truncates.
+    pub fn open(&self, owner: u64, node: u64, flags: u32) -> VfsResult<u64> {
+        let (read, write) = access(flags);
+        let trunc = flags as i32 & libc::O_TRUNC != 0;
+        if self.read_only && (write || trunc) {
+            return Err(Errno::EROFS);
+        }
+        let inner = self.state();
+        let rec = self.rec(&inner, node)?;
+        match rec.kind {
+            Kind::Symlink(_) => return Err(Errno::ELOOP),
+            Kind::Dir if write => return Err(Errno::EISDIR),
+            Kind::File => {}
+            _ if write => return Err(Errno::EINVAL),
+            _ => {}
+        }
+        let append = flags as i32 & libc::O_APPEND != 0;
+        let fh = self.new_handle(
+            node,
+            owner,
+            HandleKind::File {
+                read,
+                write,
+                append,
+            },
+        )?;
+        drop(inner);
+        if trunc && write && rec.kind == Kind::File && rec.size != 0 {
+            let set = super::SetAttr {
+                size: Some(0),
+                ..Default::default()
+            };
+            if let Err(e) = self.setattr(owner, node, None, set) {
+                let _ = self.release(owner, fh);
+                return Err(e);
+            }
+        }
+        Ok(fh)
+    }
+
+    /// Called with the state lock held, so the node cannot vanish in between.
+    fn new_handle(&self, node: u64, owner: u64, kind: HandleKind) -> VfsResult<u64> {
+        let fh = self.handles().insert(OpenHandle { node, owner, kind })?;
+        self.refs().pin(node, 1);
+        Ok(fh)
+    }
+
+    /// Create-and-open. With `O_EXCL` an existing name is EEXIST; otherwise the existing
+    /// file is opened (and truncated with `O_TRUNC`). The entry is referenced for `owner`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &self,
+        owner: u64,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: u32,
+        uid: u32,
+        gid: u32,
+    ) -> VfsResult<(Attr, u64)> {
+        check_name(name).map_err(|e| e.errno())?;
+        let node = {
+            let mut inner = self.write_lock()?;
+            let node = match self.child(&inner, parent, name)? {
+                Some(_) if flags as i32 & libc::O_EXCL != 0 => return Err(Errno::EEXIST),
+                Some(id) => id,
+                None => {
+                    let mode = libc::S_IFREG | (mode & 0o7777);
+                    let new = NewNode {
+                        kind: Kind::File,
+                        mode,
+                        rdev: 0,
+                        uid,
+                        gid,
+                    };
+                    self.make_node_locked(&mut inner, parent, name, new)?.ino
+                }
+            };
+            // Referenced before the lock goes, so an unlink cannot free it in between.
+            self.refs().take(owner, node, 1);
+            node
+        };
+        let opened = self
+            .open(owner, node, flags)
+            .and_then(|fh| Ok((self.attr(&self.state(), node)?, fh)));
+        if opened.is_err() {
+            self.forget(owner, node, 1);
+        }
+        opened
+    }
+
+    pub fn opendir(&self, owner: u64, node: u64) -> VfsResult<u64> {
+        let inner = self.state();
+        self.dir_rec(&inner, node)?;
+        self.new_handle(node, owner, HandleKind::Dir { listing: None })
+    }
+
+    /// Entries after `cookie` (0 = from the start, which also refreshes the listing):
+    /// `.`, `..`, then the children as they were at the last refresh. Takes no references.
+    pub fn readdir(&self, owner: u64, fh: u64, cookie: u64, max: u32) -> VfsResult<Vec<DirItem>> {
+        let (node, cached) = {
+            let handles = self.handles();
+            let h = handles.get(owner, fh)?;
+            match &h.kind {
+                HandleKind::Dir { listing } => {
+                    (h.node, if cookie == 0 { None } else { listing.clone() })
+                }
+                HandleKind::File { .. } => return Err(Errno::ENOTDIR),
+            }
+        };
+        let inner = self.state();
+        let parent = if node == ROOT {
+            ROOT
+        } else {
+            self.rec(&inner, node).map_or(ROOT, |r| r.parent)
+        };
+        let listing = match cached {
+            Some(l) => l,
+            None => {
+                // A directory removed while open lists as empty.
+                let l = self
+                    .listing(&inner, node)
+                    .unwrap_or_else(|_| Listing::Upper(Default::default()));
+                if let Ok(OpenHandle {
+                    kind: HandleKind::Dir { listing },
+                    ..
+                }) = self.handles().get_mut(owner, fh)
+                {
+                    *listing = Some(l.clone());
+                }
+                l
+            }
+        };
+        let mut out = Vec::new();
+        let max = max.max(1) as usize;
+        let mut i = cookie as usize;
+        while out.len() < max {
+            let (name, id): (&[u8], u64) = match i {
+                0 => (b".", node),
+                1 => (b"..", parent),
+                _ => match self.listing_entry(&listing, i - 2) {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
+            i += 1;
+            // Removed since the listing was taken: skip it.
+            if let Ok(r) = self.rec(&inner, id) {
+                out.push(DirItem {
+                    name: name.to_vec(),
+                    node: id,
+                    kind: kind_bits(&r.kind, r.mode),
+                    cookie: i as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attributes of the entries a readdirplus reply will carry, each (but `.` and `..`)
+    /// referenced for `owner`; entries removed meanwhile are left out.
+    pub fn entries_plus(&self, owner: u64, items: Vec<DirItem>) -> Vec<(DirItem, Attr)> {
+        let inner = self.state();
+        let mut out = Vec::with_capacity(items.len());
+        let mut refs = Vec::new();
+        for it in items {
+            let Ok(attr) = self.attr(&inner, it.node) else {
+                continue;
+            };
+            if it.name != b"." && it.name != b".." {
+                refs.push(it.node);
+            }
+            out.push((it, attr));
+        }
+        let mut r = self.refs();
+        for node in refs {
+            r.take(owner, node, 1);
+        }
+        out
+    }
+
+    /// Closes a file handle (a directory handle here is EBADF).
+    pub fn release(&self, owner: u64, fh: u64) -> VfsResult<()> {
+        let h = self.handles().get(owner, fh)?.clone();
+        if !matches!(h.kind, HandleKind::File { .. }) {
+            return Err(Errno::EBADF);
+        }
+        if matches!(h.kind, HandleKind::File { write: true, .. }) {
+            self.flush_node(h.node)?;
+        }
+        self.close(owner, fh, false, h.node)
+    }
+
+    /// Closes a directory handle (a file handle here is EBADF).
+    pub fn releasedir(&self, owner: u64, fh: u64) -> VfsResult<()> {
+        let node = self.handles().get(owner, fh)?.node;
+        self.close(owner, fh, true, node)
+    }
+
+    fn close(&self, owner: u64, fh: u64, dir: bool, node: u64) -> VfsResult<()> {
+        self.handles().remove(owner, fh, dir)?;
+        if self.refs().unpin(node, 1) {
+            self.remove_if_orphan(node);
+        }
+        Ok(())
+    }
+
+    /// Makes the directory's entries (and every other metadata change) durable.
+    pub fn fsyncdir(&self, owner: u64, fh: u64) -> VfsResult<()> {
+        match self.handles().get(owner, fh)?.kind {
+            HandleKind::Dir { .. } => {}
+            HandleKind::File { .. } => return Err(Errno::ENOTDIR),
+        }
+        if self.read_only {
+            return Ok(());
+        }
+        self.sync_journal().map_err(|e| errno_of(&e))
+    }
+}
