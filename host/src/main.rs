@@ -124,6 +124,16 @@ struct ServeArgs {
     /// Connections served at once; more are refused (logged).
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// Seconds a new connection has to send its hello before it is closed.
+    #[arg(long, default_value_t = 10)]
+    hello_timeout: u64,
+    /// Seconds a reply may wait for the client to read it before the connection is closed.
+    #[arg(long, default_value_t = 30)]
+    send_timeout: u64,
+    /// Seconds after start during which reconnecting clients may retain nameless
+    /// (unlinked but open) nodes; then unreferenced ones are removed.
+    #[arg(long, default_value_t = 30)]
+    orphan_grace: u64,
 }
 
 fn main() -> ExitCode {
@@ -324,6 +334,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_in_flight,
         overlay_size,
         max_connections,
+        hello_timeout,
+        send_timeout,
+        orphan_grace,
     } = args;
     use std::sync::Arc;
     let snap = Arc::new(Snapshot::open_with_cache(&snapshot, cache_mib << 20)?);
@@ -339,6 +352,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut cfg = hexz_host::server::ServerConfig {
         ttl_ms: ttl.saturating_mul(1000),
         max_connections: max_connections.max(1),
+        hello_timeout: std::time::Duration::from_secs(hello_timeout.max(1)),
+        send_timeout: std::time::Duration::from_secs(send_timeout.max(1)),
+        orphan_grace: std::time::Duration::from_secs(orphan_grace),
         ..Default::default()
     };
     cfg.limits.max_in_flight = max_in_flight.max(1);
