@@ -47,8 +47,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
 };
 
 const BLOCK: u64 = 4096;
@@ -256,7 +256,9 @@ impl State {
         newname: &OsStr,
         flags: RenameFlags,
     ) -> Result<(), Errno> {
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.contains(RenameFlags::RENAME_WHITEOUT)
+        {
             return Err(Errno::EINVAL);
         }
         let ino = self.lookup(parent, name)?;
@@ -269,7 +271,11 @@ impl State {
             }
             let is_dir = self.get(old)?.entries().is_some();
             if is_dir != self.get(ino)?.entries().is_some() {
-                return Err(if is_dir { Errno::EISDIR } else { Errno::ENOTDIR });
+                return Err(if is_dir {
+                    Errno::EISDIR
+                } else {
+                    Errno::ENOTDIR
+                });
             }
             self.remove(newparent, newname, is_dir)?;
         }
@@ -490,7 +496,12 @@ impl Filesystem for CrashFs {
         reply: ReplyEntry,
     ) {
         let mut st = self.state();
-        let inode = Inode::new(Body::Dir(BTreeMap::new()), mode & !umask, req.uid(), req.gid());
+        let inode = Inode::new(
+            Body::Dir(BTreeMap::new()),
+            mode & !umask,
+            req.uid(),
+            req.gid(),
+        );
         let r = st.make(parent.0, name, inode);
         reply_entry(&st, r, reply);
     }
@@ -506,7 +517,12 @@ impl Filesystem for CrashFs {
         reply: ReplyCreate,
     ) {
         let mut st = self.state();
-        let inode = Inode::new(Body::File(BTreeMap::new()), mode & !umask, req.uid(), req.gid());
+        let inode = Inode::new(
+            Body::File(BTreeMap::new()),
+            mode & !umask,
+            req.uid(),
+            req.gid(),
+        );
         match st
             .make(parent.0, name, inode)
             .and_then(|ino| Ok(st.get(ino)?.attr(ino)))
@@ -629,7 +645,10 @@ impl Filesystem for CrashFs {
         };
         // Offsets: 1 and 2 for `.` and `..`, then 3 + position (stable within a mount
         // as long as nobody changes the directory during the listing, which is enough here).
-        let dots = [(ino.0, FileType::Directory, OsStr::new(".")), (ino.0, FileType::Directory, OsStr::new(".."))];
+        let dots = [
+            (ino.0, FileType::Directory, OsStr::new(".")),
+            (ino.0, FileType::Directory, OsStr::new("..")),
+        ];
         let rest = entries.iter().map(|(name, child)| {
             let kind = match st.live.get(child).map(|i| &i.body) {
                 Some(Body::Dir(_)) => FileType::Directory,
@@ -637,7 +656,12 @@ impl Filesystem for CrashFs {
             };
             (*child, kind, name.as_os_str())
         });
-        for (n, (child, kind, name)) in dots.into_iter().chain(rest).enumerate().skip(offset as usize) {
+        for (n, (child, kind, name)) in dots
+            .into_iter()
+            .chain(rest)
+            .enumerate()
+            .skip(offset as usize)
+        {
             if reply.add(INodeNo(child), n as u64 + 1, kind, name) {
                 break;
             }
@@ -661,7 +685,16 @@ impl Filesystem for CrashFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let files = self.state().live.len() as u64;
-        reply.statfs(1 << 24, 1 << 23, 1 << 23, files + 1_000_000, 1_000_000, BLOCK as u32, 255, BLOCK as u32);
+        reply.statfs(
+            1 << 24,
+            1 << 23,
+            1 << 23,
+            files + 1_000_000,
+            1_000_000,
+            BLOCK as u32,
+            255,
+            BLOCK as u32,
+        );
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -679,6 +712,22 @@ fn mount(fs: &CrashFs, mnt: &Path) -> std::io::Result<fuser::BackgroundSession> 
     fuser::Session::new(fs.clone(), mnt, &config)?.spawn()
 }
 
+/// Unmounts and waits for the session to end. How the session ends is not an error
+/// (the kernel may report the connection as aborted rather than gone); a mount still in
+/// place is.
+fn unmount(session: Option<fuser::BackgroundSession>, mnt: &Path) -> std::io::Result<()> {
+    let ended = session.map_or(Ok(()), |s| s.umount_and_join());
+    let want = mnt.to_string_lossy();
+    let still = std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(&*want));
+    match ended {
+        Err(e) if still => Err(e),
+        _ if still => Err(std::io::Error::other("still mounted")),
+        _ => Ok(()),
+    }
+}
+
 fn main() {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
     let [mnt, control] = args.as_slice() else {
@@ -692,6 +741,7 @@ fn main() {
 }
 
 fn run(mnt: &Path, control: &Path) -> std::io::Result<()> {
+    let mnt = &std::fs::canonicalize(mnt)?;
     let fs = CrashFs(Arc::new(Mutex::new(State::new())));
     let mut session = Some(mount(&fs, mnt)?);
     let _ = std::fs::remove_file(control);
@@ -708,7 +758,7 @@ fn run(mnt: &Path, control: &Path) -> std::io::Result<()> {
                     (Ok(seed), Ok(permille)) => {
                         // Only a clean unmount drops the kernel's caches; without one the
                         // crash is not made (the caller has left something using the mount).
-                        let unmounted = session.take().map_or(Ok(()), |s| s.umount_and_join());
+                        let unmounted = unmount(session.take(), mnt);
                         let remounted = unmounted.and_then(|()| {
                             fs.state().crash(seed, permille);
                             mount(&fs, mnt)
@@ -732,8 +782,12 @@ fn run(mnt: &Path, control: &Path) -> std::io::Result<()> {
                 )
             }
             ["exit"] => {
-                let r = session.take().map_or(Ok(()), |s| s.umount_and_join());
-                let _ = writeln!(conn, "{}", r.map_or_else(|e| format!("error: {e}"), |()| "ok".into()));
+                let r = unmount(session.take(), mnt);
+                let _ = writeln!(
+                    conn,
+                    "{}",
+                    r.map_or_else(|e| format!("error: {e}"), |()| "ok".into())
+                );
                 let _ = std::fs::remove_file(control);
                 return Ok(());
             }
