@@ -29,6 +29,8 @@
 //!   longer reachable from the root are gone, link counts recounted) and the file system
 //!   is mounted again at the same place. Answers `ok` once the new mount is up. The
 //!   caller must first stop every process that uses the mount (the unmount is not lazy).
+//! - `writeback PATH` (relative to the mount): the kernel wrote that one inode back on
+//!   its own, as an fsync (file) or fsyncdir (directory) would have.
 //! - `stats`: `fsync=N fsyncdir=M crashes=K`.
 //! - `exit`: unmounts and exits.
 //!
@@ -772,6 +774,16 @@ fn run(mnt: &Path, control: &Path) -> std::io::Result<()> {
                         }
                     }
                     _ => "error: crash SEED PERMILLE".to_string(),
+                }
+            }
+            ["writeback", path] => {
+                let mut st = fs.state();
+                let found = Path::new(path)
+                    .iter()
+                    .try_fold(ROOT, |dir, name| st.lookup(dir, name));
+                match found.and_then(|ino| st.sync_file(ino)) {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("error: {path}: {e:?}"),
                 }
             }
             ["stats"] => {
