@@ -33,10 +33,11 @@ use hexz_e2e::{bin, hexz_host, pseudo_random};
 /// Whether crashfs can be mounted here; prints why not. Under `CI` a missing
 /// capability is a failure, not a skip.
 fn fuse_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     let why = if !Path::new("/dev/fuse").exists() {
         Some("/dev/fuse is missing".to_string())
-    } else if unsafe { libc::geteuid() } != 0 {
-        // SAFETY (above): geteuid has no preconditions.
+    } else if !root {
         Some("crashfs mounts with mount(2), which needs root".to_string())
     } else if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
@@ -267,10 +268,13 @@ impl Name {
     }
 }
 
+/// (directory node, name).
+type NameKey = (u64, String);
+
 struct Model {
     objs: HashMap<u64, Obj>,
     /// (directory node, name); the universe of names the workload uses.
-    names: BTreeMap<(u64, String), Name>,
+    names: BTreeMap<NameKey, Name>,
 }
 
 /// Whether `r` could be the file after a crash: as long as one allowed version, and each
@@ -557,7 +561,8 @@ impl Workload {
     /// violations, and resets the model to what was found (now all durable).
     fn check_recovered(&mut self, c: &mut Client) -> Vec<String> {
         let mut bad = Vec::new();
-        let mut found: BTreeMap<(u64, String), Option<(u64, Vec<u8>)>> = BTreeMap::new();
+        // (directory, name) -> the node found there and its bytes.
+        let mut found: BTreeMap<NameKey, Option<(u64, Vec<u8>)>> = BTreeMap::new();
         for dir in [ROOT_NODE, self.sub] {
             let listed = c.list(dir, false).expect("readdir");
             for (n, _) in &listed {
