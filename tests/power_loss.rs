@@ -330,6 +330,8 @@ struct Workload {
     rng: Rng,
     /// Human-readable log of this round's operations (printed with a failure).
     log: String,
+    /// fsyncs in flight at a power loss: [not answered, answered].
+    in_flight: [u64; 2],
 }
 
 impl Workload {
@@ -540,6 +542,38 @@ impl Workload {
             if datasync { " (datasync)" } else { "" },
             o.versions.last().unwrap().len()
         );
+    }
+
+    /// The power goes while an fsync is in flight: write, send the fsync, kill the server
+    /// 0-300 µs later, then take whatever reply had already
+    /// reached the socket. Only an fsync answered `ok` promises anything.
+    fn fsync_in_flight(&mut self, c: &mut Client, server: &mut Server) {
+        self.write(c);
+        let Some((dir, name, id)) = self.pick_existing() else {
+            return;
+        };
+        let fh = open_rw(c, id);
+        let datasync = self.rng.chance(30);
+        let delay = Duration::from_micros(self.rng.below(300));
+        let sent = c.send(Op::Fsync { fh, datasync });
+        std::thread::sleep(delay);
+        server.kill9();
+        let acked = matches!(
+            c.inner.recv(),
+            Ok(reply) if reply.id == sent && matches!(reply.r, ReplyBody::Ok {})
+        );
+        let _ = writeln!(
+            self.log,
+            "fsync {dir}/{name} (node {id}) in flight, server killed after {delay:?}: {}",
+            if acked { "acknowledged" } else { "no answer" }
+        );
+        self.in_flight[acked as usize] += 1;
+        if acked {
+            let o = self.model.objs.get_mut(&id).unwrap();
+            o.synced = o.versions.len() - 1;
+            let n = self.model.names.get_mut(&(dir, name)).unwrap();
+            n.durable = n.history.len() - 1;
+        }
     }
 
     /// Before any crash the server must show exactly the model's current state.
@@ -807,6 +841,7 @@ fn fsynced_data_and_names_survive_power_loss_at_random_points() {
         model: Model { objs, names },
         rng: Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
         log: String::new(),
+        in_flight: [0; 2],
     };
     let mut failures: Vec<String> = Vec::new();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
@@ -817,6 +852,11 @@ fn fsynced_data_and_names_survive_power_loss_at_random_points() {
         for _ in 0..steps {
             w.step(&mut c);
             ops += 1;
+        }
+        // A third of the power losses come in the middle of an fsync.
+        if w.rng.chance(33) {
+            w.fsync_in_flight(&mut c, &mut server);
+            ops += 2;
         }
         // Half the crashes keep only what was synced, half also a random part of what
         // the kernel could have written back on its own.
@@ -856,7 +896,9 @@ fn fsynced_data_and_names_survive_power_loss_at_random_points() {
     server.kill9();
     drop(c);
     eprintln!(
-        "power loss: {rounds} crash points, {ops} operations, {:.1} s; crashfs: {}",
+        "power loss: {rounds} crash points ({} during an fsync, {} of those answered), {ops} operations, {:.1} s; crashfs: {}",
+        w.in_flight[0] + w.in_flight[1],
+        w.in_flight[1],
         started.elapsed().as_secs_f64(),
         rig.fs.command("stats")
     );
