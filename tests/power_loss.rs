@@ -1067,3 +1067,30 @@ fn a_node_id_reused_after_power_loss_does_not_inherit_a_lost_files_bytes() {
         }
     );
 }
+
+#[test]
+fn bytes_past_a_snapshot_files_recovered_length_never_come_back_from_the_snapshot() {
+    let Some(rig) = Rig::new(true) else {
+        return;
+    };
+    let server = rig.serve();
+    let mut c = server.connect();
+    let readme = c.lookup(ROOT_NODE, "README.md").unwrap().node;
+    setattr_size(&mut c, readme, 9007);
+    create_synced(&mut c, "other", b"other");
+    rig.power_loss(server, c, 1, 0);
+    let server = rig.serve();
+    let mut c = server.connect();
+    // Whatever length it came back with (see the test above), growing it now must add
+    // zeros, not bytes the snapshot had there.
+    let len = c.read_path("README.md").unwrap().len();
+    setattr_size(&mut c, readme, len as u64 + 100);
+    let got = c.read_path("README.md").unwrap();
+    assert!(
+        got[len..].iter().all(|b| *b == 0),
+        "README.md came back {len} bytes long; extended by 100 bytes (no crash now) it \
+         reads {:?} past that: the snapshot's bytes came back. Reconciling sizes with the \
+         upper files on open shrinks the size but leaves lower_limit above it",
+        String::from_utf8_lossy(&got[len..(len + 24).min(got.len())])
+    );
+}
