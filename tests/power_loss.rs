@@ -332,6 +332,9 @@ struct Workload {
     log: String,
     /// fsyncs in flight at a power loss: [not answered, answered].
     in_flight: [u64; 2],
+    /// Node ids the server created, and in which round.
+    handed_out: HashMap<u64, u64>,
+    round: u64,
 }
 
 impl Workload {
@@ -414,7 +417,11 @@ impl Workload {
                     },
                 );
                 self.set_name(dir, &name, Some(e.node));
-                let _ = writeln!(self.log, "create {dir}/{name} -> node {}", e.node);
+                let reused = match self.handed_out.insert(e.node, self.round) {
+                    Some(r) => format!(" (an id reused: first handed out in round {r})"),
+                    None => String::new(),
+                };
+                let _ = writeln!(self.log, "create {dir}/{name} -> node {}{reused}", e.node);
                 (e.node, fh)
             }
         };
@@ -842,21 +849,38 @@ fn fsynced_data_and_names_survive_power_loss_at_random_points() {
         rng: Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
         log: String::new(),
         in_flight: [0; 2],
+        handed_out: HashMap::new(),
+        round: 0,
     };
     let mut failures: Vec<String> = Vec::new();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut ops = 0;
+    let mut clean_stops = 0;
     for round in 0..rounds {
         w.log.clear();
+        w.round = round;
         let steps = 1 + w.rng.below(14);
         for _ in 0..steps {
             w.step(&mut c);
             ops += 1;
         }
-        // A third of the power losses come in the middle of an fsync.
-        if w.rng.chance(33) {
-            w.fsync_in_flight(&mut c, &mut server);
-            ops += 2;
+        // A third of the power losses come in the middle of an fsync; some come after a
+        // clean stop (which rewrites the journal as a checkpoint).
+        let mut clean_stops_failed = Vec::new();
+        match w.rng.below(100) {
+            0..=32 => {
+                w.fsync_in_flight(&mut c, &mut server);
+                ops += 2;
+            }
+            33..=44 => {
+                let status = server.stop();
+                let _ = writeln!(w.log, "clean stop (SIGTERM): {status}");
+                clean_stops += 1;
+                if !status.success() {
+                    clean_stops_failed.push(format!("OTHER: the clean stop failed: {status}"));
+                }
+            }
+            _ => {}
         }
         // Half the crashes keep only what was synced, half also a random part of what
         // the kernel could have written back on its own.
@@ -875,7 +899,8 @@ fn fsynced_data_and_names_survive_power_loss_at_random_points() {
             ),
         };
         c = server.connect();
-        let bad = w.check_recovered(&mut c);
+        let mut bad = w.check_recovered(&mut c);
+        bad.extend(clean_stops_failed);
         for b in &bad {
             *kinds
                 .entry(b.split(':').next().unwrap().to_string())
@@ -896,7 +921,7 @@ fn fsynced_data_and_names_survive_power_loss_at_random_points() {
     server.kill9();
     drop(c);
     eprintln!(
-        "power loss: {rounds} crash points ({} during an fsync, {} of those answered), {ops} operations, {:.1} s; crashfs: {}",
+        "power loss: {rounds} crash points ({} during an fsync, {} of those answered; {clean_stops} after a clean stop), {ops} operations, {:.1} s; crashfs: {}",
         w.in_flight[0] + w.in_flight[1],
         w.in_flight[1],
         started.elapsed().as_secs_f64(),
