@@ -34,6 +34,11 @@
 //! - `stats`: `fsync=N fsyncdir=M crashes=K`.
 //! - `exit`: unmounts and exits.
 //!
+//! Not modelled: torn writes inside one inode (write-back takes an inode whole, as of
+//! the moment of the crash), ordering between inodes beyond the rules above, xattrs,
+//! hard links, symlinks and device nodes (the hexz overlay uses none of them on its
+//! directory), and disk-full errors.
+//!
 //! flock and POSIX locks are left to the kernel (crashfs does not negotiate
 //! FUSE_FLOCK_LOCKS / FUSE_POSIX_LOCKS, so the kernel keeps them locally), which is all
 //! the hexz overlay needs of them.
