@@ -218,6 +218,19 @@ impl Overlay {
         }
         if !read_only {
             std::fs::create_dir_all(dir.join("data")).map_err(|e| Error::io(&dir, e))?;
+            // The overlay directory itself must survive a power cut (its entry in the
+            // parent, and `data` in it), or everything fsynced inside it is lost.
+            for d in [
+                dir.parent().filter(|p| !p.as_os_str().is_empty()),
+                Some(&dir),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                File::open(d)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::io(d, e))?;
+            }
         }
         let lock = lock(&dir.join("lock"), read_only)?;
         let jpath = dir.join("journal");
@@ -272,33 +285,57 @@ impl Overlay {
             _lock: Some(lock),
             _ephemeral: ephemeral,
         };
-        ov.reconcile_upper_files()?;
+        ov.reconcile_upper_files(!read_only)?;
         if !read_only {
             ov.compact_if_large()?;
         }
         Ok(ov)
     }
 
-    /// Upper files are the truth for sizes (writes do not journal sizes); a missing upper
-    /// file means its creation never became durable.
-    fn reconcile_upper_files(&mut self) -> Result<()> {
+    /// Checks the upper files against the journal after a crash. A missing upper file
+    /// means its creation never became durable: the node reads from the snapshot again. A
+    /// new file (no snapshot origin) may be longer than journaled (writes after its last
+    /// fsync that survived): that length is kept; a snapshot file keeps its journaled
+    /// size. With `clean`, upper files no journal record names (a node id whose creation
+    /// was lost, reused later) are deleted.
+    fn reconcile_upper_files(&mut self, clean: bool) -> Result<()> {
         for rec in self.state.nodes.values_mut() {
             if !rec.upper {
                 continue;
             }
             match std::fs::metadata(self.dir.join("data").join(format!("{:016x}", rec.id))) {
-                Ok(m) => {
-                    rec.size = m.len();
-                    if let Some(p) = self.state.present.get_mut(&rec.id) {
-                        Arc::make_mut(p).truncate(rec.size);
-                    }
-                }
+                Ok(m) if rec.lower.is_none() => rec.size = rec.size.max(m.len()),
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     rec.upper = false;
                     self.state.present.remove(&rec.id);
                 }
                 Err(e) => return Err(Error::io(&self.dir, e)),
             }
+        }
+        if !clean {
+            return Ok(());
+        }
+        let data = self.data_dir();
+        let entries = std::fs::read_dir(&data).map_err(|e| Error::io(&data, e))?;
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let known = name
+                .to_str()
+                .and_then(|n| u64::from_str_radix(n, 16).ok())
+                .and_then(|id| self.state.nodes.get(&id))
+                .is_some_and(|r| r.upper);
+            if !known {
+                let _ = std::fs::remove_file(e.path());
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "upper files no journal record names were removed");
+            File::open(&data)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(&data, e))?;
         }
         Ok(())
     }
@@ -314,6 +351,13 @@ impl Overlay {
             .collect();
         v.sort_unstable();
         v
+    }
+
+    /// Whether the journal has grown enough since the last look to consider compacting.
+    pub fn compaction_due(&self) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|j| j.len() >= self.next_compaction_check)
     }
 
     /// Rewrites the journal as a checkpoint when it has grown well past the live state

@@ -129,9 +129,7 @@ impl Vfs {
             rec.mtime = m;
         }
         rec.ctime = t;
-        let mut records = self.take_pending(&mut inner, node);
-        records.push(Record::Node(rec.clone()));
-        self.commit(&mut inner, records)?;
+        self.commit(&mut inner, vec![Record::Node(rec.clone())])?;
         Ok(self.attr_of(&inner, &rec))
     }
 

@@ -208,6 +208,7 @@ impl Vfs {
                 return Ok(f);
             }
         }
+        self.dirty().insert(node);
         let f = self.upper_file(node, true)?.ok_or(Errno::EIO)?;
         f.set_len(rec.size).map_err(io_errno)?;
         self.data_dir_changes.fetch_add(1, Ordering::AcqRel);
@@ -285,6 +286,7 @@ impl Vfs {
         self.account_upper(node, &f);
         self.dirty().insert(node);
         let mut inner = self.write_lock()?;
+        self.data_change(&mut inner, node);
         if let Some((a, b)) = block {
             let p = inner.overlay.state.present.entry(node).or_default();
             if Arc::make_mut(p).insert(a, b) {
@@ -297,8 +299,17 @@ impl Vfs {
             r.mtime = t;
             r.ctime = t;
         }
-        inner.pending_present.entry(node).or_default();
         Ok(data.len() as u32)
+    }
+
+    /// Marks the start of unjournaled data changes of `node` (before the in-memory record
+    /// changes): remembers its journaled size for the records written meanwhile.
+    fn data_change(&self, inner: &mut Inner, node: u64) {
+        if let Some(r) = inner.overlay.state.nodes.get(&node) {
+            let at = (r.size, r.lower_limit);
+            inner.durable.entry(node).or_insert(at);
+        }
+        inner.pending_present.entry(node).or_default();
     }
 
     /// Sets a file's length (the caller holds its data lock and journals its attributes).
@@ -307,53 +318,42 @@ impl Vfs {
             return Err(Errno::EFBIG);
         }
         let f = self.ensure_upper(node)?;
+        self.dirty().insert(node);
         f.set_len(size).map_err(io_errno)?;
         self.account_upper(node, &f);
-        self.dirty().insert(node);
         let mut inner = self.write_lock()?;
-        let mut rec = self.rec(&inner, node)?;
-        rec.lower_limit = rec.lower_limit.min(size);
-        rec.size = size;
+        self.data_change(&mut inner, node);
+        if let Some(r) = inner.overlay.state.nodes.get_mut(&node) {
+            r.lower_limit = r.lower_limit.min(size);
+            r.size = size;
+        }
         if let Some(p) = inner.overlay.state.present.get_mut(&node) {
             Arc::make_mut(p).truncate(size);
         }
-        let mut records = self.take_pending(&mut inner, node);
-        records.push(Record::Node(rec));
-        self.commit(&mut inner, records)
+        Ok(())
     }
 
-    /// Records for data changes of `id` not yet in the journal (present ranges, then the
-    /// node itself so its size and times follow).
-    pub(super) fn take_pending(&self, inner: &mut Inner, id: u64) -> Vec<Record> {
-        match inner.pending_present.remove(&id) {
-            Some(ranges) => ranges
-                .into_iter()
-                .map(|(start, end)| Record::Present { id, start, end })
-                .collect(),
-            None => Vec::new(),
+    /// The records of `id`'s unjournaled data state (present ranges, then the node with
+    /// its live size): only once its upper file is durable.
+    pub(super) fn take_data_records(&self, inner: &mut Inner, id: u64) -> Vec<Record> {
+        inner.durable.remove(&id);
+        let Some(ranges) = inner.pending_present.remove(&id) else {
+            return Vec::new();
+        };
+        let mut records: Vec<Record> = ranges
+            .into_iter()
+            .map(|(start, end)| Record::Present { id, start, end })
+            .collect();
+        if let Some(rec) = inner.overlay.state.nodes.get(&id) {
+            records.push(Record::Node(rec.clone()));
         }
+        records
     }
 
-    /// Journals a node's pending data changes (visible after a server crash).
-    pub(super) fn flush_node(&self, id: u64) -> VfsResult<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if !inner.pending_present.contains_key(&id) {
-            return Ok(());
-        }
-        let mut records = self.take_pending(&mut inner, id);
-        match inner.overlay.state.nodes.get(&id).cloned() {
-            Some(rec) => records.push(Record::Node(rec)),
-            None => return Ok(()),
-        }
-        self.commit(&mut inner, records)
-    }
-
+    /// Data reaches the journal only through `fsync` (see the module doc), so a flush
+    /// checks the handle and has nothing else to do.
     pub fn flush(&self, owner: u64, fh: u64) -> VfsResult<()> {
-        let (node, ..) = self.file_handle(owner, fh)?;
-        self.flush_node(node)
+        self.file_handle(owner, fh).map(|_| ())
     }
 
     /// Makes the file's data and the metadata that reaches it durable: upper data, then
@@ -365,6 +365,8 @@ impl Vfs {
         if self.read_only {
             return Ok(());
         }
+        // No write of this file may land between syncing its data and journaling it.
+        let _data = self.node_lock(node);
         let upper = self.rec(&self.state(), node)?.upper;
         if upper {
             if let Some(f) = self.upper_file(node, false)? {
@@ -383,7 +385,13 @@ impl Vfs {
                 Ok(reached)
             })
             .map_err(io_errno)?;
-        self.flush_node(node)?;
+        {
+            let mut inner = self.write_lock()?;
+            let records = self.take_data_records(&mut inner, node);
+            if !records.is_empty() {
+                self.commit(&mut inner, records)?;
+            }
+        }
         self.sync_journal().map_err(|e| errno_of(&e))
     }
 
@@ -460,6 +468,7 @@ impl Vfs {
         self.account_upper(node, &f);
         self.dirty().insert(node);
         let mut inner = self.write_lock()?;
+        self.data_change(&mut inner, node);
         let is_lower = self.rec(&inner, node)?.lower.is_some();
         if is_lower {
             // The hole stands for these blocks now, not the snapshot's bytes.
@@ -473,7 +482,6 @@ impl Vfs {
             r.mtime = t;
             r.ctime = t;
         }
-        inner.pending_present.entry(node).or_default();
         Ok(())
     }
 

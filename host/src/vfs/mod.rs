@@ -18,6 +18,14 @@
 //! lock only, and syncs are group commits (`sync.rs`) outside every lock. Journal
 //! appends (buffered writes of a few hundred bytes) happen under `inner` so that a
 //! change and its record are one step; compaction, rare and amortized, does too.
+//!
+//! Durability: a journal record never points at file data that is not yet durable. A
+//! file's data state (its size and which ranges its upper file holds) is journaled only
+//! by `fsync` of that file, after its upper file is synced, or at clean shutdown (and by
+//! compaction, which syncs first). Every other record that names the file (chmod, link,
+//! rename…) carries the size it had at its last journaled data state. So a journal sync,
+//! whoever triggers it, can never make metadata durable that outruns another file's
+//! unsynced data; after a power cut a file is at its last fsynced state or later.
 
 mod attrs;
 mod data;
@@ -88,6 +96,8 @@ pub(crate) struct Inner {
     pub(crate) overlay: Overlay,
     /// Data written but not yet journaled (present ranges; size and times live in memory).
     pending_present: HashMap<u64, Vec<(u64, u64)>>,
+    /// For nodes with unjournaled data changes: (size, lower_limit) as last journaled.
+    durable: HashMap<u64, (u64, u64)>,
 }
 
 pub struct Vfs {
@@ -218,6 +228,7 @@ impl Vfs {
             inner: RwLock::new(Inner {
                 overlay,
                 pending_present: HashMap::new(),
+                durable: HashMap::new(),
             }),
             refs: Mutex::new(Refs::default()),
             handles: Mutex::new(Handles::new(random_u64())),
@@ -407,14 +418,36 @@ impl Vfs {
         Ok(rec)
     }
 
-    /// Journals `records` as one atomic step and applies them.
-    pub(crate) fn commit(&self, inner: &mut Inner, records: Vec<Record>) -> VfsResult<()> {
+    /// Journals `records` as one atomic step and applies them. Node records of files with
+    /// unjournaled data changes are journaled with their last journaled size (see the top
+    /// of this file); the live size stays in memory.
+    pub(crate) fn commit(&self, inner: &mut Inner, mut records: Vec<Record>) -> VfsResult<()> {
         let mut dirs = Vec::new();
         changed_dirs(&records, &mut dirs);
+        let mut live = Vec::new();
+        if !inner.durable.is_empty() {
+            durable_sizes(&mut records, &inner.durable, &mut live);
+        }
+        let live: Vec<_> = live
+            .into_iter()
+            .map(|(id, size, limit)| {
+                let present = inner.overlay.state.present.get(&id).cloned();
+                (id, size, limit, present)
+            })
+            .collect();
         inner
             .overlay
             .commit(records, &self.snap)
             .map_err(|e| errno_of(&e))?;
+        for (id, size, limit, present) in live {
+            if let Some(r) = inner.overlay.state.nodes.get_mut(&id) {
+                r.size = size;
+                r.lower_limit = limit;
+            }
+            if let Some(p) = present {
+                inner.overlay.state.present.insert(id, p);
+            }
+        }
         if !dirs.is_empty() {
             let mut cache = self.listings.lock().unwrap_or_else(|p| p.into_inner());
             for d in dirs {
@@ -425,15 +458,26 @@ impl Vfs {
         Ok(())
     }
 
-    /// Compacts the journal when it has outgrown the live state; tracks its size.
+    /// Compacts the journal when it has outgrown the live state; tracks its size. The
+    /// checkpoint holds every file's live data state, so their data is synced first (the
+    /// one place file data is synced under the state lock: rare, amortized).
     fn after_append(&self, inner: &mut Inner) {
-        match inner.overlay.compact_if_large() {
+        let compacted = if inner.overlay.compaction_due() {
+            match self.sync_dirty_files() {
+                Ok(()) => inner.overlay.compact_if_large(),
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(false)
+        };
+        match compacted {
             Ok(true) => {
                 // A checkpoint is durable when written: every pending sync is covered.
                 if let Some((p, _)) = inner.overlay.sync_point() {
                     self.journal_sync.mark(p);
                 }
-                inner.pending_present.values_mut().for_each(Vec::clear);
+                inner.pending_present.clear();
+                inner.durable.clear();
                 tracing::info!(
                     bytes = inner.overlay.journal_len(),
                     "overlay journal compacted"
@@ -450,6 +494,7 @@ impl Vfs {
         self.files_lock().remove(&id);
         self.dirty().remove(&id);
         inner.pending_present.remove(&id);
+        inner.durable.remove(&id);
         if let Some(b) = self
             .upper_sizes
             .lock()
@@ -516,29 +561,58 @@ impl Vfs {
             inner.overlay.remove_ephemeral();
             return Ok(());
         }
-        let dirty: Vec<u64> = self.dirty().drain().collect();
-        for id in dirty {
-            let path = inner.overlay.upper_path(id);
-            match File::open(&path) {
-                Ok(f) => f.sync_all().map_err(|e| Error::io(&path, e))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&path, e)),
-            }
-        }
-        let dir = inner.overlay.data_dir();
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(&dir, e))?;
+        self.sync_dirty_files()?;
         let ids: Vec<u64> = inner.pending_present.keys().copied().collect();
         for id in ids {
-            let mut records = self.take_pending(&mut inner, id);
-            if let Some(rec) = inner.overlay.state.nodes.get(&id).cloned() {
-                records.push(Record::Node(rec));
+            let records = self.take_data_records(&mut inner, id);
+            if !records.is_empty() {
                 inner.overlay.commit(records, &self.snap)?;
             }
         }
         inner.overlay.sync()?;
         inner.overlay.checkpoint()
+    }
+
+    /// Syncs every upper file written since its last sync, then the data directory.
+    fn sync_dirty_files(&self) -> crate::Result<()> {
+        let dirty: Vec<u64> = self.dirty().drain().collect();
+        for (i, &id) in dirty.iter().enumerate() {
+            let path = self.data_dir.join(format!("{id:016x}"));
+            let r = match File::open(&path) {
+                Ok(f) => f.sync_all(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                self.dirty().extend(&dirty[i..]);
+                return Err(Error::io(&path, e));
+            }
+        }
+        File::open(&self.data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(&self.data_dir, e))
+    }
+}
+
+/// Replaces the size of nodes with unjournaled data changes by their last journaled one,
+/// collecting the live values to restore in memory.
+fn durable_sizes(
+    records: &mut [Record],
+    durable: &HashMap<u64, (u64, u64)>,
+    live: &mut Vec<(u64, u64, u64)>,
+) {
+    for r in records {
+        match r {
+            Record::Node(n) => {
+                if let Some(&(size, limit)) = durable.get(&n.id) {
+                    live.push((n.id, n.size, n.lower_limit));
+                    n.size = size;
+                    n.lower_limit = limit;
+                }
+            }
+            Record::Batch(v) => durable_sizes(v, durable, live),
+            _ => {}
+        }
     }
 }
 

@@ -218,7 +218,7 @@ impl Vfs {
         rec.ctime = t;
         prec.mtime = t;
         prec.ctime = t;
-        let mut records = self.take_pending(&mut inner, node);
+        let mut records = Vec::new();
         records.extend([
             Record::Node(rec.clone()),
             Record::Entry {
@@ -261,7 +261,7 @@ impl Vfs {
         }
         rec.nlink = if dir { 0 } else { rec.nlink.saturating_sub(1) };
         rec.ctime = t;
-        let mut records = self.take_pending(&mut inner, id);
+        let mut records = Vec::new();
         records.extend([
             Record::Entry {
                 dir: parent,
@@ -395,7 +395,6 @@ impl Vfs {
                 }
                 if d.nlink == 0 {
                     dropped = Some(d.id);
-                    records.extend(self.take_pending(&mut inner, d.id));
                 }
                 changed.insert(d.id, d);
             }

@@ -206,9 +206,6 @@ impl Vfs {
         if !matches!(h.kind, HandleKind::File { .. }) {
             return Err(Errno::EBADF);
         }
-        if matches!(h.kind, HandleKind::File { write: true, .. }) {
-            self.flush_node(h.node)?;
-        }
         self.close(owner, fh, false, h.node)
     }
 

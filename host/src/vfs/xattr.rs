@@ -80,7 +80,7 @@ impl Vfs {
             return Err(Errno::ENOSPC);
         }
         self.check_space((name.len() + value.len() + 64) as u64)?;
-        let mut records = self.take_pending(&mut inner, node);
+        let mut records = Vec::new();
         if !inner.overlay.state.xattrs.contains_key(&node) {
             records.push(Record::Xattrs { id: node, all });
         }
@@ -104,7 +104,7 @@ impl Vfs {
         {
             return Err(Errno::ENODATA);
         }
-        let mut records = self.take_pending(&mut inner, node);
+        let mut records = Vec::new();
         if !inner.overlay.state.xattrs.contains_key(&node) {
             records.push(Record::Xattrs { id: node, all });
         }
