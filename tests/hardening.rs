@@ -281,8 +281,17 @@ fn a_client_that_never_reads_stalls_only_itself_and_is_disconnected() {
 fn connections_are_capped_and_a_silent_one_is_closed_after_the_hello_deadline() {
     let fx = Fixture::new();
     let server = fx.server("s", &["--max-connections", "3", "--hello-timeout", "2"]);
-    // Three connections that said hello (so the server surely counts them)...
-    let full: Vec<Client> = (0..3).map(|_| server.connect()).collect();
+    // Three connections that said hello (so the server surely counts them; the
+    // readiness probe of `Server::start` may still hold a slot for a moment)...
+    let mut full = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while full.len() < 3 && Instant::now() < deadline {
+        let s = UnixStream::connect(&server.socket).unwrap();
+        if let Ok(c) = client::Client::new(s, default_hello()) {
+            full.push(c);
+        }
+    }
+    assert_eq!(full.len(), 3);
     // ...then a fourth is over the cap: closed at once.
     let mut extra = UnixStream::connect(&server.socket).unwrap();
     let _ = extra.write_all(&hello_bytes(&[]));

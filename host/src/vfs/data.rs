@@ -452,7 +452,8 @@ impl Vfs {
         // Partial blocks at the edges are written as zeros; whole blocks become holes.
         let a = off.div_ceil(BLOCK) * BLOCK;
         let b = end - end % BLOCK;
-        let zeros = vec![0u8; BLOCK as usize];
+        // Without a whole block inside, the range spans at most two partial blocks.
+        let zeros = vec![0u8; 2 * BLOCK as usize];
         if a >= b {
             self.write_locked(node, off, &zeros[..(end - off) as usize], false)?;
             return Ok(());
