@@ -63,16 +63,36 @@ pub fn check_canonical(body: &[u8]) -> Result<(), CborError> {
     scan(body).0
 }
 
-/// As [`check_canonical`], and also the request id when it could be read: the body is a
-/// map whose `"id"` key and unsigned-integer value both came before the first violation.
+/// As [`check_canonical`], and on a violation also the request id when it can be read:
+/// the body begins with a map head, the text key `"id"` and an unsigned integer, all
+/// three obeying the rules, and the first violation comes after them.
 pub(crate) fn scan(body: &[u8]) -> (Result<(), CborError>, Option<u64>) {
-    let mut s = Scanner {
-        b: body,
-        pos: 0,
-        id: None,
-    };
-    let r = s.run();
-    (r, s.id)
+    let mut s = Scanner { b: body, pos: 0 };
+    match s.run() {
+        Ok(()) => (Ok(()), None),
+        Err(e) => {
+            let id = leading_id(body).and_then(|(id, end)| (e.at >= end).then_some(id));
+            (Err(e), id)
+        }
+    }
+}
+
+/// The id of a body that begins `{"id": <uint>, ...` in canonical form, and the offset
+/// after it.
+fn leading_id(body: &[u8]) -> Option<(u64, usize)> {
+    let mut s = Scanner { b: body, pos: 0 };
+    match s.head().ok()? {
+        (5, n) if n >= 1 => {}
+        _ => return None,
+    }
+    if body.get(s.pos..s.pos + 3)? != b"\x62id" {
+        return None;
+    }
+    s.pos += 3;
+    match s.head().ok()? {
+        (0, id) => Some((id, s.pos)),
+        _ => None,
+    }
 }
 
 struct Level {
@@ -86,7 +106,6 @@ struct Level {
 struct Scanner<'a> {
     b: &'a [u8],
     pos: usize,
-    id: Option<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -156,15 +175,12 @@ impl Scanner<'_> {
         // Encoded key ranges of the maps being walked, innermost last.
         let mut keys: Vec<(usize, usize)> = Vec::new();
         let mut items = 0usize;
-        // The last key of the top-level map was "id".
-        let mut id_key = false;
         loop {
             let role = match stack.last() {
                 None => Role::Root,
                 Some(l) if l.is_map && l.left % 2 == 0 => Role::Key,
                 Some(_) => Role::Value,
             };
-            let top_level = stack.len() == 1 && stack[0].is_map;
             let at = self.pos;
             items += 1;
             if items > MAX_ITEMS {
@@ -211,13 +227,6 @@ impl Scanner<'_> {
                 }
                 _ => {}
             }
-            if top_level {
-                match role {
-                    Role::Key => id_key = &self.b[at..self.pos] == b"\x62id",
-                    Role::Value if id_key && major == 0 => self.id = Some(arg),
-                    _ => {}
-                }
-            }
             if role == Role::Key {
                 keys.push((at, self.pos));
             }
@@ -241,12 +250,16 @@ impl Scanner<'_> {
                 if l.is_map {
                     let b = self.b;
                     let mine = &mut keys[l.key_base..];
-                    mine.sort_unstable_by(|x, y| b[x.0..x.1].cmp(&b[y.0..y.1]));
-                    if let Some(w) = mine
+                    // Equal keys end up together, in the order they occur.
+                    mine.sort_unstable_by(|x, y| b[x.0..x.1].cmp(&b[y.0..y.1]).then(x.0.cmp(&y.0)));
+                    // The violation is the earliest repeat of any key.
+                    let repeat = mine
                         .windows(2)
-                        .find(|w| b[w[0].0..w[0].1] == b[w[1].0..w[1].1])
-                    {
-                        return Err(self.err(w[0].0.max(w[1].0), CborErrorKind::DuplicateKey));
+                        .filter(|w| b[w[0].0..w[0].1] == b[w[1].0..w[1].1])
+                        .map(|w| w[1].0)
+                        .min();
+                    if let Some(at) = repeat {
+                        return Err(self.err(at, CborErrorKind::DuplicateKey));
                     }
                     keys.truncate(l.key_base);
                 }
@@ -309,8 +322,8 @@ fn text<'a>(b: &'a [u8], pos: &mut usize) -> Option<&'a str> {
 }
 
 /// From a request body that passes [`check_canonical`] but does not decode: its `"id"`
-/// (an unsigned integer value of the top-level map) and its opcode (the text of `"op"`,
-/// or the only key of the `"op"` map), each if present.
+/// (an unsigned integer value of the top-level map) and its opcode (the only key of the
+/// `"op"` map, when `"op"` is a map of one entry), each if present.
 pub(crate) fn id_and_opcode(b: &[u8]) -> (Option<u64>, Option<&str>) {
     let (mut id, mut op) = (None, None);
     let mut pos = 0;
@@ -329,9 +342,7 @@ pub(crate) fn id_and_opcode(b: &[u8]) -> (Option<u64>, Option<&str>) {
                 }
             }
             "op" => {
-                if let Some(t) = text(b, &mut pos) {
-                    op = Some(t);
-                } else if let Some((5, 1)) = head_of(b, &mut pos) {
+                if let Some((5, 1)) = head_of(b, &mut pos) {
                     op = text(b, &mut pos);
                 }
             }
@@ -456,7 +467,7 @@ mod tests {
     }
 
     #[test]
-    fn the_id_is_recovered_only_when_it_precedes_the_violation() {
+    fn on_a_violation_the_id_is_read_only_from_a_leading_id_entry() {
         // {"id": 7, "op": 1.0 (half float)}
         let b = [
             0xa2, 0x62, b'i', b'd', 0x07, 0x62, b'o', b'p', 0xf9, 0x3c, 0x00,
@@ -475,6 +486,45 @@ mod tests {
         // {"x": {"id": 3}, ...}: only the top-level map's "id" counts.
         let b = [0xa1, 0x61, b'x', 0xa1, 0x62, b'i', b'd', 0x03, 0xf7];
         assert_eq!(scan(&b).1, None);
+        // {"x": 1, "id": 7, "op": undefined}: "id" must be the first key.
+        let b = [
+            0xa3, 0x61, b'x', 0x01, 0x62, b'i', b'd', 0x07, 0x62, b'o', b'p', 0xf7,
+        ];
+        assert_eq!(scan(&b).1, None);
+        // {"id": 7, "id": 8}: the repeat comes after the first id.
+        let b = [0xa2, 0x62, b'i', b'd', 0x07, 0x62, b'i', b'd', 0x08];
+        let (r, id) = scan(&b);
+        assert_eq!(
+            r.unwrap_err(),
+            CborError {
+                at: 5,
+                kind: CborErrorKind::DuplicateKey
+            }
+        );
+        assert_eq!(id, Some(7));
+        // A map head claiming more entries than there are bytes: the head is the violation.
+        let b = [0xb8, 0x20, 0x62, b'i', b'd', 0x07];
+        let (r, id) = scan(&b);
+        assert_eq!(r.unwrap_err().at, 0);
+        assert_eq!(id, None);
+        // A well-formed body: no violation, so nothing to recover.
+        assert_eq!(scan(&[0xa1, 0x62, b'i', b'd', 0x07]), (Ok(()), None));
+    }
+
+    #[test]
+    fn a_duplicate_key_is_reported_at_its_first_repeat() {
+        // {"a": 1, "b": 2, "a": 3, "b": 4, "a": 5}
+        let b = [
+            0xa5, 0x61, b'a', 0x01, 0x61, b'b', 0x02, 0x61, b'a', 0x03, 0x61, b'b', 0x04, 0x61,
+            b'a', 0x05,
+        ];
+        assert_eq!(
+            check_canonical(&b),
+            Err(CborError {
+                at: 7,
+                kind: CborErrorKind::DuplicateKey
+            })
+        );
     }
 
     #[test]
@@ -491,7 +541,8 @@ mod tests {
             0xa2, 0x62, b'i', b'd', 0x20, 0x62, b'o', b'p', 0x66, b's', b't', b'a', b't', b'f',
             b's',
         ];
-        assert_eq!(id_and_opcode(&b), (None, Some("statfs")));
+        // (and "op" as a text string names no opcode)
+        assert_eq!(id_and_opcode(&b), (None, None));
         assert_eq!(id_and_opcode(&[0x80]), (None, None));
     }
 }

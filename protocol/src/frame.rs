@@ -100,8 +100,9 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, FrameError> {
 
 /// Decodes a request; on failure, recovers the id when it can so the caller can answer
 /// (docs/PROTOCOL.md §6.3):
-/// - a body breaking the encoding rules: `EINVAL`, with the id if the top-level `"id"`
-///   entry came before the first violation;
+/// - a body breaking the encoding rules: `EINVAL`, with the id only if the body begins
+///   with a map whose first entry is `"id"` and an unsigned integer, in canonical form,
+///   before the first violation;
 /// - a well-formed body with an unknown opcode: `ENOSYS`;
 /// - any other body that does not decode (missing or mistyped fields, a `Timespec` with
 ///   `nsec >= 1e9`, ...): `EINVAL`.

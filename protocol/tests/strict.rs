@@ -239,6 +239,22 @@ fn well_formed_but_wrong_requests() {
         .u(1)
         .0;
     assert_eq!(refused(&body), (Some(5), Errno::EINVAL));
+    // "op" that is not a map of one entry: EINVAL, even when it reads like an opcode.
+    let body = W::default().map(2).t("id").u(6).t("op").t("frobnicate").0;
+    assert_eq!(refused(&body), (Some(6), Errno::EINVAL));
+    let body = W::default().map(1).t("id").u(7).0;
+    assert_eq!(refused(&body), (Some(7), Errno::EINVAL));
+    // The id need not come first in a well-formed body.
+    let body = W::default()
+        .map(2)
+        .t("op")
+        .map(1)
+        .t("frobnicate")
+        .map(0)
+        .t("id")
+        .u(8)
+        .0;
+    assert_eq!(refused(&body), (Some(8), Errno::ENOSYS));
     // No id at all, or a negative one: nothing to answer.
     let body = W::default().map(1).t("op").map(1).t("x").map(0).0;
     assert_eq!(refused(&body), (None, Errno::EBADMSG));
