@@ -8,10 +8,13 @@ use serde_bytes::ByteBuf;
 
 use crate::Errno;
 
-/// A node (file, directory, ...) as named by the server. Stable for the life of the
-/// served filesystem, across reconnects and server restarts. The root is [`ROOT_NODE`].
+/// A node (file, directory, ...) as named by the server. Never reused within one
+/// `fs_id`; valid across reconnects and server restarts for as long as the node exists
+/// (it has a name, or some connection holds a reference or handle on it, or it is in
+/// its grace period: docs/PROTOCOL.md §5.3). The root is [`ROOT_NODE`].
 pub type NodeId = u64;
-/// An open file or directory, valid on the connection that opened it.
+/// An open file or directory: an unpredictable value, valid only on the connection
+/// that opened it (docs/PROTOCOL.md §5.2).
 pub type Handle = u64;
 
 pub const ROOT_NODE: NodeId = 1;
@@ -192,7 +195,8 @@ pub enum Op {
         items: Vec<(NodeId, u64)>,
     },
     /// Takes `n` references on each node again (after a reconnect, for nodes the client
-    /// still references); nodes that no longer exist are skipped.
+    /// still references); nodes that no longer exist are skipped silently. At most
+    /// [`crate::hello::MAX_BATCH_FORGET`] items.
     Retain {
         items: Vec<(NodeId, u64)>,
     },
