@@ -95,6 +95,9 @@ fn leading_id(body: &[u8]) -> Option<(u64, usize)> {
     }
 }
 
+/// Maps with at most this many keys are checked for repeats key by key.
+const SMALL_MAP: usize = 32;
+
 struct Level {
     /// Items still to come (a map of n entries has 2n).
     left: u64,
@@ -228,6 +231,15 @@ impl Scanner<'_> {
                 _ => {}
             }
             if role == Role::Key {
+                let base = stack.last().map_or(0, |l| l.key_base);
+                let key = &self.b[at..self.pos];
+                // Small maps (all of v1's) are checked as each key arrives; a larger one
+                // is sorted when it closes.
+                if keys.len() - base < SMALL_MAP
+                    && keys[base..].iter().any(|&(s, e)| &self.b[s..e] == key)
+                {
+                    return Err(self.err(at, CborErrorKind::DuplicateKey));
+                }
                 keys.push((at, self.pos));
             }
             if opened {
@@ -247,7 +259,9 @@ impl Scanner<'_> {
                     break;
                 }
                 let l = stack.pop().expect("non-empty");
-                if l.is_map {
+                if l.is_map && keys.len() - l.key_base <= SMALL_MAP {
+                    keys.truncate(l.key_base);
+                } else if l.is_map {
                     let b = self.b;
                     let mine = &mut keys[l.key_base..];
                     // Equal keys end up together, in the order they occur.
@@ -509,6 +523,36 @@ mod tests {
         assert_eq!(id, None);
         // A well-formed body: no violation, so nothing to recover.
         assert_eq!(scan(&[0xa1, 0x62, b'i', b'd', 0x07]), (Ok(()), None));
+    }
+
+    #[test]
+    fn repeats_are_found_in_large_maps_too() {
+        // {"k00": 0, ..., "k39": 0}, then the same with "k39" renamed "k03".
+        let map = |last: &str| {
+            let mut b = vec![0xb8, 40];
+            let mut at = 0;
+            for i in 0..40 {
+                let k = if i == 39 {
+                    last.to_string()
+                } else {
+                    format!("k{i:02}")
+                };
+                at = b.len();
+                b.push(0x63);
+                b.extend(k.as_bytes());
+                b.push(0x00);
+            }
+            (b, at)
+        };
+        assert_eq!(check_canonical(&map("k39").0), Ok(()));
+        let (b, at) = map("k03");
+        assert_eq!(
+            check_canonical(&b),
+            Err(CborError {
+                at,
+                kind: CborErrorKind::DuplicateKey
+            })
+        );
     }
 
     #[test]
