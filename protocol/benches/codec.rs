@@ -111,6 +111,17 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // The encoding check alone (it runs inside every decode above).
+    let mut g = c.benchmark_group("check_canonical");
+    let mut body = Vec::new();
+    encode_frame(&listing, 1 << 24, &mut body).unwrap();
+    let body = body[PREFIX_LEN..].to_vec();
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("readdirplus 100 entries reply", |b| {
+        b.iter(|| check_canonical(std::hint::black_box(&body)))
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench);

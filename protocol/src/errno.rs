@@ -35,29 +35,29 @@ errno_table! {
     ENODEV = 19, "no such device";
     ENOTDIR = 20, "not a directory";
     EISDIR = 21, "is a directory";
-    EINVAL = 22, "invalid argument";
+    EINVAL = 22, "invalid argument (a bad field, or a broken encoding rule)";
     ENFILE = 23, "too many open handles on the server";
     EMFILE = 24, "too many open handles on this connection";
     ETXTBSY = 26, "text file busy";
     EFBIG = 27, "file too large";
-    ENOSPC = 28, "no space left on device";
+    ENOSPC = 28, "no space left on device (overlay full, or an xattr limit)";
     ESPIPE = 29, "illegal seek";
     EROFS = 30, "read-only file system";
     EMLINK = 31, "too many links";
-    ERANGE = 34, "result too large (xattr buffer)";
+    ERANGE = 34, "result too large (an xattr name over 255 bytes)";
     ENAMETOOLONG = 36, "file name too long";
     ENOLCK = 37, "no locks available";
-    ENOSYS = 38, "operation not implemented (unknown opcode)";
+    ENOSYS = 38, "unknown opcode, or a capability not agreed in the hello";
     ENOTEMPTY = 39, "directory not empty";
     ELOOP = 40, "too many levels of symbolic links";
     ENODATA = 61, "no such extended attribute";
-    EPROTO = 71, "protocol error (request before hello, or a malformed frame)";
-    EBADMSG = 74, "bad message (a request that does not decode)";
-    EOVERFLOW = 75, "value too large for defined data type";
+    EPROTO = 71, "protocol-state violation (a first frame that is not a hello, a second hello)";
+    EBADMSG = 74, "bad message (not sent: a body with no readable id closes the connection)";
+    EOVERFLOW = 75, "the reply would not fit in max_frame";
     EPROTONOSUPPORT = 93, "no protocol version in common";
     EOPNOTSUPP = 95, "operation not supported";
     ETIMEDOUT = 110, "timed out (the host did not answer in time)";
-    ESTALE = 116, "stale node or handle";
+    ESTALE = 116, "the node id names no existing node";
     EDQUOT = 122, "quota exceeded";
 }
 

@@ -4,6 +4,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::cbor::{check_canonical, id_and_opcode, scan};
 use crate::message::{Reply, Request};
 use crate::{Errno, Op};
 
@@ -77,15 +78,18 @@ pub fn body_len(prefix: [u8; PREFIX_LEN], max_frame: u32) -> Result<usize, Frame
     Ok(len as usize)
 }
 
-/// Decodes exactly one CBOR item filling `body`.
+/// Decodes a body: it must pass [`check_canonical`] (exactly one item filling `body`,
+/// obeying the encoding rules of docs/PROTOCOL.md §3.1), then decode as a `T`.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    check_canonical(body).map_err(|e| FrameError::Decode(e.to_string()))?;
+    decode_checked(body).map_err(FrameError::Decode)
+}
+
+fn decode_checked<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     let mut rest = body;
-    let v: T = ciborium::from_reader(&mut rest).map_err(|e| FrameError::Decode(e.to_string()))?;
+    let v: T = ciborium::from_reader(&mut rest).map_err(|e| e.to_string())?;
     if !rest.is_empty() {
-        return Err(FrameError::Decode(format!(
-            "{} bytes after the message",
-            rest.len()
-        )));
+        return Err(format!("{} bytes after the message", rest.len()));
     }
     Ok(v)
 }
@@ -94,37 +98,44 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, FrameError> {
     decode_body(body)
 }
 
-/// Decodes a request; on failure, recovers the id when it can so the caller can answer.
+/// Decodes a request; on failure, recovers the id when it can so the caller can answer
+/// (docs/PROTOCOL.md §6.3):
+/// - a body breaking the encoding rules: `EINVAL`, with the id only if the body begins
+///   with a map whose first entry is `"id"` and an unsigned integer, in canonical form,
+///   before the first violation;
+/// - a well-formed body with an unknown opcode: `ENOSYS`;
+/// - any other body that does not decode (missing or mistyped fields, a `Timespec` with
+///   `nsec >= 1e9`, ...): `EINVAL`.
+///
+/// Without an id (`id: None`, `errno` is then `EBADMSG`) nothing can be answered and
+/// the connection must be closed.
 pub fn decode_request(body: &[u8]) -> Result<Request, BadRequest> {
-    match decode_body::<Request>(body) {
-        Ok(r) => Ok(r),
-        Err(e) => Err(diagnose(body, e.to_string())),
+    if let (Err(e), id) = scan(body) {
+        return Err(BadRequest {
+            id,
+            errno: if id.is_some() {
+                Errno::EINVAL
+            } else {
+                Errno::EBADMSG
+            },
+            reason: e.to_string(),
+        });
     }
-}
-
-#[derive(serde::Deserialize)]
-struct Envelope {
-    id: u64,
-    op: ciborium::Value,
+    decode_checked::<Request>(body).map_err(|reason| diagnose(body, reason))
 }
 
 fn diagnose(body: &[u8], reason: String) -> BadRequest {
-    // Lenient on purpose (trailing bytes allowed): this only looks for an id to answer.
-    let Ok(env) = ciborium::from_reader::<Envelope, _>(body) else {
+    let (id, opname) = id_and_opcode(body);
+    let Some(id) = id else {
         return BadRequest {
             id: None,
             errno: Errno::EBADMSG,
             reason,
         };
     };
-    let opname = match &env.op {
-        ciborium::Value::Text(t) => Some(t.as_str()),
-        ciborium::Value::Map(m) if m.len() == 1 => m[0].0.as_text(),
-        _ => None,
-    };
     match opname {
         Some(name) if !Op::NAMES.contains(&name) => BadRequest {
-            id: Some(env.id),
+            id: Some(id),
             errno: Errno::ENOSYS,
             reason: format!(
                 "unknown opcode '{}'",
@@ -132,7 +143,7 @@ fn diagnose(body: &[u8], reason: String) -> BadRequest {
             ),
         },
         _ => BadRequest {
-            id: Some(env.id),
+            id: Some(id),
             errno: Errno::EINVAL,
             reason,
         },

@@ -12,13 +12,26 @@ pub const MAX_IO_CEILING: u32 = 16 << 20;
 pub const MAX_IN_FLIGHT_CEILING: u32 = 4096;
 /// Room for the envelope around the largest read or write payload.
 pub const FRAME_OVERHEAD: u32 = 64 << 10;
+/// The smallest `max_read` / `max_write` a hello may agree on.
+pub const MIN_IO: u32 = 4096;
+/// The smallest `max_frame` a hello may agree on: a `MIN_IO` read or write with its
+/// envelope, and so also any getxattr value, listxattr list of a node within the xattr
+/// limits, readlink target and one readdir(plus) entry.
+pub const MIN_MAX_FRAME: u32 = FRAME_OVERHEAD + MIN_IO;
+// A frame a client pipelines before the hello reply always fits the agreed limit.
+const _: () = assert!(MIN_MAX_FRAME > PRE_HELLO_MAX_FRAME);
 
 /// Other fixed bounds a server enforces on request fields.
 pub const MAX_XATTR_NAME: usize = 255;
 pub const MAX_XATTR_VALUE: usize = 64 << 10;
 pub const MAX_SYMLINK_TARGET: usize = 4095;
 pub const MAX_READDIR_ENTRIES: u32 = 4096;
+/// Most items in one `batch_forget` or `retain`.
 pub const MAX_BATCH_FORGET: usize = 4096;
+/// Most xattrs on one node, and most bytes of their names and values together; past
+/// either a setxattr gets ENOSPC.
+pub const MAX_XATTRS_PER_NODE: usize = 1024;
+pub const MAX_XATTR_TOTAL: usize = 64 << 10;
 
 /// One side's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +66,11 @@ impl Limits {
             .max_in_flight
             .min(other.max_in_flight)
             .min(MAX_IN_FLIGHT_CEILING);
-        if max_read < 4096 || max_write < 4096 || max_in_flight == 0 {
+        if max_frame < MIN_MAX_FRAME
+            || max_read < MIN_IO
+            || max_write < MIN_IO
+            || max_in_flight == 0
+        {
             return Err(Errno::EINVAL);
         }
         Ok(Limits {
@@ -181,6 +198,25 @@ mod tests {
             accept_hello(&hello(vec![1], tiny), &d, &[], 1, vec![], "s").unwrap_err(),
             Errno::EINVAL
         );
+    }
+
+    #[test]
+    fn max_frame_has_a_floor_that_fits_a_minimal_read() {
+        let d = Limits::default();
+        let floor = Limits {
+            max_frame: MIN_MAX_FRAME,
+            ..d
+        };
+        let got = floor.meet(&d).unwrap();
+        assert_eq!(
+            (got.max_frame, got.max_read, got.max_write),
+            (69_632, 4096, 4096)
+        );
+        let below = Limits {
+            max_frame: MIN_MAX_FRAME - 1,
+            ..d
+        };
+        assert_eq!(below.meet(&d).unwrap_err(), Errno::EINVAL);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! guest daemon and the host server use this crate, and nothing else defines wire types.
 //! The contract is docs/PROTOCOL.md.
 
+pub mod cbor;
 pub mod client;
 pub mod errno;
 pub mod frame;
@@ -10,6 +11,7 @@ pub mod hello;
 pub mod message;
 pub mod name;
 
+pub use cbor::{check_canonical, CborError, CborErrorKind};
 pub use errno::Errno;
 pub use frame::{decode_reply, decode_request, encode_frame, BadRequest, FrameError};
 pub use hello::{accept_hello, check_hello_reply, Limits, VERSION};

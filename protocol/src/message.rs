@@ -8,10 +8,13 @@ use serde_bytes::ByteBuf;
 
 use crate::Errno;
 
-/// A node (file, directory, ...) as named by the server. Stable for the life of the
-/// served filesystem, across reconnects and server restarts. The root is [`ROOT_NODE`].
+/// A node (file, directory, ...) as named by the server. Never reused within one
+/// `fs_id`; valid across reconnects and server restarts for as long as the node exists
+/// (it has a name, or some connection holds a reference or handle on it, or it is in
+/// its grace period: docs/PROTOCOL.md §5.3). The root is [`ROOT_NODE`].
 pub type NodeId = u64;
-/// An open file or directory, valid on the connection that opened it.
+/// An open file or directory: an unpredictable value, valid only on the connection
+/// that opened it (docs/PROTOCOL.md §5.2).
 pub type Handle = u64;
 
 pub const ROOT_NODE: NodeId = 1;
@@ -31,8 +34,25 @@ pub struct Reply {
     pub r: ReplyBody,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A time: seconds since the epoch and nanoseconds, encoded `[sec, nsec]`. Decoding
+/// refuses `nsec >= 1e9` (a request carrying one is answered `EINVAL`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Timespec(pub i64, pub u32);
+
+/// One more than the largest valid `Timespec` nanoseconds value.
+pub const NSEC_PER_SEC: u32 = 1_000_000_000;
+
+impl<'de> Deserialize<'de> for Timespec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (sec, nsec) = <(i64, u32)>::deserialize(d)?;
+        if nsec >= NSEC_PER_SEC {
+            return Err(serde::de::Error::custom(format_args!(
+                "Timespec nanoseconds {nsec} out of range (must be below 1e9)"
+            )));
+        }
+        Ok(Timespec(sec, nsec))
+    }
+}
 
 /// A time to set: the server's current time, or a given one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +161,22 @@ pub const XATTR_REPLACE: u32 = 2;
 pub const SEEK_DATA: u32 = 3;
 pub const SEEK_HOLE: u32 = 4;
 
+/// Capabilities of protocol v1 (docs/PROTOCOL.md §4), and which requests need them
+/// ([`Op::required_cap`]).
+pub const CAP_READDIRPLUS: &str = "readdirplus";
+pub const CAP_XATTR: &str = "xattr";
+pub const CAP_RENAME2: &str = "rename2";
+pub const CAP_LSEEK: &str = "lseek";
+pub const CAP_FALLOCATE: &str = "fallocate";
+/// Every capability protocol v1 defines.
+pub const CAPS: &[&str] = &[
+    CAP_READDIRPLUS,
+    CAP_XATTR,
+    CAP_RENAME2,
+    CAP_LSEEK,
+    CAP_FALLOCATE,
+];
+
 /// Every operation. Names are the CBOR keys (snake_case).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -159,7 +195,8 @@ pub enum Op {
         items: Vec<(NodeId, u64)>,
     },
     /// Takes `n` references on each node again (after a reconnect, for nodes the client
-    /// still references); nodes that no longer exist are skipped.
+    /// still references); nodes that no longer exist are skipped silently. At most
+    /// [`crate::hello::MAX_BATCH_FORGET`] items.
     Retain {
         items: Vec<(NodeId, u64)>,
     },
@@ -417,6 +454,22 @@ impl Op {
         }
     }
 
+    /// The capability (docs/PROTOCOL.md §4) this request needs, if any. A server answers
+    /// a request whose capability was not agreed in the hello with `ENOSYS`.
+    pub fn required_cap(&self) -> Option<&'static str> {
+        match self {
+            Op::Readdirplus { .. } => Some(CAP_READDIRPLUS),
+            Op::Setxattr { .. }
+            | Op::Getxattr { .. }
+            | Op::Listxattr { .. }
+            | Op::Removexattr { .. } => Some(CAP_XATTR),
+            Op::Rename { flags, .. } if *flags != 0 => Some(CAP_RENAME2),
+            Op::Lseek { .. } => Some(CAP_LSEEK),
+            Op::Fallocate { .. } => Some(CAP_FALLOCATE),
+            _ => None,
+        }
+    }
+
     /// Every opcode name of protocol v1.
     pub const NAMES: &'static [&'static str] = &[
         "hello",
@@ -453,5 +506,33 @@ impl Op {
         "create",
         "fallocate",
         "lseek",
+    ];
+}
+
+impl ReplyBody {
+    /// The variant's wire name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReplyBody::Err(_) => "err",
+            ReplyBody::Ok {} => "ok",
+            ReplyBody::Hello(_) => "hello",
+            ReplyBody::Entry(_) => "entry",
+            ReplyBody::Attr { .. } => "attr",
+            ReplyBody::Opened { .. } => "opened",
+            ReplyBody::Created { .. } => "created",
+            ReplyBody::Data(_) => "data",
+            ReplyBody::Written { .. } => "written",
+            ReplyBody::Dir { .. } => "dir",
+            ReplyBody::DirPlus { .. } => "dir_plus",
+            ReplyBody::Statfs(_) => "statfs",
+            ReplyBody::Names { .. } => "names",
+            ReplyBody::Offset { .. } => "offset",
+        }
+    }
+
+    /// Every reply variant name of protocol v1.
+    pub const NAMES: &'static [&'static str] = &[
+        "err", "ok", "hello", "entry", "attr", "opened", "created", "data", "written", "dir",
+        "dir_plus", "statfs", "names", "offset",
     ];
 }

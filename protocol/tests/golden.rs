@@ -27,6 +27,23 @@ fn attr() -> Attr {
 }
 
 fn examples() -> Vec<(&'static str, Msg)> {
+    // The root directory, as `.` and `..` of itself: no subdirectories, size 0.
+    let root_entry = Entry {
+        node: 1,
+        generation: 0,
+        attr: Attr {
+            ino: 1,
+            mode: 0o40755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            blocks: 8,
+            ..attr()
+        },
+        entry_ttl_ms: 60_000,
+        attr_ttl_ms: 60_000,
+    };
     let entry = Entry {
         node: 2,
         generation: 0,
@@ -174,17 +191,45 @@ fn examples() -> Vec<(&'static str, Msg)> {
             }),
         ),
         (
-            "dirplus-reply",
+            "dir_plus-reply",
             Msg::Rep(Reply {
                 id: 8,
                 r: ReplyBody::DirPlus {
-                    entries: vec![DirEntryPlus {
-                        name: b"a.txt".to_vec(),
-                        cookie: 1,
-                        entry,
-                    }],
+                    entries: vec![
+                        DirEntryPlus {
+                            name: b".".to_vec(),
+                            cookie: 1,
+                            entry: root_entry,
+                        },
+                        DirEntryPlus {
+                            name: b"..".to_vec(),
+                            cookie: 2,
+                            entry: root_entry,
+                        },
+                        DirEntryPlus {
+                            name: b"a.txt".to_vec(),
+                            cookie: 3,
+                            entry,
+                        },
+                    ],
                     eof: true,
                 },
+            }),
+        ),
+        (
+            "retain-request",
+            Msg::Req(Request {
+                id: 10,
+                op: Op::Retain {
+                    items: vec![(2, 1), (5, 3)],
+                },
+            }),
+        ),
+        (
+            "einval-reply",
+            Msg::Rep(Reply {
+                id: 10,
+                r: ReplyBody::Err(Errno::EINVAL),
             }),
         ),
     ]

@@ -24,6 +24,10 @@ proptest! {
         let f = frame_of(&req);
         let len = body_len(f[..PREFIX_LEN].try_into().unwrap(), MAX).unwrap();
         prop_assert_eq!(len, f.len() - PREFIX_LEN);
+        // What the encoder writes obeys the encoding rules the decoder enforces.
+        prop_assert_eq!(check_canonical(&f[PREFIX_LEN..]), Ok(()));
+        prop_assert_eq!(cbor_key(&f[PREFIX_LEN..], "op"), req.op.name());
+        prop_assert!(Op::NAMES.contains(&req.op.name()));
         prop_assert_eq!(decode_request(&f[PREFIX_LEN..]).unwrap(), req);
     }
 
@@ -31,7 +35,31 @@ proptest! {
     fn every_reply_round_trips(id in any::<u64>(), r in common::reply_body()) {
         let rep = Reply { id, r };
         let f = frame_of(&rep);
+        prop_assert_eq!(check_canonical(&f[PREFIX_LEN..]), Ok(()));
+        prop_assert_eq!(cbor_key(&f[PREFIX_LEN..], "r"), rep.r.name());
+        prop_assert!(ReplyBody::NAMES.contains(&rep.r.name()));
         prop_assert_eq!(decode_reply(&f[PREFIX_LEN..]).unwrap(), rep);
+    }
+
+    #[test]
+    fn a_timespec_with_nsec_of_a_second_or_more_is_einval(
+        id in any::<u64>(),
+        sec in any::<i64>(),
+        nsec in 1_000_000_000u32..,
+        which in any::<bool>(),
+    ) {
+        let t = Some(SetTime::At(Timespec(sec, nsec)));
+        let (atime, mtime) = if which { (t, None) } else { (None, t) };
+        let req = Request {
+            id,
+            op: Op::Setattr { node: 2, fh: None, mode: None, uid: None, gid: None, size: None, atime, mtime },
+        };
+        let bad = decode_request(&frame_of(&req)[PREFIX_LEN..]).unwrap_err();
+        prop_assert_eq!((bad.id, bad.errno), (Some(id), Errno::EINVAL));
+        // The same in a reply's attributes: the reply does not decode.
+        let attr = Attr { mtime: Timespec(sec, nsec), ..Attr::default() };
+        let rep = Reply { id, r: ReplyBody::Attr { attr, attr_ttl_ms: 1 } };
+        prop_assert!(decode_reply(&frame_of(&rep)[PREFIX_LEN..]).is_err());
     }
 
     #[test]
@@ -77,6 +105,19 @@ proptest! {
             }
         }
     }
+}
+
+/// The only key of the map under `outer` in a top-level map: the opcode or reply name.
+fn cbor_key(body: &[u8], outer: &str) -> String {
+    let v: ciborium::Value = ciborium::from_reader(body).unwrap();
+    let top = v.as_map().unwrap();
+    let (_, inner) = top
+        .iter()
+        .find(|(k, _)| k.as_text() == Some(outer))
+        .unwrap();
+    let inner = inner.as_map().unwrap();
+    assert_eq!(inner.len(), 1);
+    inner[0].0.as_text().unwrap().to_string()
 }
 
 #[test]

@@ -1,9 +1,9 @@
 #![no_main]
 //! Any byte stream fed to the frame reader and decoders: no panic, no allocation past
-//! the limit, and whatever decodes re-encodes to something that decodes the same.
+//! the limit, and whatever decodes re-encodes to canonical bytes that decode the same.
 
 use hexz_protocol::frame::{read_frame, PREFIX_LEN};
-use hexz_protocol::{decode_reply, decode_request, encode_frame};
+use hexz_protocol::{check_canonical, decode_reply, decode_request, encode_frame};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -11,6 +11,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(req) = decode_request(data) {
         let mut out = Vec::new();
         encode_frame(&req, u32::MAX, &mut out).expect("a decoded request re-encodes");
+        assert_eq!(
+            check_canonical(&out[PREFIX_LEN..]),
+            Ok(()),
+            "the encoder is canonical"
+        );
         assert_eq!(decode_request(&out[PREFIX_LEN..]).expect("re-decodes"), req);
     }
     let mut cursor = std::io::Cursor::new(data);

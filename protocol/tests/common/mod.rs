@@ -103,6 +103,9 @@ pub fn op() -> impl Strategy<Value = Op> {
         prop::collection::vec((n(), n()), 0..20)
             .prop_map(|items| Op::BatchForget { items })
             .boxed(),
+        prop::collection::vec((n(), n()), 0..20)
+            .prop_map(|items| Op::Retain { items })
+            .boxed(),
         (n(), prop::option::of(n()))
             .prop_map(|(node, fh)| Op::Getattr { node, fh })
             .boxed(),
