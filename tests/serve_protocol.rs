@@ -693,7 +693,11 @@ fn many_requests_in_flight_are_all_answered_and_one_connection_never_blocks_anot
 #[test]
 fn a_closed_connection_releases_its_handles_and_unlinked_files() {
     let fx = Fixture::new();
-    let server = fx.server("s", &["--overlay", &fx.overlay("ov")]);
+    // Nameless nodes wait --orphan-grace for their client to come back and retain them.
+    let server = fx.server(
+        "s",
+        &["--overlay", &fx.overlay("ov"), "--orphan-grace", "1"],
+    );
     let data = fx.dir.join("ov/data");
     {
         let mut c = server.connect();

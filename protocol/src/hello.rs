@@ -31,7 +31,7 @@ pub const MAX_BATCH_FORGET: usize = 4096;
 /// Most xattrs on one node, and most bytes of their names and values together; past
 /// either a setxattr gets ENOSPC.
 pub const MAX_XATTRS_PER_NODE: usize = 1024;
-pub const MAX_XATTR_TOTAL: usize = 64 << 10;
+pub const MAX_XATTR_TOTAL: usize = 256 << 10;
 
 /// One side's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

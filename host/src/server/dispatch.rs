@@ -44,22 +44,8 @@ impl Session {
     }
 
     fn allows(&self, op: &Op) -> bool {
-        required_cap(op).is_none_or(|c| self.caps.iter().any(|h| h == c))
-    }
-}
-
-/// The capability an op needs beyond the base protocol (docs/PROTOCOL.md §4).
-fn required_cap(op: &Op) -> Option<&'static str> {
-    match op {
-        Op::Readdirplus { .. } => Some("readdirplus"),
-        Op::Setxattr { .. }
-        | Op::Getxattr { .. }
-        | Op::Listxattr { .. }
-        | Op::Removexattr { .. } => Some("xattr"),
-        Op::Rename { flags, .. } if *flags != 0 => Some("rename2"),
-        Op::Lseek { .. } => Some("lseek"),
-        Op::Fallocate { .. } => Some("fallocate"),
-        _ => None,
+        op.required_cap()
+            .is_none_or(|c| self.caps.iter().any(|h| h == c))
     }
 }
 
@@ -275,7 +261,9 @@ fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -
         Err(e) => return ReplyBody::Err(e),
     };
     let budget = s.limits.max_frame as usize - 1024;
-    let per_entry = if plus { 220 } else { 48 };
+    // Worst-case encoded sizes beside the name (an entry with every attribute at its
+    // largest), so a page never overflows the frame after its references are taken.
+    let per_entry = if plus { 320 } else { 64 };
     let mut used = 0usize;
     let mut n = 0;
     for it in &items {

@@ -404,7 +404,7 @@ fn hello(
         },
         Err(bad) => {
             if let Some(id) = bad.id {
-                send(id, ReplyBody::Err(Errno::EPROTO));
+                send(id, ReplyBody::Err(bad.errno));
             }
             Err(format!("first frame is not a hello: {}", bad.reason))
         }
@@ -510,18 +510,24 @@ fn reply_frame(id: u64, body: ReplyBody, max_frame: u32) -> Vec<u8> {
     out
 }
 
-/// After `grace`, removes the nameless nodes a previous server kept for its clients and
-/// that no client retained.
+/// Removes nameless nodes nobody retained within `grace` (left by a previous server, or
+/// by a closed connection whose client did not come back), checking a few times per
+/// grace period.
 fn start_orphan_collection(vfs: &Arc<Vfs>, grace: Duration) {
-    if vfs.is_read_only() || vfs.stats().orphans == 0 {
+    if vfs.is_read_only() {
         return;
     }
     let vfs = vfs.clone();
+    let tick = (grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let _ = std::thread::Builder::new()
         .name("hexz-orphans".into())
-        .spawn(move || {
-            std::thread::sleep(grace);
-            match vfs.collect_orphans() {
+        .spawn(move || loop {
+            std::thread::sleep(tick);
+            if vfs.stats().orphans == 0 {
+                continue;
+            }
+            match vfs.collect_orphans(grace) {
+                Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "unreferenced nameless nodes removed"),
                 Err(e) => tracing::warn!("removing unreferenced nameless nodes: {e}"),
             }

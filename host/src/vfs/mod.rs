@@ -112,6 +112,8 @@ pub struct Vfs {
     listings: Mutex<HashMap<u64, Arc<Vec<(Vec<u8>, u64)>>>>,
     /// Files written since their last fsync (synced at shutdown).
     dirty: Mutex<HashSet<u64>>,
+    /// Nameless nodes kept for reconnecting clients, and since when (see `refs.rs`).
+    orphan_since: Mutex<HashMap<u64, std::time::Instant>>,
     node_locks: Vec<Mutex<()>>,
     /// Upper files created so far (each a new entry in the data directory)...
     data_dir_changes: AtomicU64,
@@ -221,6 +223,12 @@ impl Vfs {
             overlay.upper_bytes_on_disk()
         };
         let journal_len = overlay.journal_len();
+        let started = std::time::Instant::now();
+        let orphan_since = overlay
+            .orphans()
+            .into_iter()
+            .map(|id| (id, started))
+            .collect();
         Ok(Vfs {
             snap,
             read_only: opts.read_only,
@@ -235,6 +243,7 @@ impl Vfs {
             files: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashSet::new()),
+            orphan_since: Mutex::new(orphan_since),
             node_locks: (0..NODE_LOCKS).map(|_| Mutex::new(())).collect(),
             data_dir_changes: AtomicU64::new(0),
             data_dir_sync: GroupSync::default(),
@@ -293,6 +302,10 @@ impl Vfs {
 
     fn files_lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<File>>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn orphan_since(&self) -> MutexGuard<'_, HashMap<u64, std::time::Instant>> {
+        self.orphan_since.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn dirty(&self) -> MutexGuard<'_, HashSet<u64>> {

@@ -102,23 +102,30 @@ impl Vfs {
     }
 
     /// Closes every handle and drops every reference `owner` holds (it went away).
+    /// Nameless nodes it kept alive are not removed at once: its client may reconnect and
+    /// `retain` them; `collect_orphans` removes them once the grace period has passed.
     /// Returns (handles closed, nodes released).
     pub fn release_owner(&self, owner: u64) -> (usize, usize) {
         let fhs = self.handles().owned_by(owner);
+        let mut unpinned = Vec::new();
         for &(fh, dir) in &fhs {
-            let r = if dir {
-                self.releasedir(owner, fh)
-            } else {
-                self.release(owner, fh)
-            };
-            if let Err(e) = r {
-                tracing::warn!(fh, "release on disconnect failed: {e}");
+            if let Ok(h) = self.handles().remove(owner, fh, dir) {
+                if self.refs().unpin(h.node, 1) {
+                    unpinned.push(h.node);
+                }
             }
         }
         let refs = self.refs().take_owner(owner);
         for &(node, n) in &refs {
             if self.refs().unpin(node, n) {
-                self.remove_if_orphan(node);
+                unpinned.push(node);
+            }
+        }
+        if !unpinned.is_empty() {
+            let now = std::time::Instant::now();
+            let mut since = self.orphan_since();
+            for node in unpinned {
+                since.insert(node, now);
             }
         }
         (fhs.len(), refs.len())
@@ -143,16 +150,25 @@ impl Vfs {
         }
     }
 
-    /// Removes every nameless node nobody references: those a previous server kept for
-    /// its clients. Called once reconnecting clients have had time to `retain` them.
-    pub fn collect_orphans(&self) -> VfsResult<usize> {
+    /// Removes the nameless nodes nobody has referenced for `grace`: those a previous
+    /// server kept for its clients, and those a closed connection held. Reconnecting
+    /// clients have that long to `retain` them.
+    pub fn collect_orphans(&self, grace: std::time::Duration) -> VfsResult<usize> {
         if self.read_only {
             return Ok(0);
         }
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
         for id in inner.overlay.orphans() {
-            if !self.refs().pinned(id) {
+            if self.refs().pinned(id) {
+                continue;
+            }
+            let waited = self
+                .orphan_since()
+                .get(&id)
+                .is_none_or(|t| t.elapsed() >= grace);
+            if waited {
+                self.orphan_since().remove(&id);
                 self.drop_node(&mut inner, id)?;
                 n += 1;
             }

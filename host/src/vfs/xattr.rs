@@ -10,8 +10,18 @@ use hexz_protocol::Errno;
 use super::{now, Inner, Vfs, VfsResult, Xattrs};
 use crate::overlay::journal::{NodeRec, Record};
 
-pub const MAX_XATTRS_PER_NODE: usize = 1024;
-pub const MAX_XATTR_BYTES_PER_NODE: usize = 256 << 10;
+pub use hexz_protocol::hello::{MAX_XATTRS_PER_NODE, MAX_XATTR_TOTAL as MAX_XATTR_BYTES_PER_NODE};
+
+/// ERANGE for a name longer than 255 bytes, EINVAL for an empty one or one with a NUL.
+fn check_xattr_name(name: &[u8]) -> VfsResult<()> {
+    if name.len() > MAX_XATTR_NAME {
+        return Err(Errno::ERANGE);
+    }
+    if name.is_empty() || name.contains(&0) {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
 
 impl Vfs {
     pub(super) fn xattrs_of(&self, inner: &Inner, rec: &NodeRec) -> Xattrs {
@@ -30,6 +40,7 @@ impl Vfs {
     }
 
     pub fn getxattr(&self, node: u64, name: &[u8]) -> VfsResult<Vec<u8>> {
+        check_xattr_name(name)?;
         let inner = self.state();
         let rec = self.rec(&inner, node)?;
         self.xattrs_of(&inner, &rec)
@@ -50,12 +61,7 @@ impl Vfs {
     }
 
     pub fn setxattr(&self, node: u64, name: &[u8], value: &[u8], flags: u32) -> VfsResult<()> {
-        if name.len() > MAX_XATTR_NAME {
-            return Err(Errno::ERANGE);
-        }
-        if name.is_empty() || name.contains(&0) {
-            return Err(Errno::EINVAL);
-        }
+        check_xattr_name(name)?;
         if value.len() > MAX_XATTR_VALUE {
             return Err(Errno::E2BIG);
         }
@@ -95,6 +101,7 @@ impl Vfs {
     }
 
     pub fn removexattr(&self, node: u64, name: &[u8]) -> VfsResult<()> {
+        check_xattr_name(name)?;
         let mut inner = self.write_lock()?;
         let mut rec = self.rec(&inner, node)?;
         let all = self.xattrs_of(&inner, &rec);
