@@ -516,52 +516,63 @@ mod tests {
         assert!(refs_in(&ReplyBody::Ok {}).is_empty());
     }
 
-    /// A server on a socketpair that answers hello and then whatever `answer` says.
+    /// A server on a Unix socket that answers hello and then what `answer` says for the
+    /// request on its `k`th connection (None: hang up that connection). Reports every
+    /// request but hello as `(k, op)`.
     fn fake_server(
-        answer: impl Fn(&Op) -> ReplyBody + Send + 'static,
-    ) -> (Arc<Conn>, std::sync::mpsc::Receiver<Op>, tempfile_dir::Dir) {
+        answer: impl Fn(usize, &Op) -> Option<ReplyBody> + Send + 'static,
+    ) -> (
+        Arc<Conn>,
+        std::sync::mpsc::Receiver<(usize, Op)>,
+        tempfile_dir::Dir,
+    ) {
         let dir = tempfile_dir::Dir::new();
         let path = dir.0.join("s");
         let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
         let (seen_tx, seen) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let Ok((mut s, _)) = listener.accept() else {
-                return;
-            };
-            let mut buf = Vec::new();
-            let mut out = Vec::new();
-            let limits = Limits::default();
-            while read_frame(&mut s, limits.max_frame, &mut buf).is_ok() {
-                let Ok(req) = hexz_protocol::decode_request(&buf) else {
+            for (k, s) in listener.incoming().enumerate() {
+                let Ok(mut s) = s else {
                     return;
                 };
-                let r = match &req.op {
-                    Op::Hello(h) => {
-                        let (r, _) = hexz_protocol::accept_hello(
-                            h,
-                            &limits,
-                            &["readdirplus"],
-                            1,
-                            vec![1],
-                            "fake",
-                        )
-                        .expect("hello");
-                        ReplyBody::Hello(r)
+                let mut buf = Vec::new();
+                let mut out = Vec::new();
+                let limits = Limits::default();
+                while read_frame(&mut s, limits.max_frame, &mut buf).is_ok() {
+                    let Ok(req) = hexz_protocol::decode_request(&buf) else {
+                        break;
+                    };
+                    let r = match &req.op {
+                        Op::Hello(h) => {
+                            let (r, _) = hexz_protocol::accept_hello(
+                                h,
+                                &limits,
+                                &["readdirplus"],
+                                1,
+                                vec![1],
+                                "fake",
+                            )
+                            .expect("hello");
+                            ReplyBody::Hello(r)
+                        }
+                        op => {
+                            let _ = seen_tx.send((k, op.clone()));
+                            match answer(k, op) {
+                                Some(r) => r,
+                                None => break,
+                            }
+                        }
+                    };
+                    out.clear();
+                    encode_frame(
+                        &hexz_protocol::Reply { id: req.id, r },
+                        limits.max_frame,
+                        &mut out,
+                    )
+                    .expect("encode");
+                    if s.write_all(&out).is_err() {
+                        break;
                     }
-                    op => {
-                        let _ = seen_tx.send(op.clone());
-                        answer(op)
-                    }
-                };
-                out.clear();
-                encode_frame(
-                    &hexz_protocol::Reply { id: req.id, r },
-                    limits.max_frame,
-                    &mut out,
-                )
-                .expect("encode");
-                if s.write_all(&out).is_err() {
-                    return;
                 }
             }
         });
@@ -593,9 +604,9 @@ mod tests {
 
     #[test]
     fn references_are_counted_and_forgotten_no_further_than_held() {
-        let (conn, seen, _dir) = fake_server(|op| match op {
-            Op::Lookup { .. } => ReplyBody::Entry(entry(9)),
-            _ => ReplyBody::Ok {},
+        let (conn, seen, _dir) = fake_server(|_, op| match op {
+            Op::Lookup { .. } => Some(ReplyBody::Entry(entry(9))),
+            _ => Some(ReplyBody::Ok {}),
         });
         for _ in 0..3 {
             let lookup = Op::Lookup {
@@ -612,6 +623,7 @@ mod tests {
         // Sent: 3 lookups, then forget 2, then forget 1 (not 5; nothing for node 10).
         let forgets: Vec<Op> = (0..5)
             .filter_map(|_| seen.recv_timeout(Duration::from_secs(5)).ok())
+            .map(|(_, op)| op)
             .filter(|op| !matches!(op, Op::Lookup { .. }))
             .collect();
         assert_eq!(
@@ -630,8 +642,58 @@ mod tests {
     }
 
     #[test]
+    fn after_a_reconnect_references_are_retained_before_anything_else() {
+        let plus = |name: &[u8], node| DirEntryPlus {
+            name: name.to_vec(),
+            cookie: node,
+            entry: entry(node),
+        };
+        let dir = ReplyBody::DirPlus {
+            entries: vec![plus(b".", 1), plus(b"a", 7), plus(b"b", 8)],
+            eof: true,
+        };
+        let (conn, seen, _dir) = fake_server(move |k, op| match op {
+            Op::Lookup { .. } => Some(ReplyBody::Entry(entry(9))),
+            Op::Readdirplus { .. } => Some(dir.clone()),
+            Op::Getattr { .. } if k == 0 => None, // the host goes away
+            _ => Some(ReplyBody::Ok {}),
+        });
+        let lookup = || Op::Lookup {
+            parent: 1,
+            name: b"x".to_vec(),
+        };
+        conn.call(lookup()).expect("lookup");
+        conn.call(lookup()).expect("lookup");
+        let list = Op::Readdirplus {
+            fh: 1,
+            cookie: 0,
+            max_entries: 10,
+        };
+        conn.call(list).expect("readdirplus");
+        conn.forget(&[(8, 1)]);
+        let getattr = || Op::Getattr { node: 9, fh: None };
+        assert_eq!(conn.call(getattr()), Err(CallError::Lost));
+        let before = conn.epoch();
+        assert_eq!(conn.call(getattr()), Ok(ReplyBody::Ok {}));
+        assert_eq!(conn.epoch(), before + 1);
+        let second: Vec<Op> = std::iter::from_fn(|| seen.recv_timeout(Duration::from_secs(5)).ok())
+            .filter(|(k, _)| *k == 1)
+            .map(|(_, op)| op)
+            .take(2)
+            .collect();
+        match &second[..] {
+            [Op::Retain { items }, Op::Getattr { node: 9, .. }] => {
+                let mut items = items.clone();
+                items.sort();
+                assert_eq!(items, vec![(7, 1), (9, 2)]);
+            }
+            other => panic!("the new connection began with {other:?}"),
+        }
+    }
+
+    #[test]
     fn a_request_for_an_older_connection_is_not_sent() {
-        let (conn, _seen, _dir) = fake_server(|_| ReplyBody::Ok {});
+        let (conn, _seen, _dir) = fake_server(|_, _| Some(ReplyBody::Ok {}));
         let e = conn.epoch();
         assert_eq!(conn.call_on(e, Op::Release { fh: 1 }), Ok(ReplyBody::Ok {}));
         assert_eq!(

@@ -128,7 +128,8 @@ impl Nodes {
             if self.open <= target {
                 break;
             }
-            if node == keep || !d.host.as_ref().is_some_and(|h| Arc::strong_count(h) == 1) {
+            let unused = matches!(&d.host, Some(h) if Arc::strong_count(h) == 1);
+            if node == keep || !unused {
                 continue;
             }
             out.extend(d.host.take());
@@ -1259,5 +1260,17 @@ mod tests {
         ] {
             assert_eq!(set_time(TimeOrNow::SpecificTime(time(t))), SetTime::At(t));
         }
+    }
+
+    #[test]
+    fn readdirplus_asks_for_about_what_fitted_last_time() {
+        // 26 of 32 fitted: ask for a few more than 26 next time.
+        assert_eq!(next_dirplus_batch(32, 32, Some(26)), 30);
+        // All fitted and there may be more: ask for more.
+        assert_eq!(next_dirplus_batch(32, 32, None), 64);
+        // End of the directory: no news.
+        assert_eq!(next_dirplus_batch(32, 5, None), 32);
+        assert_eq!(next_dirplus_batch(1024, 1024, None), DIRPLUS_MAX);
+        assert_eq!(next_dirplus_batch(32, 32, Some(1)), DIRPLUS_MIN);
     }
 }
