@@ -1,6 +1,6 @@
 //! A minimal blocking client over any `Read + Write` stream: hello, then requests and
 //! replies, pipelining allowed. For tools, tests and benchmarks; the guest daemon has
-//! its own multiplexing client.
+//! its own multiplexing client and shares [`hello`] with this one.
 
 use std::io::{Read, Write};
 
