@@ -42,7 +42,12 @@ fn skip(reason: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("cannot run: {reason}; CI is set, where this must not be skipped");
     }
-    eprintln!("SKIP: {reason}");
+    // Straight to stderr, past the test harness's capture, so a skip is always visible.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIP {}: {reason}",
+        std::thread::current().name().unwrap_or("?")
+    );
     false
 }
 
