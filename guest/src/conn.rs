@@ -89,7 +89,8 @@ pub enum CallError {
     Errno(Errno),
     /// The connection dropped after the request was sent: its outcome is unknown.
     Lost,
-    /// Not sent: the request names a handle of an earlier connection (reopen and retry).
+    /// Not sent: the connection changed under it, or the request names a handle of an
+    /// earlier connection (reopen and retry).
     Stale,
 }
 
@@ -391,6 +392,12 @@ impl Conn {
             .map_err(|_| CallError::Errno(Errno::EINVAL))?;
         let (tx, rx) = sync_channel(1);
         lock(&self.pending).insert(id, tx);
+        // A reconnect clears the link before failing the waiters: if the link is still
+        // ours here, a drop from now on fails this waiter too; if not, nothing was sent.
+        if lock(&self.link).as_ref().map(|l| l.epoch) != Some(epoch) {
+            lock(&self.pending).remove(&id);
+            return Err(CallError::Stale);
+        }
         if lock(&writer).write_all(&frame).is_err() {
             // The reader notices the broken stream and fails every waiter, this one too.
             tracing::debug!(id, "write to the host failed");
