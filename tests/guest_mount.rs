@@ -796,19 +796,32 @@ fn a_file_unlinked_while_open_keeps_its_bytes_across_a_server_restart() {
     if !fuse_available() {
         return;
     }
-    // The host drops a connection's node references when it closes, and a restarted
-    // server keeps nameless nodes only for those a client retains after reconnecting.
+    // The host drops a connection's node references when it closes. A restarted server
+    // keeps nameless nodes for a grace period (at least 30 s) so that clients can take
+    // their references again (`retain`); after it, only retained ones are left. So the
+    // read comes after the grace, and nothing touches the file before it: only the
+    // daemon's `retain` can keep it. Both modes at once, to wait only once.
+    const AFTER_GRACE: Duration = Duration::from_secs(40);
+    let want = pseudo_random(300_000, 77);
+    let mut cases = Vec::new();
     for guest_args in [&[][..], &["--open-per-file"][..]] {
         let tmp = tempfile::tempdir().unwrap();
         let snap = fixture(tmp.path());
-        let mut m = Mount::new(tmp.path(), &snap, guest_args);
-        let want = pseudo_random(300_000, 77);
+        let m = Mount::new(tmp.path(), &snap, guest_args);
         fs::write(m.path("doomed"), &want).unwrap();
         File::open(m.path("doomed")).unwrap().sync_all().unwrap();
         let f = File::open(m.path("doomed")).unwrap();
         fs::remove_file(m.path("doomed")).unwrap();
+        cases.push((guest_args, tmp, m, f));
+    }
+    for (_, _, m, _) in &mut cases {
         m.restart_server_after_kill9();
-        drop_caches(); // the read below must come from the host
+        // A name never looked up goes to the host, so the daemon is connected again.
+        assert!(!m.path("never-there").exists());
+    }
+    std::thread::sleep(AFTER_GRACE);
+    drop_caches(); // the reads below must come from the host
+    for (guest_args, _, _, f) in &cases {
         let mut got = vec![0u8; want.len()];
         let r = f.read_exact_at(&mut got, 0);
         assert!(
