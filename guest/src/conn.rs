@@ -1,81 +1,85 @@
 //! The connection to the host server: one stream, many requests in flight (one reader
-//! thread routes replies to waiting callers by id), reconnect with backoff, and bounded
-//! waits while the host is away.
+//! thread routes replies to waiting callers by id), reconnect with backoff, bounded
+//! waits while the host is away, and the node references the host holds for this
+//! daemon, taken again after a reconnect.
+//!
+//! Epochs: each established connection has a number. A host handle is valid only on the
+//! connection that opened it, so a request naming one is sent with [`Conn::call_on`],
+//! which refuses ([`CallError::Stale`]) to put it on a newer connection where the same
+//! number may name another file.
+//!
+//! References (docs/PROTOCOL.md §5): the host adds one per `entry`/`created` reply and
+//! per `dir_plus` entry other than `.`/`..`, and drops a connection's references when it
+//! closes. The reader thread counts them as replies arrive (so the count is exact when it
+//! reconnects), [`Conn::forget`] takes them off, and a reconnect sends `retain` for all
+//! of them before any other request, so nodes the kernel still knows (an unlinked file
+//! that is still open) survive a server restart.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
-use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hexz_protocol::client::default_hello;
-use hexz_protocol::frame::read_frame;
-use hexz_protocol::hello::PRE_HELLO_MAX_FRAME;
+use hexz_protocol::addr::Addr;
+use hexz_protocol::client::{self, default_hello};
+use hexz_protocol::frame::{read_frame, FrameError};
 use hexz_protocol::{
-    check_hello_reply, decode_reply, encode_frame, Errno, HelloReply, Limits, Op, ReplyBody,
-    Request,
+    decode_reply, encode_frame, Errno, HelloReply, Limits, Op, ReplyBody, Request,
 };
 
-/// Where the host server is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Addr {
-    Vsock { cid: u32, port: u32 },
-    Unix(PathBuf),
-    Tcp(String),
+/// Items per `retain` / `batch_forget` request: within the protocol's 4096, and small
+/// enough (≤ 19 bytes each) to fit the smallest frame a hello can agree on.
+const REFS_PER_REQUEST: usize = 2048;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl FromStr for Addr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Addr, String> {
-        let bad = || format!("'{s}': expected vsock:CID:PORT, unix:PATH or tcp:HOST:PORT");
-        match s.split_once(':').ok_or_else(bad)? {
-            ("vsock", rest) => {
-                let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
-                Ok(Addr::Vsock {
-                    cid: cid.parse().map_err(|_| bad())?,
-                    port: port.parse().map_err(|_| bad())?,
-                })
-            }
-            ("unix", p) if !p.is_empty() => Ok(Addr::Unix(PathBuf::from(p))),
-            ("tcp", a) if a.contains(':') => Ok(Addr::Tcp(a.to_string())),
-            _ => Err(bad()),
+/// Opens a stream to `addr`. `vsock-uds` connects to its `<path>_<port>` socket (what a
+/// process on the host reaches the server listening there through).
+fn open(addr: &Addr) -> std::io::Result<OwnedFd> {
+    match addr {
+        Addr::Unix(_) | Addr::VsockUds { .. } => {
+            let path = addr
+                .socket_path()
+                .ok_or_else(|| std::io::Error::other("no socket path"))?;
+            Ok(std::os::unix::net::UnixStream::connect(path)?.into())
+        }
+        Addr::Tcp(a) => {
+            let s = std::net::TcpStream::connect(a)?;
+            s.set_nodelay(true)?;
+            Ok(s.into())
+        }
+        Addr::Vsock { cid, port } => {
+            use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+            let fd = socket(
+                AddressFamily::Vsock,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )?;
+            connect(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &VsockAddr::new(*cid, *port),
+            )?;
+            Ok(fd)
         }
     }
 }
 
-impl Addr {
-    fn open(&self) -> std::io::Result<OwnedFd> {
-        match self {
-            Addr::Unix(p) => Ok(std::os::unix::net::UnixStream::connect(p)?.into()),
-            Addr::Tcp(a) => {
-                let s = std::net::TcpStream::connect(a)?;
-                s.set_nodelay(true)?;
-                Ok(s.into())
-            }
-            Addr::Vsock { cid, port } => {
-                use nix::sys::socket::{
-                    connect, socket, AddressFamily, SockFlag, SockType, VsockAddr,
-                };
-                let fd = socket(
-                    AddressFamily::Vsock,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )?;
-                connect(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    &VsockAddr::new(*cid, *port),
-                )?;
-                Ok(fd)
-            }
-        }
-    }
+/// Bounds (or, with `None`, unbounds) how long a read on `f` may block.
+fn read_timeout(f: &File, t: Option<Duration>) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
+    use nix::sys::time::{TimeVal, TimeValLike};
+    let tv = match t {
+        Some(t) => TimeVal::milliseconds(t.as_millis().clamp(1, i64::MAX as u128) as i64),
+        None => TimeVal::zero(),
+    };
+    setsockopt(f, ReceiveTimeout, &tv).map_err(std::io::Error::from)
 }
 
 /// Why a call did not get a reply.
@@ -85,6 +89,9 @@ pub enum CallError {
     Errno(Errno),
     /// The connection dropped after the request was sent: its outcome is unknown.
     Lost,
+    /// Not sent: the connection changed under it, or the request names a handle of an
+    /// earlier connection (reopen and retry).
+    Stale,
 }
 
 type Waiter = SyncSender<Result<ReplyBody, CallError>>;
@@ -92,6 +99,7 @@ type Waiter = SyncSender<Result<ReplyBody, CallError>>;
 struct Link {
     writer: Arc<Mutex<File>>,
     limits: Limits,
+    epoch: u64,
 }
 
 pub struct Conn {
@@ -102,41 +110,88 @@ pub struct Conn {
     pending: Mutex<HashMap<u64, Waiter>>,
     next_id: AtomicU64,
     epoch: AtomicU64,
+    /// Node id → references the host holds for this daemon. Lock order: `refs`, then
+    /// `link`.
+    refs: Mutex<HashMap<u64, u64>>,
+    /// References in replies nobody waited for any more (a caller that timed out): to be
+    /// forgotten by the next caller (the reader thread never writes).
+    orphans: Mutex<Vec<(u64, u64)>>,
+    has_orphans: AtomicBool,
     fs_id: Vec<u8>,
     pub hello: HelloReply,
 }
 
-fn establish(addr: &Addr) -> std::io::Result<(File, File, HelloReply, Limits)> {
-    let fd = addr.open()?;
-    let mut rd = File::from(fd);
-    let mut wr = rd.try_clone()?;
-    let hello = default_hello("hexz-guestfused");
-    let mut out = Vec::new();
-    encode_frame(
-        &Request {
-            id: 0,
-            op: Op::Hello(hello.clone()),
-        },
-        PRE_HELLO_MAX_FRAME,
-        &mut out,
-    )
-    .map_err(other)?;
-    wr.write_all(&out)?;
-    let mut buf = Vec::new();
-    read_frame(&mut rd, PRE_HELLO_MAX_FRAME, &mut buf).map_err(other)?;
-    match decode_reply(&buf).map_err(other)?.r {
-        ReplyBody::Hello(r) => {
-            let limits =
-                check_hello_reply(&hello, &r).map_err(|e| other(format!("server hello: {e}")))?;
-            Ok((rd, wr, r, limits))
-        }
-        ReplyBody::Err(e) => Err(other(format!("server refused hello: {e}"))),
-        r => Err(other(format!("unexpected hello reply {r:?}"))),
+/// The references a reply gives the client (docs/PROTOCOL.md §7).
+fn refs_in(body: &ReplyBody) -> Vec<u64> {
+    match body {
+        ReplyBody::Entry(e) => vec![e.node],
+        ReplyBody::Created { entry, .. } => vec![entry.node],
+        ReplyBody::DirPlus { entries, .. } => entries
+            .iter()
+            .filter(|e| e.name != b"." && e.name != b"..")
+            .map(|e| e.entry.node)
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
-fn other(e: impl ToString) -> std::io::Error {
-    std::io::Error::other(e.to_string())
+/// A fresh connection after hello, its reads bounded by `timeout` until the caller is
+/// done with its own exchanges.
+fn establish(addr: &Addr, timeout: Duration) -> std::io::Result<(File, HelloReply, Limits)> {
+    let mut f = File::from(open(addr)?);
+    read_timeout(&f, Some(timeout))?;
+    let (hello, limits) =
+        client::hello(&mut f, &default_hello("hexz-guestfused")).map_err(io_err)?;
+    Ok((f, hello, limits))
+}
+
+fn io_err(e: FrameError) -> std::io::Error {
+    match e {
+        FrameError::Io(e) => e,
+        e => std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Sends `retain` for `refs` on a connection nothing else uses yet, one request at a time.
+fn retain(f: &File, limits: Limits, refs: &HashMap<u64, u64>) -> std::io::Result<()> {
+    let items: Vec<(u64, u64)> = refs.iter().map(|(&n, &k)| (n, k)).collect();
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for (i, chunk) in items.chunks(REFS_PER_REQUEST).enumerate() {
+        let id = i as u64 + 1;
+        out.clear();
+        encode_frame(
+            &Request {
+                id,
+                op: Op::Retain {
+                    items: chunk.to_vec(),
+                },
+            },
+            limits.max_frame,
+            &mut out,
+        )
+        .map_err(io_err)?;
+        (&*f).write_all(&out)?;
+        read_frame(&mut &*f, limits.max_frame, &mut buf).map_err(io_err)?;
+        let r = decode_reply(&buf).map_err(io_err)?;
+        match r.r {
+            ReplyBody::Ok {} if r.id == id => {}
+            ReplyBody::Err(Errno::ENOSYS) => {
+                tracing::warn!(
+                    "the host does not know `retain`: files unlinked while open may be gone \
+                     after this reconnect"
+                );
+                return Ok(());
+            }
+            other => {
+                return Err(std::io::Error::other(format!(
+                    "retain answered with {other:?} (id {})",
+                    r.id
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Conn {
@@ -144,49 +199,60 @@ impl Conn {
     pub fn connect(addr: Addr, timeout: Duration) -> std::io::Result<Arc<Conn>> {
         let deadline = Instant::now() + timeout;
         let mut delay = Duration::from_millis(50);
-        let (rd, wr, hello, limits) = loop {
-            match establish(&addr) {
+        let (f, hello, limits) = loop {
+            match establish(&addr, timeout) {
                 Ok(x) => break x,
                 Err(e) if Instant::now() + delay < deadline => {
-                    tracing::info!("host not reachable at {addr:?} yet ({e}); retrying");
+                    tracing::info!("host not reachable at {addr} yet ({e}); retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => return Err(e),
             }
         };
+        read_timeout(&f, None)?;
+        let wr = f.try_clone()?;
         let conn = Arc::new(Conn {
             addr,
             timeout,
             link: Mutex::new(Some(Link {
                 writer: Arc::new(Mutex::new(wr)),
                 limits,
+                epoch: 1,
             })),
             linked: Condvar::new(),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             epoch: AtomicU64::new(1),
+            refs: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
+            has_orphans: AtomicBool::new(false),
             fs_id: hello.fs_id.clone(),
             hello,
         });
         let c = conn.clone();
         std::thread::Builder::new()
             .name("hexz-reader".into())
-            .spawn(move || c.reader(rd))?;
+            .spawn(move || c.reader(f))?;
         Ok(conn)
     }
 
     pub fn limits(&self) -> Limits {
-        self.link
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.link)
             .as_ref()
             .map_or(Limits::default(), |l| l.limits)
     }
 
-    /// Increases each time the connection is re-established (server handles are gone).
+    /// The number of the current (or last) connection; handles opened on an older one
+    /// are gone on the host.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// References the host holds for this daemon on `node` (for tests and logs).
+    #[cfg(test)]
+    fn refs_on(&self, node: u64) -> u64 {
+        lock(&self.refs).get(&node).copied().unwrap_or(0)
     }
 
     /// Routes replies; on a dropped connection fails the waiting calls and reconnects.
@@ -196,20 +262,7 @@ impl Conn {
             let max = self.limits().max_frame;
             match read_frame(&mut rd, max, &mut buf) {
                 Ok(()) => match decode_reply(&buf) {
-                    Ok(r) => {
-                        let waiter = self
-                            .pending
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&r.id);
-                        if let Some(w) = waiter {
-                            let res = match r.r {
-                                ReplyBody::Err(e) => Err(CallError::Errno(e.sanitized())),
-                                body => Ok(body),
-                            };
-                            let _ = w.send(res);
-                        }
-                    }
+                    Ok(r) => self.route(r.id, r.r),
                     Err(e) => tracing::warn!("undecodable reply from the host: {e}"),
                 },
                 Err(e) => {
@@ -220,31 +273,63 @@ impl Conn {
         }
     }
 
+    /// Counts the references a reply gives, and hands it to its caller; references in
+    /// a reply nobody waits for are forgotten again.
+    fn route(&self, id: u64, body: ReplyBody) {
+        let refs = refs_in(&body);
+        if !refs.is_empty() {
+            let mut held = lock(&self.refs);
+            for &n in &refs {
+                *held.entry(n).or_default() += 1;
+            }
+        }
+        let waiter = lock(&self.pending).remove(&id);
+        let res = match body {
+            ReplyBody::Err(e) => Err(CallError::Errno(e.sanitized())),
+            body => Ok(body),
+        };
+        let delivered = waiter.is_some_and(|w| w.send(res).is_ok());
+        if !delivered && !refs.is_empty() {
+            lock(&self.orphans).extend(refs.into_iter().map(|n| (n, 1)));
+            self.has_orphans.store(true, Ordering::Release);
+        }
+    }
+
     fn reconnect(&self) -> File {
-        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        for (_, w) in self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-        {
+        *lock(&self.link) = None;
+        for (_, w) in lock(&self.pending).drain() {
             let _ = w.send(Err(CallError::Lost));
         }
         let mut delay = Duration::from_millis(20);
         loop {
-            match establish(&self.addr) {
-                Ok((rd, wr, hello, limits)) => {
-                    if hello.fs_id != self.fs_id {
-                        tracing::error!("the host now serves a different filesystem (fs_id changed); refusing it");
-                    } else {
-                        self.epoch.fetch_add(1, Ordering::AcqRel);
-                        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(Link {
-                            writer: Arc::new(Mutex::new(wr)),
-                            limits,
-                        });
-                        self.linked.notify_all();
-                        tracing::info!("reconnected to the host");
-                        return rd;
+            match establish(&self.addr, self.timeout) {
+                Ok((f, hello, _)) if hello.fs_id != self.fs_id => {
+                    drop(f);
+                    tracing::error!(
+                        "the host now serves a different filesystem (fs_id changed); refusing it"
+                    );
+                }
+                Ok((f, _, limits)) => {
+                    // Holding `refs` until the link is published: no reference can be
+                    // forgotten between the count sent in `retain` and the first request
+                    // that may follow it.
+                    let refs = lock(&self.refs);
+                    let published = retain(&f, limits, &refs)
+                        .and_then(|()| read_timeout(&f, None))
+                        .and_then(|()| f.try_clone());
+                    match published {
+                        Ok(wr) => {
+                            let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                            *lock(&self.link) = Some(Link {
+                                writer: Arc::new(Mutex::new(wr)),
+                                limits,
+                                epoch,
+                            });
+                            self.linked.notify_all();
+                            tracing::info!(retained = refs.len(), "reconnected to the host");
+                            return f;
+                        }
+                        Err(e) => tracing::warn!("re-taking node references failed: {e}"),
                     }
                 }
                 Err(e) => tracing::debug!("reconnect failed: {e}"),
@@ -255,11 +340,11 @@ impl Conn {
     }
 
     /// The live writer, waiting for a reconnection until `deadline`.
-    fn writer(&self, deadline: Instant) -> Result<(Arc<Mutex<File>>, u32), CallError> {
-        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+    fn writer(&self, deadline: Instant) -> Result<(Arc<Mutex<File>>, u32, u64), CallError> {
+        let mut link = lock(&self.link);
         loop {
             if let Some(l) = link.as_ref() {
-                return Ok((l.writer.clone(), l.limits.max_frame));
+                return Ok((l.writer.clone(), l.limits.max_frame, l.epoch));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -273,53 +358,122 @@ impl Conn {
         }
     }
 
+    #[cfg(test)]
+    fn call(&self, op: Op) -> Result<ReplyBody, CallError> {
+        self.exchange(op, None).map(|(b, _)| b)
+    }
+
     /// Sends `op` and waits for its reply (at most the configured timeout, including any
-    /// wait for the host to come back).
-    pub fn call(&self, op: Op) -> Result<ReplyBody, CallError> {
+    /// wait for the host to come back); also says on which connection the request went (a
+    /// handle in the reply is valid there only).
+    pub fn call_epoch(&self, op: Op) -> Result<(ReplyBody, u64), CallError> {
+        self.exchange(op, None)
+    }
+
+    /// As [`Conn::call_epoch`], but only on connection `epoch` (the one whose handle `op`
+    /// names): on any other, nothing is sent and the answer is [`CallError::Stale`].
+    pub fn call_on(&self, epoch: u64, op: Op) -> Result<ReplyBody, CallError> {
+        self.exchange(op, Some(epoch)).map(|(b, _)| b)
+    }
+
+    fn exchange(&self, op: Op, want: Option<u64>) -> Result<(ReplyBody, u64), CallError> {
+        if self.has_orphans.swap(false, Ordering::AcqRel) {
+            let orphans = std::mem::take(&mut *lock(&self.orphans));
+            self.forget(&orphans);
+        }
         let deadline = Instant::now() + self.timeout;
-        let (writer, max_frame) = self.writer(deadline)?;
+        let (writer, max_frame, epoch) = self.writer(deadline)?;
+        if want.is_some_and(|w| w != epoch) {
+            return Err(CallError::Stale);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         encode_frame(&Request { id, op }, max_frame, &mut frame)
             .map_err(|_| CallError::Errno(Errno::EINVAL))?;
         let (tx, rx) = sync_channel(1);
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
-        let sent = writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_all(&frame);
-        if sent.is_err() {
+        lock(&self.pending).insert(id, tx);
+        // A reconnect clears the link before failing the waiters: if the link is still
+        // ours here, a drop from now on fails this waiter too; if not, nothing was sent.
+        if lock(&self.link).as_ref().map(|l| l.epoch) != Some(epoch) {
+            lock(&self.pending).remove(&id);
+            return Err(CallError::Stale);
+        }
+        if lock(&writer).write_all(&frame).is_err() {
             // The reader notices the broken stream and fails every waiter, this one too.
             tracing::debug!(id, "write to the host failed");
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        let r = match rx.recv_timeout(left) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                Err(CallError::Errno(Errno::ETIMEDOUT))
+                if lock(&self.pending).remove(&id).is_some() {
+                    Err(CallError::Errno(Errno::ETIMEDOUT))
+                } else {
+                    // The reader has just taken the reply (or the loss) and is handing it
+                    // over: take it, so references in it are not lost.
+                    rx.recv().unwrap_or(Err(CallError::Errno(Errno::ETIMEDOUT)))
+                }
             }
-        }
+        };
+        r.map(|b| (b, epoch))
     }
 
-    /// Sends `op` without waiting for the reply (forget).
-    pub fn post(&self, op: Op) {
-        let Ok((writer, max_frame)) = self.writer(Instant::now()) else {
+    /// Sends `op` without waiting for the reply, on connection `epoch` only (release of a
+    /// handle opened there); on another connection it is dropped.
+    pub fn post_on(&self, epoch: u64, op: Op) {
+        let Ok((writer, max_frame, live)) = self.writer(Instant::now()) else {
             return;
         };
+        if live != epoch {
+            return;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         if encode_frame(&Request { id, op }, max_frame, &mut frame).is_ok() {
-            let _ = writer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write_all(&frame);
+            let _ = lock(&writer).write_all(&frame);
+        }
+    }
+
+    /// Drops references (the kernel forgot nodes, or entries never reached it): takes
+    /// them off the count and tells the host, never more than the host holds for us.
+    pub fn forget(&self, items: &[(u64, u64)]) {
+        let (dropped, epoch) = {
+            let mut refs = lock(&self.refs);
+            let mut dropped = Vec::with_capacity(items.len());
+            for &(node, n) in items {
+                let Some(held) = refs.get_mut(&node) else {
+                    continue;
+                };
+                let k = n.min(*held);
+                *held -= k;
+                if *held == 0 {
+                    refs.remove(&node);
+                }
+                if k > 0 {
+                    dropped.push((node, k));
+                }
+            }
+            // Read under `refs`: a reconnect publishes its link only after sending
+            // `retain` with the counts as they were, without these.
+            let epoch = lock(&self.link).as_ref().map(|l| l.epoch);
+            (dropped, epoch)
+        };
+        let Some(epoch) = epoch else {
+            return; // no connection: the next one retains only what is left
+        };
+        match dropped.as_slice() {
+            [] => {}
+            &[(node, nlookup)] => self.post_on(epoch, Op::Forget { node, nlookup }),
+            many => {
+                for chunk in many.chunks(REFS_PER_REQUEST) {
+                    self.post_on(
+                        epoch,
+                        Op::BatchForget {
+                            items: chunk.to_vec(),
+                        },
+                    );
+                }
+            }
         }
     }
 }
@@ -327,22 +481,231 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hexz_protocol::{Attr, DirEntryPlus, Entry};
+
+    fn entry(node: u64) -> Entry {
+        Entry {
+            node,
+            generation: 0,
+            attr: Attr::default(),
+            entry_ttl_ms: 0,
+            attr_ttl_ms: 0,
+        }
+    }
 
     #[test]
-    fn addresses_parse() {
+    fn references_are_those_the_host_adds() {
+        assert_eq!(refs_in(&ReplyBody::Entry(entry(5))), vec![5]);
         assert_eq!(
-            "vsock:2:5001".parse(),
-            Ok(Addr::Vsock { cid: 2, port: 5001 })
+            refs_in(&ReplyBody::Created {
+                entry: entry(6),
+                fh: 1
+            }),
+            vec![6]
         );
+        let plus = |name: &[u8], node| DirEntryPlus {
+            name: name.to_vec(),
+            cookie: 0,
+            entry: entry(node),
+        };
         assert_eq!(
-            "unix:/run/h.sock".parse(),
-            Ok(Addr::Unix("/run/h.sock".into()))
+            refs_in(&ReplyBody::DirPlus {
+                entries: vec![
+                    plus(b".", 1),
+                    plus(b"..", 1),
+                    plus(b"a", 7),
+                    plus(b"..b", 8)
+                ],
+                eof: true
+            }),
+            vec![7, 8]
         );
+        assert!(refs_in(&ReplyBody::Ok {}).is_empty());
+    }
+
+    /// A server on a Unix socket that answers hello and then what `answer` says for the
+    /// request on its `k`th connection (None: hang up that connection). Reports every
+    /// request but hello as `(k, op)`.
+    fn fake_server(
+        answer: impl Fn(usize, &Op) -> Option<ReplyBody> + Send + 'static,
+    ) -> (
+        Arc<Conn>,
+        std::sync::mpsc::Receiver<(usize, Op)>,
+        tempfile_dir::Dir,
+    ) {
+        let dir = tempfile_dir::Dir::new();
+        let path = dir.0.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let (seen_tx, seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for (k, s) in listener.incoming().enumerate() {
+                let Ok(mut s) = s else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut out = Vec::new();
+                let limits = Limits::default();
+                while read_frame(&mut s, limits.max_frame, &mut buf).is_ok() {
+                    let Ok(req) = hexz_protocol::decode_request(&buf) else {
+                        break;
+                    };
+                    let r = match &req.op {
+                        Op::Hello(h) => {
+                            let (r, _) = hexz_protocol::accept_hello(
+                                h,
+                                &limits,
+                                &["readdirplus"],
+                                1,
+                                vec![1],
+                                "fake",
+                            )
+                            .expect("hello");
+                            ReplyBody::Hello(r)
+                        }
+                        op => {
+                            let _ = seen_tx.send((k, op.clone()));
+                            match answer(k, op) {
+                                Some(r) => r,
+                                None => break,
+                            }
+                        }
+                    };
+                    out.clear();
+                    encode_frame(
+                        &hexz_protocol::Reply { id: req.id, r },
+                        limits.max_frame,
+                        &mut out,
+                    )
+                    .expect("encode");
+                    if s.write_all(&out).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let conn = Conn::connect(Addr::Unix(path), Duration::from_secs(5)).expect("connect");
+        (conn, seen, dir)
+    }
+
+    mod tempfile_dir {
+        /// A scratch directory removed on drop (no dev-dependency for one directory).
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "hexz-guest-conn-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&p).expect("mkdir");
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn references_are_counted_and_forgotten_no_further_than_held() {
+        let (conn, seen, _dir) = fake_server(|_, op| match op {
+            Op::Lookup { .. } => Some(ReplyBody::Entry(entry(9))),
+            _ => Some(ReplyBody::Ok {}),
+        });
+        for _ in 0..3 {
+            let lookup = Op::Lookup {
+                parent: 1,
+                name: b"x".to_vec(),
+            };
+            assert!(matches!(conn.call(lookup), Ok(ReplyBody::Entry(_))));
+        }
+        assert_eq!(conn.refs_on(9), 3);
+        conn.forget(&[(9, 2)]);
+        assert_eq!(conn.refs_on(9), 1);
+        conn.forget(&[(9, 5), (10, 1)]);
+        assert_eq!(conn.refs_on(9), 0);
+        // Sent: 3 lookups, then forget 2, then forget 1 (not 5; nothing for node 10).
+        let forgets: Vec<Op> = (0..5)
+            .filter_map(|_| seen.recv_timeout(Duration::from_secs(5)).ok())
+            .map(|(_, op)| op)
+            .filter(|op| !matches!(op, Op::Lookup { .. }))
+            .collect();
         assert_eq!(
-            "tcp:127.0.0.1:7000".parse(),
-            Ok(Addr::Tcp("127.0.0.1:7000".into()))
+            forgets,
+            vec![
+                Op::Forget {
+                    node: 9,
+                    nlookup: 2
+                },
+                Op::Forget {
+                    node: 9,
+                    nlookup: 1
+                }
+            ]
         );
-        assert!("vsock:2".parse::<Addr>().is_err());
-        assert!("ftp:x".parse::<Addr>().is_err());
+    }
+
+    #[test]
+    fn after_a_reconnect_references_are_retained_before_anything_else() {
+        let plus = |name: &[u8], node| DirEntryPlus {
+            name: name.to_vec(),
+            cookie: node,
+            entry: entry(node),
+        };
+        let dir = ReplyBody::DirPlus {
+            entries: vec![plus(b".", 1), plus(b"a", 7), plus(b"b", 8)],
+            eof: true,
+        };
+        let (conn, seen, _dir) = fake_server(move |k, op| match op {
+            Op::Lookup { .. } => Some(ReplyBody::Entry(entry(9))),
+            Op::Readdirplus { .. } => Some(dir.clone()),
+            Op::Getattr { .. } if k == 0 => None, // the host goes away
+            _ => Some(ReplyBody::Ok {}),
+        });
+        let lookup = || Op::Lookup {
+            parent: 1,
+            name: b"x".to_vec(),
+        };
+        conn.call(lookup()).expect("lookup");
+        conn.call(lookup()).expect("lookup");
+        let list = Op::Readdirplus {
+            fh: 1,
+            cookie: 0,
+            max_entries: 10,
+        };
+        conn.call(list).expect("readdirplus");
+        conn.forget(&[(8, 1)]);
+        let getattr = || Op::Getattr { node: 9, fh: None };
+        assert_eq!(conn.call(getattr()), Err(CallError::Lost));
+        let before = conn.epoch();
+        assert_eq!(conn.call(getattr()), Ok(ReplyBody::Ok {}));
+        assert_eq!(conn.epoch(), before + 1);
+        let second: Vec<Op> = std::iter::from_fn(|| seen.recv_timeout(Duration::from_secs(5)).ok())
+            .filter(|(k, _)| *k == 1)
+            .map(|(_, op)| op)
+            .take(2)
+            .collect();
+        match &second[..] {
+            [Op::Retain { items }, Op::Getattr { node: 9, .. }] => {
+                let mut items = items.clone();
+                items.sort();
+                assert_eq!(items, vec![(7, 1), (9, 2)]);
+            }
+            other => panic!("the new connection began with {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_for_an_older_connection_is_not_sent() {
+        let (conn, _seen, _dir) = fake_server(|_, _| Some(ReplyBody::Ok {}));
+        let e = conn.epoch();
+        assert_eq!(conn.call_on(e, Op::Release { fh: 1 }), Ok(ReplyBody::Ok {}));
+        assert_eq!(
+            conn.call_on(e + 1, Op::Release { fh: 1 }),
+            Err(CallError::Stale)
+        );
     }
 }

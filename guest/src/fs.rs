@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -27,43 +27,138 @@ use hexz_protocol::{Attr, Errno, Op, ReplyBody, SetTime, Timespec};
 
 use crate::conn::{CallError, Conn};
 
-/// An open file or directory as the kernel knows it. `server_fh` is the host's handle,
-/// valid in `epoch`; read-only opens get one only when the kernel first needs data (a
-/// warm page cache never does), so opening a cached file costs no round trip.
-#[derive(Clone, Copy)]
+/// A handle on the host, valid only on the connection (`epoch`) that opened it. Everyone
+/// using it holds the `Arc`; it is released on the host when the last holder lets go, so
+/// neither eviction nor a concurrent first open can release a handle a request is using.
+struct HostFh {
+    fh: u64,
+    epoch: u64,
+    dir: bool,
+    conn: Arc<Conn>,
+}
+
+impl Drop for HostFh {
+    fn drop(&mut self) {
+        let fh = self.fh;
+        let op = if self.dir {
+            Op::Releasedir { fh }
+        } else {
+            Op::Release { fh }
+        };
+        // Only on the connection that opened it: elsewhere the number may be another's.
+        self.conn.post_on(self.epoch, op);
+    }
+}
+
+/// An open file or directory as the kernel knows it. `host` is opened when the kernel
+/// first needs data (read-only opens and directories) or at open, and again after a
+/// reconnect; a warm page cache never needs one, so opening a cached file costs no round
+/// trip.
 struct Handle {
     node: u64,
     flags: u32,
     dir: bool,
-    server_fh: Option<u64>,
-    epoch: u64,
+    host: Option<Arc<HostFh>>,
     /// Epoch in which data was written and not yet fsynced.
     dirty: Option<u64>,
 }
 
-/// The host handle the daemon uses for a file's data when the kernel opens files without
-/// asking the daemon (no-open mode).
-#[derive(Clone, Copy)]
-struct NodeHandle {
-    server_fh: u64,
-    epoch: u64,
+/// What the daemon keeps per node in no-open mode: the host handle for the file's data
+/// (read-write where the host allows it) and whether unsynced writes went through it.
+#[derive(Default)]
+struct NodeData {
+    host: Option<Arc<HostFh>>,
     /// Epoch in which data was written and not yet fsynced.
     dirty: Option<u64>,
 }
 
-/// Node handles kept at once; beyond this the oldest are released on the host.
-const MAX_NODE_HANDLES: usize = 4096;
+/// Node handles kept at once by default; beyond the cap, unused ones are released.
+pub const MAX_NODE_HANDLES: usize = 4096;
+
+#[derive(Default)]
+struct Nodes {
+    map: HashMap<u64, NodeData>,
+    /// Entries of `map` with a host handle.
+    open: usize,
+}
+
+impl Nodes {
+    /// The host handle of `node` if it is valid on connection `epoch`.
+    fn current(&self, node: u64, epoch: u64) -> Option<Arc<HostFh>> {
+        let h = self.map.get(&node)?.host.as_ref()?;
+        (h.epoch == epoch).then(|| h.clone())
+    }
+
+    /// Installs `mine` as `node`'s handle unless another caller already installed one
+    /// at least as new: returns the handle to use and the one to let go (outside the
+    /// lock).
+    fn install(&mut self, node: u64, mine: Arc<HostFh>) -> (Arc<HostFh>, Option<Arc<HostFh>>) {
+        let d = self.map.entry(node).or_default();
+        match &d.host {
+            Some(h) if h.epoch >= mine.epoch => (h.clone(), Some(mine)),
+            _ => {
+                let old = d.host.replace(mine.clone());
+                if old.is_none() {
+                    self.open += 1;
+                }
+                (mine, old)
+            }
+        }
+    }
+
+    fn remove(&mut self, node: u64) -> Option<Arc<HostFh>> {
+        let h = self.map.remove(&node)?.host;
+        if h.is_some() {
+            self.open -= 1;
+        }
+        h
+    }
+
+    /// Above `cap` handles, lets go of unused ones (nobody else holds the `Arc`) other
+    /// than `keep`'s until a quarter of the room is free again. A handle in use is never
+    /// chosen, so it is never released under a request.
+    fn evict(&mut self, keep: u64, cap: usize) -> Vec<Arc<HostFh>> {
+        if self.open <= cap {
+            return Vec::new();
+        }
+        let target = cap - cap / 4;
+        let mut out = Vec::new();
+        let mut emptied = Vec::new();
+        for (&node, d) in self.map.iter_mut() {
+            if self.open <= target {
+                break;
+            }
+            let unused = matches!(&d.host, Some(h) if Arc::strong_count(h) == 1);
+            if node == keep || !unused {
+                continue;
+            }
+            out.extend(d.host.take());
+            self.open -= 1;
+            if d.dirty.is_none() {
+                emptied.push(node);
+            }
+        }
+        for n in emptied {
+            self.map.remove(&n);
+        }
+        out
+    }
+}
 
 pub struct HexzFs {
     conn: Arc<Conn>,
     /// Files are opened without a round trip (the kernel's no-open mode): data goes
     /// through per-node host handles.
     no_open: bool,
-    nodes: Mutex<HashMap<u64, NodeHandle>>,
+    nodes: Mutex<Nodes>,
+    max_node_handles: usize,
     writeback: bool,
     negative_ttl: Duration,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// How many entries to ask the host for per READDIRPLUS: about what fitted the
+    /// kernel's buffer last time (entries that do not fit are forgotten again).
+    dirplus_batch: AtomicU32,
 }
 
 fn fuse_err(e: Errno) -> fuser::Errno {
@@ -167,104 +262,170 @@ fn idempotent(op: &Op) -> bool {
 }
 
 impl HexzFs {
-    pub fn new(conn: Arc<Conn>, writeback: bool, negative_ttl: Duration, no_open: bool) -> HexzFs {
+    pub fn new(
+        conn: Arc<Conn>,
+        writeback: bool,
+        negative_ttl: Duration,
+        no_open: bool,
+        max_node_handles: usize,
+    ) -> HexzFs {
         HexzFs {
             conn,
             no_open,
-            nodes: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(Nodes::default()),
+            max_node_handles: max_node_handles.max(1),
             writeback,
             negative_ttl,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            dirplus_batch: AtomicU32::new(DIRPLUS_START),
         }
     }
 
-    fn node_handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, NodeHandle>> {
+    fn nodes(&self) -> MutexGuard<'_, Nodes> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The host handle for a node's data, opened read-write (read-only where the host
-    /// refuses writes) the first time it is needed or after a reconnect.
-    fn node_fh(&self, node: u64) -> Result<u64, Errno> {
-        let epoch = self.conn.epoch();
-        if let Some(h) = self.node_handles().get(&node) {
-            if h.epoch == epoch {
-                return Ok(h.server_fh);
+    fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn host_fh(&self, fh: u64, epoch: u64, dir: bool) -> Arc<HostFh> {
+        Arc::new(HostFh {
+            fh,
+            epoch,
+            dir,
+            conn: self.conn.clone(),
+        })
+    }
+
+    /// One request; idempotent ones are re-sent once the host is back. Also says on
+    /// which connection it was answered (a handle in the reply is valid there only).
+    fn call_epoch(&self, op: Op) -> Result<(ReplyBody, u64), Errno> {
+        let again = idempotent(&op);
+        for _ in 0..3 {
+            match self.conn.call_epoch(op.clone()) {
+                Ok(r) => return Ok(r),
+                Err(CallError::Errno(e)) => return Err(e),
+                Err(CallError::Lost) if !again => return Err(Errno::EIO),
+                Err(CallError::Lost) | Err(CallError::Stale) => {}
             }
         }
+        Err(Errno::EIO)
+    }
+
+    fn call(&self, op: Op) -> Result<ReplyBody, Errno> {
+        self.call_epoch(op).map(|(b, _)| b)
+    }
+
+    /// The host handle for a node's data (no-open mode), opened read-write (read-only
+    /// where the host refuses writes) the first time it is needed or after a reconnect.
+    fn node_fh(&self, node: u64) -> Result<Arc<HostFh>, Errno> {
+        if let Some(h) = self.nodes().current(node, self.conn.epoch()) {
+            return Ok(h);
+        }
         let open = |flags: i32| {
-            self.call(Op::Open {
+            self.call_epoch(Op::Open {
                 node,
                 flags: flags as u32,
             })
         };
-        let server_fh = match open(libc::O_RDWR) {
+        let opened = match open(libc::O_RDWR) {
             Err(Errno::EROFS) | Err(Errno::EACCES) | Err(Errno::EPERM) | Err(Errno::EINVAL) => {
                 open(libc::O_RDONLY)
             }
             r => r,
         };
-        let server_fh = match server_fh? {
-            ReplyBody::Opened { fh, .. } => fh,
-            _ => return Err(Errno::EIO),
-        };
-        self.keep_node_fh(node, server_fh, epoch);
-        Ok(server_fh)
+        match opened? {
+            (ReplyBody::Opened { fh, .. }, epoch) => {
+                Ok(self.keep_node_fh(node, self.host_fh(fh, epoch, false)))
+            }
+            _ => Err(Errno::EIO),
+        }
     }
 
-    fn keep_node_fh(&self, node: u64, server_fh: u64, epoch: u64) {
-        let evicted: Vec<(u64, NodeHandle)> = {
-            let mut nodes = self.node_handles();
-            let dirty = nodes.get(&node).and_then(|h| h.dirty);
-            let old = nodes.insert(
-                node,
-                NodeHandle {
-                    server_fh,
-                    epoch,
-                    dirty,
-                },
-            );
-            let mut out: Vec<(u64, NodeHandle)> = old.map(|h| (node, h)).into_iter().collect();
-            if nodes.len() > MAX_NODE_HANDLES {
-                let victims: Vec<u64> = nodes
-                    .keys()
-                    .filter(|&&n| n != node)
-                    .take(MAX_NODE_HANDLES / 4)
-                    .copied()
-                    .collect();
-                out.extend(
-                    victims
-                        .into_iter()
-                        .filter_map(|n| nodes.remove(&n).map(|h| (n, h))),
-                );
+    /// Makes `mine` the node's data handle, unless a concurrent first use got there first
+    /// (then `mine` is released and theirs used); evicts unused handles above the cap.
+    fn keep_node_fh(&self, node: u64, mine: Arc<HostFh>) -> Arc<HostFh> {
+        let (use_it, _let_go, _evicted) = {
+            let mut nodes = self.nodes();
+            let (use_it, let_go) = nodes.install(node, mine);
+            let evicted = nodes.evict(node, self.max_node_handles);
+            (use_it, let_go, evicted)
+        }; // the lock is gone before the releases are sent
+        use_it
+    }
+
+    /// The host handle of an open file or directory, reopened on the host the first
+    /// time it is needed and after a reconnect.
+    fn server_fh(&self, fh: u64) -> Result<Arc<HostFh>, Errno> {
+        let epoch = self.conn.epoch();
+        let (node, flags, dir) = {
+            let handles = self.handles();
+            let h = handles.get(&fh).ok_or(Errno::EBADF)?;
+            if let Some(host) = h.host.as_ref().filter(|x| x.epoch == epoch) {
+                return Ok(host.clone());
             }
-            out
+            (h.node, h.flags, h.dir)
         };
-        for (_, h) in evicted {
-            if h.epoch == self.conn.epoch() && h.server_fh != server_fh {
-                let _ = self.conn.call(Op::Release { fh: h.server_fh });
+        let op = if dir {
+            Op::Opendir { node }
+        } else {
+            let reopen = flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
+            Op::Open {
+                node,
+                flags: reopen,
+            }
+        };
+        let mine = match self.call_epoch(op)? {
+            (ReplyBody::Opened { fh, .. }, epoch) => self.host_fh(fh, epoch, dir),
+            _ => return Err(Errno::EIO),
+        };
+        let mut handles = self.handles();
+        let h = handles.get_mut(&fh).ok_or(Errno::EBADF)?;
+        match &h.host {
+            // A concurrent first use opened one too: use theirs, ours is released.
+            Some(theirs) if theirs.epoch >= mine.epoch => Ok(theirs.clone()),
+            _ => {
+                h.host = Some(mine.clone());
+                Ok(mine)
             }
         }
     }
 
-    /// A data request for a file: through the handle table, or (fh 0, no-open mode)
-    /// through the node's host handle.
+    /// A request on a file's or directory's host handle: the kernel's handle `fh`, or
+    /// (fh 0, no-open mode) the node's data handle. The handle is held for the whole
+    /// request, and the request only goes on the connection that opened it; after a
+    /// reconnect the handle is reopened and an idempotent request sent again.
     fn data_call(
         &self,
         node: u64,
         fh: FileHandle,
         make: impl Fn(u64) -> Op,
     ) -> Result<ReplyBody, Errno> {
-        if fh.0 != 0 {
-            return self.call_fh(fh, make);
-        }
+        self.data_call_epoch(node, fh, make).map(|(b, _)| b)
+    }
+
+    /// As `data_call`, also saying on which connection the request was answered.
+    fn data_call_epoch(
+        &self,
+        node: u64,
+        fh: FileHandle,
+        make: impl Fn(u64) -> Op,
+    ) -> Result<(ReplyBody, u64), Errno> {
         for _ in 0..3 {
-            let server_fh = self.node_fh(node)?;
-            let op = make(server_fh);
+            let host = if fh.0 == 0 {
+                self.node_fh(node)?
+            } else {
+                self.server_fh(fh.0)?
+            };
+            let op = make(host.fh);
             let retry = idempotent(&op);
-            match self.conn.call(op) {
-                Ok(b) => return Ok(b),
+            match self.conn.call_on(host.epoch, op) {
+                Ok(b) => return Ok((b, host.epoch)),
                 Err(CallError::Errno(e)) => return Err(e),
+                // Not sent: the handle belongs to an earlier connection; reopen it.
+                Err(CallError::Stale) => continue,
                 Err(CallError::Lost) if retry => continue,
                 Err(CallError::Lost) => return Err(Errno::EIO),
             }
@@ -272,13 +433,16 @@ impl HexzFs {
         Err(Errno::EIO)
     }
 
-    /// Remembers (or, for fsync, checks and clears) unsynced writes of a file.
-    fn note_written(&self, node: u64, fh: FileHandle) {
-        let epoch = self.conn.epoch();
+    /// Remembers unsynced writes of a file, made on connection `epoch`.
+    fn note_written(&self, node: u64, fh: FileHandle, epoch: u64) {
         if fh.0 == 0 {
-            if let Some(h) = self.node_handles().get_mut(&node) {
-                h.dirty.get_or_insert(epoch);
-            }
+            let mut nodes = self.nodes();
+            nodes
+                .map
+                .entry(node)
+                .or_default()
+                .dirty
+                .get_or_insert(epoch);
         } else if let Some(h) = self.handles().get_mut(&fh.0) {
             h.dirty.get_or_insert(epoch);
         }
@@ -295,7 +459,8 @@ impl HexzFs {
             lost
         };
         if fh.0 == 0 {
-            self.node_handles()
+            self.nodes()
+                .map
                 .get_mut(&node)
                 .is_some_and(|h| check(&mut h.dirty))
         } else {
@@ -305,73 +470,13 @@ impl HexzFs {
         }
     }
 
-    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// One request; idempotent ones are re-sent once the host is back.
-    fn call(&self, op: Op) -> Result<ReplyBody, Errno> {
-        let again = idempotent(&op).then(|| op.clone());
-        match self.conn.call(op) {
-            Ok(b) => Ok(b),
-            Err(CallError::Errno(e)) => Err(e),
-            Err(CallError::Lost) => match again {
-                Some(op) => self.call(op),
-                None => Err(Errno::EIO),
-            },
-        }
-    }
-
-    /// A request naming an open handle: the handle is reopened on the server first if the
-    /// connection was re-established since it was opened.
-    fn call_fh(&self, fh: FileHandle, make: impl Fn(u64) -> Op) -> Result<ReplyBody, Errno> {
-        for _ in 0..3 {
-            let server_fh = self.server_fh(fh.0)?;
-            let op = make(server_fh);
-            let retry = idempotent(&op);
-            match self.conn.call(op) {
-                Ok(b) => return Ok(b),
-                Err(CallError::Errno(e)) => return Err(e),
-                Err(CallError::Lost) if retry => continue,
-                Err(CallError::Lost) => return Err(Errno::EIO),
-            }
-        }
-        Err(Errno::EIO)
-    }
-
-    fn server_fh(&self, fh: u64) -> Result<u64, Errno> {
-        let h = *self.handles().get(&fh).ok_or(Errno::EBADF)?;
-        let epoch = self.conn.epoch();
-        if let (Some(server_fh), true) = (h.server_fh, h.epoch == epoch) {
-            return Ok(server_fh);
-        }
-        let reopen_flags = h.flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
-        let op = if h.dir {
-            Op::Opendir { node: h.node }
-        } else {
-            Op::Open {
-                node: h.node,
-                flags: reopen_flags,
-            }
-        };
-        let server_fh = match self.call(op)? {
-            ReplyBody::Opened { fh, .. } => fh,
-            _ => return Err(Errno::EIO),
-        };
-        if let Some(e) = self.handles().get_mut(&fh) {
-            e.server_fh = Some(server_fh);
-            e.epoch = epoch;
-        }
-        Ok(server_fh)
-    }
-
     /// Gives every lazily opened handle a host handle: called before anything that can
     /// remove a name, so a file unlinked while open stays readable through its handle.
     fn materialize_handles(&self) {
         let lazy: Vec<u64> = self
             .handles()
             .iter()
-            .filter(|(_, h)| h.server_fh.is_none())
+            .filter(|(_, h)| h.host.is_none())
             .map(|(&fh, _)| fh)
             .collect();
         for fh in lazy {
@@ -381,7 +486,7 @@ impl HexzFs {
         }
     }
 
-    fn add_handle(&self, node: u64, flags: u32, dir: bool, server_fh: Option<u64>) -> u64 {
+    fn add_handle(&self, node: u64, flags: u32, dir: bool, host: Option<Arc<HostFh>>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles().insert(
             fh,
@@ -389,29 +494,23 @@ impl HexzFs {
                 node,
                 flags,
                 dir,
-                server_fh,
-                epoch: self.conn.epoch(),
+                host,
                 dirty: None,
             },
         );
         fh
     }
 
+    /// The kernel's RELEASE/RELEASEDIR: the host handle goes when its last user is done.
     fn drop_handle(&self, fh: FileHandle, reply: ReplyEmpty) {
-        let Some(h) = self.handles().remove(&fh.0) else {
-            return reply.error(fuser::Errno::EBADF);
-        };
-        if let (Some(server_fh), true) = (h.server_fh, h.epoch == self.conn.epoch()) {
-            let op = if h.dir {
-                Op::Releasedir { fh: server_fh }
-            } else {
-                Op::Release { fh: server_fh }
-            };
-            if let Err(e) = self.call(op) {
-                tracing::debug!("release: {e}");
+        let h = self.handles().remove(&fh.0);
+        match h {
+            Some(h) => {
+                drop(h);
+                reply.ok()
             }
+            None => reply.error(fuser::Errno::EBADF),
         }
-        reply.ok();
     }
 
     fn reply_entry(&self, r: Result<ReplyBody, Errno>, reply: ReplyEntry) {
@@ -513,15 +612,9 @@ impl Filesystem for HexzFs {
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         // The kernel dropped the inode: so does the daemon's data handle for it (which
         // would otherwise keep a deleted file's space in use on the host).
-        if let Some(h) = self.node_handles().remove(&ino.0) {
-            if h.epoch == self.conn.epoch() {
-                self.conn.post(Op::Release { fh: h.server_fh });
-            }
-        }
-        self.conn.post(Op::Forget {
-            node: ino.0,
-            nlookup,
-        });
+        let data_handle = self.nodes().remove(ino.0);
+        drop(data_handle); // released on the host unless a request still holds it
+        self.conn.forget(&[(ino.0, nlookup)]);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -719,9 +812,10 @@ impl Filesystem for HexzFs {
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
             );
         }
-        match self.call(Op::Open { node: ino.0, flags }) {
-            Ok(ReplyBody::Opened { fh, keep_cache }) => {
-                let g = self.add_handle(ino.0, flags, false, Some(fh));
+        match self.call_epoch(Op::Open { node: ino.0, flags }) {
+            Ok((ReplyBody::Opened { fh, keep_cache }, epoch)) => {
+                let host = self.host_fh(fh, epoch, false);
+                let g = self.add_handle(ino.0, flags, false, Some(host));
                 reply.opened(FileHandle(g), self.fopen(keep_cache));
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
@@ -760,13 +854,13 @@ impl Filesystem for HexzFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.data_call(ino.0, fh, |fh| Op::Write {
+        match self.data_call_epoch(ino.0, fh, |fh| Op::Write {
             fh,
             offset,
             data: data.to_vec(),
         }) {
-            Ok(ReplyBody::Written { size }) => {
-                self.note_written(ino.0, fh);
+            Ok((ReplyBody::Written { size }, epoch)) => {
+                self.note_written(ino.0, fh, epoch);
                 reply.written(size)
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
@@ -777,7 +871,7 @@ impl Filesystem for HexzFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
@@ -794,7 +888,7 @@ impl Filesystem for HexzFs {
             return reply.ok();
         }
         self.reply_empty(
-            self.call_fh(fh, |fh| Op::Flush {
+            self.data_call(ino.0, fh, |fh| Op::Flush {
                 fh,
                 lock_owner: lock_owner.0,
             }),
@@ -852,12 +946,12 @@ impl Filesystem for HexzFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.call_fh(fh, |fh| Op::Readdir {
+        match self.data_call(ino.0, fh, |fh| Op::Readdir {
             fh,
             cookie: offset,
             max_entries: 256,
@@ -883,32 +977,45 @@ impl Filesystem for HexzFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.call_fh(fh, |fh| Op::Readdirplus {
+        let want = self.dirplus_batch.load(Ordering::Relaxed);
+        match self.data_call(ino.0, fh, |fh| Op::Readdirplus {
             fh,
             cookie: offset,
-            max_entries: 128,
+            max_entries: want,
         }) {
             Ok(ReplyBody::DirPlus { entries, .. }) => {
-                for e in entries {
-                    let a = attr(&e.entry.attr);
-                    let full = reply.add(
-                        INodeNo(e.entry.node),
-                        e.cookie,
-                        OsStr::from_bytes(&e.name),
-                        &ttl(e.entry.entry_ttl_ms),
-                        &a,
-                        Generation(e.entry.generation),
-                    );
+                let got = entries.len();
+                // The host gave a reference for each entry but `.` and `..`; those that do
+                // not fit the kernel's buffer never reach it, so they are forgotten here
+                // (the kernel asks again from the last cookie it received).
+                let mut fitted = None;
+                let mut unsent = Vec::new();
+                for (i, e) in entries.into_iter().enumerate() {
+                    let full = fitted.is_some()
+                        || reply.add(
+                            INodeNo(e.entry.node),
+                            e.cookie,
+                            OsStr::from_bytes(&e.name),
+                            &ttl(e.entry.entry_ttl_ms),
+                            &attr(&e.entry.attr),
+                            Generation(e.entry.generation),
+                        );
                     if full {
-                        break;
+                        fitted.get_or_insert(i);
+                        if e.name != b"." && e.name != b".." {
+                            unsent.push((e.entry.node, 1));
+                        }
                     }
                 }
-                reply.ok()
+                self.conn.forget(&unsent);
+                reply.ok();
+                self.dirplus_batch
+                    .store(next_dirplus_batch(want, got, fitted), Ordering::Relaxed);
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(fuse_err(e)),
@@ -929,12 +1036,15 @@ impl Filesystem for HexzFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.reply_empty(self.call_fh(fh, |fh| Op::Fsyncdir { fh, datasync }), reply);
+        self.reply_empty(
+            self.data_call(ino.0, fh, |fh| Op::Fsyncdir { fh, datasync }),
+            reply,
+        );
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -1026,9 +1136,10 @@ impl Filesystem for HexzFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        match self.call(op) {
-            Ok(ReplyBody::Created { entry, fh }) if self.no_open => {
-                self.keep_node_fh(entry.node, fh, self.conn.epoch());
+        match self.call_epoch(op) {
+            Ok((ReplyBody::Created { entry, fh }, epoch)) if self.no_open => {
+                let host = self.host_fh(fh, epoch, false);
+                self.keep_node_fh(entry.node, host);
                 let (t, a, g) = (
                     ttl(entry.entry_ttl_ms),
                     attr(&entry.attr),
@@ -1036,8 +1147,9 @@ impl Filesystem for HexzFs {
                 );
                 reply.created(&t, &a, g, FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
             }
-            Ok(ReplyBody::Created { entry, fh }) => {
-                let g = self.add_handle(entry.node, flags, false, Some(fh));
+            Ok((ReplyBody::Created { entry, fh }, epoch)) => {
+                let host = self.host_fh(fh, epoch, false);
+                let g = self.add_handle(entry.node, flags, false, Some(host));
                 reply.created(
                     &ttl(entry.entry_ttl_ms),
                     &attr(&entry.attr),
@@ -1061,16 +1173,16 @@ impl Filesystem for HexzFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.data_call(ino.0, fh, |fh| Op::Fallocate {
+        let r = self.data_call_epoch(ino.0, fh, |fh| Op::Fallocate {
             fh,
             offset,
             length,
             mode: mode as u32,
         });
-        if r.is_ok() {
-            self.note_written(ino.0, fh);
+        if let Ok((_, epoch)) = r {
+            self.note_written(ino.0, fh, epoch);
         }
-        self.reply_empty(r, reply);
+        self.reply_empty(r.map(|(b, _)| b), reply);
     }
 
     fn lseek(
@@ -1095,6 +1207,25 @@ impl Filesystem for HexzFs {
             Err(e) => reply.error(fuse_err(e)),
         }
     }
+}
+
+/// The first READDIRPLUS asks for this many entries (about what a 4 KiB buffer holds
+/// with short names); later ones follow what fitted.
+const DIRPLUS_START: u32 = 32;
+const DIRPLUS_MIN: u32 = 8;
+const DIRPLUS_MAX: u32 = 1024;
+
+/// Entries to ask for next time, after asking for `want`, getting `got`, and the kernel's
+/// buffer filling up after `fitted` of them (None: all fitted).
+fn next_dirplus_batch(want: u32, got: usize, fitted: Option<usize>) -> u32 {
+    let n = match fitted {
+        // A little more than fitted, since names differ in length.
+        Some(n) => n as u32 + n as u32 / 8 + 1,
+        // Everything fitted and there is more: the buffer may take more.
+        None if got >= want as usize => want.saturating_mul(2),
+        None => want,
+    };
+    n.clamp(DIRPLUS_MIN, DIRPLUS_MAX)
 }
 
 /// getxattr/listxattr: a size probe (0) gets the length; too small a buffer is ERANGE.
@@ -1129,5 +1260,17 @@ mod tests {
         ] {
             assert_eq!(set_time(TimeOrNow::SpecificTime(time(t))), SetTime::At(t));
         }
+    }
+
+    #[test]
+    fn readdirplus_asks_for_about_what_fitted_last_time() {
+        // 26 of 32 fitted: ask for a few more than 26 next time.
+        assert_eq!(next_dirplus_batch(32, 32, Some(26)), 30);
+        // All fitted and there may be more: ask for more.
+        assert_eq!(next_dirplus_batch(32, 32, None), 64);
+        // End of the directory: no news.
+        assert_eq!(next_dirplus_batch(32, 5, None), 32);
+        assert_eq!(next_dirplus_batch(1024, 1024, None), DIRPLUS_MAX);
+        assert_eq!(next_dirplus_batch(32, 32, Some(1)), DIRPLUS_MIN);
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use fuser::{Config, MountOption, SessionACL};
+use hexz_protocol::addr::Addr;
 
 #[derive(Parser)]
 #[command(
@@ -20,9 +21,10 @@ use fuser::{Config, MountOption, SessionACL};
 struct Cli {
     /// Where to mount the workspace.
     mountpoint: PathBuf,
-    /// The host server: vsock:CID:PORT, unix:PATH or tcp:HOST:PORT.
+    /// The host server: vsock:CID:PORT (the host is CID 2), vsock-uds:PATH[:PORT] (the
+    /// Unix socket PATH_PORT), unix:PATH or tcp:IP:PORT.
     #[arg(long, default_value = "vsock:2:5001")]
-    connect: conn::Addr,
+    connect: Addr,
     /// How long a request waits (including for the host to come back) before failing
     /// with ETIMEDOUT; also how long startup waits for the host. Seconds.
     #[arg(long, default_value_t = 30)]
@@ -42,6 +44,10 @@ struct Cli {
     /// without a round trip and their data goes through one host handle per file).
     #[arg(long)]
     open_per_file: bool,
+    /// In the default (no-open) mode, how many host handles for file data to keep at once;
+    /// beyond it, handles not in use are released (and reopened when needed again).
+    #[arg(long, default_value_t = fs::MAX_NODE_HANDLES)]
+    max_node_handles: usize,
 }
 
 fn main() -> ExitCode {
@@ -71,13 +77,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     signals.thread_block().context("blocking signals")?;
 
     let conn = conn::Conn::connect(cli.connect.clone(), Duration::from_secs(cli.timeout))
-        .with_context(|| format!("cannot reach the host at {:?}", cli.connect))?;
+        .with_context(|| format!("cannot reach the host at {}", cli.connect))?;
     tracing::info!(server = %conn.hello.server, "connected to the host");
     let fs = fs::HexzFs::new(
         conn,
         cli.writeback,
         Duration::from_secs(cli.negative_ttl),
         !cli.open_per_file,
+        cli.max_node_handles,
     );
     let mut config = Config::default();
     config.mount_options = vec![

@@ -3,6 +3,7 @@
 //! guest daemon and the host server use this crate, and nothing else defines wire types.
 //! The contract is docs/PROTOCOL.md.
 
+pub mod addr;
 pub mod cbor;
 pub mod client;
 pub mod errno;
