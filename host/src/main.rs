@@ -106,7 +106,7 @@ struct ServeArgs {
     /// vsock:CID:PORT (accepts only that VM) | vsock-uds:PATH[:PORT] (listens on PATH_PORT) |
     /// unix:PATH | tcp:127.0.0.1:PORT.
     /// Repeat for several listeners.
-    #[arg(long = "listen", required = true)]
+    #[arg(long = "listen", required = true, value_parser = hexz_host::server::parse_listen)]
     listen: Vec<hexz_host::server::ListenAddr>,
     /// Decompressed-frame cache, MiB.
     #[arg(long, default_value_t = 256)]

@@ -28,6 +28,8 @@ pub const DIR_ENTRIES_PER_RECORD: usize = 16_384;
 const CORRUPTION_SCAN_LIMIT: usize = 64 << 20;
 
 pub type Time = (i64, u32);
+/// A node's extended attributes, sorted by name.
+pub type XattrList = Vec<(Vec<u8>, Vec<u8>)>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum Kind {

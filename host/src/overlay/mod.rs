@@ -32,7 +32,7 @@ pub struct OverlayState {
     /// Lower-backed files: which ranges the upper file holds.
     pub present: HashMap<u64, Arc<RangeSet>>,
     /// Nodes whose xattrs differ from the snapshot's (all of them, sorted by name).
-    pub xattrs: HashMap<u64, Vec<(Vec<u8>, Vec<u8>)>>,
+    pub xattrs: HashMap<u64, journal::XattrList>,
     /// Snapshot nodes that no longer exist.
     pub gone: HashSet<u64>,
     pub next_id: u64,

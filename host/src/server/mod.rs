@@ -31,7 +31,7 @@ use hexz_protocol::{
 };
 
 pub use dispatch::Session;
-pub use listen::ListenAddr;
+pub use listen::{parse_listen, ListenAddr};
 
 use crate::error::{Error, Result};
 use crate::vfs::Vfs;
@@ -100,7 +100,7 @@ pub fn serve(
     let mut sockets = Vec::new();
     for addr in addrs {
         let accept: Box<dyn FnMut() -> std::io::Result<(OwnedFd, String)> + Send> = match addr {
-            ListenAddr::Unix(_) | ListenAddr::VsockUds(..) => {
+            ListenAddr::Unix(_) | ListenAddr::VsockUds { .. } => {
                 let path = addr
                     .socket_path()
                     .ok_or_else(|| Error::Invalid("no socket path".into()))?;

@@ -12,6 +12,9 @@ pub const MAX_HANDLES_PER_OWNER: usize = 16_384;
 /// Handles all owners together may hold; more gives ENFILE.
 pub const MAX_HANDLES: usize = 1 << 20;
 
+/// A changed directory's children: (name, node), sorted by name; shared, never copied.
+pub type Entries = Arc<Vec<(Vec<u8>, u64)>>;
+
 /// A directory's children as one opendir (or rewind) saw them, shared by every handle
 /// that saw the same version.
 #[derive(Clone, Debug)]
@@ -19,7 +22,7 @@ pub enum Listing {
     /// An unchanged snapshot directory: read straight from the index (no copy).
     Lower(u32),
     /// A directory the overlay changed: (name, node), sorted by name.
-    Upper(Arc<Vec<(Vec<u8>, u64)>>),
+    Upper(Entries),
 }
 
 #[derive(Clone, Debug)]

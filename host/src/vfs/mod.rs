@@ -63,8 +63,7 @@ const NODE_LOCKS: usize = 64;
 
 /// A directory's children: (name, node id), sorted by name.
 pub type Children = Vec<(Vec<u8>, u64)>;
-/// A node's extended attributes, sorted by name.
-pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+pub use crate::overlay::journal::XattrList as Xattrs;
 
 /// One directory entry as `readdir` returns it.
 #[derive(Clone, Debug)]
@@ -109,7 +108,7 @@ pub struct Vfs {
     handles: Mutex<Handles>,
     files: Mutex<HashMap<u64, Arc<File>>>,
     /// Listings of changed directories, shared by the handles that saw the same version.
-    listings: Mutex<HashMap<u64, Arc<Vec<(Vec<u8>, u64)>>>>,
+    listings: Mutex<HashMap<u64, handles::Entries>>,
     /// Files written since their last fsync (synced at shutdown).
     dirty: Mutex<HashSet<u64>>,
     /// Nameless nodes kept for reconnecting clients, and since when (see `refs.rs`).

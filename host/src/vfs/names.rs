@@ -111,6 +111,7 @@ impl Vfs {
         Ok(attr)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn mknod(
         &self,
         owner: u64,
