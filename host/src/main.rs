@@ -91,6 +91,19 @@ enum Cmd {
     },
     /// Serve the snapshot plus a copy-on-write overlay over the hexz protocol.
     Serve(ServeArgs),
+    /// What changed: a snapshot and its overlay (`--overlay DIR`), or two snapshots.
+    /// Lines `A|C|D PATH`; reads indexes and overlay records only, never file data.
+    Diff {
+        snapshot: PathBuf,
+        /// A second snapshot to compare with the first.
+        other: Option<PathBuf>,
+        /// An overlay of SNAPSHOT to compare with it.
+        #[arg(long, conflicts_with = "other")]
+        overlay: Option<PathBuf>,
+        /// One JSON array of {change, path, kind, old_size, new_size, content, metadata}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -308,6 +321,25 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Serve(args) => serve(args),
+        Cmd::Diff {
+            snapshot,
+            other,
+            overlay,
+            json,
+        } => {
+            let a = Snapshot::open(&snapshot)?;
+            let entries = match (other, overlay) {
+                (Some(b), None) => hexz_host::diff::snapshots(&a, &Snapshot::open(&b)?)?,
+                (None, Some(ov)) => hexz_host::diff::overlay(std::sync::Arc::new(a), &ov)?,
+                _ => anyhow::bail!("diff needs a second snapshot or --overlay DIR"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                print!("{}", hexz_host::diff::render(&entries));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Extract { snapshot, dest } => {
             let snap = Snapshot::open(&snapshot)?;
             let start = Instant::now();

@@ -65,6 +65,9 @@ const NODE_LOCKS: usize = 64;
 pub type Children = Vec<(Vec<u8>, u64)>;
 pub use crate::overlay::journal::XattrList as Xattrs;
 
+/// A node as `export_node` gives it: record, xattrs, children (directories).
+pub type ExportedNode = (NodeRec, Xattrs, Option<Children>);
+
 /// One directory entry as `readdir` returns it.
 #[derive(Clone, Debug)]
 pub struct DirItem {
@@ -541,7 +544,7 @@ impl Vfs {
 
     /// A node's full record, its xattrs and, for a directory, its children: for
     /// exporting the merged tree (`commit`).
-    pub fn export_node(&self, id: u64) -> VfsResult<(NodeRec, Xattrs, Option<Children>)> {
+    pub fn export_node(&self, id: u64) -> VfsResult<ExportedNode> {
         let inner = self.state();
         let rec = self.rec(&inner, id)?;
         let xattrs = self.xattrs_of(&inner, &rec);
