@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod errno;
+pub mod exec;
 pub mod frame;
 pub mod hello;
 pub mod message;
