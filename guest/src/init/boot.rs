@@ -17,8 +17,18 @@ const GUESTFUSED: &str = "/bin/hexz-guestfused";
 pub struct Cmdline {
     pub fs_port: u32,
     pub exec_port: u32,
-    /// `hexz.mode=console`: a shell on the console instead of the exec channel.
-    pub console: bool,
+    pub mode: Mode,
+}
+
+/// What the guest is for (`hexz.mode=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Run one command over the exec channel (the default).
+    Exec,
+    /// A shell on the console.
+    Console,
+    /// Only the workspace mount, until the host stops the VM.
+    Idle,
 }
 
 impl Cmdline {
@@ -31,13 +41,14 @@ impl Cmdline {
         let mut c = Cmdline {
             fs_port: 5001,
             exec_port: hexz_protocol::exec::DEFAULT_EXEC_PORT,
-            console: false,
+            mode: Mode::Exec,
         };
         for word in text.split_whitespace() {
             match word.split_once('=') {
                 Some(("hexz.fs_port", v)) => c.fs_port = v.parse().unwrap_or(c.fs_port),
                 Some(("hexz.exec_port", v)) => c.exec_port = v.parse().unwrap_or(c.exec_port),
-                Some(("hexz.mode", v)) => c.console = v == "console",
+                Some(("hexz.mode", "console")) => c.mode = Mode::Console,
+                Some(("hexz.mode", "idle")) => c.mode = Mode::Idle,
                 _ => {}
             }
         }
@@ -165,8 +176,9 @@ mod tests {
     #[test]
     fn cmdline_takes_hexz_keys_and_ignores_the_rest() {
         let c = Cmdline::parse("console=ttyS0 quiet hexz.fs_port=6001 hexz.exec_port=6002 x=y");
-        assert_eq!((c.fs_port, c.exec_port, c.console), (6001, 6002, false));
+        assert_eq!((c.fs_port, c.exec_port, c.mode), (6001, 6002, Mode::Exec));
         let c = Cmdline::parse("hexz.mode=console hexz.fs_port=bad");
-        assert_eq!((c.fs_port, c.console), (5001, true));
+        assert_eq!((c.fs_port, c.mode), (5001, Mode::Console));
+        assert_eq!(Cmdline::parse("hexz.mode=idle").mode, Mode::Idle);
     }
 }

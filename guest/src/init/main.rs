@@ -7,7 +7,7 @@ mod boot;
 mod command;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -27,12 +27,21 @@ fn start() -> anyhow::Result<()> {
     boot::mount_basics()?;
     let cmdline = boot::Cmdline::read()?;
     boot::load_modules()?;
-    if cmdline.console {
-        return console(&cmdline);
+    match cmdline.mode {
+        boot::Mode::Console => return console(&cmdline),
+        boot::Mode::Idle => {
+            let _daemon = boot::mount_workspace(cmdline.fs_port, HOST_WAIT)?;
+            println!("hexz: /workspace is mounted; the host stops this VM");
+            loop {
+                std::thread::park();
+            }
+        }
+        boot::Mode::Exec => {}
     }
     let stream = connect_host(cmdline.exec_port, HOST_WAIT)
         .with_context(|| format!("exec channel (vsock port {})", cmdline.exec_port))?;
     let channel = command::Channel::new(&stream).context("exec channel")?;
+    let from_host_fd = stream.try_clone().context("exec channel")?;
     let mut from_host = stream;
     let daemon = match boot::mount_workspace(cmdline.fs_port, HOST_WAIT) {
         Ok(d) => d,
@@ -62,6 +71,13 @@ fn start() -> anyhow::Result<()> {
         eprintln!("hexz-init: {what}");
     }
     channel.send(&last).context("sending the exit status")?;
+    // Powering off at once could drop the frame still queued for the device: wait
+    // (bounded) for the host to close the channel, which it does once it has read it.
+    let mut poll = [nix::poll::PollFd::new(
+        from_host_fd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let _ = nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(2000u16));
     Ok(())
 }
 
