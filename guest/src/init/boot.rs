@@ -108,7 +108,7 @@ pub fn mount_workspace(fs_port: u32, limit: Duration) -> anyhow::Result<Child> {
         .arg(format!("vsock:2:{fs_port}"))
         .arg("--timeout")
         .arg(limit.as_secs().max(1).to_string())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,fuser::mnt=error")
         .spawn()
         .with_context(|| format!("starting {GUESTFUSED}"))?;
     let deadline = Instant::now() + limit;

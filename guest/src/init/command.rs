@@ -141,8 +141,11 @@ pub fn run(
         errno: e.raw_os_error().and_then(|n| u32::try_from(n).ok()),
         what: format!("waiting for {argv0}: {e}"),
     })?;
-    // Output still in the pipes belongs before the exit status; a background process that
-    // keeps a pipe open gets a short grace, not a hang.
+    // The command is over: what it left running in its process group would hold the
+    // pipes and /workspace open.
+    signal_group(pid, libc::SIGKILL);
+    // Output still in the pipes belongs before the exit status; a process that left the
+    // group but keeps a pipe open gets a short grace, not a hang.
     for _ in 0..pumps {
         if done_rx.recv_timeout(Duration::from_secs(2)).is_err() {
             break;

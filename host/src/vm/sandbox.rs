@@ -39,7 +39,7 @@ const MOUNT_LIMIT: Duration = Duration::from_secs(75);
 const POWER_OFF_LIMIT: Duration = Duration::from_secs(10);
 /// After a forwarded Ctrl-C/SIGTERM: how long the command has to exit before the VM is
 /// stopped.
-const SIGNAL_GRACE: Duration = Duration::from_secs(3);
+const SIGNAL_GRACE: Duration = Duration::from_secs(5);
 const FS_PORT: u32 = 5001;
 const CONSOLE_TAIL_LINES: usize = 25;
 
