@@ -85,8 +85,8 @@ fn start() -> anyhow::Result<()> {
 fn console(cmdline: &boot::Cmdline) -> anyhow::Result<()> {
     let daemon = boot::mount_workspace(cmdline.fs_port, HOST_WAIT)?;
     println!("hexz: /workspace is mounted; exit the shell to stop the VM");
-    let status = std::process::Command::new("/bin/setsid")
-        .args(["-c", "/bin/sh", "-l"])
+    let status = std::process::Command::new("/bin/busybox")
+        .args(["setsid", "-c", "/bin/sh", "-l"])
         .current_dir(boot::WORKSPACE)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")

@@ -162,20 +162,27 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// The last lines of the guest console, for error messages.
-    fn console_tail(&self) -> String {
-        let text = std::fs::read(&self.console_log).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..];
-        if tail.is_empty() {
-            return "(the guest console is empty)".into();
+    /// What QEMU and the vsock backend said, and the last lines of the guest console,
+    /// for error messages.
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for (what, path) in [
+            ("QEMU", self._dir.path().join("qemu.log")),
+            ("vhost-device-vsock", self._dir.path().join("vsock.log")),
+            ("the guest console", self.console_log.clone()),
+        ] {
+            let text = std::fs::read(&path).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..];
+            if !tail.is_empty() {
+                out.push_str(&format!("--- {what} (last lines):\n{}\n", tail.join("\n")));
+            }
         }
-        format!(
-            "last lines of the guest console ({}):\n{}",
-            self.console_log.display(),
-            tail.join("\n")
-        )
+        if out.is_empty() {
+            out.push_str("(QEMU and the guest console said nothing)\n");
+        }
+        out
     }
 }
 
@@ -461,7 +468,7 @@ pub fn run_command(opts: &VmOptions, spec: &CommandSpec) -> i32 {
             128 + sig
         }
         Outcome::Failed(what) => {
-            eprintln!("hexz-host: {what}\n{}", vm.console_tail());
+            eprint!("hexz-host: {what}\n{}", vm.diagnostics());
             EXIT_SANDBOX_FAILED
         }
     };
@@ -672,7 +679,7 @@ pub fn serve_vm(opts: &VmOptions, console: bool) -> i32 {
     );
     loop {
         if let Some(status) = vm.qemu.exited() {
-            eprintln!("hexz-host: QEMU exited ({status})\n{}", vm.console_tail());
+            eprint!("hexz-host: QEMU exited ({status})\n{}", vm.diagnostics());
             return EXIT_SANDBOX_FAILED;
         }
         if let Ok(Event::Signal(_)) = events.recv_timeout(Duration::from_millis(100)) {
