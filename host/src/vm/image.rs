@@ -450,6 +450,7 @@ fn build_from_contents(
         initrd: dir.join("initrd.cpio"),
     };
     if image.kernel.is_file() && image.initrd.is_file() {
+        prune_images(&cache.join("images"), &dir);
         return Ok(image);
     }
     let tmp = cache
@@ -457,7 +458,10 @@ fn build_from_contents(
         .join(format!(".build-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::write(tmp.join("vmlinuz"), &kernel_bytes).map_err(|e| Error::io(&tmp, e))?;
+    // The unpacked kernel is never rewritten, so images can share it.
+    if std::fs::hard_link(vmlinuz, tmp.join("vmlinuz")).is_err() {
+        std::fs::write(tmp.join("vmlinuz"), &kernel_bytes).map_err(|e| Error::io(&tmp, e))?;
+    }
     std::fs::write(tmp.join("initrd.cpio"), &initrd_bytes).map_err(|e| Error::io(&tmp, e))?;
     if let Err(e) = std::fs::rename(&tmp, &dir) {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -466,7 +470,30 @@ fn build_from_contents(
             return Err(Error::io(&dir, e));
         }
     }
+    prune_images(&cache.join("images"), &dir);
     Ok(image)
+}
+
+/// Images kept in the cache; older ones (from earlier guest builds) are removed.
+const KEEP_IMAGES: usize = 4;
+
+/// Removes all but the newest `KEEP_IMAGES` image directories (never `current`). A VM
+/// already started is unaffected: QEMU reads the kernel and initramfs at start.
+fn prune_images(images: &Path, current: &Path) {
+    let Ok(entries) = std::fs::read_dir(images) else {
+        return;
+    };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("initrd.cpio").is_file() && p != current)
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    dirs.sort();
+    let excess = (dirs.len() + 1).saturating_sub(KEEP_IMAGES);
+    for (_, old) in dirs.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(old);
+    }
 }
 
 #[cfg(test)]
