@@ -177,7 +177,7 @@ fn output_printed_before_a_sleep_reaches_the_host_before_the_command_ends() {
     assert_eq!(rest, "late\n");
     assert!(status.success());
     assert!(
-        early_at.elapsed() >= Duration::from_secs(4),
+        early_at.elapsed() >= Duration::from_secs(3),
         "the first line came only {:?} before the end",
         early_at.elapsed()
     );
@@ -314,6 +314,40 @@ fn timeout_stops_the_vm_exits_124_and_leaves_nothing_behind() {
         "took {:?}",
         start.elapsed()
     );
+    ws.assert_clean();
+}
+
+#[test]
+fn sigterm_reaches_the_command_and_the_run_cleans_up() {
+    if !vm_available("sigterm_reaches_the_command_and_the_run_cleans_up") {
+        return;
+    }
+    let ws = Workspace::new();
+    let mut child = ws
+        .run_cmd(
+            &[],
+            &[
+                "sh",
+                "-c",
+                "trap 'echo got-term; exit 9' TERM; echo ready; sleep 600 & wait",
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    lines.read_line(&mut first).expect("read");
+    assert_eq!(first, "ready\n");
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut lines, &mut rest).expect("read rest");
+    let status = child.wait().expect("wait");
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(status.code(), Some(9));
     ws.assert_clean();
 }
 

@@ -423,7 +423,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             } = args;
             let (uid, gid) = user.unwrap_or((0, 0));
             let opts = vm.options(snapshot, overlay, cache_mib);
-            let spec = hexz_host::vm::sandbox::CommandSpec {
+            let spec = hexz_host::vm::exec::CommandSpec {
                 argv: command,
                 env,
                 workdir,
@@ -431,7 +431,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 gid,
                 timeout,
             };
-            let code = hexz_host::vm::sandbox::run_command(&opts, &spec);
+            let code = hexz_host::vm::exec::run_command(&opts, &spec);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(125)))
         }
         Cmd::Image {

@@ -39,14 +39,6 @@ impl Channel {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         write_frame(&mut *w, msg, MAX_EXEC_FRAME)
     }
-
-    pub fn error(&self, errno: Option<i32>, what: String) {
-        eprintln!("hexz-init: {what}");
-        let _ = self.send(&GuestMsg::Error {
-            errno: errno.and_then(|e| u32::try_from(e).ok()),
-            what,
-        });
-    }
 }
 
 pub fn read_msg(r: &mut File, buf: &mut Vec<u8>) -> Result<HostMsg, FrameError> {

@@ -11,10 +11,13 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hexz_protocol::exec::HostMsg;
+use hexz_protocol::exec::{GuestMsg, HostMsg};
 
 /// How long the guest waits for the host's listeners and for the workspace mount.
 const HOST_WAIT: Duration = Duration::from_secs(60);
+/// How long the guest waits, after its last message, for the host to close the channel
+/// (the sign that the message arrived) before powering off anyway.
+const CLOSE_WAIT_MS: u16 = 10_000;
 
 fn main() {
     if let Err(e) = start() {
@@ -42,43 +45,56 @@ fn start() -> anyhow::Result<()> {
         .with_context(|| format!("exec channel (vsock port {})", cmdline.exec_port))?;
     let channel = command::Channel::new(&stream).context("exec channel")?;
     let from_host_fd = stream.try_clone().context("exec channel")?;
-    let mut from_host = stream;
-    let daemon = match boot::mount_workspace(cmdline.fs_port, HOST_WAIT) {
-        Ok(d) => d,
-        Err(e) => {
-            channel.error(None, format!("{e:#}"));
-            return Ok(());
+    let from_host = stream;
+    let last = match boot::mount_workspace(cmdline.fs_port, HOST_WAIT) {
+        Ok(daemon) => {
+            let last = run_requested(&channel, from_host);
+            boot::unmount_workspace(daemon);
+            last
         }
-    };
-    let mut buf = Vec::new();
-    let last = match command::read_msg(&mut from_host, &mut buf) {
-        Ok(HostMsg::Run(run)) => match command::prepare(&run) {
-            Ok(cmd) => command::run(cmd, &command::argv0(&run), &channel, from_host),
-            Err(refusal) => Err(refusal),
+        Err(e) => GuestMsg::Error {
+            errno: None,
+            what: format!("{e:#}"),
         },
-        Ok(other) => Err(hexz_protocol::exec::GuestMsg::Error {
-            errno: None,
-            what: format!("expected a run request first, got {other:?}"),
-        }),
-        Err(e) => Err(hexz_protocol::exec::GuestMsg::Error {
-            errno: None,
-            what: format!("reading the run request: {e}"),
-        }),
     };
-    boot::unmount_workspace(daemon);
-    let last = last.unwrap_or_else(|e| e);
-    if let hexz_protocol::exec::GuestMsg::Error { what, .. } = &last {
+    if let GuestMsg::Error { what, .. } = &last {
         eprintln!("hexz-init: {what}");
     }
     channel.send(&last).context("sending the exit status")?;
     // Powering off at once could drop the frame still queued for the device: wait
     // (bounded) for the host to close the channel, which it does once it has read it.
-    let mut poll = [nix::poll::PollFd::new(
-        from_host_fd.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    let _ = nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(2000u16));
+    // Only the peer's close counts (POLLRDHUP), not stdin bytes still in flight.
+    let closed = nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let deadline = Instant::now() + Duration::from_millis(CLOSE_WAIT_MS.into());
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let mut poll = [nix::poll::PollFd::new(from_host_fd.as_fd(), closed)];
+        let ms = u16::try_from(left.as_millis()).unwrap_or(CLOSE_WAIT_MS);
+        match nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(ms)) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => break,
+        }
+    }
     Ok(())
+}
+
+/// Reads the run request and runs it; returns the message that ends the exchange.
+fn run_requested(channel: &command::Channel, mut from_host: File) -> GuestMsg {
+    let mut buf = Vec::new();
+    let last = match command::read_msg(&mut from_host, &mut buf) {
+        Ok(HostMsg::Run(run)) => match command::prepare(&run) {
+            Ok(cmd) => command::run(cmd, &command::argv0(&run), channel, from_host),
+            Err(refusal) => Err(refusal),
+        },
+        Ok(other) => Err(GuestMsg::Error {
+            errno: None,
+            what: format!("expected a run request first, got {other:?}"),
+        }),
+        Err(e) => Err(GuestMsg::Error {
+            errno: None,
+            what: format!("reading the run request: {e}"),
+        }),
+    };
+    last.unwrap_or_else(|e| e)
 }
 
 /// A login shell on the console in /workspace; powers off when it exits.

@@ -1,8 +1,9 @@
 //! Booting a snapshot in a QEMU microVM: the guest image (`image.rs`, `cpio.rs`), the
-//! vsock transport (`vsock.rs`), QEMU itself (`qemu.rs`) and `hexz-host run`'s sandbox
-//! (`sandbox.rs`, the host end of docs/EXEC.md).
+//! vsock transport (`vsock.rs`), QEMU itself (`qemu.rs`), the sandbox that ties them to a
+//! VFS server (`sandbox.rs`) and `hexz-host run`, the host end of docs/EXEC.md (`exec.rs`).
 
 pub mod cpio;
+pub mod exec;
 pub mod image;
 pub mod qemu;
 pub mod sandbox;
