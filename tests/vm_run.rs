@@ -352,6 +352,36 @@ fn sigterm_reaches_the_command_and_the_run_cleans_up() {
 }
 
 #[test]
+fn a_guest_kernel_crash_ends_the_run_with_125_and_cleans_up() {
+    if !vm_available("a_guest_kernel_crash_ends_the_run_with_125_and_cleans_up") {
+        return;
+    }
+    let ws = Workspace::new();
+    let out = ws.run(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo before; echo c > /proc/sysrq-trigger; sleep 600",
+        ],
+        b"",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "before\n");
+    assert!(
+        text(&out.stderr).contains("QEMU exited"),
+        "{}",
+        text(&out.stderr)
+    );
+    ws.assert_clean();
+}
+
+#[test]
 fn missing_kernel_fails_at_once_with_125_and_says_what_to_do() {
     // Needs no VM: the check happens before anything starts.
     let ws = Workspace::new();

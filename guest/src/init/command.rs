@@ -16,6 +16,8 @@ use serde_bytes::ByteBuf;
 
 use crate::boot::WORKSPACE;
 
+const STDIN_QUEUE_CHUNKS: usize = 64;
+
 const DEFAULT_ENV: &[(&str, &str)] = &[
     ("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
     ("HOME", WORKSPACE),
@@ -174,10 +176,12 @@ fn pump_output(
     });
 }
 
-/// Stdin bytes go through their own thread so a command that does not read its stdin
-/// never holds up a signal.
+/// Stdin bytes go through their own thread, so a signal waits behind at most
+/// `STDIN_QUEUE_CHUNKS` chunks the command has not read yet.
 fn relay_host_messages(from_host: &mut File, stdin: Option<std::process::ChildStdin>, pid: u32) {
-    let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
+    // Bounded: a command that does not read its stdin holds the host back (through the
+    // socket) instead of filling the guest's memory.
+    let (tx, rx) = mpsc::sync_channel::<Option<Vec<u8>>>(STDIN_QUEUE_CHUNKS);
     if let Some(mut stdin) = stdin {
         std::thread::spawn(move || {
             while let Ok(Some(bytes)) = rx.recv() {

@@ -272,7 +272,10 @@ fn drive(
             }
             Event::Signal(sig) => match (&writer, grace) {
                 (Some(w), None) if command_started => {
-                    send(w, &HostMsg::Signal(sig));
+                    // Not from this thread: the stdin thread may hold the writer while
+                    // the guest is not reading, and the grace timer must keep running.
+                    let w = w.clone();
+                    std::thread::spawn(move || send(&w, &HostMsg::Signal(sig)));
                     grace = Some((Instant::now() + SIGNAL_GRACE, sig));
                 }
                 _ => return Outcome::Interrupted(sig),
