@@ -171,6 +171,7 @@ fn drive(
         tty: false,
     });
     let mut writer: Option<Writer> = None;
+    let mut closer: Option<File> = None;
     let mut connected_at: Option<Instant> = None;
     let mut command_started = false;
     let mut grace: Option<(Instant, i32)> = None;
@@ -192,10 +193,13 @@ fn drive(
             if let Some(listener) = &vm.exec_listener {
                 match listener.try_accept() {
                     Ok(Some(conn)) => {
-                        let w = match conn.try_clone() {
-                            Ok(w) => Arc::new(Mutex::new(w)),
-                            Err(e) => return Outcome::Failed(format!("exec channel: {e}")),
+                        let (w, c) = match (conn.try_clone(), conn.try_clone()) {
+                            (Ok(w), Ok(c)) => (Arc::new(Mutex::new(w)), c),
+                            (Err(e), _) | (_, Err(e)) => {
+                                return Outcome::Failed(format!("exec channel: {e}"))
+                            }
                         };
+                        closer = Some(c);
                         if !send(&w, &run) {
                             return Outcome::Failed(
                                 "the guest closed the exec channel at once".into(),
@@ -249,11 +253,11 @@ fn drive(
         match event {
             Event::Guest(msg) => {
                 if let Some(outcome) = handle_guest(msg, &mut command_started, &stdout, &stderr) {
-                    // Closing the channel tells the guest it may power off now.
-                    if let Some(w) = &writer {
-                        let w = w.lock().unwrap_or_else(|p| p.into_inner());
+                    // Closing the channel tells the guest it may power off now. (Through
+                    // its own descriptor: the stdin thread may be holding the writer.)
+                    if let Some(conn) = &closer {
                         let _ = nix::sys::socket::shutdown(
-                            std::os::fd::AsRawFd::as_raw_fd(&*w),
+                            std::os::fd::AsRawFd::as_raw_fd(conn),
                             nix::sys::socket::Shutdown::Both,
                         );
                     }

@@ -125,7 +125,7 @@ pub struct Vm {
     pub(super) exec_listener: Option<PortListener>,
     _server: ServerThread,
     console_log: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Vm {
@@ -134,8 +134,8 @@ impl Vm {
     pub(super) fn diagnostics(&self) -> String {
         let mut out = String::new();
         for (what, path) in [
-            ("QEMU", self._dir.path().join("qemu.log")),
-            ("vhost-device-vsock", self._dir.path().join("vsock.log")),
+            ("QEMU", self.dir.path().join("qemu.log")),
+            ("vhost-device-vsock", self.dir.path().join("vsock.log")),
             ("the guest console", self.console_log.clone()),
         ] {
             let text = std::fs::read(&path).unwrap_or_default();
@@ -308,7 +308,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         exec_listener,
         _server: server,
         console_log,
-        _dir: dir,
+        dir,
     })
 }
 
