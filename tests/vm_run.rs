@@ -382,6 +382,51 @@ fn a_guest_kernel_crash_ends_the_run_with_125_and_cleans_up() {
 }
 
 #[test]
+fn image_build_gives_byte_identical_initramfs_in_a_fresh_cache() {
+    if !vm_available("image_build_gives_byte_identical_initramfs_in_a_fresh_cache") {
+        return;
+    }
+    let built = hexz_host(&[&"image", &"build"]);
+    assert_eq!(built.status, 0, "{}", built.stderr);
+    let path_of = |out: &str, key: &str| -> PathBuf {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|p| PathBuf::from(p.trim()))
+            .unwrap_or_else(|| panic!("no '{key}' line in {out}"))
+    };
+    let first = path_of(&built.stdout_text(), "initrd ");
+    // A second cache that shares only the unpacked kernel (no download), so the
+    // initramfs is built again from scratch.
+    let kernels = first
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("cache dir")
+        .join("kernels");
+    let fresh = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(&kernels, fresh.path().join("kernels")).expect("symlink");
+    let out = Command::new(bin("hexz-host"))
+        .args(["image", "build"])
+        .env("HEXZ_CACHE_DIR", fresh.path())
+        .output()
+        .expect("image build");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = path_of(&text(&out.stdout), "initrd ");
+    assert_ne!(first, second);
+    assert!(second.starts_with(fresh.path()));
+    assert!(
+        std::fs::read(&first).expect("first") == std::fs::read(&second).expect("second"),
+        "{} and {} differ",
+        first.display(),
+        second.display()
+    );
+    assert_eq!(
+        first.parent().map(Path::file_name),
+        second.parent().map(Path::file_name)
+    );
+}
+
+#[test]
 fn missing_kernel_fails_at_once_with_125_and_says_what_to_do() {
     // Needs no VM: the check happens before anything starts.
     let ws = Workspace::new();
