@@ -185,9 +185,16 @@ impl Qemu {
 }
 
 impl Drop for Qemu {
+    /// SIGTERM first, so QEMU restores a terminal it put in raw mode; SIGKILL after 2 s.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.exited().is_some() {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        self.stop(Duration::from_secs(2));
     }
 }
 

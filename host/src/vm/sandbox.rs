@@ -221,15 +221,15 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
     } else {
         Some(vsock::backend_binary()?)
     };
-    if !opts.quiet {
-        eprintln!("hexz-host: booting with {platform}");
-    }
 
     let snap = Arc::new(Snapshot::open_with_cache(
         &opts.snapshot,
         opts.cache_mib << 20,
     )?);
     let vfs = Arc::new(Vfs::new(snap, opts.overlay.as_deref(), false)?);
+    if !opts.quiet {
+        eprintln!("hexz-host: booting with {platform}");
+    }
     let dir = tempfile::Builder::new()
         .prefix("hexz-vm-")
         .tempdir()
@@ -346,11 +346,11 @@ pub(super) fn signals_to_events(events: Sender<Event>) -> Result<()> {
 /// keeps it running with /workspace mounted until SIGINT/SIGTERM. Returns the exit status.
 pub fn serve_vm(opts: &VmOptions, console: bool) -> i32 {
     let (events_tx, events) = mpsc::channel::<Event>();
-    if !console {
-        if let Err(e) = signals_to_events(events_tx) {
-            eprintln!("hexz-host: {e}");
-            return EXIT_SANDBOX_FAILED;
-        }
+    // On the console, Ctrl-C goes to the guest (QEMU puts the terminal in raw mode);
+    // SIGTERM/SIGHUP from elsewhere still stop the VM cleanly.
+    if let Err(e) = signals_to_events(events_tx) {
+        eprintln!("hexz-host: {e}");
+        return EXIT_SANDBOX_FAILED;
     }
     let mode = if console { Mode::Console } else { Mode::Idle };
     let mut vm = match boot(opts, mode) {
@@ -360,27 +360,22 @@ pub fn serve_vm(opts: &VmOptions, console: bool) -> i32 {
             return EXIT_SANDBOX_FAILED;
         }
     };
-    if console {
-        let status = vm.qemu.wait();
-        return match status {
-            Some(s) if s.success() => 0,
-            _ => {
-                eprintln!("hexz-host: QEMU exited ({status:?})");
-                EXIT_SANDBOX_FAILED
-            }
-        };
+    if !console {
+        eprintln!(
+            "hexz-host: VM running, console in {}; Ctrl-C stops it",
+            vm.console_log.display()
+        );
     }
-    eprintln!(
-        "hexz-host: VM running, console in {}; Ctrl-C stops it",
-        vm.console_log.display()
-    );
     loop {
         if let Some(status) = vm.qemu.exited() {
+            if console && status.success() {
+                return 0;
+            }
             eprint!("hexz-host: QEMU exited ({status})\n{}", vm.diagnostics());
             return EXIT_SANDBOX_FAILED;
         }
-        if let Ok(Event::Signal(_)) = events.recv_timeout(Duration::from_millis(100)) {
-            return 0;
+        if let Ok(Event::Signal(sig)) = events.recv_timeout(Duration::from_millis(100)) {
+            return if console { 128 + sig } else { 0 };
         }
     }
 }
