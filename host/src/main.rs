@@ -177,13 +177,14 @@ impl VmArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// The snapshot whose tree becomes /workspace.
     snapshot: PathBuf,
     /// Persistent overlay directory (created if missing); `commit` folds it into a new
     /// snapshot. Without it: an ephemeral overlay per run, removed at the end.
     #[arg(long)]
     overlay: Option<PathBuf>,
     /// Stop the VM after this long, boot included (30s, 500ms, 2m); exit status 124.
-    #[arg(long, value_parser = hexz_host::vm::sandbox::parse_duration)]
+    #[arg(long, value_name = "DUR", value_parser = hexz_host::vm::sandbox::parse_duration)]
     timeout: Option<std::time::Duration>,
     /// Environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
@@ -192,7 +193,7 @@ struct RunArgs {
     #[arg(long, default_value = ".")]
     workdir: String,
     /// Run as UID[:GID] (default root).
-    #[arg(long, value_parser = hexz_host::vm::sandbox::parse_user)]
+    #[arg(long, value_name = "UID[:GID]", value_parser = hexz_host::vm::sandbox::parse_user)]
     user: Option<(u32, u32)>,
     /// Decompressed-frame cache, MiB.
     #[arg(long, default_value_t = 256)]
