@@ -9,5 +9,6 @@ pub mod pack;
 pub mod server;
 pub mod snapshot;
 pub mod vfs;
+pub mod vm;
 
 pub use error::{Error, Result};

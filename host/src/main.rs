@@ -104,6 +104,118 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command in /workspace of a fresh microVM booted on the snapshot; exits with
+    /// the command's status (124 timeout, 125 sandbox failure, 126/127 not executable/not
+    /// found).
+    Run(RunArgs),
+    /// The guest image (kernel + initramfs) that `run` and `serve --vm` boot.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Download the Debian cloud kernel (once, with apt-get) and build the initramfs into
+    /// the cache ($XDG_CACHE_HOME/hexz/images/<hash>/); prints the two paths.
+    Build {
+        /// Directory holding the static hexz-init and hexz-guestfused (default: the cargo
+        /// musl release directory beside this binary's target directory).
+        #[arg(long)]
+        guest_bin_dir: Option<PathBuf>,
+    },
+}
+
+/// How the microVM is built and booted (`run`, `serve --vm`).
+#[derive(clap::Args)]
+struct VmArgs {
+    /// Guest memory (512M, 1G).
+    #[arg(long, default_value = "512M", value_parser = hexz_host::vm::sandbox::parse_memory_mib)]
+    memory: u64,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Kernel to boot instead of the cached image's (needs --initrd).
+    #[arg(long, requires = "initrd")]
+    kernel: Option<PathBuf>,
+    /// Initramfs to boot instead of the cached image's (needs --kernel).
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Directory of the static guest binaries for an image built on demand.
+    #[arg(long)]
+    guest_bin_dir: Option<PathBuf>,
+    /// auto: KVM + vhost-vsock when /dev/kvm works and /dev/vhost-vsock exists, else
+    /// TCG + vhost-device-vsock.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: hexz_host::vm::sandbox::AccelChoice,
+    /// Keep the guest's serial console in this file (default: a temporary file, shown
+    /// when the sandbox fails).
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Do not say which accelerator and vsock transport were picked.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+impl VmArgs {
+    fn options(
+        self,
+        snapshot: PathBuf,
+        overlay: Option<PathBuf>,
+        cache_mib: u64,
+    ) -> hexz_host::vm::sandbox::VmOptions {
+        use hexz_host::vm::sandbox::{ImageChoice, VmOptions};
+        let image = match (self.kernel, self.initrd) {
+            (Some(kernel), Some(initrd)) => {
+                ImageChoice::Given(hexz_host::vm::image::Image { kernel, initrd })
+            }
+            _ => ImageChoice::Cached {
+                guest_bin_dir: self.guest_bin_dir,
+            },
+        };
+        VmOptions {
+            snapshot,
+            overlay,
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            image,
+            accel: self.accel,
+            console_log: self.console_log,
+            cache_mib,
+            quiet: self.quiet,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The snapshot whose tree becomes /workspace.
+    snapshot: PathBuf,
+    /// Persistent overlay directory (created if missing); `commit` folds it into a new
+    /// snapshot. Without it: an ephemeral overlay per run, removed at the end.
+    #[arg(long)]
+    overlay: Option<PathBuf>,
+    /// Stop the VM after this long, boot included (30s, 500ms, 2m); exit status 124.
+    #[arg(long, value_name = "DUR", value_parser = hexz_host::vm::sandbox::parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Environment variable for the command (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
+    env: Vec<std::ffi::OsString>,
+    /// Working directory, relative to /workspace.
+    #[arg(long, default_value = ".")]
+    workdir: String,
+    /// Run as UID[:GID] (default root).
+    #[arg(long, value_name = "UID[:GID]", value_parser = hexz_host::vm::sandbox::parse_user)]
+    user: Option<(u32, u32)>,
+    /// Decompressed-frame cache, MiB.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(clap::Args)]
@@ -119,8 +231,22 @@ struct ServeArgs {
     /// vsock:CID:PORT (accepts only that VM) | vsock-uds:PATH[:PORT] (listens on PATH_PORT) |
     /// unix:PATH | tcp:127.0.0.1:PORT.
     /// Repeat for several listeners.
-    #[arg(long = "listen", required = true, value_parser = hexz_host::server::parse_listen)]
+    #[arg(
+        long = "listen",
+        required_unless_present = "vm",
+        conflicts_with = "vm",
+        value_parser = hexz_host::server::parse_listen
+    )]
     listen: Vec<hexz_host::server::ListenAddr>,
+    /// Boot a microVM on the snapshot with /workspace mounted, and give its console (a
+    /// shell in /workspace) to this terminal; the VM stops when the shell exits.
+    #[arg(long)]
+    vm: bool,
+    /// With --vm: no console; the VM runs until Ctrl-C/SIGTERM (console in --console-log).
+    #[arg(long, requires = "vm")]
+    no_console: bool,
+    #[command(flatten)]
+    vm_args: VmArgs,
     /// Decompressed-frame cache, MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
@@ -340,6 +466,43 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Run(args) => {
+            let RunArgs {
+                snapshot,
+                overlay,
+                timeout,
+                env,
+                workdir,
+                user,
+                cache_mib,
+                vm,
+                command,
+            } = args;
+            let (uid, gid) = user.unwrap_or((0, 0));
+            let opts = vm.options(snapshot, overlay, cache_mib);
+            let spec = hexz_host::vm::exec::CommandSpec {
+                argv: command,
+                env,
+                workdir,
+                uid,
+                gid,
+                timeout,
+            };
+            let code = hexz_host::vm::exec::run_command(&opts, &spec);
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(125)))
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Build { guest_bin_dir },
+        } => {
+            use hexz_host::vm::image;
+            let cache = image::cache_dir();
+            let bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            let kernel = image::fetch_kernel(&cache)?;
+            let built = image::build(&cache, &kernel, &bins)?;
+            println!("kernel {}", built.kernel.display());
+            println!("initrd {}", built.initrd.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Extract { snapshot, dest } => {
             let snap = Snapshot::open(&snapshot)?;
             let start = Instant::now();
@@ -361,6 +524,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         overlay,
         read_only,
         listen,
+        vm,
+        no_console,
+        vm_args,
         cache_mib,
         ttl,
         max_in_flight,
@@ -370,6 +536,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         send_timeout,
         orphan_grace,
     } = args;
+    if vm {
+        if read_only {
+            bail!("--vm with --read-only is not supported yet");
+        }
+        let opts = vm_args.options(snapshot, overlay, cache_mib);
+        let code = hexz_host::vm::sandbox::serve_vm(&opts, !no_console);
+        return Ok(ExitCode::from(u8::try_from(code).unwrap_or(125)));
+    }
     use std::sync::Arc;
     let snap = Arc::new(Snapshot::open_with_cache(&snapshot, cache_mib << 20)?);
     let opts = hexz_host::vfs::VfsOptions {

@@ -7,6 +7,7 @@ pub mod addr;
 pub mod cbor;
 pub mod client;
 pub mod errno;
+pub mod exec;
 pub mod frame;
 pub mod hello;
 pub mod message;

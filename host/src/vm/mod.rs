@@ -1,0 +1,42 @@
+//! Booting a snapshot in a QEMU microVM: the guest image (`image.rs`, `cpio.rs`), the
+//! vsock transport (`vsock.rs`), QEMU itself (`qemu.rs`), the sandbox that ties them to a
+//! VFS server (`sandbox.rs`) and `hexz-host run`, the host end of docs/EXEC.md (`exec.rs`).
+
+pub mod cpio;
+pub mod exec;
+pub mod image;
+pub mod qemu;
+pub mod sandbox;
+pub mod vsock;
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+
+/// The first `name` on `PATH` that is a file.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Spawns a helper (QEMU, the vsock backend) that must not outlive this process: it gets
+/// SIGKILL when this process dies, even by SIGKILL, and — unless it needs the terminal —
+/// its own process group, so a terminal's Ctrl-C reaches only us and we decide how to
+/// stop it. Call from the main thread: the death signal follows the spawning thread.
+pub fn spawn_owned(cmd: &mut Command, needs_terminal: bool) -> std::io::Result<Child> {
+    if !needs_terminal {
+        cmd.process_group(0);
+    }
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}

@@ -1,0 +1,257 @@
+//! QEMU's command line for a hexz microVM, and the running QEMU process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// How the guest's CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// The guest's vsock device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VsockDevice {
+    /// vhost-user, served by vhost-device-vsock on this socket (needs shared memory).
+    VhostUser { socket: PathBuf },
+    /// The kernel's vhost-vsock, with this guest CID.
+    Kernel { cid: u32 },
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Console {
+    /// To this file; QEMU's own stdin is closed.
+    Log(PathBuf),
+    /// To the user's terminal (`-nographic`; Ctrl-A X quits QEMU).
+    Terminal,
+}
+
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub accel: Accel,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Kernel command line after the fixed part (`hexz.*=` settings).
+    pub extra_cmdline: String,
+    pub vsock: VsockDevice,
+    pub console: Console,
+}
+
+/// The QEMU binary on `PATH`.
+pub fn binary() -> Result<PathBuf> {
+    super::find_in_path(QEMU).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{QEMU} not found: install it (Debian: `apt-get install --no-install-recommends qemu-system-x86`; see images/README.md when qemu-utils is newer)"
+        ))
+    })
+}
+
+/// True when `/dev/kvm` opens and answers the API version query. (A host where KVM
+/// answers but cannot run guests must be forced to TCG with `--accel tcg`.)
+pub fn kvm_usable() -> bool {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    else {
+        return false;
+    };
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns a number.
+    let v = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), KVM_GET_API_VERSION, 0) };
+    v == 12
+}
+
+/// The host TSC frequency in kHz (from /proc/cpuinfo); the microvm machine hangs at boot
+/// under TCG unless the kernel is told it (`tsc_early_khz`).
+pub fn tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+impl Machine {
+    pub fn cmdline(&self) -> String {
+        let mut c = String::from("console=ttyS0 panic=-1 quiet reboot=t");
+        if let Some(khz) = tsc_khz() {
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        if !self.extra_cmdline.is_empty() {
+            c.push(' ');
+            c.push_str(&self.extra_cmdline);
+        }
+        c
+    }
+
+    /// The full QEMU command (not started).
+    pub fn command(&self, qemu: &Path) -> Command {
+        let mut cmd = Command::new(qemu);
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        let mem = format!("{}M", self.memory_mib);
+        cmd.args(["-accel", accel, "-cpu", cpu, "-m", &mem]);
+        cmd.args(["-smp", &self.cpus.to_string()]);
+        match &self.vsock {
+            VsockDevice::VhostUser { socket } => {
+                cmd.args(["-M", "microvm,memory-backend=mem"]);
+                cmd.arg("-object")
+                    .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"));
+                cmd.arg("-chardev")
+                    .arg(format!("socket,id=vsock,path={}", socket.display()));
+                cmd.args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+            }
+            VsockDevice::Kernel { cid } => {
+                cmd.args(["-M", "microvm"]);
+                cmd.arg("-device")
+                    .arg(format!("vhost-vsock-device,guest-cid={cid}"));
+            }
+        }
+        cmd.arg("-kernel").arg(&self.kernel);
+        cmd.arg("-initrd").arg(&self.initrd);
+        cmd.arg("-append").arg(self.cmdline());
+        cmd.args(["-no-reboot", "-no-user-config"]);
+        match &self.console {
+            Console::Log(path) => {
+                cmd.args(["-display", "none", "-monitor", "none"]);
+                cmd.arg("-serial").arg(format!("file:{}", path.display()));
+                cmd.stdin(Stdio::null());
+            }
+            Console::Terminal => {
+                cmd.arg("-nographic");
+            }
+        }
+        cmd
+    }
+}
+
+/// A running QEMU; killed when dropped.
+pub struct Qemu {
+    child: Child,
+}
+
+impl Qemu {
+    pub fn start(machine: &Machine, qemu: &Path, log: std::fs::File) -> Result<Qemu> {
+        let mut cmd = machine.command(qemu);
+        if let Console::Log(_) = machine.console {
+            let out = log.try_clone().map_err(|e| Error::io("qemu log", e))?;
+            cmd.stdout(out).stderr(log);
+        } else {
+            cmd.stderr(log);
+        }
+        let child = super::spawn_owned(&mut cmd, machine.console == Console::Terminal)
+            .map_err(|e| Error::Invalid(format!("cannot start {}: {e}", qemu.display())))?;
+        Ok(Qemu { child })
+    }
+
+    /// The exit status once QEMU has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `limit` for QEMU to exit by itself (the guest powered off), then kills it.
+    pub fn stop(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait(&mut self) -> Option<ExitStatus> {
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for Qemu {
+    /// SIGTERM first, so QEMU restores a terminal it put in raw mode; SIGKILL after 2 s.
+    fn drop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        self.stop(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcg_with_vhost_user_uses_shared_memory_and_logs_the_console() {
+        let m = Machine {
+            accel: Accel::Tcg,
+            memory_mib: 512,
+            cpus: 1,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            extra_cmdline: "hexz.exec_port=5002".into(),
+            vsock: VsockDevice::VhostUser {
+                socket: "/d/vhost.sock".into(),
+            },
+            console: Console::Log("/d/console.log".into()),
+        };
+        let args: Vec<String> = m
+            .command(Path::new("qemu"))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel tcg -cpu max -m 512M"));
+        assert!(joined.contains("-M microvm,memory-backend=mem"));
+        assert!(joined.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
+        assert!(joined.contains("vhost-user-vsock-device,chardev=vsock"));
+        assert!(joined.contains("-serial file:/d/console.log"));
+        assert!(m.cmdline().ends_with("hexz.exec_port=5002"));
+        assert!(!joined.contains("-nographic"));
+    }
+
+    #[test]
+    fn kvm_with_kernel_vsock_names_the_guest_cid() {
+        let m = Machine {
+            accel: Accel::Kvm,
+            memory_mib: 256,
+            cpus: 2,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            extra_cmdline: String::new(),
+            vsock: VsockDevice::Kernel { cid: 42 },
+            console: Console::Terminal,
+        };
+        let joined: Vec<String> = m
+            .command(Path::new("qemu"))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = joined.join(" ");
+        assert!(joined.contains("-accel kvm -cpu host"));
+        assert!(joined.contains("vhost-vsock-device,guest-cid=42"));
+        assert!(joined.contains("-nographic"));
+        assert!(!joined.contains("memfd"));
+    }
+}
