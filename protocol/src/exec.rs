@@ -2,7 +2,7 @@
 //! and receives its output and exit status. One connection per command, framed like the
 //! file protocol (`crate::frame`: 4-byte big-endian length, one CBOR item), because the
 //! hybrid-vsock transport does not pass a half-close: every message, including the end
-//! of stdin, is a frame. The contract is docs/EXEC.md.
+//! of stdin, is a frame. The contract is docs/PROTOCOL.md §12.
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -112,7 +112,7 @@ mod tests {
         out
     }
 
-    /// The example frames of docs/EXEC.md, byte for byte.
+    /// The example frames of docs/PROTOCOL.md §12, byte for byte.
     #[test]
     fn golden_frames_match_the_document() {
         let run = HostMsg::Run(Run {
@@ -124,8 +124,9 @@ mod tests {
             gid: 0,
             tty: false,
         });
-        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/EXEC.md"))
-            .expect("docs/EXEC.md");
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md"))
+                .expect("docs/PROTOCOL.md");
         let examples = [
             ("run", roundtrip(&run)),
             ("stdin-eof", roundtrip(&HostMsg::StdinEof)),
@@ -142,7 +143,7 @@ mod tests {
             .collect();
         assert!(
             missing.is_empty(),
-            "docs/EXEC.md should contain these lines:\n{}",
+            "docs/PROTOCOL.md §12 should contain these lines:\n{}",
             missing.join("\n")
         );
     }

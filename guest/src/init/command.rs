@@ -1,4 +1,4 @@
-//! Runs the host's command and relays it over the exec channel (docs/EXEC.md): stdout and
+//! Runs the host's command and relays it over the exec channel (docs/PROTOCOL.md §12): stdout and
 //! stderr as they are produced, stdin and signals from the host, then the exit status.
 
 use std::fs::File;

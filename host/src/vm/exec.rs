@@ -1,4 +1,4 @@
-//! The host end of the exec channel (docs/EXEC.md): `hexz-host run` boots a sandbox,
+//! The host end of the exec channel (docs/PROTOCOL.md §12): `hexz-host run` boots a sandbox,
 //! sends the command, relays stdout/stderr as they arrive and this process's stdin, passes
 //! signals on, and turns how it ended into an exit status.
 

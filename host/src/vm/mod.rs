@@ -1,6 +1,6 @@
 //! Booting a snapshot in a QEMU microVM: the guest image (`image.rs`, `cpio.rs`), the
 //! vsock transport (`vsock.rs`), QEMU itself (`qemu.rs`), the sandbox that ties them to a
-//! VFS server (`sandbox.rs`) and `hexz-host run`, the host end of docs/EXEC.md (`exec.rs`).
+//! VFS server (`sandbox.rs`) and `hexz-host run`, the host end of docs/PROTOCOL.md §12 (`exec.rs`).
 
 pub mod cpio;
 pub mod exec;
