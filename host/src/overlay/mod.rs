@@ -285,7 +285,13 @@ impl Overlay {
             _lock: Some(lock),
             _ephemeral: ephemeral,
         };
-        ov.reconcile_upper_files(!read_only)?;
+        let reconciled = ov.reconcile_upper_files(!read_only)?;
+        if reconciled && !read_only {
+            // What recovery decided must be what the journal says before anything builds
+            // on it (a later record would otherwise be written against a size the journal
+            // never held).
+            ov.checkpoint()?;
+        }
         if !read_only {
             ov.compact_if_large()?;
         }
@@ -298,23 +304,29 @@ impl Overlay {
     /// fsync that survived): that length is kept; a snapshot file keeps its journaled
     /// size. With `clean`, upper files no journal record names (a node id whose creation
     /// was lost, reused later) are deleted.
-    fn reconcile_upper_files(&mut self, clean: bool) -> Result<()> {
+    /// Returns whether it changed the state (the caller then checkpoints it).
+    fn reconcile_upper_files(&mut self, clean: bool) -> Result<bool> {
+        let mut changed = false;
         for rec in self.state.nodes.values_mut() {
             if !rec.upper {
                 continue;
             }
             match std::fs::metadata(self.dir.join("data").join(format!("{:016x}", rec.id))) {
-                Ok(m) if rec.lower.is_none() => rec.size = rec.size.max(m.len()),
+                Ok(m) if rec.lower.is_none() && m.len() > rec.size => {
+                    rec.size = m.len();
+                    changed = true;
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     rec.upper = false;
                     self.state.present.remove(&rec.id);
+                    changed = true;
                 }
                 Err(e) => return Err(Error::io(&self.dir, e)),
             }
         }
         if !clean {
-            return Ok(());
+            return Ok(changed);
         }
         let data = self.data_dir();
         let entries = std::fs::read_dir(&data).map_err(|e| Error::io(&data, e))?;
@@ -337,7 +349,7 @@ impl Overlay {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| Error::io(&data, e))?;
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Nodes with no names left: kept alive by references, or leftovers of a restart.
