@@ -265,8 +265,12 @@ fn drive(
                 }
             }
             Event::ChannelLost(why) => {
-                // QEMU may be exiting at this very moment; let the check above say so.
-                std::thread::sleep(Duration::from_millis(200));
+                // QEMU may be exiting at this very moment (a guest panic takes a while to
+                // end QEMU on a loaded host); let the check above say so.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while vm.qemu.exited().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 if vm.qemu.exited().is_some() {
                     continue;
                 }
