@@ -47,11 +47,18 @@ impl Vfs {
         let blocks = match rec.kind {
             Kind::Dir => 8,
             Kind::File => {
-                let upper = if rec.upper {
-                    std::fs::metadata(inner.overlay.upper_path(rec.id))
-                        .map_or(0, |m| m.blocks() * 512)
-                } else {
-                    0
+                // Known since the last write (no stat per getattr); measured once otherwise.
+                let known = self
+                    .upper_sizes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&rec.id)
+                    .copied();
+                let upper = match (rec.upper, known) {
+                    (false, _) => 0,
+                    (true, Some(b)) => b,
+                    (true, None) => std::fs::metadata(inner.overlay.upper_path(rec.id))
+                        .map_or(0, |m| m.blocks() * 512),
                 };
                 (upper + lower_blocks()).div_ceil(512)
             }

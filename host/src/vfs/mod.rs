@@ -11,8 +11,9 @@
 //! Lock order (a thread may only take locks in this order, and never two of one kind):
 //! 1. one per-node data lock (`node_lock`: serializes a file's writes and truncations);
 //! 2. `inner` (the merged namespace and metadata; read for lookups, write for changes);
-//! 3. at most one leaf lock at a time — `refs`, `handles`, `files`, `listings`, `dirty`
-//!    — held only to copy something in or out, never across I/O or another lock.
+//! 3. at most one leaf lock at a time — `refs`, `handles`, `files`, `listings`, `dirty`,
+//!    `orphan_since`, `upper_sizes` — held only to copy something in or out, never
+//!    across I/O or another lock.
 //!
 //! No file data I/O and no fsync happens under `inner`: data moves under the node's data
 //! lock only, and syncs are group commits (`sync.rs`) outside every lock. Journal
