@@ -275,50 +275,73 @@ impl InFlight {
     }
 }
 
-/// The write side of a connection: replies queue here for the connection's writer.
-/// The queue holds at most `max_in_flight` replies (a request keeps its in-flight slot
-/// until its reply is written), so sending never blocks a worker.
+/// Where a connection's replies are written, by its reader (inline answers) and by its
+/// writer thread (worker answers), one frame at a time. A write that cannot make progress
+/// for `send_timeout` marks the connection broken and shuts the socket down; the reader
+/// then ends the connection. Only this connection's threads ever wait here.
+struct Output {
+    stream: Mutex<(File, bool)>,
+    in_flight: Arc<InFlight>,
+    owner: u64,
+}
+
+impl Output {
+    fn write(&self, id: u64, frame: &[u8]) {
+        {
+            let mut out = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+            let (file, broken) = &mut *out;
+            if !*broken {
+                if let Err(e) = file.write_all(frame) {
+                    *broken = true;
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut
+                    {
+                        tracing::warn!(
+                            conn = self.owner,
+                            "client does not read its replies: disconnecting"
+                        );
+                    }
+                    // Wakes the reader, which ends the connection.
+                    // SAFETY: shutdown on a descriptor we own; no memory is passed.
+                    unsafe { libc::shutdown(file.as_raw_fd(), libc::SHUT_RDWR) };
+                }
+            }
+        }
+        self.in_flight.done(id);
+    }
+}
+
+/// The reply side of a connection. Answers computed on the reader are written at once
+/// (no thread hand-off on the fast path); answers from the shared workers go through a
+/// queue to the connection's writer thread, so a worker never waits on a client. The
+/// queue holds at most `max_in_flight` replies (a request keeps its in-flight slot until
+/// its reply is written), so queueing never blocks.
 struct Replies {
+    out: Arc<Output>,
     queue: Sender<(u64, Vec<u8>)>,
     max_frame: u32,
 }
 
 impl Replies {
+    /// From the connection's reader.
+    fn send_now(&self, id: u64, body: ReplyBody) {
+        self.out.write(id, &reply_frame(id, body, self.max_frame));
+    }
+
+    /// From a shared worker.
     fn send(&self, id: u64, body: ReplyBody) {
         let frame = reply_frame(id, body, self.max_frame);
         if self.queue.try_send((id, frame)).is_err() {
             tracing::error!(id, "reply queue full or closed; reply dropped");
+            self.out.in_flight.done(id);
         }
     }
 }
 
-/// Writes queued replies until the queue closes. A client that leaves a reply unread for
-/// `send_timeout` is disconnected; the rest of the queue is then discarded.
-fn write_replies(
-    mut wr: File,
-    queue: Receiver<(u64, Vec<u8>)>,
-    in_flight: Arc<InFlight>,
-    owner: u64,
-) {
-    let mut broken = false;
+/// Writes the workers' replies until the queue closes.
+fn write_replies(out: Arc<Output>, queue: Receiver<(u64, Vec<u8>)>) {
     for (id, frame) in queue {
-        if !broken {
-            if let Err(e) = wr.write_all(&frame) {
-                broken = true;
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut
-                {
-                    tracing::warn!(
-                        conn = owner,
-                        "client does not read its replies: disconnecting"
-                    );
-                }
-                // Wakes the reader, which ends the connection.
-                // SAFETY: shutdown on a descriptor we own; no memory is passed.
-                unsafe { libc::shutdown(wr.as_raw_fd(), libc::SHUT_RDWR) };
-            }
-        }
-        in_flight.done(id);
+        out.write(id, &frame);
     }
 }
 
@@ -431,17 +454,23 @@ fn run_connection(
         max: limits.max_in_flight,
     });
     let (tx, rx) = bounded(limits.max_in_flight as usize + 1);
+    let out = Arc::new(Output {
+        stream: Mutex::new((wr, false)),
+        in_flight: in_flight.clone(),
+        owner,
+    });
     let writer = {
-        let in_flight = in_flight.clone();
+        let out = out.clone();
         std::thread::Builder::new()
             .name("hexz-conn-writer".into())
-            .spawn(move || write_replies(wr, rx, in_flight, owner))
+            .spawn(move || write_replies(out, rx))
     };
     let writer = match writer {
         Ok(w) => w,
         Err(e) => return (0, format!("cannot start the writer thread: {e}")),
     };
     let replies = Arc::new(Replies {
+        out,
         queue: tx,
         max_frame: limits.max_frame,
     });
@@ -461,7 +490,7 @@ fn run_connection(
             Err(bad) => match bad.id {
                 Some(id) if in_flight.start(id) => {
                     tracing::debug!(conn = owner, id, "bad request: {}", bad.reason);
-                    replies.send(id, ReplyBody::Err(bad.errno));
+                    replies.send_now(id, ReplyBody::Err(bad.errno));
                     continue;
                 }
                 Some(id) => break format!("request id {id} reused while in flight"),
@@ -473,7 +502,7 @@ fn run_connection(
         }
         // Answer from memory when possible; otherwise hand off so the reader keeps reading.
         if let Some(body) = dispatch::dispatch_inline(vfs, &session, &req.op) {
-            replies.send(req.id, body);
+            replies.send_now(req.id, body);
             continue;
         }
         let (vfs, session, replies) = (vfs.clone(), session.clone(), replies.clone());
