@@ -3,6 +3,7 @@
 pub mod commit;
 pub mod error;
 pub mod extract;
+pub mod mount;
 pub mod overlay;
 pub mod pack;
 pub mod server;

@@ -12,6 +12,7 @@ use hexz_host::snapshot::format::Codec;
 use hexz_host::snapshot::{Compression, NodeKind, Snapshot, WriterOptions};
 
 mod cli_fmt;
+mod mount_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +92,8 @@ enum Cmd {
     },
     /// Serve the snapshot plus a copy-on-write overlay over the hexz protocol.
     Serve(ServeArgs),
+    /// Mount the snapshot's tree (plus an overlay) with FUSE on this host.
+    Mount(mount_cmd::MountArgs),
 }
 
 #[derive(clap::Args)]
@@ -139,8 +142,8 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs connections by default; the one-shot commands only warnings.
-    let default = if matches!(cli.cmd, Cmd::Serve(_)) {
-        "info"
+    let default = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_)) {
+        "info,fuser::mnt=error"
     } else {
         "warn"
     };
@@ -308,6 +311,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Serve(args) => serve(args),
+        Cmd::Mount(args) => mount_cmd::run(args),
         Cmd::Extract { snapshot, dest } => {
             let snap = Snapshot::open(&snapshot)?;
             let start = Instant::now();
