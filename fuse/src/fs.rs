@@ -1,13 +1,14 @@
-//! FUSE requests in, protocol requests out. No filesystem semantics live here: the host
-//! decides everything; this file translates types and keeps the handle table that lets
-//! open files survive a reconnect.
+//! FUSE requests in, protocol requests out. No filesystem semantics live here: the VFS
+//! behind the transport decides everything; this file translates types and keeps the
+//! handle table that lets open files survive a reconnect (of a transport that can lose
+//! its server).
 //!
 //! Caching (why it is safe, and when it would not be): the snapshot never changes and the
-//! overlay changes only through this daemon, so the kernel may keep entries, attributes,
-//! negative lookups and file pages for the TTLs the host gives (FOPEN_KEEP_CACHE), and may
-//! cache writes (writeback, when enabled). If anything else changed the overlay while mounted (a second
-//! client, a host process), this mount would show stale data until the TTLs expire; the
-//! host serves each sandbox's overlay to one client for that reason.
+//! overlay changes only through this mount, so the kernel may keep entries, attributes,
+//! negative lookups and file pages for the TTLs the server gives (FOPEN_KEEP_CACHE), and
+//! may cache writes (writeback, when enabled). If anything else changed the overlay while
+//! mounted (a second client, a host process), this mount would show stale data until the
+//! TTLs expire; an overlay has one writer at a time (its lock) for that reason.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
