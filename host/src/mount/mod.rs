@@ -134,11 +134,15 @@ pub fn open_vfs(o: &MountOptions) -> Result<Arc<Vfs>> {
         read_only: !o.rw,
         ..VfsOptions::default()
     };
-    Ok(Arc::new(Vfs::with_options(
-        Arc::new(snap),
-        o.overlay.as_deref(),
-        opts,
-    )?))
+    let vfs = Vfs::with_options(Arc::new(snap), o.overlay.as_deref(), opts)?;
+    // Nameless nodes a previous user of the overlay left: a new mount's kernel knows none
+    // of them, so nobody can retain them.
+    match vfs.collect_orphans(Duration::ZERO) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "nameless nodes of an earlier run removed"),
+        Err(e) => tracing::warn!("removing nameless nodes of an earlier run: {e:?}"),
+    }
+    Ok(Arc::new(vfs))
 }
 
 fn mount_options(o: &MountOptions) -> Vec<MountOption> {
