@@ -583,3 +583,25 @@ fn mount_errors_are_one_clear_line() {
         assert!(line.contains("without --nbd"), "{e}");
     }
 }
+
+#[test]
+fn a_one_mebibyte_frame_cache_still_serves_every_byte() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, snap) = rich_fixture(tmp.path());
+    let m = HostMount::new(&snap, &tmp.path().join("mnt"), &["--cache-size", "1M"]);
+    mount_suite::drop_caches();
+    assert_same_tree(&src, &m.mnt);
+    drop(m);
+    let r = hexz_host(&[
+        &"mount",
+        &snap,
+        &tmp.path().join("mnt"),
+        &"--cache-size",
+        &"12X",
+    ]);
+    assert_ne!(r.status, 0);
+    assert!(r.stderr.contains("unknown unit"), "{}", r.stderr);
+}
