@@ -174,7 +174,7 @@ fn daemonize(a: &MountArgs, mountpoint: &Path) -> anyhow::Result<ExitCode> {
         .arg(abs(&pid_file))
         .env(
             "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,fuser::mnt=error".into()),
         )
         .current_dir("/")
         .stdin(Stdio::null())
