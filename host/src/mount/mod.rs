@@ -225,12 +225,15 @@ pub fn serve_mount(
     Ok(())
 }
 
-/// Unmounts `target`; when it is busy, detaches it so this process can finish (the
-/// kernel fails what is still pending with ENOTCONN).
+/// Unmounts `target`; when it is busy, detaches it: the name goes at once, and the
+/// session (so this process) ends, flushing the overlay, when the last user lets go.
 fn unmount(target: &Path) {
     use nix::mount::{umount2, MntFlags};
     if let Err(e) = umount2(target, MntFlags::empty()) {
-        tracing::warn!("unmount failed ({e}); detaching the mount");
+        tracing::warn!(
+            "unmount failed ({e}); detaching the mount: the overlay is flushed and this \
+             process exits when the last process using it lets go"
+        );
         if let Err(e) = umount2(target, MntFlags::MNT_DETACH) {
             tracing::error!("detach failed: {e}");
         }
