@@ -24,6 +24,7 @@ use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use hexz_fuse::{CallError, Transport};
 use hexz_protocol::addr::Addr;
 use hexz_protocol::client::{self, default_hello};
 use hexz_protocol::frame::{read_frame, FrameError};
@@ -80,18 +81,6 @@ fn read_timeout(f: &File, t: Option<Duration>) -> std::io::Result<()> {
         None => TimeVal::zero(),
     };
     setsockopt(f, ReceiveTimeout, &tv).map_err(std::io::Error::from)
-}
-
-/// Why a call did not get a reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallError {
-    /// The server answered with an errno.
-    Errno(Errno),
-    /// The connection dropped after the request was sent: its outcome is unknown.
-    Lost,
-    /// Not sent: the connection changed under it, or the request names a handle of an
-    /// earlier connection (reopen and retry).
-    Stale,
 }
 
 type Waiter = SyncSender<Result<ReplyBody, CallError>>;
@@ -475,6 +464,32 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+impl Transport for Conn {
+    fn call_epoch(&self, op: Op) -> Result<(ReplyBody, u64), CallError> {
+        Conn::call_epoch(self, op)
+    }
+
+    fn call_on(&self, epoch: u64, op: Op) -> Result<ReplyBody, CallError> {
+        Conn::call_on(self, epoch, op)
+    }
+
+    fn post_on(&self, epoch: u64, op: Op) {
+        Conn::post_on(self, epoch, op)
+    }
+
+    fn forget(&self, items: &[(u64, u64)]) {
+        Conn::forget(self, items)
+    }
+
+    fn limits(&self) -> Limits {
+        Conn::limits(self)
+    }
+
+    fn epoch(&self) -> u64 {
+        Conn::epoch(self)
     }
 }
 

@@ -1,8 +1,7 @@
 //! `hexz-guestfused`: mounts the workspace served by the host (`hexz-host serve`) with
-//! FUSE, translating each FUSE request into hexz protocol requests.
+//! FUSE: the adapter in `hexz-fuse` over one socket connection (`conn.rs`).
 
 mod conn;
-mod fs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,7 +45,7 @@ struct Cli {
     open_per_file: bool,
     /// In the default (no-open) mode, how many host handles for file data to keep at once;
     /// beyond it, handles not in use are released (and reopened when needed again).
-    #[arg(long, default_value_t = fs::MAX_NODE_HANDLES)]
+    #[arg(long, default_value_t = hexz_fuse::MAX_NODE_HANDLES)]
     max_node_handles: usize,
 }
 
@@ -79,12 +78,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let conn = conn::Conn::connect(cli.connect.clone(), Duration::from_secs(cli.timeout))
         .with_context(|| format!("cannot reach the host at {}", cli.connect))?;
     tracing::info!(server = %conn.hello.server, "connected to the host");
-    let fs = fs::HexzFs::new(
+    let fs = hexz_fuse::HexzFs::new(
         conn,
-        cli.writeback,
-        Duration::from_secs(cli.negative_ttl),
-        !cli.open_per_file,
-        cli.max_node_handles,
+        hexz_fuse::Options {
+            writeback: cli.writeback,
+            negative_ttl: Duration::from_secs(cli.negative_ttl),
+            no_open: !cli.open_per_file,
+            max_node_handles: cli.max_node_handles,
+        },
     );
     let mut config = Config::default();
     config.mount_options = vec![

@@ -4,6 +4,7 @@ pub mod commit;
 pub mod diff;
 pub mod error;
 pub mod extract;
+pub mod mount;
 pub mod overlay;
 pub mod pack;
 pub mod server;

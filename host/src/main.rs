@@ -12,6 +12,7 @@ use hexz_host::snapshot::format::Codec;
 use hexz_host::snapshot::{Compression, NodeKind, Snapshot, WriterOptions};
 
 mod cli_fmt;
+mod mount_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -113,6 +114,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Mount the snapshot's tree (plus an overlay) with FUSE on this host.
+    Mount(mount_cmd::MountArgs),
 }
 
 #[derive(Subcommand)]
@@ -278,8 +281,8 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs connections by default; the one-shot commands only warnings.
-    let default = if matches!(cli.cmd, Cmd::Serve(_)) {
-        "info"
+    let default = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_)) {
+        "info,fuser::mnt=error"
     } else {
         "warn"
     };
@@ -503,6 +506,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             println!("initrd {}", built.initrd.display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Mount(args) => mount_cmd::run(args),
         Cmd::Extract { snapshot, dest } => {
             let snap = Snapshot::open(&snapshot)?;
             let start = Instant::now();

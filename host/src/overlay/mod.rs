@@ -525,7 +525,7 @@ fn lock(path: &Path, shared: bool) -> Result<File> {
     // SAFETY: flock on a descriptor we own; no memory is passed.
     if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
         return Err(Error::Invalid(format!(
-            "{}: overlay is in use by another hexz process (one server per overlay)",
+            "{}: overlay is in use by another hexz process (a server or a writable mount: one writer per overlay)",
             path.parent().unwrap_or(path).display()
         )));
     }

@@ -30,7 +30,7 @@ use hexz_protocol::{
     accept_hello, decode_request, encode_frame, Errno, FrameError, Limits, Op, Reply, ReplyBody,
 };
 
-pub use dispatch::Session;
+pub use dispatch::{dispatch, Session};
 pub use listen::{parse_listen, ListenAddr};
 
 use crate::error::{Error, Result};

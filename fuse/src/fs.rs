@@ -1,13 +1,14 @@
-//! FUSE requests in, protocol requests out. No filesystem semantics live here: the host
-//! decides everything; this file translates types and keeps the handle table that lets
-//! open files survive a reconnect.
+//! FUSE requests in, protocol requests out. No filesystem semantics live here: the VFS
+//! behind the transport decides everything; this file translates types and keeps the
+//! handle table that lets open files survive a reconnect (of a transport that can lose
+//! its server).
 //!
 //! Caching (why it is safe, and when it would not be): the snapshot never changes and the
-//! overlay changes only through this daemon, so the kernel may keep entries, attributes,
-//! negative lookups and file pages for the TTLs the host gives (FOPEN_KEEP_CACHE), and may
-//! cache writes (writeback, when enabled). If anything else changed the overlay while mounted (a second
-//! client, a host process), this mount would show stale data until the TTLs expire; the
-//! host serves each sandbox's overlay to one client for that reason.
+//! overlay changes only through this mount, so the kernel may keep entries, attributes,
+//! negative lookups and file pages for the TTLs the server gives (FOPEN_KEEP_CACHE), and
+//! may cache writes (writeback, when enabled). If anything else changed the overlay while
+//! mounted (a second client, a host process), this mount would show stale data until the
+//! TTLs expire; an overlay has one writer at a time (its lock) for that reason.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -25,7 +26,7 @@ use fuser::{
 };
 use hexz_protocol::{Attr, Errno, Op, ReplyBody, SetTime, Timespec};
 
-use crate::conn::{CallError, Conn};
+use crate::transport::{CallError, Transport};
 
 /// A handle on the host, valid only on the connection (`epoch`) that opened it. Everyone
 /// using it holds the `Arc`; it is released on the host when the last holder lets go, so
@@ -34,7 +35,7 @@ struct HostFh {
     fh: u64,
     epoch: u64,
     dir: bool,
-    conn: Arc<Conn>,
+    conn: Arc<dyn Transport>,
 }
 
 impl Drop for HostFh {
@@ -145,8 +146,33 @@ impl Nodes {
     }
 }
 
+/// How the adapter caches and opens files.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Let the kernel cache writes (writeback cache).
+    pub writeback: bool,
+    /// How long the kernel may remember that a name does not exist; zero disables.
+    pub negative_ttl: Duration,
+    /// Open files without a round trip (the kernel's no-open mode): data goes through one
+    /// host handle per node.
+    pub no_open: bool,
+    /// In no-open mode, how many node handles to keep at once.
+    pub max_node_handles: usize,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            writeback: false,
+            negative_ttl: Duration::from_secs(60),
+            no_open: true,
+            max_node_handles: MAX_NODE_HANDLES,
+        }
+    }
+}
+
 pub struct HexzFs {
-    conn: Arc<Conn>,
+    conn: Arc<dyn Transport>,
     /// Files are opened without a round trip (the kernel's no-open mode): data goes
     /// through per-node host handles.
     no_open: bool,
@@ -262,20 +288,14 @@ fn idempotent(op: &Op) -> bool {
 }
 
 impl HexzFs {
-    pub fn new(
-        conn: Arc<Conn>,
-        writeback: bool,
-        negative_ttl: Duration,
-        no_open: bool,
-        max_node_handles: usize,
-    ) -> HexzFs {
+    pub fn new(conn: Arc<dyn Transport>, opts: Options) -> HexzFs {
         HexzFs {
             conn,
-            no_open,
+            no_open: opts.no_open,
             nodes: Mutex::new(Nodes::default()),
-            max_node_handles: max_node_handles.max(1),
-            writeback,
-            negative_ttl,
+            max_node_handles: opts.max_node_handles.max(1),
+            writeback: opts.writeback,
+            negative_ttl: opts.negative_ttl,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             dirplus_batch: AtomicU32::new(DIRPLUS_START),
