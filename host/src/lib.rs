@@ -1,8 +1,10 @@
 //! hexz host side: the snapshot format and the commands that build and inspect snapshots.
 
+pub mod blockdev;
 pub mod commit;
 pub mod error;
 pub mod extract;
+pub mod nbd;
 pub mod overlay;
 pub mod pack;
 pub mod server;

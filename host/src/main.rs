@@ -91,6 +91,8 @@ enum Cmd {
     },
     /// Serve the snapshot plus a copy-on-write overlay over the hexz protocol.
     Serve(ServeArgs),
+    /// Serve a raw stream (`disk`, `memory`) as an NBD export (loopback or Unix socket).
+    Nbd(hexz_host::nbd::command::NbdArgs),
 }
 
 #[derive(clap::Args)]
@@ -139,7 +141,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs connections by default; the one-shot commands only warnings.
-    let default = if matches!(cli.cmd, Cmd::Serve(_)) {
+    let default = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Nbd(_)) {
         "info"
     } else {
         "warn"
@@ -308,6 +310,10 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Serve(args) => serve(args),
+        Cmd::Nbd(args) => {
+            hexz_host::nbd::command::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Extract { snapshot, dest } => {
             let snap = Snapshot::open(&snapshot)?;
             let start = Instant::now();
