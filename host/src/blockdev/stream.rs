@@ -34,8 +34,8 @@ impl StreamDevice {
                 } else {
                     format!("it has: {}", have.join(", "))
                 };
-                return Err(Error::NotFound(format!(
-                    "stream '{name}' in {}: {what}",
+                return Err(Error::Invalid(format!(
+                    "no stream '{name}' in {}: {what}",
                     snap.path().display()
                 )));
             }

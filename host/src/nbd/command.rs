@@ -120,11 +120,14 @@ pub fn run(args: NbdArgs) -> Result<()> {
     let flusher = device.clone();
     std::thread::spawn(move || {
         let sig = sigs.wait();
-        info!("nbd: {sig:?}: flushing and exiting");
+        info!(
+            "{}: flushing and exiting",
+            sig.map_or_else(|e| e.to_string(), |s| s.as_str().to_string())
+        );
         let code = match flusher.flush() {
             Ok(()) => 0,
             Err(e) => {
-                warn!("nbd: final flush failed: {e}");
+                warn!("final flush failed: {e}");
                 1
             }
         };

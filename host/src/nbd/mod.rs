@@ -130,19 +130,19 @@ impl Write for Conn {
 /// Accepts clients forever, one thread per connection; returns only if accepting fails.
 pub fn serve(listener: Listener, export: Arc<Export>, limits: Limits) -> io::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
-    loop {
+    for n in 1u64.. {
         let (conn, peer) = match &listener {
             Listener::Tcp(l) => {
                 let (s, a) = l.accept()?;
                 let _ = s.set_nodelay(true);
                 (Conn::Tcp(s), a.to_string())
             }
-            Listener::Unix(l) => (Conn::Unix(l.accept()?.0), "unix".to_string()),
+            Listener::Unix(l) => (Conn::Unix(l.accept()?.0), format!("client {n}")),
         };
         if active.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             active.fetch_sub(1, Ordering::AcqRel);
             warn!(
-                "nbd: refusing {peer}: {} connections already open",
+                "refusing {peer}: {} connections already open",
                 limits.max_connections
             );
             conn.shutdown();
@@ -151,14 +151,15 @@ pub fn serve(listener: Listener, export: Arc<Export>, limits: Limits) -> io::Res
         let export = export.clone();
         let active = active.clone();
         std::thread::spawn(move || {
-            info!("nbd: {peer} connected");
+            info!("{peer} connected");
             match session(conn, &export, limits) {
-                Ok(()) => info!("nbd: {peer} disconnected"),
-                Err(e) => warn!("nbd: {peer}: {e}; connection closed"),
+                Ok(()) => info!("{peer} disconnected"),
+                Err(e) => warn!("{peer}: {e}; connection closed"),
             }
             active.fetch_sub(1, Ordering::AcqRel);
         });
     }
+    Ok(())
 }
 
 fn session(mut conn: Conn, export: &Export, limits: Limits) -> io::Result<()> {
@@ -171,7 +172,7 @@ fn session(mut conn: Conn, export: &Export, limits: Limits) -> io::Result<()> {
     // Leave nothing unflushed behind a departing client that forgot to flush.
     if export.writable {
         if let Err(e) = export.device.flush() {
-            warn!("nbd: flush after disconnect failed: {e}");
+            warn!("flush after disconnect failed: {e}");
         }
     }
     res

@@ -35,7 +35,7 @@ pub fn transmit(conn: Conn, export: &Export, sess: Session, workers: usize) -> i
                 let mut buf = Vec::new();
                 for job in rx {
                     if let Err(e) = handle(export, sess, &job, &mut buf, writer) {
-                        debug!("nbd: reply not sent ({e}); closing");
+                        debug!("reply not sent ({e}); closing");
                         if let Ok(w) = writer.lock() {
                             w.shutdown();
                         }
@@ -57,25 +57,29 @@ fn read_requests(r: &mut Conn, tx: &crossbeam_channel::Sender<Job>) -> io::Resul
         match r.read_exact(&mut h) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                debug!("nbd: client left without NBD_CMD_DISC");
+                debug!("client left without NBD_CMD_DISC");
                 return Ok(());
             }
             Err(e) => return Err(e),
         }
         let Some(req) = Request::decode(&h) else {
-            warn!("nbd: request with a bad magic; the stream cannot be trusted, closing");
-            return Ok(());
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request with a bad magic, the stream cannot be trusted",
+            ));
         };
         let mut payload = Vec::new();
         match req.kind {
             CMD_DISC => return Ok(()),
             CMD_WRITE => {
                 if req.len > MAX_PAYLOAD {
-                    warn!(
-                        "nbd: write of {} bytes exceeds the {MAX_PAYLOAD}-byte limit; closing",
-                        req.len
-                    );
-                    return Ok(());
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "write of {} bytes exceeds the {MAX_PAYLOAD}-byte limit",
+                            req.len
+                        ),
+                    ));
                 }
                 payload = vec![0u8; req.len as usize];
                 r.read_exact(&mut payload)?;
@@ -122,7 +126,7 @@ fn handle(
         r.map_err(|e| {
             let n = errno(&e);
             if n == EIO {
-                warn!("nbd: {e}");
+                warn!("{e}");
             }
             n
         })
@@ -209,7 +213,7 @@ fn handle(
                 .write_all(&out)
         }
         other => {
-            debug!("nbd: unsupported command {other}");
+            debug!("unsupported command {other}");
             fail(w, sess, req, EINVAL)
         }
     }
