@@ -23,8 +23,14 @@ if [ ! -f "$IMG" ]; then
   rm -rf "$CORPUS"; mkdir -p "$CORPUS"
   [ -d "$HOME/.cargo/registry/src" ] && cp -a "$HOME/.cargo/registry/src" "$CORPUS/crates"
   cp -a /usr/lib/python3* /usr/include /usr/share/doc "$CORPUS/" 2>/dev/null || true
-  mkdir -p "$CORPUS/lib" && cp -a /usr/lib/x86_64-linux-gnu/*.so* "$CORPUS/lib/" 2>/dev/null || true
-  while [ "$(du -sm "$CORPUS" | cut -f1)" -gt 760 ]; do rm -rf "$CORPUS/lib/$(ls "$CORPUS/lib" | tail -1)"; done
+  # Shared libraries up to ~760 MiB in all.
+  budget=$(( (760 << 20) - $(du -sb "$CORPUS" | cut -f1) ))
+  mkdir -p "$CORPUS/lib"
+  find /usr/lib/x86_64-linux-gnu -maxdepth 1 -type f -name '*.so*' -printf '%s %p\n' | sort -k2 |
+    while read -r sz f; do
+      [ "$sz" -le "$budget" ] || continue
+      cp -a "$f" "$CORPUS/lib/" && budget=$((budget - sz))
+    done
   mkfs.ext4 -q -F -d "$CORPUS" "$IMG" 1G
   rm -rf "$CORPUS"
 fi
@@ -34,13 +40,15 @@ SNAP=$OUT/disk.hxz QCOW=$OUT/disk.qcow2
 echo "image: $(du -m --apparent-size "$IMG" | cut -f1) MiB raw ($(du -m "$IMG" | cut -f1) MiB allocated)," \
   "hexz $(du -m "$SNAP" | cut -f1) MiB, qcow2+zstd $(du -m "$QCOW" | cut -f1) MiB"
 
-P_HEXZ=10909 P_KIT=10910 P_QEMU=10911
+# hexz with its default 256 MiB frame cache, and with one that holds the whole image.
+P_HEXZ=10909 P_KIT=10910 P_QEMU=10911 P_HEXZ1G=10912
 PIDS=()
 start() {
   "$HEXZ" nbd "$SNAP" --listen 127.0.0.1:$P_HEXZ >/dev/null 2>&1 & PIDS+=($!)
+  "$HEXZ" nbd "$SNAP" --listen 127.0.0.1:$P_HEXZ1G --cache-mib 1024 >/dev/null 2>&1 & PIDS+=($!)
   nbdkit -f -r -p $P_KIT -i 127.0.0.1 file "$IMG" >/dev/null 2>&1 & PIDS+=($!)
   qemu-nbd -r -t -f qcow2 -b 127.0.0.1 -p $P_QEMU "$QCOW" >/dev/null 2>&1 & PIDS+=($!)
-  for p in $P_HEXZ $P_KIT $P_QEMU; do
+  for p in $P_HEXZ $P_HEXZ1G $P_KIT $P_QEMU; do
     for _ in $(seq 100); do nbdinfo --size nbd://127.0.0.1:$p >/dev/null 2>&1 && break; sleep 0.1; done
   done
 }
@@ -53,7 +61,7 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1
 
 declare -A T
 for run in $(seq "$RUNS"); do
-  for s in hexz kit qemu; do
+  for s in hexz hexz1g kit qemu; do
     eval port=\$P_$(echo $s | tr a-z A-Z)
     stop; drop; start
     T[cold_$s]+="$(copy "$port") "
@@ -65,7 +73,7 @@ printf '%-6s %-10s %10s %10s\n' mode server median_s vs_nbdkit
 for mode in cold warm; do
   # shellcheck disable=SC2086
   base=$(median ${T[${mode}_kit]})
-  for s in kit hexz qemu; do
+  for s in kit hexz hexz1g qemu; do
     # shellcheck disable=SC2086
     m=$(median ${T[${mode}_$s]})
     printf '%-6s %-10s %10.3f %9.2fx\n' $mode $s "$m" "$(echo "$m / $base" | bc -l)"
