@@ -508,3 +508,58 @@ fn bad_invocations_fail_with_one_clear_line() {
     );
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
 }
+
+#[test]
+fn pipelined_requests_on_one_connection_each_get_their_own_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, snap, img) = image(dir.path());
+    let _srv = Server::start(&snap, &dir.path().join("s"), &[]);
+    let (mut c, _) = raw_client(&dir.path().join("s"));
+    let reqs: Vec<(u64, u64, u32)> = (0..64u64)
+        .map(|i| {
+            (
+                1000 + i,
+                (i * 997 * 4096) % (SIZE as u64 - (1 << 20)),
+                4096 + (i as u32 % 7) * 65536,
+            )
+        })
+        .collect();
+    for &(cookie, off, len) in &reqs {
+        request(&mut c, 0, cookie, off, len, &[]);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in &reqs {
+        let (err, cookie) = reply(&mut c);
+        assert_eq!(err, 0);
+        let &(_, off, len) = reqs.iter().find(|r| r.0 == cookie).expect("known cookie");
+        let mut data = vec![0u8; len as usize];
+        c.read_exact(&mut data).expect("data");
+        assert!(
+            data[..] == img[off as usize..off as usize + len as usize],
+            "cookie {cookie}"
+        );
+        assert!(seen.insert(cookie), "cookie {cookie} answered twice");
+    }
+}
+
+#[test]
+fn sigterm_flushes_acknowledged_writes_of_a_connected_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, snap, _) = image(dir.path());
+    let sock = dir.path().join("s");
+    let ov = dir.path().join("ov");
+    let ovs = ov.to_str().expect("utf8");
+    let srv = Server::start(&snap, &sock, &["--rw", "--overlay", ovs]);
+    let (mut c, _) = raw_client(&sock);
+    request(&mut c, 1, 1, 8192 + 5, 6, b"sigter");
+    assert_eq!(reply(&mut c), (0, 1));
+    drop(srv); // SIGTERM while the client is still connected, no NBD_CMD_FLUSH sent
+    drop(c);
+    let _srv = Server::start(&snap, &sock, &["--rw", "--overlay", ovs]);
+    let (mut c, _) = raw_client(&sock);
+    request(&mut c, 0, 2, 8192 + 5, 6, &[]);
+    assert_eq!(reply(&mut c), (0, 2));
+    let mut data = [0u8; 6];
+    c.read_exact(&mut data).expect("data");
+    assert_eq!(&data, b"sigter");
+}
