@@ -127,7 +127,6 @@ impl<L: BlockDevice> CowDevice<L> {
     }
 
     fn load(&self, owner: &Owner, map_len: u64) -> Result<()> {
-        let io = |e| Error::io(&self.path, e);
         let bad = |what: &str| Error::CorruptOverlay(format!("{}: {what}", self.path.display()));
         let mut h = vec![0u8; HEADER_LEN as usize];
         self.file
@@ -176,7 +175,6 @@ impl<L: BlockDevice> CowDevice<L> {
             }
             w.store(v, Ordering::Relaxed);
         }
-        let _ = io;
         Ok(())
     }
 
@@ -393,6 +391,8 @@ impl<L: BlockDevice> BlockDevice for CowDevice<L> {
         Ok(())
     }
 
+    /// Whole blocks always become holes, even without `may_trim`: a zero block needs no
+    /// space to read as zeros, and NBD's NO_HOLE is only a SHOULD NOT.
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool, fua: bool) -> Result<()> {
         check_range(self.size, offset, len)?;
         if len == 0 {

@@ -46,7 +46,8 @@ pub struct NbdArgs {
     /// Most concurrent client connections.
     #[arg(long, default_value_t = 16)]
     pub max_connections: usize,
-    /// Decompressed-frame cache, MiB.
+    /// Decompressed-frame cache, MiB. Re-reads decompress nothing when the stream's data
+    /// fits; a full scan of a larger disk decompresses it all again.
     #[arg(long, default_value_t = 256)]
     pub cache_mib: u64,
 }
