@@ -72,6 +72,20 @@ impl<L: BlockDevice> CowDevice<L> {
             .truncate(false)
             .open(path)
             .map_err(io)?;
+        // One writer per overlay: a second server on the same file would corrupt its map.
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let locked = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if locked != 0 {
+            return Err(Error::Invalid(format!(
+                "overlay {} is in use by another process",
+                path.display()
+            )));
+        }
         let size = lower.size();
         let blocks = size.div_ceil(BLOCK);
         let map_len = (blocks.div_ceil(4)).div_ceil(HEADER_LEN) * HEADER_LEN;
@@ -634,6 +648,17 @@ mod tests {
                 && err.contains("'memory'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_overlay_in_use_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("o");
+        let _first = CowDevice::open(&p, lower(), &owner()).expect("open");
+        let err = CowDevice::open(&p, lower(), &owner())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("in use"), "{err}");
     }
 
     #[test]
