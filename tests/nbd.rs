@@ -563,3 +563,17 @@ fn sigterm_flushes_acknowledged_writes_of_a_connected_client() {
     c.read_exact(&mut data).expect("data");
     assert_eq!(&data, b"sigter");
 }
+
+#[test]
+fn a_32_mib_read_returns_the_image_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, snap, img) = image(dir.path());
+    let _srv = Server::start(&snap, &dir.path().join("s"), &[]);
+    let (mut c, _) = raw_client(&dir.path().join("s"));
+    let off = (3 << 20) + 512;
+    request(&mut c, 0, 9, off as u64, 32 << 20, &[]);
+    assert_eq!(reply(&mut c), (0, 9));
+    let mut data = vec![0u8; 32 << 20];
+    c.read_exact(&mut data).expect("data");
+    assert!(data[..] == img[off..off + (32 << 20)]);
+}

@@ -8,6 +8,8 @@ use crate::snapshot::{FileData, Snapshot};
 
 /// Most runs one `extents` call returns; the caller asks again for the rest.
 const MAX_RUNS: usize = 1 << 16;
+/// Reads of at least two parts this size are split over threads.
+const PARALLEL_PART: usize = 1 << 20;
 
 /// One stream of an open snapshot. Reads are verified like every snapshot read; the
 /// stream's holes and all-zero chunks are reported as holes.
@@ -56,6 +58,54 @@ impl StreamDevice {
     }
 }
 
+impl StreamDevice {
+    /// A big read in parts on a few threads, so its frames decompress in parallel.
+    fn read_parallel(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(8);
+        let parts: Vec<(u64, &mut [u8])> = buf
+            .chunks_mut(PARALLEL_PART)
+            .enumerate()
+            .map(|(i, p)| (offset + (i * PARALLEL_PART) as u64, p))
+            .collect();
+        let per = parts.len().div_ceil(threads);
+        let mut groups: Vec<Vec<(u64, &mut [u8])>> = Vec::new();
+        let mut it = parts.into_iter();
+        loop {
+            let g: Vec<_> = it.by_ref().take(per).collect();
+            if g.is_empty() {
+                break;
+            }
+            groups.push(g);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = groups
+                .into_iter()
+                .map(|g| {
+                    s.spawn(move || {
+                        for (off, part) in g {
+                            let n = self.snap.read_at(&self.data, off, part)?;
+                            if n != part.len() {
+                                return Err(Error::corrupt(format!(
+                                    "stream '{}' ended early at {}",
+                                    self.name,
+                                    off + n as u64
+                                )));
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("reader thread panicked".into())))
+            })
+        })
+    }
+}
+
 impl BlockDevice for StreamDevice {
     fn size(&self) -> u64 {
         self.data.size
@@ -75,6 +125,9 @@ impl BlockDevice for StreamDevice {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(self.size(), offset, buf.len() as u64)?;
+        if buf.len() >= 2 * PARALLEL_PART {
+            return self.read_parallel(offset, buf);
+        }
         let n = self.snap.read_at(&self.data, offset, buf)?;
         if n != buf.len() {
             return Err(Error::corrupt(format!(
