@@ -1,10 +1,12 @@
 //! hexz host side: the snapshot format and the commands that build and inspect snapshots.
 
+pub mod blockdev;
 pub mod commit;
 pub mod diff;
 pub mod error;
 pub mod extract;
 pub mod mount;
+pub mod nbd;
 pub mod overlay;
 pub mod pack;
 pub mod server;

@@ -116,6 +116,8 @@ enum Cmd {
     },
     /// Mount the snapshot's tree (plus an overlay) with FUSE on this host.
     Mount(mount_cmd::MountArgs),
+    /// Serve a raw stream (`disk`, `memory`) as an NBD export (loopback or Unix socket).
+    Nbd(hexz_host::nbd::command::NbdArgs),
 }
 
 #[derive(Subcommand)]
@@ -281,7 +283,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs connections by default; the one-shot commands only warnings.
-    let default = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_)) {
+    let default = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_) | Cmd::Nbd(_)) {
         "info,fuser::mnt=error"
     } else {
         "warn"
@@ -507,6 +509,10 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Mount(args) => mount_cmd::run(args),
+        Cmd::Nbd(args) => {
+            hexz_host::nbd::command::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Extract { snapshot, dest } => {
             let snap = Snapshot::open(&snapshot)?;
             let start = Instant::now();

@@ -1,0 +1,158 @@
+//! `hexz-host nbd`: a snapshot stream, optionally under a copy-on-write overlay, served
+//! over NBD. The only part of `nbd` that knows about snapshots.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{info, warn};
+
+use super::{serve, Export, Limits, Listener};
+use crate::blockdev::cow::Owner;
+use crate::blockdev::{BlockDevice, CowDevice, StreamDevice};
+use crate::error::{Error, Result};
+use crate::snapshot::Snapshot;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Listens on loopback (127.0.0.1:10809) by default: NBD has no \
+authentication or encryption, so anyone who can reach the port can read (and with --rw \
+write) the disk. A Unix socket (unix:PATH) is the safest choice."
+)]
+pub struct NbdArgs {
+    pub snapshot: PathBuf,
+    /// Which raw stream to export.
+    #[arg(long, default_value = "disk")]
+    pub stream: String,
+    /// 127.0.0.1:PORT (loopback TCP; port 0 picks one) or unix:PATH.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub listen: String,
+    /// Allow a non-loopback TCP address (unauthenticated, unencrypted access to the disk).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Accept writes, kept in --overlay (the snapshot is never changed).
+    #[arg(long, requires = "overlay")]
+    pub rw: bool,
+    /// Block overlay file (created if missing); bound to this snapshot and stream.
+    #[arg(long)]
+    pub overlay: Option<PathBuf>,
+    /// Export name (clients may also ask for the default, empty name).
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Most concurrent client connections.
+    #[arg(long, default_value_t = 16)]
+    pub max_connections: usize,
+    /// Decompressed-frame cache, MiB. Re-reads decompress nothing when the stream's data
+    /// fits; a full scan of a larger disk decompresses it all again.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mib: u64,
+}
+
+fn bind(spec: &str, allow_remote: bool) -> Result<(Listener, String)> {
+    if let Some(path) = spec.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            if m.file_type().is_socket() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let l = UnixListener::bind(&path).map_err(|e| Error::io(&path, e))?;
+        return Ok((
+            Listener::Unix(l),
+            format!("nbd+unix:///?socket={}", path.display()),
+        ));
+    }
+    let addr: SocketAddr = spec
+        .strip_prefix("tcp:")
+        .unwrap_or(spec)
+        .parse()
+        .map_err(|_| Error::Invalid(format!("--listen {spec}: expected IP:PORT or unix:PATH")))?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(Error::Invalid(format!(
+            "--listen {spec} is not a loopback address: NBD has no authentication or encryption; pass --allow-remote to do it anyway"
+        )));
+    }
+    let l = TcpListener::bind(addr).map_err(|e| Error::io(spec, e))?;
+    let local = l.local_addr().map_err(|e| Error::io(spec, e))?;
+    Ok((Listener::Tcp(l), format!("nbd://{local}")))
+}
+
+/// Runs the server until SIGINT/SIGTERM, which flush the overlay and exit.
+pub fn run(args: NbdArgs) -> Result<()> {
+    // Signals go to one waiting thread; block them before any thread exists.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block()
+        .map_err(|e| Error::Invalid(format!("cannot block signals: {e}")))?;
+
+    let snap = Arc::new(Snapshot::open_with_cache(
+        &args.snapshot,
+        args.cache_mib << 20,
+    )?);
+    let stream = StreamDevice::open(snap.clone(), &args.stream)?;
+    let device: Arc<dyn BlockDevice> = match &args.overlay {
+        Some(path) => {
+            let owner = Owner {
+                snapshot_id: snap.id(),
+                stream: args.stream.clone(),
+            };
+            Arc::new(CowDevice::open(path, stream, &owner)?)
+        }
+        None => Arc::new(stream),
+    };
+    let size = device.size();
+    let (listener, url) = bind(&args.listen, args.allow_remote)?;
+    let export = Arc::new(Export {
+        name: args.name.clone(),
+        description: format!(
+            "hexz snapshot {} stream {}",
+            &snap.id_hex()[..16],
+            args.stream
+        ),
+        device: device.clone(),
+        writable: args.rw,
+    });
+
+    let flusher = device.clone();
+    std::thread::spawn(move || {
+        let sig = sigs.wait();
+        info!(
+            "{}: flushing and exiting",
+            sig.map_or_else(|e| e.to_string(), |s| s.as_str().to_string())
+        );
+        let code = match flusher.flush() {
+            Ok(()) => 0,
+            Err(e) => {
+                warn!("final flush failed: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    });
+
+    let mode = if args.rw { "read-write" } else { "read-only" };
+    let name = if args.name.is_empty() {
+        String::new()
+    } else {
+        format!("/{}", args.name)
+    };
+    println!(
+        "serving stream '{}' ({size} bytes, {mode}) at {url}{name}",
+        args.stream
+    );
+    let _ = std::io::stdout().flush();
+    serve(
+        listener,
+        export,
+        Limits {
+            max_connections: args.max_connections.max(1),
+            ..Limits::default()
+        },
+    )
+    .map_err(|e| Error::io(&args.listen, e))
+}
