@@ -449,7 +449,15 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
 
     // 3. Forged and stale node ids and handles.
     let mut n = 0;
-    let forged_nodes = [0u64, 1 << 32, (1 << 32) + 1, 1 << 40, 1 << 63, u64::MAX, 10_000];
+    let forged_nodes = [
+        0u64,
+        1 << 32,
+        (1 << 32) + 1,
+        1 << 40,
+        1 << 63,
+        u64::MAX,
+        10_000,
+    ];
     for node in forged_nodes {
         for op in [
             Op::Getattr { node, fh: None },
@@ -499,7 +507,14 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
     let dir_fh = c.opendir(root).unwrap();
     let readme = c.walk("README.md").unwrap().node;
     let file_fh = c.open(readme, libc::O_RDONLY).unwrap();
-    for fh in [0u64, 1, u64::MAX, 1 << 63, dir_fh ^ 1, file_fh.wrapping_add(1)] {
+    for fh in [
+        0u64,
+        1,
+        u64::MAX,
+        1 << 63,
+        dir_fh ^ 1,
+        file_fh.wrapping_add(1),
+    ] {
         for op in [
             Op::Read {
                 fh,
@@ -546,7 +561,10 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
         },
     );
     assert!(
-        matches!(r, ReplyBody::Err(Errno::EBADF) | ReplyBody::Err(Errno::EISDIR)),
+        matches!(
+            r,
+            ReplyBody::Err(Errno::EBADF) | ReplyBody::Err(Errno::EISDIR)
+        ),
         "{r:?}"
     );
     let r = call(
@@ -558,7 +576,10 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
         },
     );
     assert!(
-        matches!(r, ReplyBody::Err(Errno::EBADF) | ReplyBody::Err(Errno::ENOTDIR)),
+        matches!(
+            r,
+            ReplyBody::Err(Errno::EBADF) | ReplyBody::Err(Errno::ENOTDIR)
+        ),
         "{r:?}"
     );
     // A released handle is stale at once.
@@ -740,26 +761,21 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
     }
     for whence in [0u32, 1, 2, 3, 4, 5, u32::MAX] {
         for offset in [0, u64::MAX] {
-            call(
-                &mut c,
-                Op::Lseek {
-                    fh,
-                    offset,
-                    whence,
-                },
-            );
+            call(&mut c, Op::Lseek { fh, offset, whence });
             n += 1;
         }
     }
     for (size, max_entries) in [(u32::MAX, 0u32), (0, u32::MAX), (64 << 20, 5000)] {
-        assert!(is_err(&call(
-            &mut c,
-            Op::Read {
-                fh,
-                offset: 0,
-                size
-            }
-        )) || size == 0);
+        assert!(
+            is_err(&call(
+                &mut c,
+                Op::Read {
+                    fh,
+                    offset: 0,
+                    size
+                }
+            )) || size == 0
+        );
         let d = c.opendir(root).unwrap();
         assert!(is_err(&call(
             &mut c,
@@ -999,7 +1015,10 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
         "1,000 connections: {} connected, {answered} said hello (cap 256, incl. ours)",
         conns.len()
     );
-    assert!(answered <= 256, "{answered} connections served past the cap");
+    assert!(
+        answered <= 256,
+        "{answered} connections served past the cap"
+    );
     assert!(server.is_running());
     drop(conns);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1090,7 +1109,13 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
     assert_eq!(fs::read(&fx.canary).unwrap(), canary_bytes);
     let m = fs::metadata(&fx.canary).unwrap();
     assert_eq!(
-        (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec(), m.ino()),
+        (
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.ino()
+        ),
         (
             canary_meta.mtime(),
             canary_meta.mtime_nsec(),

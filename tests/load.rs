@@ -105,7 +105,10 @@ fn client(
                 let size = 1 + rng.below(256 << 10) as u32;
                 let got = lat.time("read", || c.read(fh, off as u64, size)).unwrap();
                 let end = (off + size as usize).min(want.len());
-                assert!(got[..] == want[off..end], "{path} at {off}+{size}: wrong bytes");
+                assert!(
+                    got[..] == want[off..end],
+                    "{path} at {off}+{size}: wrong bytes"
+                );
                 expect_ok("release", c.ok(Op::Release { fh }));
             }
             4 | 5 => {
@@ -307,7 +310,10 @@ fn sixty_four_clients_mixed_operations_no_errors_and_flat_memory() {
     let mut total = 0usize;
     let mut every: Vec<u32> = Vec::new();
     println!("load: {CLIENTS} clients for {elapsed:.1} s");
-    println!("  {:<10} {:>9} {:>9} {:>9} {:>9}", "op", "count", "p50 us", "p99 us", "max us");
+    println!(
+        "  {:<10} {:>9} {:>9} {:>9} {:>9}",
+        "op", "count", "p50 us", "p99 us", "max us"
+    );
     for (k, v) in all.iter_mut() {
         v.sort_unstable();
         total += v.len();

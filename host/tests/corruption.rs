@@ -49,7 +49,9 @@ fn build_tree(src: &Path) -> BTreeMap<String, Vec<u8>> {
     for i in 0..12u64 {
         put(
             &format!("src/mod{i}.rs"),
-            format!("pub fn f{i}() -> u64 {{ {i} }}\n").repeat(20 + i as usize * 7).into_bytes(),
+            format!("pub fn f{i}() -> u64 {{ {i} }}\n")
+                .repeat(20 + i as usize * 7)
+                .into_bytes(),
         );
     }
     put("data/random.bin", pseudo_random(400_000, 1));
@@ -64,7 +66,8 @@ fn build_tree(src: &Path) -> BTreeMap<String, Vec<u8>> {
     let f = fs::File::create(&sparse).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(&pseudo_random(50_000, 3), 0).unwrap();
-    f.write_all_at(&pseudo_random(50_000, 4), 1_100_000).unwrap();
+    f.write_all_at(&pseudo_random(50_000, 4), 1_100_000)
+        .unwrap();
     drop(f);
     files.insert("data/sparse.bin".into(), fs::read(&sparse).unwrap());
     fs::hard_link(src.join("empty"), src.join("a/empty-link")).unwrap();
@@ -164,10 +167,7 @@ fn random_flips_and_truncations_give_exact_bytes_or_an_error_and_verify_flags_th
     let src = tmp.path().join("src");
     let files = build_tree(&src);
     let mut goods = Vec::new();
-    for (name, compression) in [
-        ("zstd", Compression::default()),
-        ("lz4", Compression::Lz4),
-    ] {
+    for (name, compression) in [("zstd", Compression::default()), ("lz4", Compression::Lz4)] {
         let out = tmp.path().join(format!("{name}.hxz"));
         pack(
             &PackInput {
@@ -264,7 +264,9 @@ fn random_flips_and_truncations_give_exact_bytes_or_an_error_and_verify_flags_th
             }
             (Ok(()), Ok(n)) => {
                 reads += n;
-                *stats.entry("harmless: verify passes, bytes exact").or_default() += 1;
+                *stats
+                    .entry("harmless: verify passes, bytes exact")
+                    .or_default() += 1;
                 for &p in &flipped {
                     *harmless
                         .entry(format!("{name}: {}", region(snap, p)))
@@ -291,7 +293,10 @@ fn random_flips_and_truncations_give_exact_bytes_or_an_error_and_verify_flags_th
                 .get("harmless: verify passes, bytes exact")
                 .copied()
                 .unwrap_or(0)
-            + stats.get("no change (flips cancelled)").copied().unwrap_or(0),
+            + stats
+                .get("no change (flips cancelled)")
+                .copied()
+                .unwrap_or(0),
         cases
     );
 }
