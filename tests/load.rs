@@ -74,7 +74,7 @@ fn client(
 ) -> Lat {
     let mut c = Client::connect(&socket);
     let mut lat = Lat::default();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1) * 0x1234_5678_9abc_def1);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1));
     let dir = c.mkdir(ROOT_NODE, &format!("client{id}")).unwrap().node;
     // name -> (node, bytes); references this client holds per node (like a kernel,
     // it forgets a node once unlinked, so unlinked files do not live on as orphans).
