@@ -11,14 +11,24 @@ fn main() {
     let tmp = tempfile::tempdir().expect("tmp");
     let snap_dir = std::path::Path::new("corpus/snapshot_open");
     let jr_dir = std::path::Path::new("corpus/journal_replay");
-    std::fs::create_dir_all(snap_dir).expect("mkdir");
-    std::fs::create_dir_all(jr_dir).expect("mkdir");
+    let index_dir = std::path::Path::new("corpus/index_decode");
+    let rec_dir = std::path::Path::new("corpus/record_decode");
+    for d in [snap_dir, jr_dir, index_dir, rec_dir] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
 
     let base = hexz_host_fuzz::small_snapshot(tmp.path());
     let mut n = 0;
     let mut seed = |name: &str, file: &[u8]| {
         if let Some(input) = hexz_host_fuzz::snapshot_input(file) {
-            std::fs::write(snap_dir.join(name), input).expect("write seed");
+            std::fs::write(snap_dir.join(name), &input).expect("write seed");
+            // index_decode: `[flags][raw index]`.
+            let data_len = u16::from_le_bytes([input[1], input[2]]) as usize;
+            for flags in [0u8, 1, 6] {
+                let mut seed = vec![flags];
+                seed.extend_from_slice(&input[3 + data_len..]);
+                std::fs::write(index_dir.join(format!("{name}-{flags}")), seed).expect("seed");
+            }
             n += 1;
         }
     };
@@ -77,6 +87,9 @@ fn main() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4")) as usize;
         payloads.push(bytes[at + 20..at + 20 + len].to_vec());
         at += 20 + len;
+    }
+    for (i, p) in payloads.iter().enumerate() {
+        std::fs::write(rec_dir.join(format!("rec{i}")), p).expect("seed");
     }
     let body: Vec<u8> = payloads
         .iter()
