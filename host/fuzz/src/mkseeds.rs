@@ -33,7 +33,10 @@ fn main() {
         }
     };
     seed("small-zstd", &std::fs::read(&base).expect("read"));
-    for (name, compression) in [("small-lz4", Compression::Lz4)] {
+    for (name, compression) in [
+        ("small-lz4", Compression::Lz4),
+        ("stream-zstd", Compression::default()),
+    ] {
         let out = tmp.path().join(format!("{name}.hxz"));
         let stream = tmp.path().join("disk.img");
         std::fs::write(&stream, [1u8, 2, 3].repeat(5000)).expect("write");

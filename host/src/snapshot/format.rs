@@ -257,9 +257,12 @@ pub fn bincode_config() -> impl bincode::config::Config {
 /// Decodes a bincode value from `bytes` with an allocation budget proportional to
 /// them. Without a limit bincode reserves whatever length a `Vec` claims before reading
 /// a single element, so a few crafted bytes (a length of 2^40) abort the process on
-/// allocation. The budget is `bytes.len()` rounded up to a power of 16, times 256: no
-/// honest value comes near it (the largest in-memory/encoded ratio of any type here is
-/// under 100), and a damaged one fails with `LimitExceeded` instead.
+/// allocation. The budget is 256 times the input size rounded up to 64 KiB, 1 MiB or
+/// 16 MiB (16 MiB, 256 MiB, 4 GiB), and 16 GiB above that: no honest value comes near
+/// it (the largest in-memory/encoded size ratio of any type decoded here is under 100;
+/// journal records are at most 64 MiB), and a damaged one fails with `LimitExceeded`.
+/// Budgets bound reservations, not resident memory: a `Vec<u8>` reserved and then found
+/// short is never touched.
 pub fn decode_bounded<T: bincode::Decode<()>>(
     bytes: &[u8],
 ) -> std::result::Result<(T, usize), bincode::error::DecodeError> {
@@ -268,7 +271,7 @@ pub fn decode_bounded<T: bincode::Decode<()>>(
         0..=0xffff => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 24 }>()),
         0x1_0000..=0xf_ffff => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 28 }>()),
         0x10_0000..=0xff_ffff => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 32 }>()),
-        _ => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 36 }>()),
+        _ => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 34 }>()),
     }
 }
 
