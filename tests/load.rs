@@ -355,6 +355,12 @@ fn sixty_four_clients_mixed_operations_no_errors_and_flat_memory() {
         after.iter().copied().max().unwrap_or(0),
     );
     let last = after.last().copied().unwrap_or(0);
+    let series: Vec<String> = samples
+        .iter()
+        .step_by((samples.len() / 12).max(1))
+        .map(|(t, kib)| format!("{t:.0}s:{}M", kib >> 10))
+        .collect();
+    println!("  VmRSS series: {}", series.join(" "));
     println!(
         "  VmRSS: {warm} KiB at end of warm-up ({warm_end:.1} s); after: min {lo} KiB, max {hi} KiB, last {last} KiB ({} samples)",
         after.len()
