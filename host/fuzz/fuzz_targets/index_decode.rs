@@ -35,7 +35,8 @@ fuzz_target!(|input: &[u8]| {
         return;
     }
     for f in &index.frames {
-        let chunks = &index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize];
+        let chunks =
+            &index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize];
         assert!(chunks.iter().all(|c| c.offset + c.len <= f.raw_len));
     }
     for n in &index.nodes {

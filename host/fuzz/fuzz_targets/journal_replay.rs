@@ -27,9 +27,8 @@ fn fixture() -> &'static Fixture {
             .tempdir_in("/dev/shm")
             .or_else(|_| tempfile::tempdir())
             .expect("temp dir");
-        let snap = Arc::new(
-            Snapshot::open(hexz_host_fuzz::small_snapshot(dir.path())).expect("open"),
-        );
+        let snap =
+            Arc::new(Snapshot::open(hexz_host_fuzz::small_snapshot(dir.path())).expect("open"));
         let init = bincode::encode_to_vec(
             &Record::Init {
                 snapshot: snap.id(),

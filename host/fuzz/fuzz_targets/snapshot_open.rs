@@ -43,7 +43,13 @@ fuzz_target!(|input: &[u8]| {
         .chain(index.streams.iter().map(|s| &s.data))
         .take(64);
     for d in datas {
-        for off in [0, d.size / 2, d.size.saturating_sub(1), d.size, u64::MAX - 1] {
+        for off in [
+            0,
+            d.size / 2,
+            d.size.saturating_sub(1),
+            d.size,
+            u64::MAX - 1,
+        ] {
             if let Ok(n) = snap.read_at(d, off, &mut buf) {
                 assert!(n <= buf.len());
                 assert!(n == 0 || off.saturating_add(n as u64) <= d.size);

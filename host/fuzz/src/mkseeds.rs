@@ -78,7 +78,8 @@ fn main() {
         vfs.setxattr(f.ino, b"user.k", b"v", 0).expect("setxattr");
         vfs.rename(d.ino, b"new.txt", 1, b"moved.txt", 0)
             .expect("rename");
-        vfs.symlink(o, 1, b"sl", b"moved.txt", 0, 0).expect("symlink");
+        vfs.symlink(o, 1, b"sl", b"moved.txt", 0, 0)
+            .expect("symlink");
         vfs.unlink(1, b"link").expect("unlink");
         vfs.shutdown().expect("shutdown");
     }
