@@ -66,7 +66,8 @@ pub struct NodeRec {
     pub upper: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+/// `Decode` is written out below (same layout as derived) to bound `Batch` nesting.
+#[derive(Clone, Debug, PartialEq, Eq, Encode)]
 pub enum Record {
     /// First record: which snapshot this overlay belongs to, and the overlay's own id.
     Init {
@@ -117,6 +118,83 @@ pub enum Record {
     /// Records applied together or not at all.
     Batch(Vec<Record>),
 }
+
+/// Deepest nesting of `Batch` records replay accepts. Writers nest at most two levels
+/// (a batch of a live operation's records inside a commit); anything deeper is damage
+/// or a crafted file, and decoding it recursively could exhaust the stack.
+pub const MAX_BATCH_DEPTH: u32 = 8;
+
+thread_local! {
+    static BATCH_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The derived layout (variant index as a varint `u32`, then the fields in order), with
+/// the nesting of `Batch` bounded.
+impl<Ctx> Decode<Ctx> for Record {
+    fn decode<D: bincode::de::Decoder<Context = Ctx>>(
+        d: &mut D,
+    ) -> std::result::Result<Self, bincode::error::DecodeError> {
+        let variant: u32 = Decode::decode(d)?;
+        Ok(match variant {
+            0 => Record::Init {
+                snapshot: Decode::decode(d)?,
+                overlay: Decode::decode(d)?,
+            },
+            1 => Record::Node(Decode::decode(d)?),
+            2 => Record::Dir {
+                id: Decode::decode(d)?,
+                entries: Decode::decode(d)?,
+            },
+            3 => Record::DirPart {
+                id: Decode::decode(d)?,
+                entries: Decode::decode(d)?,
+            },
+            4 => Record::Xattrs {
+                id: Decode::decode(d)?,
+                all: Decode::decode(d)?,
+            },
+            5 => Record::Xattr {
+                id: Decode::decode(d)?,
+                name: Decode::decode(d)?,
+                value: Decode::decode(d)?,
+            },
+            6 => Record::Entry {
+                dir: Decode::decode(d)?,
+                name: Decode::decode(d)?,
+                node: Decode::decode(d)?,
+            },
+            7 => Record::Present {
+                id: Decode::decode(d)?,
+                start: Decode::decode(d)?,
+                end: Decode::decode(d)?,
+            },
+            8 => Record::Drop {
+                id: Decode::decode(d)?,
+            },
+            9 => Record::NextId(Decode::decode(d)?),
+            10 => {
+                let depth = BATCH_DEPTH.with(|c| c.get());
+                if depth >= MAX_BATCH_DEPTH {
+                    return Err(bincode::error::DecodeError::Other(
+                        "journal batches nested too deep",
+                    ));
+                }
+                BATCH_DEPTH.with(|c| c.set(depth + 1));
+                let inner = Decode::decode(d);
+                BATCH_DEPTH.with(|c| c.set(depth));
+                Record::Batch(inner?)
+            }
+            found => {
+                return Err(bincode::error::DecodeError::UnexpectedVariant {
+                    type_name: "Record",
+                    allowed: &bincode::error::AllowedEnumVariants::Range { min: 0, max: 10 },
+                    found,
+                })
+            }
+        })
+    }
+}
+bincode::impl_borrow_decode!(Record);
 
 pub struct Journal {
     file: Arc<File>,
@@ -303,8 +381,7 @@ fn parse_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
     if blake3::hash(payload).as_bytes()[..16] != head[4..20] {
         return None;
     }
-    let (rec, used): (Record, usize) =
-        bincode::decode_from_slice(payload, bincode::config::standard()).ok()?;
+    let (rec, used): (Record, usize) = crate::snapshot::format::decode_bounded(payload).ok()?;
     (used == len).then_some((rec, at + 20 + len))
 }
 
@@ -397,6 +474,164 @@ mod tests {
         j.append(&rec(1)).unwrap();
         let (_, r) = Journal::open(&path, false).unwrap();
         assert_eq!(r.records, vec![rec(0), rec(1)]);
+    }
+
+    /// A journal holding one good record, then `payload` framed with a valid checksum.
+    fn journal_with(path: &Path, payload: &[u8]) {
+        let mut bytes = header().to_vec();
+        bytes.extend_from_slice(&frame(&rec(0)).unwrap());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&blake3::hash(payload).as_bytes()[..16]);
+        bytes.extend_from_slice(payload);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// Found by `cargo fuzz run journal_replay` (host/fuzz/regressions/journal_replay/):
+    /// a checksummed record whose `Vec` claims 2^40 elements made bincode reserve them
+    /// up front and the process abort on allocation. Now the record does not decode (the
+    /// budget is proportional to its bytes) and is treated like any bad record.
+    #[test]
+    fn a_record_claiming_a_huge_vec_is_refused_without_allocating_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("journal");
+        // Record::Dir { id: 1, entries: <2^40 entries> }, and the same for a byte string.
+        for payload in [
+            [&[2u8, 1, 253][..], &(1u64 << 40).to_le_bytes()].concat(),
+            [&[5u8, 1, 253][..], &(1u64 << 40).to_le_bytes()].concat(),
+            [&[10u8, 253][..], &(u64::MAX >> 4).to_le_bytes()].concat(),
+        ] {
+            journal_with(&path, &payload);
+            let (_, r) = Journal::open(&path, false).unwrap();
+            assert_eq!(r.records, vec![rec(0)]);
+            assert_eq!(r.torn_bytes, 20 + payload.len() as u64);
+        }
+        // The fuzzer's own input, replayed through the same journal layout.
+        let crash = include_bytes!(
+            "../../fuzz/regressions/journal_replay/crash-57b3069953e32427f167b854deca73142fdb0b7f"
+        );
+        let mut bytes = header().to_vec();
+        let mut rest = &crash[1..];
+        while let [a, b, tail @ ..] = rest {
+            let len = u16::from_le_bytes([*a, *b]) as usize;
+            if len > tail.len() {
+                break;
+            }
+            bytes.extend_from_slice(&(len as u32).to_le_bytes());
+            bytes.extend_from_slice(&blake3::hash(&tail[..len]).as_bytes()[..16]);
+            bytes.extend_from_slice(&tail[..len]);
+            rest = &tail[len..];
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let _ = Journal::open(&path, false);
+    }
+
+    /// Found while fixing the above: `Batch` records nest, and bincode decodes them by
+    /// recursion, so 2 bytes per level (a 200 KB record) overflowed the stack and killed
+    /// the server at open. Nesting is now bounded (`MAX_BATCH_DEPTH`).
+    #[test]
+    fn deeply_nested_batches_are_refused_without_exhausting_the_stack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("journal");
+        let mut payload = [10u8, 1].repeat(100_000);
+        payload.extend_from_slice(&[9, 0]);
+        journal_with(&path, &payload);
+        let (_, r) = Journal::open(&path, false).unwrap();
+        assert_eq!(r.records, vec![rec(0)]);
+        // Nesting within the bound decodes as before.
+        let mut nested = Record::NextId(7);
+        for _ in 0..MAX_BATCH_DEPTH {
+            nested = Record::Batch(vec![nested, rec(1)]);
+        }
+        let mut j = Journal::create(&path, &[rec(0)]).unwrap();
+        j.append(&nested).unwrap();
+        let (_, r) = Journal::open(&path, false).unwrap();
+        assert_eq!(r.records, vec![rec(0), nested.clone()]);
+        let deeper = Record::Batch(vec![nested]);
+        j.append(&deeper).unwrap();
+        let (_, r) = Journal::open(&path, false).unwrap();
+        assert_eq!(
+            r.records.len(),
+            2,
+            "a batch nested past the bound is a bad record"
+        );
+    }
+
+    /// The hand-written `Decode` reads exactly what the derived `Encode` writes.
+    #[test]
+    fn every_record_variant_round_trips() {
+        let node = NodeRec {
+            id: 1 << 40,
+            lower: Some(3),
+            kind: Kind::Symlink(b"target".to_vec()),
+            mode: 0o120777,
+            uid: 1000,
+            gid: 1000,
+            nlink: 1,
+            rdev: 7,
+            atime: (-5, 999_999_999),
+            mtime: (i64::MAX, 0),
+            ctime: (i64::MIN, 1),
+            size: u64::MAX,
+            lower_limit: 9,
+            parent: 1,
+            upper: true,
+        };
+        let all = vec![
+            Record::Init {
+                snapshot: [3; 32],
+                overlay: [4; 16],
+            },
+            Record::Node(node.clone()),
+            Record::Node(NodeRec {
+                kind: Kind::Device,
+                lower: None,
+                ..node
+            }),
+            Record::Dir {
+                id: 2,
+                entries: vec![(b"a".to_vec(), 3), (b"b".to_vec(), u64::MAX)],
+            },
+            Record::DirPart {
+                id: 2,
+                entries: vec![],
+            },
+            Record::Xattrs {
+                id: 5,
+                all: vec![(b"user.a".to_vec(), vec![0; 300])],
+            },
+            Record::Xattr {
+                id: 5,
+                name: b"user.b".to_vec(),
+                value: None,
+            },
+            Record::Xattr {
+                id: 5,
+                name: b"user.b".to_vec(),
+                value: Some(b"v".to_vec()),
+            },
+            rec(9),
+            Record::Entry {
+                dir: 1,
+                name: b"x".to_vec(),
+                node: None,
+            },
+            Record::Present {
+                id: 6,
+                start: 4096,
+                end: 8192,
+            },
+            Record::Drop { id: u64::MAX },
+            Record::NextId(12),
+            Record::Batch(vec![Record::NextId(1), Record::Batch(vec![rec(2)])]),
+        ];
+        for r in all {
+            let bytes = bincode::encode_to_vec(&r, bincode::config::standard()).unwrap();
+            let (back, used): (Record, usize) =
+                crate::snapshot::format::decode_bounded(&bytes).unwrap();
+            assert_eq!((back, used), (r, bytes.len()));
+        }
+        let unknown = [11u8, 0];
+        assert!(crate::snapshot::format::decode_bounded::<Record>(&unknown).is_err());
     }
 
     #[test]

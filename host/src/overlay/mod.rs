@@ -51,7 +51,7 @@ impl OverlayState {
         match rec {
             Record::Init { .. } => {}
             Record::Node(n) => {
-                self.next_id = self.next_id.max(n.id + 1);
+                self.next_id = self.next_id.max(n.id.saturating_add(1));
                 if n.kind == Kind::Dir && n.lower.is_none() {
                     self.dirs.entry(n.id).or_default();
                 }
@@ -99,7 +99,7 @@ impl OverlayState {
                 self.present.remove(id);
                 self.xattrs.remove(id);
                 self.gone.insert(*id);
-                self.next_id = self.next_id.max(id + 1);
+                self.next_id = self.next_id.max(id.saturating_add(1));
             }
             Record::NextId(n) => self.next_id = self.next_id.max(*n),
             Record::Batch(v) => {

@@ -254,6 +254,27 @@ pub fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard()
 }
 
+/// Decodes a bincode value from `bytes` with an allocation budget proportional to
+/// them. Without a limit bincode reserves whatever length a `Vec` claims before reading
+/// a single element, so a few crafted bytes (a length of 2^40) abort the process on
+/// allocation. The budget is 256 times the input size rounded up to 64 KiB, 1 MiB or
+/// 16 MiB (16 MiB, 256 MiB, 4 GiB), and 16 GiB above that: no honest value comes near
+/// it (the largest in-memory/encoded size ratio of any type decoded here is under 100;
+/// journal records are at most 64 MiB), and a damaged one fails with `LimitExceeded`.
+/// Budgets bound reservations, not resident memory: a `Vec<u8>` reserved and then found
+/// short is never touched.
+pub fn decode_bounded<T: bincode::Decode<()>>(
+    bytes: &[u8],
+) -> std::result::Result<(T, usize), bincode::error::DecodeError> {
+    let c = bincode::config::standard();
+    match bytes.len() {
+        0..=0xffff => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 24 }>()),
+        0x1_0000..=0xf_ffff => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 28 }>()),
+        0x10_0000..=0xff_ffff => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 32 }>()),
+        _ => bincode::decode_from_slice(bytes, c.with_limit::<{ 1 << 34 }>()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +305,45 @@ mod tests {
             let mut b = good;
             b[i] ^= 0x01;
             assert!(Header::decode(&b).is_err(), "flip at byte {i} accepted");
+        }
+    }
+
+    /// The index decoder had the unbounded reservation `cargo fuzz run journal_replay`
+    /// found in the journal (same bincode): a `Vec` length of 2^40 in a well-formed,
+    /// checksummed index aborted the process on allocation. Now: a corruption error.
+    #[test]
+    fn an_index_claiming_a_huge_vec_is_refused_without_allocating_it() {
+        let huge = (1u64 << 40).to_le_bytes();
+        let cases: Vec<Vec<u8>> = vec![
+            [&[253u8][..], &huge].concat(),    // frames
+            [&[0u8, 253][..], &huge].concat(), // chunks
+            [
+                &[0u8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 253][..],
+                &huge,
+            ]
+            .concat(), // an xattr name
+            [&[0u8, 0, 253][..], &(u64::MAX / 2).to_le_bytes()].concat(), // nodes
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("crafted.hxz");
+        for raw in cases {
+            let h = Header {
+                version: 1,
+                flags: 0,
+                index_offset: HEADER_LEN as u64,
+                index_len: raw.len() as u64,
+                index_raw_len: raw.len() as u64,
+                index_codec: Codec::Raw,
+                index_hash: *blake3::hash(&raw).as_bytes(),
+                id: *blake3::hash(&raw).as_bytes(),
+            };
+            let mut file = h.encode().to_vec();
+            file.extend_from_slice(&raw);
+            std::fs::write(&path, file).unwrap();
+            let err = crate::snapshot::Snapshot::open(&path)
+                .err()
+                .expect("a crafted index must not open");
+            assert!(err.to_string().contains("does not decode"), "{err}");
         }
     }
 

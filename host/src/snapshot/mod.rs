@@ -10,5 +10,5 @@ pub mod writer;
 pub use codec::Compression;
 pub use format::{ChunkId, FileData, Node, NodeKind, Stream};
 pub use reader::{NodeIdx, Snapshot, ROOT};
-pub use validate::check_name;
+pub use validate::{check_name, validate};
 pub use writer::{SnapshotWriter, WriteStats, WriterOptions};

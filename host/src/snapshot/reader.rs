@@ -11,7 +11,7 @@ use quick_cache::Weighter;
 
 use super::codec::decompress;
 use super::format::{
-    bincode_config, ChunkId, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream,
+    decode_bounded, ChunkId, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream,
     EXTERNAL, HEADER_LEN, MAX_FRAME_RAW, MAX_INDEX_RAW,
 };
 use super::validate::validate;
@@ -196,7 +196,7 @@ impl Snapshot {
         if blake3::hash(&raw).as_bytes() != &header.id {
             return Err(Error::corrupt("index does not match the snapshot id"));
         }
-        let (index, used): (Index, usize) = bincode::decode_from_slice(&raw, bincode_config())
+        let (index, used): (Index, usize) = decode_bounded(&raw)
             .map_err(|e| Error::corrupt(format!("index does not decode: {e}")))?;
         if used != raw.len() {
             return Err(Error::corrupt("trailing bytes after the index"));
