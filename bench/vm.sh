@@ -20,7 +20,7 @@ BOOTS=${BOOTS:-10}
 PAR=${PAR:-8}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 HEXZ=$TARGET/release/hexz-host
-GUESTBIN=$TARGET/x86_64-unknown-linux-musl/release
+GUESTBIN=${GUESTBIN:-$TARGET/x86_64-unknown-linux-musl/release}
 SECTIONS=${*:-shares requests startup memory report}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -249,15 +249,18 @@ section_shares() {
   rm -rf "$shared"
   cp -a "$TREE" "$shared"
   virtiofsd_start "$run/vfs.sock" "$shared" "$OUT/virtiofsd.log"
-  local extra="-fsdev local,id=fs0,path=$shared,security_model=none"
+  # libvhost-user (QEMU's C virtiofsd) refuses legacy virtio, microvm's mmio default.
+  local extra="-global virtio-mmio.force-legacy=false"
+  extra+=" -fsdev local,id=fs0,path=$shared,security_model=none"
   extra+=" -device virtio-9p-device,fsdev=fs0,mount_tag=ws"
   extra+=" -chardev socket,id=vfs,path=$run/vfs.sock -device vhost-user-fs-device,chardev=vfs,tag=vfs"
-  local rc=0
+  local rc=0 envs=(-e "ROUNDS=$ROUNDS")
+  [ -n "${WORKLOADS:-}" ] && envs+=(-e "WORKLOADS=$WORKLOADS")
+  [ -n "${SHARES:-}" ] && envs+=(-e "SHARES=$SHARES")
   HEXZ_QEMU_EXTRA_ARGS=$extra RUST_LOG=info "$HEXZ" run "$SNAP" --kernel "$BENCH_KERNEL" \
     --initrd "$BENCH_INITRD" --memory 2G --cpus 2 --accel tcg --timeout 3h -q \
-    --console-log "$OUT/shares-console.log" -e "ROUNDS=$ROUNDS" \
-    ${WORKLOADS:+-e "WORKLOADS=$WORKLOADS"} \
-    -- sh -c "$(cat "$ROOT/bench/vm-guest.sh")" > "$OUT/shares.txt" 2> "$OUT/shares-host.log" || rc=$?
+    --console-log "$OUT/shares-console.log" "${envs[@]}" \
+    -- sh -c "$(cat "$ROOT/bench/vm-guest.sh")" < /dev/null > "$OUT/shares.txt" 2> "$OUT/shares-host.log" || rc=$?
   kill "$VFSD_PID" 2> /dev/null || true
   grep -E '^(I|ERR)' "$OUT/shares.txt" >&2 || true
   [ $rc = 0 ] || { log "the shares run failed ($rc): see $OUT/shares-host.log, $OUT/shares-console.log"; tail -20 "$OUT/shares-host.log" >&2; }
@@ -284,7 +287,7 @@ section_requests() {
         done
       fi
       RUST_LOG=info "$HEXZ" run "$SNAP" --kernel "$BENCH_KERNEL" --initrd "$BENCH_INITRD" \
-        --memory 1G --accel tcg --timeout 30m -q -- sh -c "$cmd" > /dev/null 2> "$OUT/req-$w-$reps.log" || true
+        --memory 1G --accel tcg --timeout 30m -q -- sh -c "$cmd" < /dev/null > /dev/null 2> "$OUT/req-$w-$reps.log" || true
       n=$(grep -o 'requests=[0-9]*' "$OUT/req-$w-$reps.log" | awk -F= '{s += $2} END {print s + 0}')
       echo "$w $reps $n" >> "$OUT/requests.txt"
       log "requests $w x$reps: $n"
@@ -297,13 +300,14 @@ section_requests() {
 first_line_time() { # CMD... ; prints seconds
   local s e
   s=$(date +%s.%N)
-  "$@" 2> /dev/null | {
-    IFS= read -r _ || true
-    date +%s.%N
+  "$@" < /dev/null 2> /dev/null | {
+    while IFS= read -r line; do
+      case $line in *-ok*) date +%s.%N; break ;; esac
+    done
     cat > /dev/null
   } > "$OUT/.fl"
   e=$(head -1 "$OUT/.fl")
-  awk "BEGIN{printf \"%.3f\", $e - $s}"
+  if [ -n "$e" ]; then awk "BEGIN{printf \"%.3f\", $e - $s}"; else echo nan; fi
 }
 
 section_startup() {
@@ -330,6 +334,7 @@ section_startup() {
           -append "console=ttyS0 panic=-1 quiet reboot=t tsc_early_khz=$KHZ" \
           -no-reboot -no-user-config -display none -monitor none -serial stdio)
       fi
+      [ "$t" = nan ] && { log "start-up run ($side) printed no marker"; continue; }
       echo "$side $t" >> "$OUT/startup.txt"
     done
   done
@@ -382,10 +387,11 @@ mem_runs() { # N -> prints a sample line
 
 section_memory() {
   log "memory: 1 run, then $PAR in parallel"
-  {
-    echo "1 $(mem_runs 1)"
-    echo "$PAR $(mem_runs "$PAR")"
-  } > "$OUT/memory.txt"
+  : > "$OUT/memory.txt"
+  printf '1 ' >> "$OUT/memory.txt"
+  mem_runs 1 >> "$OUT/memory.txt"
+  printf '%s ' "$PAR" >> "$OUT/memory.txt"
+  mem_runs "$PAR" >> "$OUT/memory.txt"
   cat "$OUT/memory.txt" >&2
 }
 
@@ -467,6 +473,7 @@ EOF
 }
 
 make_tree
+[ "$SECTIONS" = tree ] && exit 0
 pack_snapshot
 build_images
 log "tree: $(find "$TREE" -type f | wc -l) files, $(du -sh "$TREE" | cut -f1); snapshot $(du -h "$SNAP" | cut -f1)"
