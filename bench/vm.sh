@@ -6,7 +6,8 @@
 #
 # Usage: bench/vm.sh [shares] [requests] [startup] [memory] [report]   (default: all)
 # Env: ROUNDS=3 (rounds of the share comparison), BOOTS=10 (start-up runs per side),
-#      PAR=8 (parallel runs for memory), OUT=bench/out (results go to $OUT/vm),
+#      PAR=8 (parallel runs for memory), MEMCMD (what each of them runs first,
+#      default `tar cf - . | wc -c`), OUT=bench/out (results go to $OUT/vm),
 #      CARGO_TARGET_DIR (where the release builds are), NO_BUILD=1 (skip cargo build).
 # Needs root (drop_caches, virtio-9p of a root-owned tree), QEMU, vhost-device-vsock,
 # virtiofsd (Rust, on PATH; else QEMU's C one in /usr/lib/qemu), strace, cpio, gcc, make,
@@ -18,6 +19,7 @@ OUT=${OUT:-$ROOT/bench/out}/vm
 ROUNDS=${ROUNDS:-3}
 BOOTS=${BOOTS:-10}
 PAR=${PAR:-8}
+MEMCMD=${MEMCMD:-tar cf - . | wc -c}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 HEXZ=$TARGET/release/hexz-host
 GUESTBIN=${GUESTBIN:-$TARGET/x86_64-unknown-linux-musl/release}
@@ -149,7 +151,7 @@ fetch_generic_kernel() {
 
 # Files a host command opens or executes (successfully), from strace.
 traced_files() { # LOGFILE
-  sed -n -E 's/^[0-9]+ +(openat\(AT_FDCWD, |execve\(|newfstatat\(AT_FDCWD, |access\(|faccessat2?\(AT_FDCWD, |readlink\(|stat\(|lstat\()"([^"]+)".* = ([0-9]+).*$/\2/p' "$1" |
+  sed -n -E 's/^(openat\(AT_FDCWD, |execve\(|newfstatat\(AT_FDCWD, |access\(|faccessat2?\(AT_FDCWD, |readlink\(|stat\(|lstat\()"([^"]+)".* = ([0-9]+).*$/\2/p' "$1" |
     grep -E '^/(usr|lib|lib64|etc/ld\.so)' | sort -u
 }
 
@@ -177,9 +179,13 @@ build_images() {
   TMPS+=("$trace")
   cp -a "$TREE/cproj" "$trace/cproj"
   cp -a "$TREE/repo" "$trace/repo"
-  (cd "$trace/cproj" && strace -f -qq -o "$trace/make.log" make -s -j2 > /dev/null)
-  (cd "$trace/repo" && strace -f -qq -o "$trace/git.log" git -c safe.directory='*' status --porcelain > /dev/null)
-  strace -f -qq -o "$trace/date.log" date +%s.%N > /dev/null
+  # -ff: one log per process, so no call is split into "unfinished ... resumed".
+  (cd "$trace/cproj" && strace -ff -qq -o "$trace/make" make -s -j2 > /dev/null)
+  cat "$trace"/make.* > "$trace/make.log"
+  (cd "$trace/repo" && strace -ff -qq -o "$trace/git" git -c safe.directory='*' status --porcelain > /dev/null)
+  cat "$trace"/git.* > "$trace/git.log"
+  strace -ff -qq -o "$trace/date" date +%s.%N > /dev/null
+  cat "$trace"/date.* > "$trace/date.log"
   local applets p
   applets=" $(busybox --list | tr '\n' ' ') "
   {
@@ -364,7 +370,7 @@ mem_runs() { # N -> prints a sample line
   dir=$(mktemp -d "$OUT/mem.XXXXXX")
   TMPS+=("$dir")
   for i in $(seq "$n"); do
-    "$HEXZ" run "$SNAP" --accel tcg -q --timeout 30m -- sh -c 'tar cf - . | wc -c; echo tar-done; sleep 600' \
+    "$HEXZ" run "$SNAP" --accel tcg -q --timeout 30m -- sh -c "$MEMCMD; echo tar-done; sleep 600" \
       > "$dir/out.$i" 2> "$dir/err.$i" &
     pids+=($!)
     PIDS+=($!)
