@@ -409,19 +409,30 @@ out, rounds = sys.argv[1], sys.argv[2]
 def med(v): return statistics.median(v) if v else None
 def f(x, d=2): return "–" if x is None else f"{x:.{d}f}"
 def ratio(a, b): return "–" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
-p = os.path.join(out, "shares.txt")
-if os.path.exists(p):
-    data = {}
-    for line in open(p):
-        w = line.split()
-        if len(w) == 5 and w[0] == "R":
-            data.setdefault((w[2], w[3], w[1]), []).append(float(w[4]))
-    names = {"tar": "`tar cf - . | wc -c`", "stat": "`find . -type f | xargs stat`",
+import glob
+files = sorted(glob.glob(os.path.join(out, "shares*.txt")))
+if files:
+    # shares*.txt: shares.txt, plus e.g. shares-make.txt from a WORKLOADS=make run.
+    # A measurement right after an ERR line for it (the command failed) is dropped.
+    data, failed = {}, set()
+    dirs = {"/workspace": "hexz", "/p9": "9p", "/vfs": "virtiofs"}
+    for p in files:
+        for line in open(p):
+            w = line.split()
+            if len(w) >= 4 and w[0] == "ERR":
+                failed.add((dirs.get(w[1], w[1]), w[2], w[3].rstrip(":")))
+            elif len(w) == 5 and w[0] == "R":
+                key = (w[1], w[2], w[3])
+                if key in failed:
+                    failed.discard(key)
+                    continue
+                data.setdefault((w[2], w[3], w[1]), []).append(float(w[4]))
+    names = {"tar": "`tar cf - . \\| wc -c`", "stat": "`find . -type f \\| xargs stat`",
              "git": "`git status` (packed repo)", "create": "create 300 files + `rm -rf`",
              "make": "`make -j2` (21 C files)"}
-    print(f"### /workspace vs virtio-9p vs virtiofs, same VM and boot (seconds, median of {rounds}, order rotated)\n")
-    print("| workload | cache | hexz | 9p | virtiofs | hexz/9p | hexz/virtiofs |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"### /workspace vs virtio-9p vs virtiofs, same VM and boot (seconds, median of the rounds, order rotated)\n")
+    print("| workload | cache | hexz | 9p | virtiofs | hexz/9p | hexz/virtiofs | n |")
+    print("|---|---|---|---|---|---|---|---|")
     for w in ["tar", "stat", "git", "create", "make"]:
         for ph in ["first", "cold", "warm"]:
             if not any((w, ph, s) in data for s in ["hexz", "9p", "virtiofs"]):
@@ -429,7 +440,7 @@ if os.path.exists(p):
             h, n, v = (med(data.get((w, ph, s), [])) for s in ["hexz", "9p", "virtiofs"])
             cnt = len(data.get((w, ph, "hexz"), []))
             label = {"first": "first in mount", "cold": "guest-cold", "warm": "warm"}[ph]
-            print(f"| {names[w]} | {label} | {f(h)} | {f(n)} | {f(v)} | {ratio(h, n)} | {ratio(h, v)} |")
+            print(f"| {names[w]} | {label} | {f(h)} | {f(n)} | {f(v)} | {ratio(h, n)} | {ratio(h, v)} | {cnt} |")
     print()
 p = os.path.join(out, "requests.txt")
 if os.path.exists(p):
