@@ -333,7 +333,7 @@ section_startup() {
   for i in $(seq "$BOOTS"); do
     for side in $([ $((i % 2)) = 1 ] && echo "hexz bare" || echo "bare hexz"); do
       if [ $side = hexz ]; then
-        t=$(first_line_time "$HEXZ" run "$SNAP" --accel tcg -q --timeout 5m -- echo run-ok)
+        t=$(first_line_time "$HEXZ" run "$SNAP" --guest-bin-dir "$GUESTBIN" --accel tcg -q --timeout 5m -- echo run-ok)
       else
         t=$(first_line_time qemu-system-x86_64 -accel tcg -cpu max -m 512M -smp 1 -M microvm \
           -kernel "$BASE_KERNEL" -initrd "$bare/initrd.cpio" \
@@ -370,7 +370,7 @@ mem_runs() { # N -> prints a sample line
   dir=$(mktemp -d "$OUT/mem.XXXXXX")
   TMPS+=("$dir")
   for i in $(seq "$n"); do
-    "$HEXZ" run "$SNAP" --accel tcg -q --timeout 30m -- sh -c "$MEMCMD; echo tar-done; sleep 600" \
+    "$HEXZ" run "$SNAP" --guest-bin-dir "$GUESTBIN" --accel tcg -q --timeout 30m -- sh -c "$MEMCMD; echo tar-done; sleep 600" \
       > "$dir/out.$i" 2> "$dir/err.$i" &
     pids+=($!)
     PIDS+=($!)
