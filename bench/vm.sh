@@ -394,6 +394,7 @@ mem_runs() { # N -> prints a sample line
 section_memory() {
   log "memory: 1 run, then $PAR in parallel"
   : > "$OUT/memory.txt"
+  echo "$MEMCMD" > "$OUT/memory-cmd.txt"
   printf '1 ' >> "$OUT/memory.txt"
   mem_runs 1 >> "$OUT/memory.txt"
   printf '%s ' "$PAR" >> "$OUT/memory.txt"
@@ -479,7 +480,9 @@ if os.path.exists(p):
 p = os.path.join(out, "memory.txt")
 if os.path.exists(p):
     rows = [list(map(int, l.split())) for l in open(p) if l.strip()]
-    print("### Host memory: N parallel `run`s on one snapshot (each: `tar cf - . | wc -c`, then sleep)\n")
+    cmdf = os.path.join(out, "memory-cmd.txt")
+    cmd = open(cmdf).read().strip() if os.path.exists(cmdf) else "tar cf - . | wc -c"
+    print(f"### Host memory: N parallel `run`s on one snapshot (each: `{cmd}`, then sleep)\n")
     print("| runs | RSS total MiB | PSS total MiB | hexz-host RSS | qemu RSS | vhost-device-vsock RSS | PSS per run MiB |")
     print("|---|---|---|---|---|---|---|")
     for n, rss, pss, h, q, b in rows:
