@@ -128,6 +128,7 @@ impl Machine {
         cmd.arg("-initrd").arg(&self.initrd);
         cmd.arg("-append").arg(self.cmdline());
         cmd.args(["-no-reboot", "-no-user-config"]);
+        cmd.args(bench_extra_args());
         match &self.console {
             Console::Log(path) => {
                 cmd.args(["-display", "none", "-monitor", "none"]);
@@ -140,6 +141,18 @@ impl Machine {
         }
         cmd
     }
+}
+
+/// Benchmark hook (bench/vm.sh): extra QEMU arguments from `HEXZ_QEMU_EXTRA_ARGS`,
+/// split on whitespace, appended as they are (e.g. a virtio-9p or vhost-user-fs device
+/// beside the workspace, to compare them in the same guest). Not for production use:
+/// nothing checks them.
+pub const EXTRA_ARGS_ENV: &str = "HEXZ_QEMU_EXTRA_ARGS";
+
+fn bench_extra_args() -> Vec<String> {
+    std::env::var(EXTRA_ARGS_ENV)
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
 }
 
 /// A running QEMU; killed when dropped.
