@@ -8,6 +8,7 @@
 //! and the server's RSS after warm-up stays within a bound of its warm-up level. Printed:
 //! operations, p50/p99/max latency per kind, VmRSS samples.
 
+use hexz_e2e::Rng;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
@@ -21,20 +22,6 @@ use hexz_e2e::{hexz_host, pseudo_random};
 const CLIENTS: usize = 64;
 /// RSS may not grow past its warm-up level by more than this.
 const RSS_GROWTH_BOUND_KIB: u64 = 64 << 10;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 fn vm_rss_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
@@ -82,10 +69,10 @@ fn client(
     let mut refs: std::collections::HashMap<u64, u64> = Default::default();
     let mut next = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        match rng.below(10) {
+        match rng.index(10) {
             0 | 1 => {
                 // Lookups down a snapshot path, then getattr.
-                let (path, want) = &snap_files[rng.below(snap_files.len())];
+                let (path, want) = &snap_files[rng.index(snap_files.len())];
                 let mut node = ROOT_NODE;
                 for part in path.split('/') {
                     node = lat
@@ -98,11 +85,11 @@ fn client(
             }
             2 | 3 => {
                 // A random range of a snapshot file.
-                let (path, want) = &snap_files[rng.below(snap_files.len())];
+                let (path, want) = &snap_files[rng.index(snap_files.len())];
                 let node = c.walk(path).unwrap().node;
                 let fh = c.open(node, libc::O_RDONLY).unwrap();
-                let off = rng.below(want.len());
-                let size = 1 + rng.below(256 << 10) as u32;
+                let off = rng.index(want.len());
+                let size = 1 + rng.index(256 << 10) as u32;
                 let got = lat.time("read", || c.read(fh, off as u64, size)).unwrap();
                 let end = (off + size as usize).min(want.len());
                 assert!(
@@ -115,7 +102,7 @@ fn client(
                 // Create and write a file of our own, sometimes fsync it.
                 let name = format!("f{next}");
                 next += 1;
-                let data = pseudo_random(1 + rng.below(64 << 10), rng.next());
+                let data = pseudo_random(1 + rng.index(64 << 10), rng.next_u64());
                 let (e, fh) = lat
                     .time("create", || {
                         c.create(dir, &name, 0o644, libc::O_RDWR | libc::O_EXCL)
@@ -123,7 +110,7 @@ fn client(
                     .unwrap_or_else(|e| panic!("create {name}: {e:?}"));
                 let n = lat.time("write", || c.write(fh, 0, &data)).unwrap();
                 assert_eq!(n as usize, data.len());
-                if rng.below(4) == 0 {
+                if rng.index(4) == 0 {
                     expect_ok(
                         "fsync",
                         lat.time("fsync", || {
@@ -140,7 +127,7 @@ fn client(
             }
             6 if !model.is_empty() => {
                 // Read one back.
-                let k = model.keys().nth(rng.below(model.len())).unwrap().clone();
+                let k = model.keys().nth(rng.index(model.len())).unwrap().clone();
                 let node = c.lookup(dir, &k).unwrap().node;
                 *refs.entry(node).or_default() += 1;
                 assert_eq!(node, model[&k].0, "{k}: node id changed");
@@ -149,9 +136,9 @@ fn client(
             }
             7 if !model.is_empty() => {
                 // Rename one (sometimes over another).
-                let k = model.keys().nth(rng.below(model.len())).unwrap().clone();
-                let to = if rng.below(3) == 0 && model.len() > 1 {
-                    model.keys().nth(rng.below(model.len())).unwrap().clone()
+                let k = model.keys().nth(rng.index(model.len())).unwrap().clone();
+                let to = if rng.index(3) == 0 && model.len() > 1 {
+                    model.keys().nth(rng.index(model.len())).unwrap().clone()
                 } else {
                     next += 1;
                     format!("r{next}")
@@ -175,7 +162,7 @@ fn client(
             }
             8 => {
                 // List our directory; it must match the model.
-                let plus = rng.below(2) == 0;
+                let plus = rng.index(2) == 0;
                 let names = lat.time("readdir", || c.list(dir, plus)).unwrap();
                 if plus {
                     for (n, node) in &names {
@@ -194,7 +181,7 @@ fn client(
                 assert_eq!(got, want, "client {id}: listing differs from the model");
             }
             _ if model.len() > 16 => {
-                let k = model.keys().nth(rng.below(model.len())).unwrap().clone();
+                let k = model.keys().nth(rng.index(model.len())).unwrap().clone();
                 expect_ok(
                     "unlink",
                     lat.time("unlink", || {

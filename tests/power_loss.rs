@@ -17,6 +17,7 @@
 //! changes the number of crash points. Needs root and /dev/fuse: elsewhere the tests
 //! say why and pass, except under `CI` (set there), where they fail.
 
+use hexz_e2e::Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
@@ -302,25 +303,6 @@ fn content_ok(r: &[u8], allowed: &[Vec<u8>]) -> Result<(), String> {
     Ok(())
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 const ROOT_NAMES: &[&str] = &["README.md", "big.bin", "f0", "f1", "f2", "f3", "f4"];
 const SUB_NAMES: &[&str] = &["a.txt", "g0", "g1", "g2"];
 
@@ -434,7 +416,7 @@ impl Workload {
         };
         let max_len = if self.rng.chance(20) { 40_000 } else { 6_000 };
         let len = 1 + self.rng.below(max_len);
-        let seed = self.rng.next();
+        let seed = self.rng.next_u64();
         let data = pseudo_random(len as usize, seed);
         assert_eq!(c.write(fh, off, &data).expect("write") as u64, len);
         let end = (off + len) as usize;
@@ -889,7 +871,7 @@ fn fsynced_data_and_names_survive_power_loss_at_random_points() {
         } else {
             200 + w.rng.below(700)
         };
-        let crash_seed = w.rng.next();
+        let crash_seed = w.rng.next_u64();
         rig.power_loss(server, c, crash_seed, permille);
         server = match start_server(&rig.snap, &rig.socket, &rig.overlay, &rig.log) {
             Ok(s) => s,

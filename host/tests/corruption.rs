@@ -10,6 +10,7 @@
 //! `HEXZ_CORRUPTION_CASES` sets the number of cases (default 200; the recorded run used
 //! 2,000).
 
+use hexz_e2e::Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
@@ -21,20 +22,6 @@ use hexz_host::snapshot::{Compression, Snapshot, WriterOptions};
 use hexz_host::vfs::Vfs;
 
 const OWNER: u64 = 1;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// A tree with small files sharing frames, multi-frame files, a sparse file, a
 /// duplicate, a hard link and nested directories.
@@ -129,8 +116,8 @@ fn read_all_through_vfs(
             off += 65_536.min(want.len() - off).max(1);
         }
         for _ in 0..4 {
-            let at = rng.below(want.len() + 10);
-            let size = 1 + rng.below(100_000) as u32;
+            let at = rng.index(want.len() + 10);
+            let size = 1 + rng.index(100_000) as u32;
             match vfs.read(OWNER, fh, at as u64, size) {
                 Ok(got) => {
                     reads += 1;
@@ -215,14 +202,14 @@ fn random_flips_and_truncations_give_exact_bytes_or_an_error_and_verify_flags_th
         let (name, good, snap, data_end) = &goods[case % goods.len()];
         let mut b = good.clone();
         let mut flipped = Vec::new();
-        let kind = match rng.below(10) {
+        let kind = match rng.index(10) {
             0 | 1 => {
-                let cut = rng.below(b.len());
+                let cut = rng.index(b.len());
                 b.truncate(cut);
                 "truncate"
             }
             2 => {
-                let extra = 1 + rng.below(4096);
+                let extra = 1 + rng.index(4096);
                 b.extend(pseudo_random(extra, case as u64));
                 "append"
             }
@@ -233,9 +220,9 @@ fn random_flips_and_truncations_give_exact_bytes_or_an_error_and_verify_flags_th
                     5..=7 => (128, *data_end, "flip frames"),
                     _ => (0, b.len(), "flip anywhere"),
                 };
-                for _ in 0..1 + rng.below(8) {
-                    let pos = lo + rng.below(hi - lo);
-                    let mask = (1 + rng.below(255)) as u8;
+                for _ in 0..1 + rng.index(8) {
+                    let pos = lo + rng.index(hi - lo);
+                    let mask = (1 + rng.index(255)) as u8;
                     b[pos] ^= mask;
                     flipped.push(pos);
                 }

@@ -3,6 +3,7 @@
 //! deadlocks it: the watchdog fails the test) and every file must read back exactly as
 //! a model of its writes says, before and after a restart.
 
+use hexz_e2e::Rng;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -14,21 +15,6 @@ use hexz_host::vfs::{SetAttr, Vfs, ROOT};
 const RUN: Duration = Duration::from_secs(4);
 const WATCHDOG: Duration = Duration::from_secs(90);
 const PUNCH: u32 = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn pack(dir: &Path) -> std::path::PathBuf {
     let src = dir.join("src");
@@ -59,7 +45,7 @@ fn file_worker(
             0..=5 => {
                 let off = rng.below(1 << 20);
                 let len = 1 + rng.below(64 << 10) as usize;
-                let data = hexz_e2e::pseudo_random(len, rng.next());
+                let data = hexz_e2e::pseudo_random(len, rng.next_u64());
                 vfs.write(owner, fh, off, &data).unwrap();
                 let end = off as usize + len;
                 if model.len() < end {
