@@ -19,9 +19,11 @@ trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 rm -f "$OUT"/{old,new,echo}.sock
 "$OLD" serve "$OUT/lat.hxz" --listen "unix:$OUT/old.sock" >/dev/null 2>&1 & PIDS+=($!)
 "$NEW" serve "$OUT/lat.hxz" --listen "unix:$OUT/new.sock" >/dev/null 2>&1 & PIDS+=($!)
-"$SB" echo-server "$OUT/echo.sock" & PIDS+=($!)
-for _ in $(seq 100); do [ -S "$OUT/old.sock" ] && [ -S "$OUT/new.sock" ] && [ -S "$OUT/echo.sock" ] && break; sleep 0.05; done
+for _ in $(seq 100); do [ -S "$OUT/old.sock" ] && [ -S "$OUT/new.sock" ] && break; sleep 0.05; done
 for round in 1 2 3; do
+  # The echo server serves one connection: one per round.
+  rm -f "$OUT/echo.sock"; "$SB" echo-server "$OUT/echo.sock" & PIDS+=($!)
+  for _ in $(seq 100); do [ -S "$OUT/echo.sock" ] && break; sleep 0.05; done
   echo "--- round $round: old"; "$SB" latency "$OUT/old.sock" d/data.bin 20000 | grep -E '\| (lookup|read 4 KiB) \| 1 \|'
   echo "--- round $round: new"; "$SB" latency "$OUT/new.sock" d/data.bin 20000 | grep -E '\| (lookup|read 4 KiB) \| 1 \|'
   echo "--- round $round: floor"; "$SB" echo "$OUT/echo.sock" | tail -1
