@@ -257,7 +257,15 @@ impl Vfs {
     /// A write with the node's data lock held.
     fn write_locked(&self, node: u64, off: u64, data: &[u8], append: bool) -> VfsResult<u32> {
         let f = self.ensure_upper(node)?;
-        self.account_upper(node, &f);
+        let known = self
+            .upper_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&node);
+        if !known {
+            // First sight: remember the size before this write, so it counts.
+            self.account_upper(node, &f);
+        }
         let view = self.view(node)?;
         let off = if append { view.size } else { off };
         let end = off

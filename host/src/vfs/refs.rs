@@ -136,14 +136,20 @@ impl Vfs {
         if self.read_only {
             return;
         }
+        // Most forgotten nodes still have names: tell that under the shared lock.
+        let nameless = |inner: &super::Inner| {
+            inner
+                .overlay
+                .state
+                .nodes
+                .get(&node)
+                .is_some_and(|r| r.nlink == 0)
+        };
+        if !nameless(&self.state()) {
+            return;
+        }
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        let orphan = inner
-            .overlay
-            .state
-            .nodes
-            .get(&node)
-            .is_some_and(|r| r.nlink == 0);
-        if orphan && !self.refs().pinned(node) {
+        if nameless(&inner) && !self.refs().pinned(node) {
             if let Err(e) = self.drop_node(&mut inner, node) {
                 tracing::warn!(node, "removing an unreferenced node: {e}");
             }
