@@ -202,6 +202,17 @@ fn git_init_add_commit_status_checkout_in_the_mount() {
 }
 
 #[test]
+fn the_first_git_status_in_a_fresh_guest_mount_keeps_the_packed_index() {
+    if !fuse_available() || !mount_suite::git_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (snap, index) = mount_suite::packed_repository(tmp.path());
+    let m = Mount::new(tmp.path(), &snap, &[]);
+    mount_suite::first_git_status_keeps_the_index(&m.mnt, &index);
+}
+
+#[test]
 fn random_reads_and_writes_match_a_local_copy_across_a_remount() {
     if !fuse_available() {
         return;

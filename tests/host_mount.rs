@@ -523,6 +523,17 @@ fn git_init_add_commit_status_checkout_in_the_host_mount() {
 }
 
 #[test]
+fn the_first_git_status_in_a_fresh_host_mount_keeps_the_packed_index() {
+    if !fuse_available() || !mount_suite::git_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (snap, index) = mount_suite::packed_repository(tmp.path());
+    let m = HostMount::new(&snap, &tmp.path().join("mnt"), &["--rw"]);
+    mount_suite::first_git_status_keeps_the_index(&m.mnt, &index);
+}
+
+#[test]
 fn mount_errors_are_one_clear_line() {
     if !fuse_available() {
         return;

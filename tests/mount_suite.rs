@@ -364,27 +364,7 @@ pub fn posix_behaviour(mnt: &Path) {
 /// git init/add/commit/status/checkout/fsck in a writable mount of [`fixture`] at `mnt`.
 pub fn git_round_trip(mnt: &Path) {
     let m = At(mnt);
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args([
-                "-c",
-                "user.email=t@hexz",
-                "-c",
-                "user.name=t",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(mnt)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let git = |args: &[&str]| git_in(mnt, args);
     git(&["init", "-q"]);
     git(&["add", "-A"]);
     git(&["commit", "-qm", "first"]);
@@ -406,4 +386,96 @@ pub fn git_round_trip(mnt: &Path) {
     assert_eq!(fs::read(m.path("new.txt")).unwrap(), b"topic\n");
     assert_eq!(git(&["log", "--oneline"]).lines().count(), 2);
     git(&["fsck", "--no-progress"]);
+}
+
+/// Runs git in `dir` with a fixed identity; panics with git's stderr if it fails.
+pub fn git_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.email=t@hexz",
+            "-c",
+            "user.name=t",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `dir/repo`: a committed git repository of 60 files whose times lie before its index
+/// was written (as in any checkout that is not being edited), packed as `dir/repo.hxz`
+/// with the default (source) inode numbers. Returns the snapshot and the index's bytes.
+pub fn packed_repository(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let src = dir.join("repo");
+    for i in 0..60 {
+        let d = src.join(format!("d{}", i % 6));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join(format!("f{i}.txt")),
+            format!("file {i}\n").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    // Old times: git's racy-entry check then trusts the stat data it recorded.
+    let out = Command::new("find")
+        .arg(&src)
+        .args([
+            "-exec",
+            "touch",
+            "-h",
+            "-d",
+            "2024-01-02 03:04:05",
+            "{}",
+            "+",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    git_in(&src, &["init", "-q"]);
+    git_in(&src, &["add", "-A"]);
+    git_in(&src, &["commit", "-qm", "packed"]);
+    // git writes its index at the end of `commit`; one `status` settles it (a clean
+    // repository's status then leaves it alone).
+    git_in(&src, &["status", "--porcelain"]);
+    let index = fs::read(src.join(".git/index")).unwrap();
+    let snap = dir.join("repo.hxz");
+    let r = hexz_host(&[&"pack", &src, &"-o", &snap]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    (snap, index)
+}
+
+/// In a fresh writable mount of [`packed_repository`] at `mnt`, the first `git status`
+/// finds the tree clean from the stat data in the index alone: it neither rewrites the
+/// index nor reads the files (the inode numbers and times are the packed ones).
+pub fn first_git_status_keeps_the_index(mnt: &Path, index: &[u8]) {
+    let f = mnt.join("d3/f3.txt");
+    let st = fs::symlink_metadata(&f).unwrap();
+    assert_eq!(
+        fs::read(mnt.join(".git/index")).unwrap(),
+        index,
+        "the mount shows the packed index"
+    );
+    assert_eq!(git_in(mnt, &["status", "--porcelain"]), "", "clean tree");
+    assert!(
+        fs::read(mnt.join(".git/index")).unwrap() == index,
+        "the first git status rewrote .git/index: the mount reports other stat data \
+         (inode {}, ctime {}) than git recorded",
+        st.ino(),
+        st.ctime(),
+    );
+    // And git still notices a real change.
+    fs::write(&f, b"changed\n").unwrap();
+    assert_eq!(
+        git_in(mnt, &["status", "--porcelain"]).trim(),
+        "M d3/f3.txt"
+    );
 }

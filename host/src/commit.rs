@@ -35,6 +35,9 @@ pub fn commit(
     }
     let vfs_err = |e: hexz_protocol::Errno| Error::Invalid(format!("reading the merged tree: {e}"));
 
+    // Every node keeps the id (inode number) it has in the merged view, so a tool that
+    // remembered it (git's index) still recognises the file in the new snapshot.
+    let mut ids: Vec<u64> = vec![ROOT];
     let mut nodes: Vec<Node> = Vec::new();
     let mut new_idx: HashMap<u64, u32> = HashMap::new();
     let mut queue = VecDeque::from([(ROOT, 0u32)]);
@@ -79,6 +82,7 @@ pub fn commit(
             let mut node = node_of(&rec, xattrs, kind);
             node.nlink = if rec.kind == Kind::Dir { 2 } else { 1 };
             nodes.push(node);
+            ids.push(id);
             if rec.kind != Kind::Dir {
                 new_idx.insert(id, idx);
             }
@@ -110,7 +114,8 @@ pub fn commit(
             data,
         });
     }
-    w.finish(nodes, streams)
+    let ids = (!nodes.is_empty()).then_some(ids);
+    w.finish_with_ids(nodes, streams, ids)
 }
 
 /// How the new snapshot names its base: by file name when both sit in one directory,

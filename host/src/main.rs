@@ -54,6 +54,11 @@ enum Cmd {
         /// Compression threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Number the files 1, 2, 3... instead of keeping the inode numbers they have
+        /// (by default they keep them, so git's index stays valid in every mount; with
+        /// this flag the snapshot depends only on the tree's contents and metadata).
+        #[arg(long)]
+        sequential_inodes: bool,
     },
     /// Describe a snapshot.
     Info {
@@ -319,10 +324,12 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             compression,
             level,
             threads,
+            sequential_inodes,
         } => {
             let mut input = PackInput {
                 tree: src,
                 streams: Vec::new(),
+                sequential_inodes,
             };
             input.streams.extend(disk.map(|p| ("disk".to_string(), p)));
             input

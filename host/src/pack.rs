@@ -16,6 +16,9 @@ pub struct PackInput {
     pub tree: Option<PathBuf>,
     /// Named raw streams, e.g. `("disk", path)`.
     pub streams: Vec<(String, PathBuf)>,
+    /// Number the nodes 1, 2, 3... instead of recording the inode numbers the files
+    /// have (the snapshot then depends only on the tree's contents and metadata).
+    pub sequential_inodes: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -52,10 +55,11 @@ pub fn pack(
     progress: &dyn Progress,
 ) -> Result<PackSummary> {
     let mut summary = PackSummary::default();
-    let (mut nodes, pending) = match &input.tree {
+    let (mut nodes, pending, source_inos) = match &input.tree {
         Some(root) => walk(root, &mut summary)?,
-        None => (Vec::new(), Vec::new()),
+        None => (Vec::new(), Vec::new(), Vec::new()),
     };
+    let ids = (!input.sequential_inodes && !nodes.is_empty()).then(|| inode_table(&source_inos));
     let mut total = 0u64;
     for p in &pending {
         if let NodeKind::File(d) = &nodes[p.node as usize].kind {
@@ -104,13 +108,38 @@ pub fn pack(
         progress.advance(len);
         streams.push(Stream { name, data });
     }
-    summary.stats = w.finish(nodes, streams)?;
+    summary.stats = w.finish_with_ids(nodes, streams, ids)?;
     Ok(summary)
 }
 
 /// Reads the tree's metadata, breadth first with sorted names, so that the files of one
 /// directory sit next to each other in the node table and in the data.
-fn walk(root: &Path, summary: &mut PackSummary) -> Result<(Vec<Node>, Vec<PendingFile>)> {
+/// The inode table from the source's numbers: the root is 1; a number that is 0 or 1,
+/// too large, or already taken (a tree spanning file systems) is replaced by one above
+/// every other, so the table stays valid and most files keep theirs.
+fn inode_table(source: &[u64]) -> Vec<u64> {
+    use crate::snapshot::ids::MAX_TABLE_ID;
+    let ok = |i: u64| (2..=MAX_TABLE_ID / 2).contains(&i);
+    let mut next = source.iter().copied().filter(|&i| ok(i)).max().unwrap_or(1) + 1;
+    let mut seen = std::collections::HashSet::with_capacity(source.len());
+    let mut out = Vec::with_capacity(source.len());
+    for (i, &ino) in source.iter().enumerate() {
+        let id = if i == 0 {
+            1
+        } else if ok(ino) && seen.insert(ino) {
+            ino
+        } else {
+            next += 1;
+            next - 1
+        };
+        out.push(id);
+    }
+    out
+}
+
+type Walked = (Vec<Node>, Vec<PendingFile>, Vec<u64>);
+
+fn walk(root: &Path, summary: &mut PackSummary) -> Result<Walked> {
     let meta = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
     if !meta.is_dir() {
         return Err(Error::Invalid(format!(
@@ -119,6 +148,7 @@ fn walk(root: &Path, summary: &mut PackSummary) -> Result<(Vec<Node>, Vec<Pendin
         )));
     }
     let mut nodes = vec![node_from(root, &meta, NodeKind::Dir(Dir::default()))?];
+    let mut inos = vec![meta.ino()];
     summary.dirs += 1;
     let mut pending = Vec::new();
     let mut links: HashMap<(u64, u64), u32> = HashMap::new();
@@ -189,6 +219,7 @@ fn walk(root: &Path, summary: &mut PackSummary) -> Result<(Vec<Node>, Vec<Pendin
                 links.insert(key, idx);
             }
             nodes.push(node);
+            inos.push(m.ino());
             entries.push(DirEntry {
                 name: name.as_bytes().to_vec(),
                 node: idx,
@@ -200,7 +231,7 @@ fn walk(root: &Path, summary: &mut PackSummary) -> Result<(Vec<Node>, Vec<Pendin
             d.entries = entries;
         }
     }
-    Ok((nodes, pending))
+    Ok((nodes, pending, inos))
 }
 
 fn node_from(path: &Path, m: &Metadata, kind: NodeKind) -> Result<Node> {
@@ -243,4 +274,19 @@ fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inode_table;
+
+    #[test]
+    fn source_numbers_are_kept_unless_they_cannot_be() {
+        // The root becomes 1; 0, 1, a duplicate and a huge number get fresh ones above
+        // the largest kept number.
+        let t = inode_table(&[2, 40, 0, 7, 40, 1, u64::MAX]);
+        assert_eq!(t, vec![1, 40, 41, 7, 42, 43, 44]);
+        // The root's own number is free for a file (it shows as 1).
+        assert_eq!(inode_table(&[5, 5]), vec![1, 5]);
+    }
 }

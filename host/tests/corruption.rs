@@ -172,6 +172,7 @@ fn random_flips_and_truncations_give_exact_bytes_or_an_error_and_verify_flags_th
             &PackInput {
                 tree: Some(src.clone()),
                 streams: vec![],
+                ..Default::default()
             },
             &out,
             &WriterOptions {

@@ -15,6 +15,7 @@ fn pack_dir(src: &Path, out: &Path, compression: Compression) -> hexz_host::pack
     let input = PackInput {
         tree: Some(src.to_path_buf()),
         streams: Vec::new(),
+        ..Default::default()
     };
     pack(
         &input,
@@ -318,6 +319,7 @@ fn stream_only_snapshot_reads_back_exactly() {
             ("disk".into(), disk.clone()),
             ("memory".into(), mem.clone()),
         ],
+        ..Default::default()
     };
     pack(&input, &out, &WriterOptions::default(), &()).unwrap();
     let snap = Snapshot::open(&out).unwrap();
@@ -488,6 +490,7 @@ fn a_failed_pack_leaves_nothing_behind() {
     let input = PackInput {
         tree: None,
         streams: vec![("disk".into(), tmp.path().join("does-not-exist"))],
+        ..Default::default()
     };
     let err = pack(&input, &out, &WriterOptions::default(), &()).unwrap_err();
     assert!(err.to_string().contains("does-not-exist"), "{err}");
@@ -495,6 +498,7 @@ fn a_failed_pack_leaves_nothing_behind() {
     let input = PackInput {
         tree: None,
         streams: vec![("disk".into(), tmp.path().to_path_buf())],
+        ..Default::default()
     };
     assert!(pack(&input, &out, &WriterOptions::default(), &()).is_err());
     let left: Vec<_> = fs::read_dir(&outdir)
@@ -503,4 +507,73 @@ fn a_failed_pack_leaves_nothing_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     assert!(!Path::new(&out).exists());
+}
+
+/// Files show the inode numbers they had when packed, keep the ones the overlay gave
+/// them through a commit, and new files get numbers above every other.
+#[test]
+fn inode_numbers_survive_pack_and_commit() {
+    use hexz_host::commit::{commit, CommitOptions};
+    use hexz_host::vfs::{Vfs, ROOT};
+    use std::sync::Arc;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/a.txt"), b"a").unwrap();
+    fs::write(src.join("b.txt"), b"b").unwrap();
+    let snap_path = tmp.path().join("s.hxz");
+    pack_dir(&src, &snap_path, Compression::Zstd { level: 3 });
+    let ino = |p: &str| fs::symlink_metadata(src.join(p)).unwrap().ino();
+
+    let vfs = Vfs::new(
+        Arc::new(Snapshot::open(&snap_path).unwrap()),
+        Some(&tmp.path().join("ov")),
+        false,
+    )
+    .unwrap();
+    let d = vfs.lookup(1, ROOT, b"d").unwrap();
+    assert_eq!(d.ino, ino("d"));
+    assert_eq!(vfs.lookup(1, d.ino, b"a.txt").unwrap().ino, ino("d/a.txt"));
+    assert_eq!(vfs.lookup(1, ROOT, b"b.txt").unwrap().ino, ino("b.txt"));
+    let (new, fh) = vfs
+        .create(1, d.ino, b"new.txt", 0o644, libc::O_RDWR as u32, 0, 0)
+        .unwrap();
+    vfs.release(1, fh).unwrap();
+    let biggest = ["d", "d/a.txt", "b.txt"]
+        .map(ino)
+        .into_iter()
+        .max()
+        .unwrap();
+    assert!(
+        new.ino > biggest,
+        "new file {} collides below {biggest}",
+        new.ino
+    );
+    drop(vfs);
+
+    let out = tmp.path().join("c.hxz");
+    commit(
+        &snap_path,
+        &tmp.path().join("ov"),
+        &out,
+        &CommitOptions::default(),
+    )
+    .unwrap();
+    let vfs = Vfs::new(Arc::new(Snapshot::open(&out).unwrap()), None, true).unwrap();
+    assert_eq!(vfs.lookup(1, ROOT, b"d").unwrap().ino, ino("d"));
+    assert_eq!(vfs.lookup(1, d.ino, b"a.txt").unwrap().ino, ino("d/a.txt"));
+    assert_eq!(vfs.lookup(1, d.ino, b"new.txt").unwrap().ino, new.ino);
+
+    // Sequential numbering on request: 1, 2, 3... in node order.
+    let seq = tmp.path().join("seq.hxz");
+    let input = PackInput {
+        tree: Some(src.clone()),
+        sequential_inodes: true,
+        ..Default::default()
+    };
+    pack(&input, &seq, &WriterOptions::default(), &()).unwrap();
+    let s = Snapshot::open(&seq).unwrap();
+    assert!(s.node_ids().table().is_none());
+    assert_eq!(s.node_id(2), 3);
 }

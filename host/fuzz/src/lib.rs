@@ -138,6 +138,7 @@ pub fn small_snapshot(dir: &Path) -> std::path::PathBuf {
         &hexz_host::pack::PackInput {
             tree: Some(src),
             streams: vec![],
+            ..Default::default()
         },
         &out,
         &hexz_host::snapshot::WriterOptions {

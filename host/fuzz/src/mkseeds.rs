@@ -44,6 +44,7 @@ fn main() {
             &hexz_host::pack::PackInput {
                 tree: Some(tmp.path().join("src")),
                 streams: vec![("disk".into(), stream)],
+                ..Default::default()
             },
             &out,
             &WriterOptions {

@@ -18,11 +18,6 @@ use ranges::RangeSet;
 use crate::error::{Error, Result};
 use crate::snapshot::{NodeKind, Snapshot};
 
-/// Node ids of snapshot nodes are their index + 1 (the root is 1).
-pub fn lower_id(idx: u32) -> u64 {
-    idx as u64 + 1
-}
-
 /// The overlay's view of what changed, rebuilt from the journal on open.
 #[derive(Default)]
 pub struct OverlayState {
@@ -41,7 +36,7 @@ pub struct OverlayState {
 impl OverlayState {
     fn new(snap: &Snapshot) -> OverlayState {
         OverlayState {
-            next_id: snap.index().nodes.len() as u64 + 1,
+            next_id: snap.node_ids().next_free(),
             ..Default::default()
         }
     }
@@ -113,12 +108,15 @@ impl OverlayState {
     /// A directory's listing, copied up from the snapshot the first time it changes.
     fn listing_mut(&mut self, dir: u64, snap: &Snapshot) -> &mut BTreeMap<Vec<u8>, u64> {
         self.dirs.entry(dir).or_insert_with(|| {
-            let idx = dir.checked_sub(1).and_then(|i| u32::try_from(i).ok());
-            match idx.and_then(|i| snap.node(i)).map(|n| &n.kind) {
+            match snap
+                .node_index(dir)
+                .and_then(|i| snap.node(i))
+                .map(|n| &n.kind)
+            {
                 Some(NodeKind::Dir(d)) => d
                     .entries
                     .iter()
-                    .map(|e| (e.name.clone(), lower_id(e.node)))
+                    .map(|e| (e.name.clone(), snap.node_id(e.node)))
                     .collect(),
                 _ => BTreeMap::new(),
             }

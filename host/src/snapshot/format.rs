@@ -15,6 +15,11 @@ pub const FORMAT_VERSION: u32 = 2;
 /// Chunk table `frame` value of a chunk stored in the base snapshot (version 2).
 pub const EXTERNAL: u32 = u32::MAX;
 pub const HEADER_LEN: usize = 128;
+/// Header flag: the uncompressed index is followed by the inode table (`Vec<u64>`, one
+/// node id per node, see docs/FORMAT.md §5).
+pub const FLAG_INODES: u32 = 1;
+/// Every flag this code knows.
+pub const KNOWN_FLAGS: u32 = FLAG_INODES;
 
 /// Upper bounds a reader enforces before allocating anything a file claims.
 pub const MAX_FRAME_RAW: u32 = 4 << 20;
@@ -96,9 +101,10 @@ impl Header {
             return Err(SnapshotError::corrupt("header checksum mismatch"));
         }
         let flags = u32_at(b, 12);
-        if flags != 0 {
+        if flags & !KNOWN_FLAGS != 0 {
             return Err(SnapshotError::corrupt(format!(
-                "unknown header flags {flags:#x} (written by a newer hexz?)"
+                "unknown header flags {:#x} (written by a newer hexz?)",
+                flags & !KNOWN_FLAGS
             )));
         }
         let index_codec = Codec::from_u8(b[40])

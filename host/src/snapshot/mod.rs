@@ -3,12 +3,14 @@
 
 pub mod codec;
 pub mod format;
+pub mod ids;
 pub mod reader;
 mod validate;
 pub mod writer;
 
 pub use codec::Compression;
 pub use format::{ChunkId, FileData, Node, NodeKind, Stream};
+pub use ids::{NodeIds, ROOT_ID};
 pub use reader::{NodeIdx, Snapshot, ROOT};
 pub use validate::{check_name, validate};
 pub use writer::{SnapshotWriter, WriteStats, WriterOptions};

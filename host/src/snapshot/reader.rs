@@ -12,8 +12,9 @@ use quick_cache::Weighter;
 use super::codec::decompress;
 use super::format::{
     decode_bounded, ChunkId, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream,
-    EXTERNAL, HEADER_LEN, MAX_FRAME_RAW, MAX_INDEX_RAW,
+    EXTERNAL, FLAG_INODES, HEADER_LEN, MAX_FRAME_RAW, MAX_INDEX_RAW,
 };
+use super::ids::NodeIds;
 use super::validate::validate;
 use crate::error::{Error, Result};
 
@@ -51,6 +52,8 @@ pub struct Snapshot {
     by_id: OnceLock<HashMap<ChunkId, u32>>,
     /// Per node: bytes its extents store (what `st_blocks` reports), summed once at open.
     stored: Vec<u64>,
+    /// The inode numbers of the nodes.
+    ids: NodeIds,
 }
 
 impl Snapshot {
@@ -198,9 +201,19 @@ impl Snapshot {
         }
         let (index, used): (Index, usize) = decode_bounded(&raw)
             .map_err(|e| Error::corrupt(format!("index does not decode: {e}")))?;
-        if used != raw.len() {
-            return Err(Error::corrupt("trailing bytes after the index"));
-        }
+        let ids = if header.flags & FLAG_INODES != 0 {
+            let (table, more): (Vec<u64>, usize) = decode_bounded(&raw[used..])
+                .map_err(|e| Error::corrupt(format!("inode table does not decode: {e}")))?;
+            if used + more != raw.len() {
+                return Err(Error::corrupt("trailing bytes after the inode table"));
+            }
+            NodeIds::from_table(table, index.nodes.len())?
+        } else {
+            if used != raw.len() {
+                return Err(Error::corrupt("trailing bytes after the index"));
+            }
+            NodeIds::sequential(index.nodes.len())
+        };
         validate(&index, header.index_offset, header.version)?;
         let local_chunks = index
             .frames
@@ -235,6 +248,7 @@ impl Snapshot {
             external: Vec::new(),
             by_id: OnceLock::new(),
             stored: stored_per_node,
+            ids,
         })
     }
 
@@ -265,6 +279,21 @@ impl Snapshot {
 
     pub fn has_tree(&self) -> bool {
         !self.index.nodes.is_empty()
+    }
+
+    /// The id (inode number) of node `idx`.
+    pub fn node_id(&self, idx: NodeIdx) -> u64 {
+        self.ids.id(idx)
+    }
+
+    /// The node whose id is `id`, if any.
+    pub fn node_index(&self, id: u64) -> Option<NodeIdx> {
+        self.ids.index(id)
+    }
+
+    /// The ids of the nodes: the recorded inode table, if any.
+    pub fn node_ids(&self) -> &NodeIds {
+        &self.ids
     }
 
     /// The node at `idx`. Indices come from the snapshot itself (validated on open).

@@ -14,7 +14,7 @@ use tempfile::NamedTempFile;
 use super::codec::{Compression, Compressor};
 use super::format::{
     bincode_config, BaseRef, Chunk, ChunkId, Codec, Extent, FileData, Frame, Header, Index, Node,
-    NodeKind, Stream, EXTERNAL, HEADER_LEN,
+    NodeKind, Stream, EXTERNAL, FLAG_INODES, HEADER_LEN,
 };
 use super::reader::Snapshot;
 use crate::error::{Error, Result};
@@ -364,8 +364,23 @@ impl SnapshotWriter {
         }
     }
 
-    /// Writes index and header, fsyncs, and renames into place.
-    pub fn finish(mut self, mut nodes: Vec<Node>, mut streams: Vec<Stream>) -> Result<WriteStats> {
+    /// Writes index and header, fsyncs, and renames into place. Node ids are sequential.
+    pub fn finish(self, nodes: Vec<Node>, streams: Vec<Stream>) -> Result<WriteStats> {
+        self.finish_with_ids(nodes, streams, None)
+    }
+
+    /// As `finish`, recording `ids` (one per node, root first: 1) as the nodes' inode
+    /// numbers when given.
+    pub fn finish_with_ids(
+        mut self,
+        mut nodes: Vec<Node>,
+        mut streams: Vec<Stream>,
+        ids: Option<Vec<u64>>,
+    ) -> Result<WriteStats> {
+        if let Some(t) = &ids {
+            super::ids::NodeIds::from_table(t.clone(), nodes.len())
+                .map_err(|e| Error::Invalid(format!("writing the inode table: {e}")))?;
+        }
         self.seal_frame()?;
         let placements = self.collect()?;
         if placements.len() != self.frames.len() {
@@ -409,8 +424,16 @@ impl SnapshotWriter {
             base,
         };
         super::validate::validate(&index, u64::MAX, version)?;
-        let raw = bincode::encode_to_vec(&index, bincode_config())
+        let mut raw = bincode::encode_to_vec(&index, bincode_config())
             .map_err(|e| Error::Invalid(format!("encoding the index: {e}")))?;
+        let mut flags = 0;
+        if let Some(t) = &ids {
+            flags |= FLAG_INODES;
+            raw.extend(
+                bincode::encode_to_vec(t, bincode_config())
+                    .map_err(|e| Error::Invalid(format!("encoding the inode table: {e}")))?,
+            );
+        }
         let (index_codec, stored) = Compressor::new(Compression::Zstd { level: 3 })?.compress(&raw);
         let path = self.tmp.path().to_path_buf();
         let io = |e| Error::io(&path, e);
@@ -420,7 +443,7 @@ impl SnapshotWriter {
         let id = *blake3::hash(&raw).as_bytes();
         let header = Header {
             version,
-            flags: 0,
+            flags,
             index_offset,
             index_len: stored.len() as u64,
             index_raw_len: raw.len() as u64,

@@ -47,7 +47,7 @@ use hexz_protocol::{Errno, Timespec};
 
 use crate::error::Error;
 use crate::overlay::journal::{Kind, NodeRec, Record};
-use crate::overlay::{lower_id, Overlay};
+use crate::overlay::Overlay;
 use crate::snapshot::{NodeKind, Snapshot};
 use handles::{Handles, Listing};
 use refs::Refs;
@@ -334,13 +334,10 @@ impl Vfs {
         if inner.overlay.state.gone.contains(&id) {
             return Err(Errno::ESTALE);
         }
-        let idx = id
-            .checked_sub(1)
-            .and_then(|i| u32::try_from(i).ok())
-            .ok_or(Errno::ESTALE)?;
+        let idx = self.snap.node_index(id).ok_or(Errno::ESTALE)?;
         let n = self.snap.node(idx).ok_or(Errno::ESTALE)?;
         let (kind, size, parent) = match &n.kind {
-            NodeKind::Dir(d) => (Kind::Dir, 0, lower_id(d.parent)),
+            NodeKind::Dir(d) => (Kind::Dir, 0, self.snap.node_id(d.parent)),
             NodeKind::File(f) => (Kind::File, f.size, 0),
             NodeKind::Symlink(t) => (Kind::Symlink(t.clone()), t.len() as u64, 0),
             NodeKind::Device(_) => (Kind::Device, 0, 0),
@@ -380,7 +377,7 @@ impl Vfs {
             return Err(Errno::ENOTDIR);
         }
         let idx = rec.lower.ok_or(Errno::ESTALE)?;
-        Ok(self.snap.lookup(idx, name).map(lower_id))
+        Ok(self.snap.lookup(idx, name).map(|i| self.snap.node_id(i)))
     }
 
     /// The directory's children now, shared rather than copied where possible.
@@ -412,7 +409,7 @@ impl Vfs {
                 Some(NodeKind::Dir(d)) => d
                     .entries
                     .get(i)
-                    .map(|e| (e.name.as_slice(), lower_id(e.node))),
+                    .map(|e| (e.name.as_slice(), self.snap.node_id(e.node))),
                 _ => None,
             },
         }
