@@ -376,12 +376,27 @@ fn connection(
 ) {
     let owner = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     tracing::info!(conn = owner, %peer, "connection opened");
+    let mut ops = OpCounts::default();
     let (served, why) = match stream.try_clone() {
-        Ok(writer) => run_connection(stream, writer, &vfs, &cfg, &jobs, owner),
+        Ok(writer) => run_connection(stream, writer, &vfs, &cfg, &jobs, owner, &mut ops),
         Err(e) => (0, format!("cannot clone the stream: {e}")),
     };
     let (handles, nodes) = vfs.release_owner(owner);
-    tracing::info!(conn = owner, %peer, requests = served, handles_released = handles, nodes_released = nodes, "connection closed: {why}");
+    tracing::info!(conn = owner, %peer, requests = served, ops = %ops, handles_released = handles, nodes_released = nodes, "connection closed: {why}");
+}
+
+/// Requests of one connection by operation (`lookup:12 read:40 ...`), for the log line
+/// that closes it: what a workload sends is the first thing to know about its speed.
+#[derive(Default)]
+struct OpCounts(std::collections::BTreeMap<&'static str, u64>);
+
+impl std::fmt::Display for OpCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (op, n)) in self.0.iter().enumerate() {
+            write!(f, "{}{op}:{n}", if i > 0 { " " } else { "" })?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads and answers the hello; returns the agreed limits and capabilities.
@@ -442,6 +457,7 @@ fn run_connection(
     cfg: &ServerConfig,
     jobs: &Sender<Job>,
     owner: u64,
+    ops: &mut OpCounts,
 ) -> (u64, String) {
     let (limits, caps) = match hello(&mut rd, &mut wr, vfs, cfg) {
         Ok(v) => v,
@@ -500,6 +516,7 @@ fn run_connection(
         if !in_flight.start(req.id) {
             break format!("request id {} reused while in flight", req.id);
         }
+        *ops.0.entry(req.op.name()).or_default() += 1;
         // Answer from memory when possible; otherwise hand off so the reader keeps reading.
         if let Some(body) = dispatch::dispatch_inline(vfs, &session, &req.op) {
             replies.send_now(req.id, body);
