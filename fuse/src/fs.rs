@@ -26,6 +26,7 @@ use fuser::{
 };
 use hexz_protocol::{Attr, Errno, Op, ReplyBody, SetTime, Timespec};
 
+use crate::attrs::{AttrCache, CAPS_XATTR};
 use crate::transport::{CallError, Transport};
 
 /// A handle on the host, valid only on the connection (`epoch`) that opened it. Everyone
@@ -185,6 +186,8 @@ pub struct HexzFs {
     /// How many entries to ask the host for per READDIRPLUS: about what fitted the
     /// kernel's buffer last time (entries that do not fit are forgotten again).
     dirplus_batch: AtomicU32,
+    /// Attributes the host sent, answering the kernel's re-asking (`attrs.rs`).
+    attrs: AttrCache,
 }
 
 fn fuse_err(e: Errno) -> fuser::Errno {
@@ -299,6 +302,7 @@ impl HexzFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             dirplus_batch: AtomicU32::new(DIRPLUS_START),
+            attrs: AttrCache::default(),
         }
     }
 
@@ -533,16 +537,32 @@ impl HexzFs {
         }
     }
 
-    fn reply_entry(&self, r: Result<ReplyBody, Errno>, reply: ReplyEntry) {
+    /// Answers with an entry reply to a request sent at cache version `since`.
+    fn reply_entry(&self, since: u64, r: Result<ReplyBody, Errno>, reply: ReplyEntry) {
         match r {
-            Ok(ReplyBody::Entry(e)) => reply.entry(
-                &ttl(e.entry_ttl_ms),
-                &attr(&e.attr),
-                Generation(e.generation),
-            ),
+            Ok(ReplyBody::Entry(e)) => {
+                self.attrs.put(e.node, &e.attr, e.attr_ttl_ms, since);
+                reply.entry(
+                    &ttl(e.entry_ttl_ms),
+                    &attr(&e.attr),
+                    Generation(e.generation),
+                )
+            }
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(fuse_err(e)),
         }
+    }
+
+    /// A name was added under `parent` (its mtime and ctime changed); `r` is the new
+    /// node's entry.
+    fn reply_new_entry(&self, parent: u64, op: Op, reply: ReplyEntry) {
+        let since = self.attrs.since();
+        let r = self.call(op);
+        if let Ok(ReplyBody::Entry(e)) = &r {
+            self.attrs.set_no_caps(e.node);
+        }
+        self.reply_entry(since, r, reply);
+        self.attrs.invalidate(parent);
     }
 
     fn reply_empty(&self, r: Result<ReplyBody, Errno>, reply: ReplyEmpty) {
@@ -616,6 +636,7 @@ impl Filesystem for HexzFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        let since = self.attrs.since();
         match self.call(Op::Lookup {
             parent: parent.0,
             name: name(n),
@@ -625,7 +646,7 @@ impl Filesystem for HexzFs {
                 // (and forgets it when this mount creates the name).
                 reply.entry(&self.negative_ttl, &attr(&Attr::default()), Generation(0));
             }
-            r => self.reply_entry(r, reply),
+            r => self.reply_entry(since, r, reply),
         }
     }
 
@@ -633,11 +654,16 @@ impl Filesystem for HexzFs {
         // The kernel dropped the inode: so does the daemon's data handle for it (which
         // would otherwise keep a deleted file's space in use on the host).
         let data_handle = self.nodes().remove(ino.0);
+        self.attrs.forget(ino.0);
         drop(data_handle); // released on the host unless a request still holds it
         self.conn.forget(&[(ino.0, nlookup)]);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some((a, left)) = self.attrs.get(ino.0) {
+            return reply.attr(&left, &attr(&a));
+        }
+        let since = self.attrs.since();
         match self.call(Op::Getattr {
             node: ino.0,
             fh: None,
@@ -645,7 +671,10 @@ impl Filesystem for HexzFs {
             Ok(ReplyBody::Attr {
                 attr: a,
                 attr_ttl_ms,
-            }) => reply.attr(&ttl(attr_ttl_ms), &attr(&a)),
+            }) => {
+                self.attrs.put(ino.0, &a, attr_ttl_ms, since);
+                reply.attr(&ttl(attr_ttl_ms), &attr(&a))
+            }
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(fuse_err(e)),
         }
@@ -679,13 +708,25 @@ impl Filesystem for HexzFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        match self.call(op) {
+        let since = self.attrs.since();
+        let r = self.call(op);
+        match r {
             Ok(ReplyBody::Attr {
                 attr: a,
                 attr_ttl_ms,
-            }) => reply.attr(&ttl(attr_ttl_ms), &attr(&a)),
-            Ok(_) => reply.error(fuser::Errno::EIO),
-            Err(e) => reply.error(fuse_err(e)),
+            }) => {
+                // The state after this change, unless another one raced it.
+                self.attrs.put(ino.0, &a, attr_ttl_ms, since);
+                reply.attr(&ttl(attr_ttl_ms), &attr(&a))
+            }
+            Ok(_) => {
+                self.attrs.invalidate(ino.0);
+                reply.error(fuser::Errno::EIO)
+            }
+            Err(e) => {
+                self.attrs.invalidate(ino.0);
+                reply.error(fuse_err(e))
+            }
         }
     }
 
@@ -715,7 +756,7 @@ impl Filesystem for HexzFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.reply_entry(self.call(op), reply);
+        self.reply_new_entry(parent.0, op, reply);
     }
 
     fn mkdir(
@@ -734,29 +775,27 @@ impl Filesystem for HexzFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.reply_entry(self.call(op), reply);
+        self.reply_new_entry(parent.0, op, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         self.materialize_handles();
-        self.reply_empty(
-            self.call(Op::Unlink {
-                parent: parent.0,
-                name: name(n),
-            }),
-            reply,
-        );
+        let r = self.call(Op::Unlink {
+            parent: parent.0,
+            name: name(n),
+        });
+        self.attrs.invalidate_all(); // the parent's times and the victim's link count
+        self.reply_empty(r, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         self.materialize_handles();
-        self.reply_empty(
-            self.call(Op::Rmdir {
-                parent: parent.0,
-                name: name(n),
-            }),
-            reply,
-        );
+        let r = self.call(Op::Rmdir {
+            parent: parent.0,
+            name: name(n),
+        });
+        self.attrs.invalidate_all();
+        self.reply_empty(r, reply);
     }
 
     fn symlink(
@@ -774,7 +813,7 @@ impl Filesystem for HexzFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.reply_entry(self.call(op), reply);
+        self.reply_new_entry(parent.0, op, reply);
     }
 
     fn rename(
@@ -795,7 +834,9 @@ impl Filesystem for HexzFs {
             new_name: name(newname),
             flags: flags.bits(),
         };
-        self.reply_empty(self.call(op), reply);
+        let r = self.call(op);
+        self.attrs.invalidate_all(); // both parents, the moved node's ctime, a victim
+        self.reply_empty(r, reply);
     }
 
     fn link(
@@ -806,14 +847,14 @@ impl Filesystem for HexzFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.reply_entry(
-            self.call(Op::Link {
-                node: ino.0,
-                new_parent: newparent.0,
-                new_name: name(newname),
-            }),
-            reply,
-        );
+        let since = self.attrs.since();
+        let r = self.call(Op::Link {
+            node: ino.0,
+            new_parent: newparent.0,
+            new_name: name(newname),
+        });
+        self.reply_entry(since, r, reply);
+        self.attrs.invalidate(newparent.0);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -831,6 +872,9 @@ impl Filesystem for HexzFs {
                 FileHandle(g),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
             );
+        }
+        if flags as i32 & libc::O_TRUNC != 0 {
+            self.attrs.invalidate(ino.0);
         }
         match self.call_epoch(Op::Open { node: ino.0, flags }) {
             Ok((ReplyBody::Opened { fh, keep_cache }, epoch)) => {
@@ -874,11 +918,13 @@ impl Filesystem for HexzFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.data_call_epoch(ino.0, fh, |fh| Op::Write {
+        let r = self.data_call_epoch(ino.0, fh, |fh| Op::Write {
             fh,
             offset,
             data: data.to_vec(),
-        }) {
+        });
+        self.attrs.invalidate(ino.0);
+        match r {
             Ok((ReplyBody::Written { size }, epoch)) => {
                 self.note_written(ino.0, fh, epoch);
                 reply.written(size)
@@ -1003,6 +1049,7 @@ impl Filesystem for HexzFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let want = self.dirplus_batch.load(Ordering::Relaxed);
+        let since = self.attrs.since();
         match self.data_call(ino.0, fh, |fh| Op::Readdirplus {
             fh,
             cookie: offset,
@@ -1030,6 +1077,9 @@ impl Filesystem for HexzFs {
                         if e.name != b"." && e.name != b".." {
                             unsent.push((e.entry.node, 1));
                         }
+                    } else {
+                        let en = &e.entry;
+                        self.attrs.put(en.node, &en.attr, en.attr_ttl_ms, since);
                     }
                 }
                 self.conn.forget(&unsent);
@@ -1093,15 +1143,25 @@ impl Filesystem for HexzFs {
             value: value.to_vec(),
             flags: flags as u32,
         };
-        self.reply_empty(self.call(op), reply);
+        let r = self.call(op);
+        self.attrs.xattrs_changed(ino.0);
+        self.reply_empty(r, reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        let caps = n.as_bytes() == CAPS_XATTR;
+        if caps && self.attrs.has_no_caps(ino.0) {
+            return reply.error(fuser::Errno::ENODATA);
+        }
         match self.call(Op::Getxattr {
             node: ino.0,
             name: name(n),
         }) {
             Ok(ReplyBody::Data(v)) => xattr_reply(&v, size, reply),
+            Err(Errno::ENODATA) if caps => {
+                self.attrs.set_no_caps(ino.0);
+                reply.error(fuser::Errno::ENODATA)
+            }
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(fuse_err(e)),
         }
@@ -1123,13 +1183,12 @@ impl Filesystem for HexzFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
-        self.reply_empty(
-            self.call(Op::Removexattr {
-                node: ino.0,
-                name: name(n),
-            }),
-            reply,
-        );
+        let r = self.call(Op::Removexattr {
+            node: ino.0,
+            name: name(n),
+        });
+        self.attrs.xattrs_changed(ino.0);
+        self.reply_empty(r, reply);
     }
 
     fn create(
@@ -1156,7 +1215,15 @@ impl Filesystem for HexzFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        match self.call_epoch(op) {
+        let since = self.attrs.since();
+        let r = self.call_epoch(op);
+        if let Ok((ReplyBody::Created { entry, .. }, _)) = &r {
+            self.attrs
+                .put(entry.node, &entry.attr, entry.attr_ttl_ms, since);
+            self.attrs.set_no_caps(entry.node);
+        }
+        self.attrs.invalidate(parent.0);
+        match r {
             Ok((ReplyBody::Created { entry, fh }, epoch)) if self.no_open => {
                 let host = self.host_fh(fh, epoch, false);
                 self.keep_node_fh(entry.node, host);
@@ -1202,6 +1269,7 @@ impl Filesystem for HexzFs {
         if let Ok((_, epoch)) = r {
             self.note_written(ino.0, fh, epoch);
         }
+        self.attrs.invalidate(ino.0);
         self.reply_empty(r.map(|(b, _)| b), reply);
     }
 
