@@ -231,6 +231,7 @@ fn a_client_that_never_reads_stalls_only_itself_and_is_disconnected() {
         op: Op::Open {
             node: big,
             flags: libc::O_RDONLY as u32,
+            read: None,
         },
     };
     stalled.write_all(&frame(&open)).unwrap();

@@ -341,7 +341,13 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
             );
         }
         assert_eq!(c.mkdir(e.node, "x").map(|_| ()), Err(Errno::ENOTDIR));
-        assert!(is_err(&call(&mut c, Op::Opendir { node: e.node })));
+        assert!(is_err(&call(
+            &mut c,
+            Op::Opendir {
+                node: e.node,
+                list: None
+            }
+        )));
         // Opening a symlink node must not open its target; if the server lets it be
         // opened at all, reads give no canary bytes and writes do not reach the canary.
         for flags in [libc::O_RDONLY, libc::O_RDWR, libc::O_RDWR | libc::O_TRUNC] {
@@ -350,6 +356,7 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
                 Op::Open {
                     node: e.node,
                     flags: flags as u32,
+                    read: None,
                 },
             ) {
                 call(
@@ -461,8 +468,12 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
     for node in forged_nodes {
         for op in [
             Op::Getattr { node, fh: None },
-            Op::Open { node, flags: 0 },
-            Op::Opendir { node },
+            Op::Open {
+                node,
+                flags: 0,
+                read: None,
+            },
+            Op::Opendir { node, list: None },
             Op::Readlink { node },
             Op::Statfs { node },
             Op::Listxattr { node },
@@ -642,7 +653,8 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
         &mut c,
         Op::Open {
             node: e.node,
-            flags: 0
+            flags: 0,
+            read: None
         }
     )));
     assert!(is_err(&call(
@@ -912,9 +924,13 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
             h.send(Op::Open {
                 node: readme,
                 flags: 0,
+                read: None,
             });
         } else {
-            h.send(Op::Opendir { node: root });
+            h.send(Op::Opendir {
+                node: root,
+                list: None,
+            });
         }
         pending += 1;
         if pending == 200 {
@@ -1061,7 +1077,11 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
     stalled
         .write_all(&frame_of(&Request {
             id: 2,
-            op: Op::Open { node: a, flags: 0 },
+            op: Op::Open {
+                node: a,
+                flags: 0,
+                read: None,
+            },
         }))
         .unwrap();
     let sfh = match read_reply(&mut stalled).map(|r| r.r) {

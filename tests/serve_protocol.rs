@@ -837,6 +837,7 @@ fn hostile_input_gets_errors_or_a_closed_connection_never_a_crash_or_an_escape()
         c.send(Op::Open {
             node: readme.node,
             flags: 0,
+            read: None,
         });
         batch += 1;
         if batch == 200 {
@@ -1176,7 +1177,7 @@ fn unix_hybrid_vsock_and_loopback_tcp_listeners_serve_at_once_and_an_ephemeral_o
                 data: b"via uds".to_vec()
             })
             .unwrap(),
-        ReplyBody::Written { size: 7 }
+        ReplyBody::Written { size: 7, .. }
     ));
     let node = via_unix.walk("made.txt").unwrap().node;
     assert_eq!(
@@ -1219,4 +1220,79 @@ fn unix_hybrid_vsock_and_loopback_tcp_listeners_serve_at_once_and_an_ephemeral_o
         !hybrid.exists() && !unix.exists(),
         "socket files left behind"
     );
+}
+
+#[test]
+fn open_reads_opendir_lists_and_write_returns_attributes_in_one_round_trip() {
+    let fx = Fixture::new();
+    let server = fx.server("s", &["--overlay", &fx.overlay("ov")]);
+    let mut c = server.connect();
+    let readme = c.walk("README.md").unwrap();
+    // open + the first read.
+    let got = c.call(Op::Open {
+        node: readme.node,
+        flags: 0,
+        read: Some(ReadAt {
+            offset: 2,
+            size: 100,
+        }),
+    });
+    let ReplyBody::Opened { data: Some(d), .. } = got else {
+        panic!("open with read: {got:?}");
+    };
+    assert_eq!(d.as_ref(), b"hello\n");
+    // A read that cannot be done (write-only handle) leaves the data out, not the open.
+    let got = c.call(Op::Open {
+        node: readme.node,
+        flags: libc::O_WRONLY as u32,
+        read: Some(ReadAt { offset: 0, size: 8 }),
+    });
+    assert!(
+        matches!(got, ReplyBody::Opened { data: None, .. }),
+        "{got:?}"
+    );
+    // opendir + the first page, with references like readdirplus.
+    let dir = c.walk("dir").unwrap();
+    let got = c.call(Op::Opendir {
+        node: dir.node,
+        list: Some(100),
+    });
+    let ReplyBody::Opened {
+        list: Some(l), fh, ..
+    } = got
+    else {
+        panic!("opendir with list: {got:?}");
+    };
+    let names: Vec<_> = l.entries.iter().map(|e| e.name.clone()).collect();
+    assert_eq!(names, [&b"."[..], b"..", b"a", b"nested"]);
+    assert!(l.eof);
+    let same = c.call(Op::Readdirplus {
+        fh,
+        cookie: 0,
+        max_entries: 100,
+    });
+    let ReplyBody::DirPlus { entries, .. } = same else {
+        panic!("{same:?}");
+    };
+    assert_eq!(entries.len(), l.entries.len());
+    // write → the attributes after it.
+    let (_, fh) = c
+        .create(ROOT_NODE, "w.txt", 0o644, O_RDWR | libc::O_CREAT)
+        .unwrap();
+    let got = c.call(Op::Write {
+        fh,
+        offset: 10,
+        data: b"abc".to_vec(),
+    });
+    let ReplyBody::Written {
+        size: 3,
+        attr: Some(a),
+        attr_ttl_ms: Some(_),
+    } = got
+    else {
+        panic!("write: {got:?}");
+    };
+    assert_eq!(a.size, 13);
+    let now = c.walk("w.txt").unwrap().attr;
+    assert_eq!((a.size, a.mtime, a.ctime), (now.size, now.mtime, now.ctime));
 }

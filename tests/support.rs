@@ -209,6 +209,7 @@ pub mod proto {
             match self.call(Op::Open {
                 node,
                 flags: flags as u32,
+                read: None,
             }) {
                 ReplyBody::Opened { fh, .. } => Ok(fh),
                 ReplyBody::Err(e) => Err(e),
@@ -272,7 +273,7 @@ pub mod proto {
                 offset,
                 data: data.to_vec(),
             }) {
-                ReplyBody::Written { size } => Ok(size),
+                ReplyBody::Written { size, .. } => Ok(size),
                 ReplyBody::Err(e) => Err(e),
                 other => panic!("expected written, got {other:?}"),
             }
@@ -289,7 +290,7 @@ pub mod proto {
         }
 
         pub fn opendir(&mut self, node: u64) -> Result<u64, Errno> {
-            match self.call(Op::Opendir { node }) {
+            match self.call(Op::Opendir { node, list: None }) {
                 ReplyBody::Opened { fh, .. } => Ok(fh),
                 ReplyBody::Err(e) => Err(e),
                 other => panic!("expected opened, got {other:?}"),

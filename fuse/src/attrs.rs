@@ -71,6 +71,12 @@ impl AttrCache {
         s.attrs.insert(node, (*attr, until));
     }
 
+    /// As [`AttrCache::put`], for the reply to a change of `node` that was followed by
+    /// exactly one invalidation of its own (of `node`, just before this call).
+    pub fn put_after_own_change(&self, node: u64, attr: &Attr, ttl_ms: u32, since: u64) {
+        self.put(node, attr, ttl_ms, since + 1)
+    }
+
     /// The attributes of `node` and how much longer they may be used, if still valid.
     pub fn get(&self, node: u64) -> Option<(Attr, Duration)> {
         let s = self.state();

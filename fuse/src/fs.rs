@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +24,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use hexz_protocol::{Attr, Errno, Op, ReplyBody, SetTime, Timespec};
+use hexz_protocol::{Attr, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec};
 
 use crate::attrs::{AttrCache, CAPS_XATTR};
 use crate::transport::{CallError, Transport};
@@ -63,6 +63,9 @@ struct Handle {
     host: Option<Arc<HostFh>>,
     /// Epoch in which data was written and not yet fsynced.
     dirty: Option<u64>,
+    /// Directories: the cookie at which the host said the listing ends (asking there
+    /// again would return nothing).
+    eof_at: Option<u64>,
 }
 
 /// What the daemon keeps per node in no-open mode: the host handle for the file's data
@@ -188,6 +191,8 @@ pub struct HexzFs {
     dirplus_batch: AtomicU32,
     /// Attributes the host sent, answering the kernel's re-asking (`attrs.rs`).
     attrs: AttrCache,
+    /// The host refused a read-write open with EROFS: it serves read-only.
+    host_read_only: AtomicBool,
 }
 
 fn fuse_err(e: Errno) -> fuser::Errno {
@@ -303,6 +308,7 @@ impl HexzFs {
             next_fh: AtomicU64::new(1),
             dirplus_batch: AtomicU32::new(DIRPLUS_START),
             attrs: AttrCache::default(),
+            host_read_only: AtomicBool::new(false),
         }
     }
 
@@ -348,21 +354,41 @@ impl HexzFs {
         if let Some(h) = self.nodes().current(node, self.conn.epoch()) {
             return Ok(h);
         }
+        self.open_node(node, None).map(|(h, _)| h)
+    }
+
+    /// Opens the node's data handle on the host, reading `read` in the same round trip
+    /// when given (the bytes come back if that read succeeded).
+    fn open_node(
+        &self,
+        node: u64,
+        read: Option<ReadAt>,
+    ) -> Result<(Arc<HostFh>, Option<Vec<u8>>), Errno> {
         let open = |flags: i32| {
             self.call_epoch(Op::Open {
                 node,
                 flags: flags as u32,
+                read,
             })
         };
-        let opened = match open(libc::O_RDWR) {
-            Err(Errno::EROFS) | Err(Errno::EACCES) | Err(Errno::EPERM) | Err(Errno::EINVAL) => {
-                open(libc::O_RDONLY)
+        // A read-only host refuses read-write opens: after the first refusal, ask for
+        // read-only at once.
+        let opened = if self.host_read_only.load(Ordering::Relaxed) {
+            open(libc::O_RDONLY)
+        } else {
+            match open(libc::O_RDWR) {
+                Err(Errno::EROFS) => {
+                    self.host_read_only.store(true, Ordering::Relaxed);
+                    open(libc::O_RDONLY)
+                }
+                Err(Errno::EACCES) | Err(Errno::EPERM) | Err(Errno::EINVAL) => open(libc::O_RDONLY),
+                r => r,
             }
-            r => r,
         };
         match opened? {
-            (ReplyBody::Opened { fh, .. }, epoch) => {
-                Ok(self.keep_node_fh(node, self.host_fh(fh, epoch, false)))
+            (ReplyBody::Opened { fh, data, .. }, epoch) => {
+                let h = self.keep_node_fh(node, self.host_fh(fh, epoch, false));
+                Ok((h, data.map(|d| d.into_vec())))
             }
             _ => Err(Errno::EIO),
         }
@@ -393,12 +419,13 @@ impl HexzFs {
             (h.node, h.flags, h.dir)
         };
         let op = if dir {
-            Op::Opendir { node }
+            Op::Opendir { node, list: None }
         } else {
             let reopen = flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
             Op::Open {
                 node,
                 flags: reopen,
+                read: None,
             }
         };
         let mine = match self.call_epoch(op)? {
@@ -520,9 +547,60 @@ impl HexzFs {
                 dir,
                 host,
                 dirty: None,
+                eof_at: None,
             },
         );
         fh
+    }
+
+    /// The first page of a directory whose handle `fh` has no host handle yet: opens it
+    /// on the host and lists from cookie 0 in one round trip. `None` when the handle
+    /// already has a host handle or the host did not list (the caller then asks as usual).
+    fn open_listing(&self, fh: u64, want: u32) -> Option<ReplyBody> {
+        let epoch = self.conn.epoch();
+        let node = {
+            let handles = self.handles();
+            let h = handles.get(&fh)?;
+            if h.host.as_ref().is_some_and(|x| x.epoch == epoch) {
+                return None;
+            }
+            h.node
+        };
+        let op = Op::Opendir {
+            node,
+            list: Some(want),
+        };
+        let (list, mine) = match self.call_epoch(op).ok()? {
+            (ReplyBody::Opened { fh: host, list, .. }, epoch) => {
+                (list, self.host_fh(host, epoch, true))
+            }
+            _ => return None,
+        };
+        let mut handles = self.handles();
+        let h = handles.get_mut(&fh)?;
+        if h.host.as_ref().is_some_and(|x| x.epoch >= mine.epoch) {
+            // A concurrent first use opened one too (ours is released): the entries
+            // listed carry references all the same, so they are still the answer.
+        } else {
+            h.host = Some(mine);
+        }
+        list.map(|l| ReplyBody::DirPlus {
+            entries: l.entries,
+            eof: l.eof,
+        })
+    }
+
+    /// True if the host said `fh`'s listing ends at `cookie`.
+    fn listing_ended(&self, fh: u64, cookie: u64) -> bool {
+        self.handles()
+            .get(&fh)
+            .is_some_and(|h| h.eof_at == Some(cookie))
+    }
+
+    fn set_listing_end(&self, fh: u64, cookie: Option<u64>) {
+        if let Some(h) = self.handles().get_mut(&fh) {
+            h.eof_at = cookie;
+        }
     }
 
     /// The kernel's RELEASE/RELEASEDIR: the host handle goes when its last user is done.
@@ -876,8 +954,12 @@ impl Filesystem for HexzFs {
         if flags as i32 & libc::O_TRUNC != 0 {
             self.attrs.invalidate(ino.0);
         }
-        match self.call_epoch(Op::Open { node: ino.0, flags }) {
-            Ok((ReplyBody::Opened { fh, keep_cache }, epoch)) => {
+        match self.call_epoch(Op::Open {
+            node: ino.0,
+            flags,
+            read: None,
+        }) {
+            Ok((ReplyBody::Opened { fh, keep_cache, .. }, epoch)) => {
                 let host = self.host_fh(fh, epoch, false);
                 let g = self.add_handle(ino.0, flags, false, Some(host));
                 reply.opened(FileHandle(g), self.fopen(keep_cache));
@@ -899,6 +981,12 @@ impl Filesystem for HexzFs {
         reply: ReplyData,
     ) {
         let size = size.min(self.conn.limits().max_read);
+        if fh.0 == 0 && self.nodes().current(ino.0, self.conn.epoch()).is_none() {
+            // The first read of a file opens its data handle and reads in one round trip.
+            if let Ok((_, Some(d))) = self.open_node(ino.0, Some(ReadAt { offset, size })) {
+                return reply.data(&d);
+            }
+        }
         match self.data_call(ino.0, fh, |fh| Op::Read { fh, offset, size }) {
             Ok(ReplyBody::Data(d)) => reply.data(&d),
             Ok(_) => reply.error(fuser::Errno::EIO),
@@ -918,14 +1006,28 @@ impl Filesystem for HexzFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let since = self.attrs.since();
         let r = self.data_call_epoch(ino.0, fh, |fh| Op::Write {
             fh,
             offset,
             data: data.to_vec(),
         });
         self.attrs.invalidate(ino.0);
+        if let Ok((
+            ReplyBody::Written {
+                attr: Some(a),
+                attr_ttl_ms: Some(t),
+                ..
+            },
+            _,
+        )) = &r
+        {
+            // The attributes after this write, unless another change raced it (the
+            // invalidation just above counts: hence the version from before it).
+            self.attrs.put_after_own_change(ino.0, a, *t, since);
+        }
         match r {
-            Ok((ReplyBody::Written { size }, epoch)) => {
+            Ok((ReplyBody::Written { size, .. }, epoch)) => {
                 self.note_written(ino.0, fh, epoch);
                 reply.written(size)
             }
@@ -1017,12 +1119,17 @@ impl Filesystem for HexzFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if self.listing_ended(fh.0, offset) {
+            return reply.ok();
+        }
         match self.data_call(ino.0, fh, |fh| Op::Readdir {
             fh,
             cookie: offset,
             max_entries: 256,
         }) {
-            Ok(ReplyBody::Dir { entries, .. }) => {
+            Ok(ReplyBody::Dir { entries, eof }) => {
+                let mut all = true;
+                let mut last = offset;
                 for e in entries {
                     if reply.add(
                         INodeNo(e.ino),
@@ -1030,9 +1137,12 @@ impl Filesystem for HexzFs {
                         file_type(e.kind),
                         OsStr::from_bytes(&e.name),
                     ) {
+                        all = false;
                         break;
                     }
+                    last = e.cookie;
                 }
+                self.set_listing_end(fh.0, (eof && all).then_some(last));
                 reply.ok()
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
@@ -1048,15 +1158,26 @@ impl Filesystem for HexzFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if self.listing_ended(fh.0, offset) {
+            return reply.ok(); // the end, as the host said last time
+        }
         let want = self.dirplus_batch.load(Ordering::Relaxed);
         let since = self.attrs.since();
-        match self.data_call(ino.0, fh, |fh| Op::Readdirplus {
-            fh,
-            cookie: offset,
-            max_entries: want,
-        }) {
-            Ok(ReplyBody::DirPlus { entries, .. }) => {
+        let first = (offset == 0)
+            .then(|| self.open_listing(fh.0, want))
+            .flatten();
+        let r = match first {
+            Some(page) => Ok(page),
+            None => self.data_call(ino.0, fh, |fh| Op::Readdirplus {
+                fh,
+                cookie: offset,
+                max_entries: want,
+            }),
+        };
+        match r {
+            Ok(ReplyBody::DirPlus { entries, eof }) => {
                 let got = entries.len();
+                let last = entries.last().map_or(offset, |e| e.cookie);
                 // The host gave a reference for each entry but `.` and `..`; those that do
                 // not fit the kernel's buffer never reach it, so they are forgotten here
                 // (the kernel asks again from the last cookie it received).
@@ -1083,6 +1204,7 @@ impl Filesystem for HexzFs {
                     }
                 }
                 self.conn.forget(&unsent);
+                self.set_listing_end(fh.0, (eof && fitted.is_none()).then_some(last));
                 reply.ok();
                 self.dirplus_batch
                     .store(next_dirplus_batch(want, got, fitted), Ordering::Relaxed);

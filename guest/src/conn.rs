@@ -115,7 +115,11 @@ fn refs_in(body: &ReplyBody) -> Vec<u64> {
     match body {
         ReplyBody::Entry(e) => vec![e.node],
         ReplyBody::Created { entry, .. } => vec![entry.node],
-        ReplyBody::DirPlus { entries, .. } => entries
+        ReplyBody::DirPlus { entries, .. }
+        | ReplyBody::Opened {
+            list: Some(hexz_protocol::DirList { entries, .. }),
+            ..
+        } => entries
             .iter()
             .filter(|e| e.name != b"." && e.name != b"..")
             .map(|e| e.entry.node)

@@ -55,7 +55,10 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {name} ({} bytes) through the protocol", text.len());
         }
         Some("ls") => {
-            let fh = match c.call(Op::Opendir { node: ROOT_NODE })? {
+            let fh = match c.call(Op::Opendir {
+                node: ROOT_NODE,
+                list: None,
+            })? {
                 ReplyBody::Opened { fh, .. } => fh,
                 other => bail!("opendir: {other:?}"),
             };

@@ -40,6 +40,7 @@ fn open(c: &mut Client<UnixStream>, node: u64, flags: i32) -> anyhow::Result<u64
     match c.call(Op::Open {
         node,
         flags: flags as u32,
+        read: None,
     })? {
         ReplyBody::Opened { fh, .. } => Ok(fh),
         other => bail!("open: {other:?}"),
@@ -143,7 +144,7 @@ fn main() -> anyhow::Result<()> {
                 offset: size / 2,
                 data: vec![0xAB; 4096],
             })? {
-                ReplyBody::Written { size: 4096 } => {}
+                ReplyBody::Written { size: 4096, .. } => {}
                 other => bail!("write: {other:?}"),
             }
             let first = t.elapsed().as_secs_f64() * 1e6;
@@ -200,7 +201,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn open_dir(c: &mut Client<UnixStream>, node: u64) -> anyhow::Result<u64> {
-    match c.call(Op::Opendir { node })? {
+    match c.call(Op::Opendir { node, list: None })? {
         ReplyBody::Opened { fh, .. } => Ok(fh),
         other => bail!("opendir: {other:?}"),
     }

@@ -131,6 +131,20 @@ pub struct DirEntry {
     pub cookie: u64,
 }
 
+/// A byte range to read along with `open`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadAt {
+    pub offset: u64,
+    pub size: u32,
+}
+
+/// Entries listed along with `opendir`, as a `readdirplus` from cookie 0 returns them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirList {
+    pub entries: Vec<DirEntryPlus>,
+    pub eof: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirEntryPlus {
     #[serde(with = "serde_bytes")]
@@ -279,6 +293,10 @@ pub enum Op {
     Open {
         node: NodeId,
         flags: u32,
+        /// Also read this range and return it in `opened.data`: the first read of a
+        /// file in the same round trip.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        read: Option<ReadAt>,
     },
     Read {
         fh: Handle,
@@ -304,6 +322,10 @@ pub enum Op {
     },
     Opendir {
         node: NodeId,
+        /// Also list up to this many entries from the start (as `readdirplus`, which it
+        /// needs) and return them in `opened.list`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        list: Option<u32>,
     },
     Readdir {
         fh: Handle,
@@ -386,6 +408,12 @@ pub enum ReplyBody {
         fh: Handle,
         /// The client may keep cached pages of this file from earlier opens.
         keep_cache: bool,
+        /// `open` with `read`: the bytes read, if the read succeeded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<ByteBuf>,
+        /// `opendir` with `list`: the first entries, if listing succeeded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        list: Option<DirList>,
     },
     Created {
         entry: Entry,
@@ -395,6 +423,12 @@ pub enum ReplyBody {
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     Written {
         size: u32,
+        /// The file's attributes after the write (servers may leave it out).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attr: Option<Attr>,
+        /// How long the client may cache `attr`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attr_ttl_ms: Option<u32>,
     },
     Dir {
         entries: Vec<DirEntry>,

@@ -112,7 +112,11 @@ fn examples() -> Vec<(&'static str, Msg)> {
             "open-request",
             Msg::Req(Request {
                 id: 3,
-                op: Op::Open { node: 2, flags: 0 },
+                op: Op::Open {
+                    node: 2,
+                    flags: 0,
+                    read: None,
+                },
             }),
         ),
         (
@@ -122,6 +126,8 @@ fn examples() -> Vec<(&'static str, Msg)> {
                 r: ReplyBody::Opened {
                     fh: 7,
                     keep_cache: true,
+                    data: None,
+                    list: None,
                 },
             }),
         ),

@@ -213,7 +213,11 @@ fn samples() -> Vec<Op> {
             new_parent: 1,
             new_name: n.clone(),
         },
-        Op::Open { node: 2, flags: 0 },
+        Op::Open {
+            node: 2,
+            flags: 0,
+            read: None,
+        },
         Op::Read {
             fh: 1,
             offset: 0,
@@ -233,7 +237,10 @@ fn samples() -> Vec<Op> {
             fh: 1,
             datasync: false,
         },
-        Op::Opendir { node: 1 },
+        Op::Opendir {
+            node: 1,
+            list: None,
+        },
         Op::Readdir {
             fh: 1,
             cookie: 0,

@@ -59,11 +59,16 @@ impl Local {
             ReplyBody::Entry(e) => self.show(&mut e.attr),
             ReplyBody::Created { entry, .. } => self.show(&mut entry.attr),
             ReplyBody::Attr { attr, .. } => self.show(attr),
-            ReplyBody::DirPlus { entries, .. } => {
+            ReplyBody::DirPlus { entries, .. }
+            | ReplyBody::Opened {
+                list: Some(hexz_protocol::DirList { entries, .. }),
+                ..
+            } => {
                 for e in entries {
                     self.show(&mut e.entry.attr);
                 }
             }
+            ReplyBody::Written { attr: Some(a), .. } => self.show(a),
             _ => {}
         }
         body

@@ -1,7 +1,7 @@
 //! The one translation from protocol operations to VFS calls and back.
 
 use hexz_protocol::hello::{MAX_BATCH_FORGET, MAX_READDIR_ENTRIES};
-use hexz_protocol::{Attr, DirEntry, DirEntryPlus, Entry, Errno, Limits, Op, ReplyBody};
+use hexz_protocol::{Attr, DirEntry, DirEntryPlus, DirList, Entry, Errno, Limits, Op, ReplyBody};
 use serde_bytes::ByteBuf;
 
 use crate::vfs::{SetAttr, Vfs, VfsResult};
@@ -180,26 +180,64 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         } => reply(vfs.link(o, node, new_parent, &new_name), |a| {
             ReplyBody::Entry(s.entry(a))
         }),
-        Op::Open { node, flags } => reply(vfs.open(o, node, flags), |fh| ReplyBody::Opened {
-            fh,
-            keep_cache: true,
-        }),
+        Op::Open { node, flags, read } => match vfs.open(o, node, flags) {
+            Ok(fh) => {
+                // The first read rides along when asked; if it fails (a write-only
+                // handle, a bad size) the client reads as usual.
+                let data = read
+                    .filter(|r| r.size <= s.limits.max_read)
+                    .and_then(|r| vfs.read(o, fh, r.offset, r.size).ok())
+                    .map(ByteBuf::from);
+                ReplyBody::Opened {
+                    fh,
+                    keep_cache: true,
+                    data,
+                    list: None,
+                }
+            }
+            Err(e) => ReplyBody::Err(e),
+        },
         Op::Read { size, .. } if size > s.limits.max_read => ReplyBody::Err(Errno::EINVAL),
         Op::Read { fh, offset, size } => reply(vfs.read(o, fh, offset, size), ReplyBody::Data),
         Op::Write { data, .. } if data.len() > s.limits.max_write as usize => {
             ReplyBody::Err(Errno::EINVAL)
         }
         Op::Write { fh, offset, data } => reply(vfs.write(o, fh, offset, &data), |size| {
-            ReplyBody::Written { size }
+            // The attributes after the write, so the client need not ask for them.
+            let attr = vfs.fgetattr(o, fh).ok();
+            ReplyBody::Written {
+                size,
+                attr,
+                attr_ttl_ms: attr.map(|_| s.ttl_ms),
+            }
         }),
         Op::Flush { fh, .. } => ok(vfs.flush(o, fh)),
         Op::Release { fh } => ok(vfs.release(o, fh)),
         Op::Releasedir { fh } => ok(vfs.releasedir(o, fh)),
         Op::Fsync { fh, datasync } => ok(vfs.fsync(o, fh, datasync)),
-        Op::Opendir { node } => reply(vfs.opendir(o, node), |fh| ReplyBody::Opened {
-            fh,
-            keep_cache: true,
-        }),
+        Op::Opendir { node, list } => match vfs.opendir(o, node) {
+            Ok(fh) => {
+                // The first page rides along when asked (and readdirplus is agreed).
+                let plus = s.allows(&Op::Readdirplus {
+                    fh,
+                    cookie: 0,
+                    max_entries: 1,
+                });
+                let list = list
+                    .filter(|&m| plus && m > 0 && m <= MAX_READDIR_ENTRIES)
+                    .and_then(|m| match readdir(vfs, s, fh, 0, m, true) {
+                        ReplyBody::DirPlus { entries, eof } => Some(DirList { entries, eof }),
+                        _ => None,
+                    });
+                ReplyBody::Opened {
+                    fh,
+                    keep_cache: true,
+                    data: None,
+                    list,
+                }
+            }
+            Err(e) => ReplyBody::Err(e),
+        },
         Op::Readdir { max_entries, .. } | Op::Readdirplus { max_entries, .. }
             if max_entries == 0 || max_entries > MAX_READDIR_ENTRIES =>
         {

@@ -93,6 +93,14 @@ impl Vfs {
         self.attr(&self.state(), node)
     }
 
+    /// The attributes of the node open as `fh`, a handle of `owner`.
+    pub fn fgetattr(&self, owner: u64, fh: u64) -> VfsResult<Attr> {
+        // The handle table's guard goes at the end of this statement, before the state
+        // lock is taken (leaf locks are never held across another lock).
+        let node = self.handles().get(owner, fh)?.node;
+        self.attr(&self.state(), node)
+    }
+
     fn check_handle(&self, owner: u64, fh: u64, node: u64) -> VfsResult<()> {
         match self.handles().get(owner, fh) {
             Ok(h) if h.node == node => Ok(()),

@@ -4,6 +4,7 @@
 use hexz_protocol::*;
 use proptest::prelude::*;
 use proptest::strategy::Union;
+use serde_bytes::ByteBuf;
 
 pub fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..max)
@@ -181,8 +182,12 @@ pub fn op() -> impl Strategy<Value = Op> {
                 new_name,
             })
             .boxed(),
-        (n(), any::<u32>())
-            .prop_map(|(node, flags)| Op::Open { node, flags })
+        (n(), any::<u32>(), prop::option::of((n(), any::<u32>())))
+            .prop_map(|(node, flags, read)| Op::Open {
+                node,
+                flags,
+                read: read.map(|(offset, size)| ReadAt { offset, size }),
+            })
             .boxed(),
         (n(), n(), any::<u32>())
             .prop_map(|(fh, offset, size)| Op::Read { fh, offset, size })
@@ -197,7 +202,9 @@ pub fn op() -> impl Strategy<Value = Op> {
         (n(), any::<bool>())
             .prop_map(|(fh, datasync)| Op::Fsync { fh, datasync })
             .boxed(),
-        n().prop_map(|node| Op::Opendir { node }).boxed(),
+        (n(), prop::option::of(any::<u32>()))
+            .prop_map(|(node, list)| Op::Opendir { node, list })
+            .boxed(),
         (n(), n(), any::<u32>())
             .prop_map(|(fh, cookie, max_entries)| Op::Readdir {
                 fh,
@@ -307,15 +314,46 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
         (attr(), any::<u32>())
             .prop_map(|(attr, attr_ttl_ms)| ReplyBody::Attr { attr, attr_ttl_ms })
             .boxed(),
-        (n(), any::<bool>())
-            .prop_map(|(fh, keep_cache)| ReplyBody::Opened { fh, keep_cache })
+        (
+            n(),
+            any::<bool>(),
+            prop::option::of(bytes(64)),
+            prop::option::of(
+                (
+                    prop::collection::vec(
+                        (bytes(40), n(), entry()).prop_map(|(name, cookie, entry)| DirEntryPlus {
+                            name,
+                            cookie,
+                            entry,
+                        }),
+                        0..3,
+                    ),
+                    any::<bool>(),
+                )
+                    .prop_map(|(entries, eof)| DirList { entries, eof }),
+            ),
+        )
+            .prop_map(|(fh, keep_cache, data, list)| ReplyBody::Opened {
+                fh,
+                keep_cache,
+                data: data.map(ByteBuf::from),
+                list,
+            })
             .boxed(),
         (entry(), n())
             .prop_map(|(entry, fh)| ReplyBody::Created { entry, fh })
             .boxed(),
         bytes(5000).prop_map(ReplyBody::Data).boxed(),
-        any::<u32>()
-            .prop_map(|size| ReplyBody::Written { size })
+        (
+            any::<u32>(),
+            prop::option::of(attr()),
+            prop::option::of(any::<u32>()),
+        )
+            .prop_map(|(size, attr, attr_ttl_ms)| ReplyBody::Written {
+                size,
+                attr,
+                attr_ttl_ms,
+            })
             .boxed(),
         (
             prop::collection::vec(
