@@ -105,8 +105,8 @@ fn reseed_random(entropy: &[u8]) -> anyhow::Result<()> {
     info.extend_from_slice(entropy);
     info.resize(8 + entropy.len().div_ceil(4) * 4, 0);
     let random = File::open("/dev/urandom").context("opening /dev/urandom")?;
-    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
-    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    const RNDADDENTROPY: libc::Ioctl = 0x4008_5203 as libc::Ioctl;
+    const RNDRESEEDCRNG: libc::Ioctl = 0x5207 as libc::Ioctl;
     // SAFETY: RNDADDENTROPY reads a rand_pool_info of the size its header states, which
     // `info` holds (padded to whole u32 words); RNDRESEEDCRNG takes no argument.
     unsafe {
