@@ -565,7 +565,13 @@ fn save(w: &Wanted, dir: &Path) -> Result<()> {
     })()
     .map_err(fail)?;
     qemu.stop(Duration::from_secs(10));
-    for sock in ["exec.sock", "fs.sock", "qmp.sock", "qemu.log", "console.log"] {
+    for sock in [
+        "exec.sock",
+        "fs.sock",
+        "qmp.sock",
+        "qemu.log",
+        "console.log",
+    ] {
         let _ = std::fs::remove_file(dir.join(sock));
     }
 
