@@ -28,12 +28,12 @@ fn template() -> Result<&'static Path, String> {
             if built.status != 0 {
                 return Err(format!("hexz-host image build failed: {}", built.stderr));
             }
-            let dir = tempfile::Builder::new()
-                .prefix("hexz-template-test-")
-                .tempdir()
-                .map_err(|e| e.to_string())?
-                .keep();
-            let out = dir.join("t");
+            // One template per test process, in the target directory (not leaked into
+            // /tmp); the previous process's is replaced.
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm-template");
+            if out.exists() {
+                std::fs::remove_dir_all(&out).map_err(|e| e.to_string())?;
+            }
             let t = hexz_host(&[&"template", &"build", &"-o", &out]);
             if t.status != 0 {
                 // QEMU is there and the image built: a failure here is a bug, not a skip.
