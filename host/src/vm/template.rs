@@ -657,10 +657,15 @@ fn choose(opts: &VmOptions) -> Result<Option<(Template, Wanted)>> {
     if auto && !dir.join(META).exists() {
         return Ok(None);
     }
+    let checking = Instant::now();
     let found = Template::open(&dir).and_then(|t| {
         let fit = t.fit(&w)?;
         Ok((t, fit))
     });
+    tracing::debug!(
+        ms = checking.elapsed().as_millis() as u64,
+        "template checked"
+    );
     match found {
         Ok(x) => Ok(Some(x)),
         Err(e) if auto => {
@@ -732,9 +737,11 @@ fn restore(opts: &VmOptions, t: &Template, w: &Wanted) -> Result<Vm> {
         ),
         log,
     )?;
+    let started = Instant::now();
     let loaded = (|| -> Result<()> {
         let qmp_path = dir.path().join("qmp.sock");
         let mut qmp = Qmp::connect(&qmp_path, QMP_LIMIT, || qemu.exited().is_none())?;
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "QMP up");
         qmp.enable_capability("x-ignore-shared")?;
         let mig_path = dir.path().join("migrate.sock");
         qmp.execute(
@@ -751,7 +758,10 @@ fn restore(opts: &VmOptions, t: &Template, w: &Wanted) -> Result<Vm> {
                 "inmigrate" if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(1))
                 }
-                "running" => return Ok(()),
+                "running" => {
+                    tracing::debug!(ms = started.elapsed().as_millis() as u64, "guest running");
+                    return Ok(());
+                }
                 "paused" | "postmigrate" | "prelaunch" => {
                     qmp.execute("cont", None)?;
                     return Ok(());
