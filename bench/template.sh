@@ -28,7 +28,7 @@ seq 1 2000 > "$WORK/tree/src/numbers.txt"
 echo "template: $("$HEXZ" template build 2>&1 | tr '\n' ' ')" >&2
 
 python3 - "$HEXZ" "$WORK/ws.hxz" "$RUNS" "$PAR" << 'EOF'
-import os, signal, statistics, subprocess, sys, time
+import os, signal, statistics, subprocess, sys, threading, time
 
 hexz, snap, runs, par = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 
@@ -98,7 +98,16 @@ def memory(pids):
 for mode in ("template", "cold"):
     t0 = time.monotonic()
     procs = [start(mode, ["sh", "-c", "echo run-ok; sleep 600"]) for _ in range(par)]
-    firsts = [first_byte(p, t0) for p in procs]
+    firsts = [None] * par
+    def wait_first(i):
+        firsts[i] = first_byte(procs[i], t0)
+    readers = [threading.Thread(target=wait_first, args=(i,)) for i in range(par)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    if None in firsts:
+        raise SystemExit(f"a parallel {mode} run printed nothing")
     time.sleep(2)
     rss, pss = memory([p.pid for p in procs])
     for p in procs:
