@@ -157,7 +157,6 @@ impl Qmp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::BufRead as _;
     use std::io::Read;
 
     /// A scripted QEMU: greets, then answers each command line with the next reply,
