@@ -100,20 +100,27 @@ for mode in ("template", "cold"):
     procs = [start(mode, ["sh", "-c", "echo run-ok; sleep 600"]) for _ in range(par)]
     firsts = [None] * par
     def wait_first(i):
-        firsts[i] = first_byte(procs[i], t0)
+        if procs[i].stdout.read(1):
+            firsts[i] = time.monotonic() - t0
     readers = [threading.Thread(target=wait_first, args=(i,)) for i in range(par)]
-    for r in readers:
-        r.start()
-    for r in readers:
-        r.join()
-    if None in firsts:
-        raise SystemExit(f"a parallel {mode} run printed nothing")
-    time.sleep(2)
-    rss, pss = memory([p.pid for p in procs])
-    for p in procs:
-        os.kill(p.pid, signal.SIGTERM)
-    for p in procs:
-        p.communicate()
-    print(f"{par} parallel, {mode}: first byte median {med(firsts)}, all by {max(firsts):.2f} s; "
-          f"memory RSS {rss:.0f} MiB, PSS {pss:.0f} MiB ({pss / par:.0f} MiB each)", flush=True)
+    try:
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join()
+        time.sleep(2)
+        rss, pss = memory([p.pid for p in procs if p.poll() is None])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+        errs = [p.communicate()[1].decode(errors="replace") for p in procs]
+    ok = [f for f in firsts if f is not None]
+    for p, f, tail in zip(procs, firsts, errs):
+        if f is None:
+            print(f"  a {mode} run printed nothing (exit {p.returncode}): {tail[-400:]}", flush=True)
+    if ok:
+        print(f"{par} parallel, {mode}: {len(ok)} printed; first byte median {med(ok)}, all by "
+              f"{max(ok):.2f} s; memory RSS {rss:.0f} MiB, PSS {pss:.0f} MiB "
+              f"({pss / len(ok):.0f} MiB each)", flush=True)
 EOF
