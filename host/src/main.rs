@@ -246,9 +246,10 @@ struct RunArgs {
     /// Decompressed-frame cache, MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
-    /// Restore this memory template (`template build -o DIR`) instead of booting; refused
-    /// when stale or corrupt. Default: the cached template for this image, QEMU,
-    /// --memory and --cpus when `template build` made one, else a cold boot.
+    /// Restore this memory template (`template build -o DIR`) instead of booting, with
+    /// its own memory and CPUs; refused when stale or corrupt. Default: the cached
+    /// template for this image, QEMU, --memory and --cpus when `template build` made one,
+    /// else a cold boot.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["cold", "kernel"])]
     template: Option<PathBuf>,
     /// Boot the guest even when a memory template exists.

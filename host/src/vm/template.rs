@@ -486,6 +486,12 @@ pub fn build(opts: &VmOptions, out: Option<&Path>) -> Result<(PathBuf, bool)> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    eprintln!(
+        "hexz-host: building a memory template ({} MiB, {} CPU, {}): one boot of the guest",
+        w.memory_mib,
+        w.cpus,
+        accel_name(w.accel)
+    );
     let work = tempfile::Builder::new()
         .prefix(".template-build-")
         .tempdir_in(parent)
