@@ -194,10 +194,11 @@ fn clones_of_one_template_read_different_random_bytes_and_the_host_clock() {
     if age.as_secs() < 5 {
         std::thread::sleep(std::time::Duration::from_secs(5) - age);
     }
+    let console = ws.dir.path().join("console.log");
     let read = || {
         let before = now();
         let out = ws.run(
-            &[&"--template", &t],
+            &[&"--template", &t, &"--console-log", &console],
             &[
                 "sh",
                 "-c",
@@ -214,6 +215,11 @@ fn clones_of_one_template_read_different_random_bytes_and_the_host_clock() {
         assert!(
             before.saturating_sub(1) <= clock && clock <= after + 1,
             "guest clock {clock} is not the host's ({before}..{after})"
+        );
+        let log = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(
+            log.contains("random generator reseeded with 64 host bytes, clock set"),
+            "the guest did not say it reseeded: {log}"
         );
         random.split_whitespace().collect::<String>()
     };

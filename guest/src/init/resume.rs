@@ -86,6 +86,10 @@ pub fn park_and_resume(exec: &PathBuf) -> anyhow::Result<File> {
     };
     reseed_random(&entropy)?;
     set_clock(unix_nanos)?;
+    eprintln!(
+        "hexz-init: restored: random generator reseeded with {} host bytes, clock set",
+        entropy.len()
+    );
     Ok(stream)
 }
 
