@@ -452,10 +452,11 @@ fn default_cache() -> PathBuf {
 
 #[test]
 fn run_restores_the_cached_template_by_default_and_boots_with_cold() {
-    if template_or_skip("run_restores_the_cached_template_by_default_and_boots_with_cold").is_none()
-    {
+    let Some(t) =
+        template_or_skip("run_restores_the_cached_template_by_default_and_boots_with_cold")
+    else {
         return;
-    }
+    };
     let ws = Workspace::new();
     // A private cache sharing the kernel and images, so no other test sees its template.
     let cache = ws.dir.path().join("cache");
@@ -494,7 +495,20 @@ fn run_restores_the_cached_template_by_default_and_boots_with_cold() {
         assert!(text(&out.stderr).contains(says), "{}", text(&out.stderr));
         PathBuf::from(text(&out.stdout).trim())
     };
+    // A template of an older image: `template build` removes it.
+    let old = cache.join("templates").join("old");
+    std::fs::create_dir_all(&old).expect("mkdir");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.join("template.json")).expect("read"))
+            .expect("json");
+    meta["image"] = "an-older-image".into();
+    std::fs::write(
+        old.join("template.json"),
+        serde_json::to_vec(&meta).expect("json"),
+    )
+    .expect("write");
     let dir = build("template built");
+    assert!(!old.exists(), "the stale template is still there");
     assert!(
         dir.starts_with(cache.join("templates")),
         "{}",
@@ -505,8 +519,15 @@ fn run_restores_the_cached_template_by_default_and_boots_with_cold() {
     assert!(restored(&warm), "{}", text(&warm.stderr));
     let cold = host(&["run", "--cold"]);
     assert!(!restored(&cold), "{}", text(&cold.stderr));
-    // Another memory size has no template: a cold boot, silently.
+    // Another memory size has no template: a cold boot, with a one-line hint.
     let other = host(&["run", "--memory", "384M"]);
     assert!(!restored(&other), "{}", text(&other.stderr));
+    let hint: Vec<String> = text(&other.stderr)
+        .lines()
+        .filter(|l| l.contains("no memory template"))
+        .map(String::from)
+        .collect();
+    assert_eq!(hint.len(), 1, "{}", text(&other.stderr));
+    assert!(hint[0].contains("hexz-host template build"), "{hint:?}");
     ws.assert_clean();
 }

@@ -497,6 +497,12 @@ pub fn build(opts: &VmOptions, out: Option<&Path>) -> Result<(PathBuf, bool)> {
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
     save(&w, work.path())?;
+    if out.is_none() {
+        let removed = remove_stale(&w);
+        if removed > 0 {
+            eprintln!("hexz-host: removed {removed} cached template(s) of an older image or QEMU");
+        }
+    }
     let work = work.keep();
     match std::fs::rename(&work, &dest) {
         Ok(()) => Ok((dest, true)),
@@ -661,6 +667,11 @@ fn choose(opts: &VmOptions) -> Result<Option<(Template, Wanted)>> {
         _ => cache_root().join(w.key()),
     };
     if auto && !dir.join(META).exists() {
+        if !opts.quiet && has_other_templates(&dir) {
+            eprintln!(
+                "hexz-host: no memory template for this image, QEMU, --memory and --cpus; booting cold (`hexz-host template build` makes one)"
+            );
+        }
         return Ok(None);
     }
     let checking = Instant::now();
@@ -680,6 +691,40 @@ fn choose(opts: &VmOptions) -> Result<Option<(Template, Wanted)>> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// True when the cache holds templates other than `dir` (built for another image, QEMU
+/// or size): worth a hint that this run could be restored too.
+fn has_other_templates(dir: &Path) -> bool {
+    std::fs::read_dir(cache_root())
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path() != dir && e.path().join(META).exists())
+        })
+        .unwrap_or(false)
+}
+
+/// Removes cached templates that no run on this host can restore any more (built for
+/// another image or QEMU than `w`'s); returns how many.
+fn remove_stale(w: &Wanted) -> usize {
+    let Ok(entries) = std::fs::read_dir(cache_root()) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for dir in entries.flatten().map(|e| e.path()) {
+        let Ok(text) = std::fs::read(dir.join(META)) else {
+            continue;
+        };
+        let stale = match serde_json::from_slice::<Meta>(&text) {
+            Ok(meta) => meta.image != w.image_name || meta.qemu_stamp != w.qemu_stamp,
+            Err(_) => true,
+        };
+        if stale && std::fs::remove_dir_all(&dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// `run`'s boot: restores the template `opts` names (or the cached one), falling back
