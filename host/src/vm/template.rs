@@ -658,6 +658,10 @@ pub(super) fn resume_message() -> Result<HostMsg> {
 fn choose(opts: &VmOptions) -> Result<Option<(Template, Wanted)>> {
     let auto = match &opts.template {
         TemplateChoice::Cold => return Ok(None),
+        // Extra QEMU devices (bench/vm.sh) are not in a template: those runs boot.
+        TemplateChoice::Auto if std::env::var_os(qemu::EXTRA_ARGS_ENV).is_some() => {
+            return Ok(None)
+        }
         TemplateChoice::Auto => true,
         TemplateChoice::Given(_) => false,
     };
