@@ -324,7 +324,7 @@ fn handle_guest(
             write_out(&mut stderr.lock(), &b);
             None
         }
-        // Only a template being built parks (template.rs reads it there).
+        // Only a template being built parks (template/build.rs reads it there).
         GuestMsg::Parked => None,
         GuestMsg::Exited { code } => Some(Outcome::Code(code)),
         GuestMsg::Killed { signal } => Some(Outcome::Code(128 + signal)),

@@ -2,7 +2,7 @@
 //! vsock transport (`vsock.rs`), QEMU itself (`qemu.rs`, QMP in `qmp.rs`), the sandbox
 //! that ties them to a VFS server (`sandbox.rs`), `hexz-host run`, the host end of
 //! docs/PROTOCOL.md §12 (`exec.rs`), and memory templates that `run` restores instead of
-//! booting (`template.rs`).
+//! booting (`template/`).
 
 pub mod cpio;
 pub mod exec;

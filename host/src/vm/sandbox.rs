@@ -58,7 +58,7 @@ pub struct VmOptions {
     pub cache_mib: u64,
     /// Do not say which platform was picked.
     pub quiet: bool,
-    /// `run` only: restore a memory template or boot cold (`template.rs`).
+    /// `run` only: restore a memory template or boot cold (`template/`).
     pub template: TemplateChoice,
 }
 
