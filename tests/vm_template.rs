@@ -404,6 +404,11 @@ fn a_corrupt_or_stale_template_is_refused_with_a_clear_message() {
         "stale: it was built with another QEMU (QEMU emulator version 6.0.0",
     );
 
+    let partial = ws.dir.path().join("partial");
+    copy_template(t, &partial, false);
+    std::fs::remove_file(partial.join("memory")).expect("rm memory");
+    refused(&partial, "is incomplete (memory: No such file or directory");
+
     let not_one = ws.dir.path().join("empty");
     std::fs::create_dir(&not_one).expect("mkdir");
     refused(&not_one, "not a hexz memory template");

@@ -312,12 +312,18 @@ impl Template {
             ))
         };
         let state_path = dir.join(STATE);
-        let state = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let unreadable = |what: &str, e: std::io::Error| {
+            tmpl_err(format!(
+                "template {} is incomplete ({what}: {e}); rebuild it with `hexz-host template build`",
+                dir.display()
+            ))
+        };
+        let state = std::fs::read(&state_path).map_err(|e| unreadable(STATE, e))?;
         if blake3::hash(&state).to_hex().as_str() != meta.state_blake3 {
             return Err(corrupt("the device state"));
         }
         let mem_path = dir.join(MEMORY);
-        let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
+        let mem = File::open(&mem_path).map_err(|e| unreadable(MEMORY, e))?;
         let (hash, _) = hash_extents(&mem)?;
         if hash != meta.memory_blake3 {
             return Err(corrupt("the memory image"));
