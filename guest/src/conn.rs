@@ -55,6 +55,11 @@ fn open(addr: &Addr) -> std::io::Result<OwnedFd> {
             s.set_nodelay(true)?;
             Ok(s.into())
         }
+        Addr::VirtioPort(path) => Ok(std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?
+            .into()),
         Addr::Vsock { cid, port } => {
             use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
             let fd = socket(
@@ -72,7 +77,8 @@ fn open(addr: &Addr) -> std::io::Result<OwnedFd> {
     }
 }
 
-/// Bounds (or, with `None`, unbounds) how long a read on `f` may block.
+/// Bounds (or, with `None`, unbounds) how long a read on `f` may block. A virtio port is
+/// not a socket and has no such bound: there the caller's own deadline must do.
 fn read_timeout(f: &File, t: Option<Duration>) -> std::io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
     use nix::sys::time::{TimeVal, TimeValLike};
@@ -80,7 +86,10 @@ fn read_timeout(f: &File, t: Option<Duration>) -> std::io::Result<()> {
         Some(t) => TimeVal::milliseconds(t.as_millis().clamp(1, i64::MAX as u128) as i64),
         None => TimeVal::zero(),
     };
-    setsockopt(f, ReceiveTimeout, &tv).map_err(std::io::Error::from)
+    match setsockopt(f, ReceiveTimeout, &tv) {
+        Err(nix::errno::Errno::ENOTSOCK) => Ok(()),
+        r => r.map_err(std::io::Error::from),
+    }
 }
 
 type Waiter = SyncSender<Result<ReplyBody, CallError>>;

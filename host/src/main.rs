@@ -119,6 +119,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Memory templates: a booted, saved guest that `run` restores instead of booting.
+    Template {
+        #[command(subcommand)]
+        cmd: TemplateCmd,
+    },
     /// Mount the snapshot's tree (plus an overlay) with FUSE on this host.
     Mount(mount_cmd::MountArgs),
     /// Serve a raw stream (`disk`, `memory`) as an NBD export (loopback or Unix socket).
@@ -132,6 +137,30 @@ enum ImageCmd {
     Build {
         /// Directory holding the static hexz-init and hexz-guestfused (default: the cargo
         /// musl release directory beside this binary's target directory).
+        #[arg(long)]
+        guest_bin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Boot the guest image once to where its init waits for work, save the machine, and
+    /// keep it in the cache ($XDG_CACHE_HOME/hexz/templates/<key>/, keyed on the image,
+    /// the QEMU binary, --memory and --cpus); `run` then restores it. Does nothing when an
+    /// up-to-date template exists. Prints the template's directory.
+    Build {
+        /// Write the template to this directory instead of the cache (`run --template`).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Guest memory (512M, 1G).
+        #[arg(long, default_value = "512M", value_parser = hexz_host::vm::sandbox::parse_memory_mib)]
+        memory: u64,
+        /// Guest CPUs.
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: hexz_host::vm::sandbox::AccelChoice,
+        /// Directory of the static guest binaries for an image built on demand.
         #[arg(long)]
         guest_bin_dir: Option<PathBuf>,
     },
@@ -194,6 +223,7 @@ impl VmArgs {
             console_log: self.console_log,
             cache_mib,
             quiet: self.quiet,
+            template: hexz_host::vm::sandbox::TemplateChoice::Auto,
         }
     }
 }
@@ -221,6 +251,15 @@ struct RunArgs {
     /// Decompressed-frame cache, MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
+    /// Restore this memory template (`template build -o DIR`) instead of booting, with
+    /// its own memory and CPUs; refused when stale or corrupt. Default: the cached
+    /// template for this image, QEMU, --memory and --cpus when `template build` made one,
+    /// else a cold boot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["cold", "kernel"])]
+    template: Option<PathBuf>,
+    /// Boot the guest even when a memory template exists.
+    #[arg(long)]
+    cold: bool,
     #[command(flatten)]
     vm: VmArgs,
     /// The command and its arguments (after `--`).
@@ -487,11 +526,20 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 workdir,
                 user,
                 cache_mib,
+                template,
+                cold,
                 vm,
                 command,
             } = args;
+            use hexz_host::vm::sandbox::TemplateChoice;
             let (uid, gid) = user.unwrap_or((0, 0));
-            let opts = vm.options(snapshot, overlay, cache_mib);
+            let given_image = vm.kernel.is_some();
+            let mut opts = vm.options(snapshot, overlay, cache_mib);
+            opts.template = match (template, cold || given_image) {
+                (Some(dir), _) => TemplateChoice::Given(dir),
+                (None, true) => TemplateChoice::Cold,
+                (None, false) => TemplateChoice::Auto,
+            };
             let spec = hexz_host::vm::exec::CommandSpec {
                 argv: command,
                 env,
@@ -513,6 +561,31 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let built = image::build(&cache, &kernel, &bins)?;
             println!("kernel {}", built.kernel.display());
             println!("initrd {}", built.initrd.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Template {
+            cmd:
+                TemplateCmd::Build {
+                    output,
+                    memory,
+                    cpus,
+                    accel,
+                    guest_bin_dir,
+                },
+        } => {
+            use hexz_host::vm::template;
+            let opts = template::build_options(memory, cpus, accel, guest_bin_dir);
+            let started = Instant::now();
+            let (dir, built) = template::build(&opts, output.as_deref())?;
+            if built {
+                eprintln!(
+                    "hexz-host: template built in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+            } else {
+                eprintln!("hexz-host: template is up to date");
+            }
+            println!("{}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Mount(args) => mount_cmd::run(args),

@@ -34,6 +34,9 @@ pub enum Addr {
     Unix(PathBuf),
     /// TCP. A server only listens on loopback ([`Addr::check_listen`]).
     Tcp(SocketAddr),
+    /// A virtio-serial port's character device in a guest (`/dev/vport0p2`): a client
+    /// opens it read-write; the host end is a QEMU chardev. Clients only.
+    VirtioPort(PathBuf),
 }
 
 /// Why an address string was refused; the message names the expected spellings.
@@ -41,7 +44,8 @@ pub enum Addr {
 #[error("{0}")]
 pub struct AddrError(pub String);
 
-const SPELLINGS: &str = "vsock:CID:PORT, vsock-uds:PATH[:PORT], unix:PATH or tcp:IP:PORT";
+const SPELLINGS: &str =
+    "vsock:CID:PORT, vsock-uds:PATH[:PORT], unix:PATH, tcp:IP:PORT or virtio-port:PATH";
 
 fn number(s: &str, what: &str, whole: &str) -> Result<u32, AddrError> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -90,6 +94,8 @@ impl FromStr for Addr {
             }
             "unix" if !rest.is_empty() => Ok(Addr::Unix(PathBuf::from(rest))),
             "unix" => Err(AddrError(format!("'{s}': empty path"))),
+            "virtio-port" if !rest.is_empty() => Ok(Addr::VirtioPort(PathBuf::from(rest))),
+            "virtio-port" => Err(AddrError(format!("'{s}': empty path"))),
             "tcp" => rest.parse().map(Addr::Tcp).map_err(|_| {
                 AddrError(format!(
                     "'{s}': expected tcp:IP:PORT (an IP address, not a host name)"
@@ -109,6 +115,7 @@ impl fmt::Display for Addr {
             Addr::VsockUds { path, port } => write!(f, "vsock-uds:{}:{port}", path.display()),
             Addr::Unix(p) => write!(f, "unix:{}", p.display()),
             Addr::Tcp(a) => write!(f, "tcp:{a}"),
+            Addr::VirtioPort(p) => write!(f, "virtio-port:{}", p.display()),
         }
     }
 }
@@ -124,7 +131,7 @@ impl Addr {
                 Some(PathBuf::from(p))
             }
             Addr::Unix(p) => Some(p.clone()),
-            Addr::Vsock { .. } | Addr::Tcp(_) => None,
+            Addr::Vsock { .. } | Addr::Tcp(_) | Addr::VirtioPort(_) => None,
         }
     }
 
@@ -135,6 +142,9 @@ impl Addr {
             Addr::Tcp(a) if !a.ip().is_loopback() => Err(AddrError(format!(
                 "'{self}': refusing a non-loopback address: the protocol has no \
                  authentication; use vsock or a Unix socket"
+            ))),
+            Addr::VirtioPort(_) => Err(AddrError(format!(
+                "'{self}': a virtio port is a guest's client end; a server cannot listen on it"
             ))),
             _ => Ok(()),
         }
@@ -166,6 +176,10 @@ mod tests {
                 Addr::Tcp("127.0.0.1:7000".parse().unwrap()),
             ),
             ("tcp:[::1]:7000", Addr::Tcp("[::1]:7000".parse().unwrap())),
+            (
+                "virtio-port:/dev/vport0p2",
+                Addr::VirtioPort("/dev/vport0p2".into()),
+            ),
         ];
         for (s, want) in cases {
             assert_eq!(p(s), Ok(want.clone()), "{s}");

@@ -17,6 +17,9 @@ pub const DEFAULT_EXEC_PORT: u32 = 5002;
 /// Largest frame body either side sends or accepts on the exec channel.
 pub const MAX_EXEC_FRAME: u32 = 1 << 20;
 
+/// Bytes of entropy the host sends in [`HostMsg::Resume`].
+pub const RESUME_ENTROPY_LEN: usize = 64;
+
 /// Largest `Stdin`/`Stdout`/`Stderr` payload a sender puts in one frame.
 pub const MAX_CHUNK: usize = 64 << 10;
 
@@ -47,6 +50,14 @@ pub enum HostMsg {
     StdinEof,
     /// Delivers this signal number to the command's process group.
     Signal(i32),
+    /// Restored from a memory template (docs/PROTOCOL.md §12.4): sent once, before `Run`,
+    /// to a guest that said [`GuestMsg::Parked`]. The guest mixes `entropy` into its
+    /// random number generator (credited, then reseeded) and sets its wall clock.
+    Resume {
+        entropy: ByteBuf,
+        /// Host wall time, nanoseconds since the Unix epoch.
+        unix_nanos: u64,
+    },
 }
 
 /// Guest → host. Exactly one of `Exited`, `Killed` or `Error` ends the exchange; all
@@ -54,6 +65,9 @@ pub enum HostMsg {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GuestMsg {
+    /// Booted in template mode and waiting for [`HostMsg::Resume`]: the host may save the
+    /// machine now. Sent once, before anything else.
+    Parked,
     /// /workspace is mounted and the command is running.
     Started {
         pid: u32,
@@ -153,6 +167,11 @@ mod tests {
         roundtrip(&HostMsg::Stdin(ByteBuf::from(vec![0u8, 255, 10])));
         roundtrip(&HostMsg::Signal(15));
         roundtrip(&GuestMsg::Started { pid: 7 });
+        roundtrip(&GuestMsg::Parked);
+        roundtrip(&HostMsg::Resume {
+            entropy: ByteBuf::from(vec![7u8; 64]),
+            unix_nanos: 1_795_331_631_000_000_000,
+        });
         roundtrip(&GuestMsg::Stderr(ByteBuf::from(b"e".to_vec())));
         roundtrip(&GuestMsg::Killed { signal: 9 });
         roundtrip(&GuestMsg::Error {

@@ -29,6 +29,9 @@ pub enum Mode {
     Console,
     /// Only the workspace mount, until the host stops the VM.
     Idle,
+    /// As `Exec`, over virtio-serial ports, after parking for a memory template
+    /// (`resume.rs`).
+    Template,
 }
 
 impl Cmdline {
@@ -49,6 +52,7 @@ impl Cmdline {
                 Some(("hexz.exec_port", v)) => c.exec_port = v.parse().unwrap_or(c.exec_port),
                 Some(("hexz.mode", "console")) => c.mode = Mode::Console,
                 Some(("hexz.mode", "idle")) => c.mode = Mode::Idle,
+                Some(("hexz.mode", "template")) => c.mode = Mode::Template,
                 _ => {}
             }
         }
@@ -99,13 +103,19 @@ pub fn load_modules() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the guest daemon on /workspace and waits (bounded) until the mount is there.
-pub fn mount_workspace(fs_port: u32, limit: Duration) -> anyhow::Result<Child> {
+/// The guest daemon's `--connect` for the host's file server on vsock `port`.
+pub fn vsock_host(port: u32) -> String {
+    format!("vsock:2:{port}")
+}
+
+/// Starts the guest daemon on /workspace, connecting to `connect` (an address as
+/// `hexz-guestfused --connect` takes it), and waits (bounded) until the mount is there.
+pub fn mount_workspace(connect: &str, limit: Duration) -> anyhow::Result<Child> {
     std::fs::create_dir_all(WORKSPACE).context("mkdir /workspace")?;
     let mut daemon = Command::new(GUESTFUSED)
         .arg(WORKSPACE)
         .arg("--connect")
-        .arg(format!("vsock:2:{fs_port}"))
+        .arg(connect)
         .arg("--timeout")
         .arg(limit.as_secs().max(1).to_string())
         .env("RUST_LOG", "warn,fuser::mnt=error")
@@ -126,7 +136,7 @@ pub fn mount_workspace(fs_port: u32, limit: Duration) -> anyhow::Result<Child> {
         if Instant::now() > deadline {
             let _ = daemon.kill();
             bail!(
-                "/workspace was not mounted within {} s (hexz-guestfused could not reach the host on vsock port {fs_port})",
+                "/workspace was not mounted within {} s (hexz-guestfused could not reach the host at {connect})",
                 limit.as_secs()
             );
         }
@@ -180,5 +190,6 @@ mod tests {
         let c = Cmdline::parse("hexz.mode=console hexz.fs_port=bad");
         assert_eq!((c.fs_port, c.mode), (5001, Mode::Console));
         assert_eq!(Cmdline::parse("hexz.mode=idle").mode, Mode::Idle);
+        assert_eq!(Cmdline::parse("hexz.mode=template").mode, Mode::Template);
     }
 }

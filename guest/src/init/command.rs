@@ -201,7 +201,9 @@ fn relay_host_messages(from_host: &mut File, stdin: Option<std::process::ChildSt
                 let _ = tx.send(None);
             }
             Ok(HostMsg::Signal(sig)) => signal_group(pid, sig),
-            Ok(HostMsg::Run(_)) => eprintln!("hexz-init: ignoring a second run request"),
+            Ok(HostMsg::Run(_) | HostMsg::Resume { .. }) => {
+                eprintln!("hexz-init: ignoring a second run or resume request")
+            }
             Err(e) => {
                 // The host is gone: nobody is left to read the output.
                 eprintln!("hexz-init: exec channel: {e}; killing the command");

@@ -1,10 +1,12 @@
 //! `hexz-init`: PID 1 of the hexz guest image. Loads the vsock and FUSE modules, mounts
 //! the workspace with `hexz-guestfused`, runs the host's command over the exec channel
-//! (docs/EXEC.md) — or, with `hexz.mode=console`, a shell on the console — then syncs,
+//! (docs/PROTOCOL.md §12) — or, with `hexz.mode=console`, a shell on the console; with
+//! `hexz.mode=template` it first parks for a memory template (`resume.rs`) — then syncs,
 //! unmounts and powers off.
 
 mod boot;
 mod command;
+mod resume;
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -30,23 +32,37 @@ fn start() -> anyhow::Result<()> {
     boot::mount_basics()?;
     let cmdline = boot::Cmdline::read()?;
     boot::load_modules()?;
+    let fs = boot::vsock_host(cmdline.fs_port);
     match cmdline.mode {
-        boot::Mode::Console => return console(&cmdline),
+        boot::Mode::Console => console(&fs),
         boot::Mode::Idle => {
-            let _daemon = boot::mount_workspace(cmdline.fs_port, HOST_WAIT)?;
+            let _daemon = boot::mount_workspace(&fs, HOST_WAIT)?;
             println!("hexz: /workspace is mounted; the host stops this VM");
             loop {
                 std::thread::park();
             }
         }
-        boot::Mode::Exec => {}
+        boot::Mode::Exec => {
+            let stream = connect_host(cmdline.exec_port, HOST_WAIT)
+                .with_context(|| format!("exec channel (vsock port {})", cmdline.exec_port))?;
+            exec(stream, &fs)
+        }
+        boot::Mode::Template => {
+            let exec_port = resume::port(resume::EXEC_PORT, HOST_WAIT)?;
+            let fs_port = resume::port(resume::FS_PORT, HOST_WAIT)?;
+            let stream = resume::park_and_resume(&exec_port)?;
+            exec(stream, &format!("virtio-port:{}", fs_port.display()))
+        }
     }
-    let stream = connect_host(cmdline.exec_port, HOST_WAIT)
-        .with_context(|| format!("exec channel (vsock port {})", cmdline.exec_port))?;
+}
+
+/// The exec channel's guest end on `stream`: mounts /workspace from `fs`, runs the
+/// host's command, unmounts, reports, and waits (bounded) for the host to close.
+fn exec(stream: File, fs: &str) -> anyhow::Result<()> {
     let channel = command::Channel::new(&stream).context("exec channel")?;
     let from_host_fd = stream.try_clone().context("exec channel")?;
     let from_host = stream;
-    let last = match boot::mount_workspace(cmdline.fs_port, HOST_WAIT) {
+    let last = match boot::mount_workspace(fs, HOST_WAIT) {
         Ok(daemon) => {
             let last = run_requested(&channel, from_host);
             boot::unmount_workspace(daemon);
@@ -63,7 +79,8 @@ fn start() -> anyhow::Result<()> {
     channel.send(&last).context("sending the exit status")?;
     // Powering off at once could drop the frame still queued for the device: wait
     // (bounded) for the host to close the channel, which it does once it has read it.
-    // Only the peer's close counts (POLLRDHUP), not stdin bytes still in flight.
+    // Only the peer's close counts (POLLRDHUP on a socket; a virtio port reports POLLHUP,
+    // which poll always returns), not stdin bytes still in flight.
     let closed = nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP);
     let deadline = Instant::now() + Duration::from_millis(CLOSE_WAIT_MS.into());
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -98,8 +115,8 @@ fn run_requested(channel: &command::Channel, mut from_host: File) -> GuestMsg {
 }
 
 /// A login shell on the console in /workspace; powers off when it exits.
-fn console(cmdline: &boot::Cmdline) -> anyhow::Result<()> {
-    let daemon = boot::mount_workspace(cmdline.fs_port, HOST_WAIT)?;
+fn console(fs: &str) -> anyhow::Result<()> {
+    let daemon = boot::mount_workspace(fs, HOST_WAIT)?;
     println!("hexz: /workspace is mounted; exit the shell to stop the VM");
     let status = std::process::Command::new("/bin/busybox")
         .args(["setsid", "-c", "/bin/sh", "-l"])

@@ -116,6 +116,11 @@ pub fn serve(
                     Ok((OwnedFd::from(s), format!(" from {peer}")))
                 })
             }
+            ListenAddr::VirtioPort(_) => {
+                return Err(Error::Invalid(format!(
+                    "{addr}: a virtio port is a guest's client end; a server cannot listen on it"
+                )))
+            }
             ListenAddr::Vsock { cid, port } => {
                 let (cid, port) = (*cid, *port);
                 let rt = tokio::runtime::Builder::new_current_thread()

@@ -16,7 +16,7 @@ use hexz_protocol::exec::{
 use hexz_protocol::frame::{decode_body, read_frame, write_frame};
 use serde_bytes::ByteBuf;
 
-use super::sandbox::{boot, signals_to_events, Event, Mode, Vm, VmOptions};
+use super::sandbox::{signals_to_events, Event, Vm, VmOptions};
 
 /// Exit status when the sandbox itself failed (as `docker run`, `env`, `timeout`).
 pub const EXIT_SANDBOX_FAILED: i32 = 125;
@@ -113,7 +113,7 @@ pub fn run_command(opts: &VmOptions, spec: &CommandSpec) -> i32 {
         eprintln!("hexz-host: {e}");
         return EXIT_SANDBOX_FAILED;
     }
-    let mut vm = match boot(opts, Mode::Exec) {
+    let mut vm = match super::template::boot_for_exec(opts) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("hexz-host: {e}");
@@ -200,6 +200,19 @@ fn drive(
                             }
                         };
                         closer = Some(c);
+                        if vm.restored {
+                            let sent =
+                                super::template::resume_message().map(|resume| send(&w, &resume));
+                            match sent {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    return Outcome::Failed(
+                                        "the restored guest closed the exec channel at once".into(),
+                                    )
+                                }
+                                Err(e) => return Outcome::Failed(e.to_string()),
+                            }
+                        }
                         if !send(&w, &run) {
                             return Outcome::Failed(
                                 "the guest closed the exec channel at once".into(),
@@ -311,6 +324,8 @@ fn handle_guest(
             write_out(&mut stderr.lock(), &b);
             None
         }
+        // Only a template being built parks (template/build.rs reads it there).
+        GuestMsg::Parked => None,
         GuestMsg::Exited { code } => Some(Outcome::Code(code)),
         GuestMsg::Killed { signal } => Some(Outcome::Code(128 + signal)),
         GuestMsg::Error { errno, what } => {

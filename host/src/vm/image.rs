@@ -24,6 +24,8 @@ pub const MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "fuse",
+    // virtio-serial: the channels of a VM restored from a memory template (`template/`).
+    "virtio_console",
 ];
 
 /// The meta-package whose dependency names the kernel package to fetch.

@@ -1,12 +1,16 @@
 //! Booting a snapshot in a QEMU microVM: the guest image (`image.rs`, `cpio.rs`), the
-//! vsock transport (`vsock.rs`), QEMU itself (`qemu.rs`), the sandbox that ties them to a
-//! VFS server (`sandbox.rs`) and `hexz-host run`, the host end of docs/PROTOCOL.md §12 (`exec.rs`).
+//! vsock transport (`vsock.rs`), QEMU itself (`qemu.rs`, QMP in `qmp.rs`), the sandbox
+//! that ties them to a VFS server (`sandbox.rs`), `hexz-host run`, the host end of
+//! docs/PROTOCOL.md §12 (`exec.rs`), and memory templates that `run` restores instead of
+//! booting (`template/`).
 
 pub mod cpio;
 pub mod exec;
 pub mod image;
 pub mod qemu;
+pub mod qmp;
 pub mod sandbox;
+pub mod template;
 pub mod vsock;
 
 use std::os::unix::process::CommandExt;

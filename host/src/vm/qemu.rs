@@ -86,17 +86,22 @@ pub fn tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// The guest kernel's command line: the fixed part, then `extra` (`hexz.*=` settings).
+pub fn kernel_cmdline(extra: &str) -> String {
+    let mut c = String::from("console=ttyS0 panic=-1 quiet reboot=t");
+    if let Some(khz) = tsc_khz() {
+        c.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
+    }
+    c
+}
+
 impl Machine {
     pub fn cmdline(&self) -> String {
-        let mut c = String::from("console=ttyS0 panic=-1 quiet reboot=t");
-        if let Some(khz) = tsc_khz() {
-            c.push_str(&format!(" tsc_early_khz={khz}"));
-        }
-        if !self.extra_cmdline.is_empty() {
-            c.push(' ');
-            c.push_str(&self.extra_cmdline);
-        }
-        c
+        kernel_cmdline(&self.extra_cmdline)
     }
 
     /// The full QEMU command (not started).
@@ -161,6 +166,16 @@ pub struct Qemu {
 }
 
 impl Qemu {
+    /// Starts a headless QEMU command built elsewhere (a memory template's), its stdout
+    /// and stderr to `log`.
+    pub fn spawn(mut cmd: Command, log: std::fs::File) -> Result<Qemu> {
+        let out = log.try_clone().map_err(|e| Error::io("qemu log", e))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(log);
+        let child = super::spawn_owned(&mut cmd, false)
+            .map_err(|e| Error::Invalid(format!("cannot start {:?}: {e}", cmd.get_program())))?;
+        Ok(Qemu { child })
+    }
+
     pub fn start(machine: &Machine, qemu: &Path, log: std::fs::File) -> Result<Qemu> {
         let mut cmd = machine.command(qemu);
         if let Console::Log(_) = machine.console {

@@ -58,6 +58,19 @@ pub struct VmOptions {
     pub cache_mib: u64,
     /// Do not say which platform was picked.
     pub quiet: bool,
+    /// `run` only: restore a memory template or boot cold (`template/`).
+    pub template: TemplateChoice,
+}
+
+/// Whether `run` restores a memory template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TemplateChoice {
+    /// The cached template for this image, QEMU, memory and CPUs when there is one.
+    Auto,
+    /// Always boot.
+    Cold,
+    /// This template directory; refused (not booted cold) when stale or corrupt.
+    Given(PathBuf),
 }
 
 /// How the console is used by `boot`.
@@ -72,19 +85,23 @@ pub(super) enum Mode {
 }
 
 /// The VFS server of one sandbox, on its own thread; stopped (overlay flushed) on drop.
-struct ServerThread {
+pub(super) struct ServerThread {
     stop: Option<Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl ServerThread {
-    fn start(vfs: Arc<Vfs>, addr: ListenAddr) -> Result<ServerThread> {
+    pub(super) fn start(
+        vfs: Arc<Vfs>,
+        addr: ListenAddr,
+        config: ServerConfig,
+    ) -> Result<ServerThread> {
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("hexz-vm-server".into())
             .spawn(move || {
-                crate::server::serve(vfs, &[addr], ServerConfig::default(), move || {
+                crate::server::serve(vfs, &[addr], config, move || {
                     let _ = ready_tx.send(());
                     let _ = stop_rx.recv();
                 })
@@ -121,11 +138,13 @@ impl Drop for ServerThread {
 /// server (flushing the overlay once nothing can write), the temporary directory.
 pub struct Vm {
     pub(super) qemu: Qemu,
-    _backend: Option<HybridBackend>,
+    pub(super) _backend: Option<HybridBackend>,
     pub(super) exec_listener: Option<PortListener>,
-    _server: ServerThread,
-    console_log: PathBuf,
-    dir: tempfile::TempDir,
+    pub(super) _server: ServerThread,
+    pub(super) console_log: PathBuf,
+    pub(super) dir: tempfile::TempDir,
+    /// Restored from a memory template: the guest waits for `Resume` before `Run`.
+    pub(super) restored: bool,
 }
 
 impl Vm {
@@ -154,7 +173,7 @@ impl Vm {
 }
 
 /// Resolves the image without downloading anything.
-fn resolve_image(choice: &ImageChoice) -> Result<Image> {
+pub(super) fn resolve_image(choice: &ImageChoice) -> Result<Image> {
     match choice {
         ImageChoice::Given(image) => {
             for p in [&image.kernel, &image.initrd] {
@@ -177,7 +196,7 @@ fn resolve_image(choice: &ImageChoice) -> Result<Image> {
 }
 
 /// Which accelerator and vsock transport this host gets, and why, in one line.
-fn pick_platform(choice: AccelChoice) -> (Accel, bool, String) {
+pub(super) fn pick_platform(choice: AccelChoice) -> (Accel, bool, String) {
     let kernel_vsock = vsock::kernel_vsock_available();
     match choice {
         AccelChoice::Tcg => (
@@ -261,7 +280,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
             port: fs_port,
         }
     };
-    let server = ServerThread::start(vfs, server_addr)?;
+    let server = ServerThread::start(vfs, server_addr, ServerConfig::default())?;
     let exec_listener = match (mode, kernel_vsock) {
         (Mode::Exec, true) => Some(PortListener::kernel(exec_port, cid)?),
         (Mode::Exec, false) => Some(PortListener::hybrid(PathBuf::from(format!(
@@ -313,6 +332,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         _server: server,
         console_log,
         dir,
+        restored: false,
     })
 }
 
