@@ -161,6 +161,14 @@ struct VmArgs {
     /// Do not say which accelerator and vsock transport were picked.
     #[arg(short, long)]
     quiet: bool,
+    /// Raw stream to attach as the guest's /dev/vda (default: the `disk` stream when the
+    /// snapshot has one). Writes go to a block overlay, STREAM.cow in --overlay's
+    /// directory (else in the run's temporary directory).
+    #[arg(long, value_name = "STREAM", conflicts_with = "no_disk")]
+    disk: Option<String>,
+    /// Attach no disk, even when the snapshot has a `disk` stream.
+    #[arg(long)]
+    no_disk: bool,
 }
 
 impl VmArgs {
@@ -170,6 +178,7 @@ impl VmArgs {
         overlay: Option<PathBuf>,
         cache_mib: u64,
     ) -> hexz_host::vm::sandbox::VmOptions {
+        use hexz_host::vm::disk::DiskChoice;
         use hexz_host::vm::sandbox::{ImageChoice, VmOptions};
         let image = match (self.kernel, self.initrd) {
             (Some(kernel), Some(initrd)) => {
@@ -189,6 +198,11 @@ impl VmArgs {
             console_log: self.console_log,
             cache_mib,
             quiet: self.quiet,
+            disk: match (self.disk, self.no_disk) {
+                (_, true) => DiskChoice::None,
+                (Some(stream), false) => DiskChoice::Stream(stream),
+                (None, false) => DiskChoice::Auto,
+            },
         }
     }
 }

@@ -24,6 +24,8 @@ pub const MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "fuse",
+    // /dev/vda when a raw stream is attached (ext4 and its helpers are built in).
+    "virtio_blk",
 ];
 
 /// The meta-package whose dependency names the kernel package to fetch.

@@ -1,8 +1,9 @@
 //! Booting a snapshot in a QEMU microVM: the guest image (`image.rs`, `cpio.rs`), the
-//! vsock transport (`vsock.rs`), QEMU itself (`qemu.rs`), the sandbox that ties them to a
+//! vsock transport (`vsock.rs`), a raw stream as its disk (`disk.rs`), QEMU itself (`qemu.rs`), the sandbox that ties them to a
 //! VFS server (`sandbox.rs`) and `hexz-host run`, the host end of docs/PROTOCOL.md §12 (`exec.rs`).
 
 pub mod cpio;
+pub mod disk;
 pub mod exec;
 pub mod image;
 pub mod qemu;

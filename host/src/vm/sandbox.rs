@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use hexz_protocol::exec::{GuestMsg, DEFAULT_EXEC_PORT};
 
+use super::disk::{self, DiskChoice, DiskServer};
 use super::exec::EXIT_SANDBOX_FAILED;
 use super::image::{self, Image};
 use super::qemu::{self, Accel, Console, Machine, Qemu, VsockDevice};
@@ -58,6 +59,8 @@ pub struct VmOptions {
     pub cache_mib: u64,
     /// Do not say which platform was picked.
     pub quiet: bool,
+    /// Which raw stream, if any, becomes the guest's `/dev/vda`.
+    pub disk: DiskChoice,
 }
 
 /// How the console is used by `boot`.
@@ -117,10 +120,12 @@ impl Drop for ServerThread {
     }
 }
 
-/// A booted VM. Fields drop in order: QEMU first, then the backend, the listener, the
+/// A booted VM. Fields drop in order: QEMU first, then the disk server (flushing its
+/// overlay once nothing can write), the backend, the listener, the
 /// server (flushing the overlay once nothing can write), the temporary directory.
 pub struct Vm {
     pub(super) qemu: Qemu,
+    _disk: Option<DiskServer>,
     _backend: Option<HybridBackend>,
     pub(super) exec_listener: Option<PortListener>,
     _server: ServerThread,
@@ -226,7 +231,8 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         &opts.snapshot,
         opts.cache_mib << 20,
     )?);
-    let vfs = Arc::new(Vfs::new(snap, opts.overlay.as_deref(), false)?);
+    let disk_stream = opts.disk.resolve(&snap);
+    let vfs = Arc::new(Vfs::new(snap.clone(), opts.overlay.as_deref(), false)?);
     if !opts.quiet {
         eprintln!("hexz-host: booting with {platform}");
     }
@@ -234,6 +240,20 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         .prefix("hexz-vm-")
         .tempdir()
         .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let disk = match &disk_stream {
+        Some(stream) => {
+            let overlay = disk::overlay_path(opts.overlay.as_deref(), dir.path(), stream);
+            let server = DiskServer::start(snap, stream, &overlay, dir.path().join("disk.sock"))?;
+            if !opts.quiet {
+                eprintln!(
+                    "hexz-host: stream '{stream}' is the guest's /dev/vda (writes go to {})",
+                    overlay.display()
+                );
+            }
+            Some(server)
+        }
+        None => None,
+    };
     let console_log = opts
         .console_log
         .clone()
@@ -299,6 +319,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
             "hexz.mode={mode_arg} hexz.fs_port={fs_port} hexz.exec_port={exec_port}"
         ),
         vsock: vsock_device,
+        nbd_disk: disk.as_ref().map(|d| d.socket.clone()),
         console: if mode == Mode::Console {
             Console::Terminal
         } else {
@@ -308,6 +329,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
     let qemu = Qemu::start(&machine, &qemu_bin, helper_log("qemu.log")?)?;
     Ok(Vm {
         qemu,
+        _disk: disk,
         _backend: backend,
         exec_listener,
         _server: server,
