@@ -585,3 +585,65 @@ fn a_disk_stream_is_the_guests_vda_and_its_writes_land_in_the_block_overlay() {
     assert_eq!(out, "none\n");
     ws.assert_clean();
 }
+
+#[test]
+fn git_round_trip_in_the_vm_with_git_added_to_the_image() {
+    if !vm_available("git_round_trip_in_the_vm_with_git_added_to_the_image") {
+        return;
+    }
+    let ws = Workspace::new();
+    let overlay = ws.dir.path().join("ov");
+    let script = "git init -q . 2>/dev/null && git add -A && \
+        git -c user.name=vm -c user.email=vm@hexz commit -qm 'made in the vm' && \
+        git status --porcelain && git log --format=%s && git ls-files";
+    let out = ws.run(
+        &[
+            "--with",
+            "git",
+            "--overlay",
+            overlay.to_str().expect("utf-8"),
+        ],
+        &["sh", "-c", script],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "made in the vm\nREADME.md\nblob.bin\nmain-link\nsrc/README-again.md\nsrc/bin/tool.rs\nsrc/main.rs\n"
+    );
+    // The repository the guest made is whole on the host: commit, extract, ask git.
+    let committed = ws.dir.path().join("git.hxz");
+    let c = hexz_host(&[
+        &"commit",
+        &ws.snapshot,
+        &"--overlay",
+        &overlay,
+        &"-o",
+        &committed,
+    ]);
+    assert_eq!(c.status, 0, "commit: {}", c.stderr);
+    let extracted = ws.dir.path().join("x");
+    let x = hexz_host(&[&"extract", &committed, &extracted]);
+    assert_eq!(x.status, 0, "extract: {}", x.stderr);
+    let git = |args: &[&str]| {
+        let o = Command::new("git")
+            .arg("-C")
+            .arg(&extracted)
+            .args(["-c", "safe.directory=*"])
+            .args(args)
+            .output()
+            .expect("git on the host");
+        assert!(o.status.success(), "git {args:?}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    assert_eq!(git(&["log", "--format=%s"]), "made in the vm\n");
+    assert_eq!(git(&["status", "--porcelain"]), "");
+    git(&["fsck", "--strict"]);
+    ws.assert_clean();
+}

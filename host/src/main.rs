@@ -129,6 +129,10 @@ enum ImageCmd {
         /// musl release directory beside this binary's target directory).
         #[arg(long)]
         guest_bin_dir: Option<PathBuf>,
+        /// Add a host program and the libraries it loads, e.g. `--with git` (repeatable;
+        /// `run --with` picks the same image).
+        #[arg(long = "with", value_name = "PROGRAM")]
+        with: Vec<String>,
     },
 }
 
@@ -150,6 +154,11 @@ struct VmArgs {
     /// Directory of the static guest binaries for an image built on demand.
     #[arg(long)]
     guest_bin_dir: Option<PathBuf>,
+    /// Add a host program (a name on PATH, or a path) and the libraries it loads to the
+    /// guest image, e.g. `--with git` (repeatable; each set of programs is its own
+    /// cached image).
+    #[arg(long = "with", value_name = "PROGRAM", conflicts_with = "kernel")]
+    with: Vec<String>,
     /// auto: KVM + vhost-vsock when /dev/kvm works and /dev/vhost-vsock exists, else
     /// TCG + vhost-device-vsock.
     #[arg(long, value_enum, default_value = "auto")]
@@ -186,6 +195,7 @@ impl VmArgs {
             }
             _ => ImageChoice::Cached {
                 guest_bin_dir: self.guest_bin_dir,
+                programs: self.with,
             },
         };
         VmOptions {
@@ -511,11 +521,19 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(125)))
         }
         Cmd::Image {
-            cmd: ImageCmd::Build { guest_bin_dir },
+            cmd:
+                ImageCmd::Build {
+                    guest_bin_dir,
+                    with,
+                },
         } => {
             use hexz_host::vm::image;
             let cache = image::cache_dir();
-            let bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            let mut bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            bins.programs = with
+                .iter()
+                .map(|p| hexz_host::vm::programs::Program::find(p))
+                .collect::<Result<_, _>>()?;
             let kernel = image::fetch_kernel(&cache)?;
             let built = image::build(&cache, &kernel, &bins)?;
             println!("kernel {}", built.kernel.display());

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::cpio::{Archive, Entry};
+use super::programs::Program;
 use crate::error::{Error, Result};
 
 /// Modules the guest loads, in this order (dependencies first).
@@ -48,6 +49,8 @@ pub struct GuestBinaries {
     pub init: PathBuf,
     pub guestfused: PathBuf,
     pub busybox: PathBuf,
+    /// Host programs added on request (`--with`), with their libraries.
+    pub programs: Vec<Program>,
 }
 
 /// `$HEXZ_CACHE_DIR`, else `$XDG_CACHE_HOME/hexz`, else `~/.cache/hexz`.
@@ -186,6 +189,7 @@ pub fn find_guest_binaries(dir: Option<&Path>) -> Result<GuestBinaries> {
         init: dir.join("hexz-init"),
         guestfused: dir.join("hexz-guestfused"),
         busybox,
+        programs: Vec::new(),
     })
 }
 
@@ -335,6 +339,17 @@ fn initramfs(bins: &GuestBinaries, modules: &[(String, PathBuf)]) -> Result<Arch
             },
         );
     }
+    for program in &bins.programs {
+        for path in program.files() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| Error::io(path, e))?
+                .permissions()
+                .mode()
+                & 0o755;
+            a.insert(&path.to_string_lossy(), file(mode, path)?);
+        }
+    }
     let mut order = String::new();
     for (file_name, path) in modules {
         let dest = format!("lib/modules/{file_name}");
@@ -396,6 +411,7 @@ pub fn build(cache: &Path, kernel_root: &Path, bins: &GuestBinaries) -> Result<I
     // start does not re-read and re-hash ~30 MB.
     let mut inputs = vec![vmlinuz.clone(), bins.init.clone(), bins.guestfused.clone()];
     inputs.push(bins.busybox.clone());
+    inputs.extend(bins.programs.iter().flat_map(|p| p.files().cloned()));
     inputs.extend(modules.iter().map(|(_, p)| p.clone()));
     let stamp = input_stamp(&inputs)?;
     let stamp_file = cache.join("images").join("stamps").join(&stamp);

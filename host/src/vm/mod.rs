@@ -6,6 +6,7 @@ pub mod cpio;
 pub mod disk;
 pub mod exec;
 pub mod image;
+pub mod programs;
 pub mod qemu;
 pub mod sandbox;
 pub mod vsock;

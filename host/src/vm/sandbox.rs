@@ -14,6 +14,7 @@ use hexz_protocol::exec::{GuestMsg, DEFAULT_EXEC_PORT};
 use super::disk::{self, DiskChoice, DiskServer};
 use super::exec::EXIT_SANDBOX_FAILED;
 use super::image::{self, Image};
+use super::programs::Program;
 use super::qemu::{self, Accel, Console, Machine, Qemu, VsockDevice};
 use super::vsock::{self, HybridBackend, PortListener};
 use crate::error::{Error, Result};
@@ -31,6 +32,8 @@ pub enum ImageChoice {
     /// never downloading).
     Cached {
         guest_bin_dir: Option<PathBuf>,
+        /// Host programs to add (`--with`): a name on `PATH` or a path.
+        programs: Vec<String>,
     },
     Given(Image),
 }
@@ -172,10 +175,17 @@ fn resolve_image(choice: &ImageChoice) -> Result<Image> {
             }
             Ok(image.clone())
         }
-        ImageChoice::Cached { guest_bin_dir } => {
+        ImageChoice::Cached {
+            guest_bin_dir,
+            programs,
+        } => {
             let cache = image::cache_dir();
             let kernel = image::fetched_kernel(&cache)?;
-            let bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            let mut bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            bins.programs = programs
+                .iter()
+                .map(|p| Program::find(p))
+                .collect::<Result<_>>()?;
             image::build(&cache, &kernel, &bins)
         }
     }
