@@ -29,6 +29,10 @@ fn main() {
 fn start() -> anyhow::Result<()> {
     boot::mount_basics()?;
     let cmdline = boot::Cmdline::read()?;
+    if cmdline.trace {
+        boot::enable_trace();
+        boot::trace("init started");
+    }
     boot::load_modules()?;
     match cmdline.mode {
         boot::Mode::Console => return console(&cmdline),
@@ -41,12 +45,16 @@ fn start() -> anyhow::Result<()> {
         }
         boot::Mode::Exec => {}
     }
+    // The daemon starts (and reaches the host) while the exec channel connects.
+    let daemon = boot::start_workspace_daemon(cmdline.fs_port, HOST_WAIT);
     let stream = connect_host(cmdline.exec_port, HOST_WAIT)
         .with_context(|| format!("exec channel (vsock port {})", cmdline.exec_port))?;
+    boot::trace("exec channel connected");
     let channel = command::Channel::new(&stream).context("exec channel")?;
     let from_host_fd = stream.try_clone().context("exec channel")?;
     let from_host = stream;
-    let last = match boot::mount_workspace(cmdline.fs_port, HOST_WAIT) {
+    let mounted = daemon.and_then(|d| boot::wait_for_workspace(d, cmdline.fs_port, HOST_WAIT));
+    let last = match mounted {
         Ok(daemon) => {
             let last = run_requested(&channel, from_host);
             boot::unmount_workspace(daemon);

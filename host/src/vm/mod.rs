@@ -14,6 +14,26 @@ pub mod vsock;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Set (to anything) to have `run`/`serve --vm` print when each start-up step ends, on
+/// the host and — through `hexz.trace` on the kernel command line — in the guest.
+pub const TRACE_ENV: &str = "HEXZ_TRACE";
+
+/// True when start-up steps are traced (`HEXZ_TRACE`).
+pub fn tracing_startup() -> bool {
+    std::env::var_os(TRACE_ENV).is_some()
+}
+
+/// With `HEXZ_TRACE`: prints the time since the first call and `step` to stderr.
+pub fn trace(step: &str) {
+    static START: OnceLock<Instant> = OnceLock::new();
+    if tracing_startup() {
+        let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+        eprintln!("hexz-host: +{t:.3} s {step}");
+    }
+}
 
 /// The first `name` on `PATH` that is a file.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {

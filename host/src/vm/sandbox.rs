@@ -243,6 +243,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
     )?);
     let disk_stream = opts.disk.resolve(&snap);
     let vfs = Arc::new(Vfs::new(snap.clone(), opts.overlay.as_deref(), false)?);
+    super::trace("image ready, snapshot and overlay open");
     if !opts.quiet {
         eprintln!("hexz-host: booting with {platform}");
     }
@@ -292,6 +293,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         }
     };
     let server = ServerThread::start(vfs, server_addr)?;
+    super::trace("VFS server listening");
     let exec_listener = match (mode, kernel_vsock) {
         (Mode::Exec, true) => Some(PortListener::kernel(exec_port, cid)?),
         (Mode::Exec, false) => Some(PortListener::hybrid(PathBuf::from(format!(
@@ -308,6 +310,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         )?),
         None => None,
     };
+    super::trace("vsock backend ready");
     let vsock_device = match &backend {
         Some(b) => VsockDevice::VhostUser {
             socket: b.vhost_socket.clone(),
@@ -326,7 +329,12 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         kernel: image.kernel,
         initrd: image.initrd,
         extra_cmdline: format!(
-            "hexz.mode={mode_arg} hexz.fs_port={fs_port} hexz.exec_port={exec_port}"
+            "hexz.mode={mode_arg} hexz.fs_port={fs_port} hexz.exec_port={exec_port}{}",
+            if super::tracing_startup() {
+                " hexz.trace"
+            } else {
+                ""
+            }
         ),
         vsock: vsock_device,
         nbd_disk: disk.as_ref().map(|d| d.socket.clone()),
@@ -337,6 +345,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         },
     };
     let qemu = Qemu::start(&machine, &qemu_bin, helper_log("qemu.log")?)?;
+    super::trace("QEMU started");
     Ok(Vm {
         qemu,
         _disk: disk,
