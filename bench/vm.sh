@@ -344,6 +344,10 @@ section_startup() {
       echo "$side $t" >> "$OUT/startup.txt"
     done
   done
+  # One more run with every start-up step timed, on the host and in the guest.
+  HEXZ_TRACE=1 "$HEXZ" run "$SNAP" --guest-bin-dir "$GUESTBIN" --accel tcg -q --timeout 5m \
+    --console-log "$OUT/startup-console.txt" -- echo run-ok > /dev/null 2> "$OUT/startup-trace.txt" || true
+  grep '^hexz-init: [0-9]' "$OUT/startup-console.txt" >> "$OUT/startup-trace.txt" || true
 }
 
 # ---------------------------------------------------------------- 3. memory
