@@ -647,3 +647,36 @@ fn git_round_trip_in_the_vm_with_git_added_to_the_image() {
     git(&["fsck", "--strict"]);
     ws.assert_clean();
 }
+
+#[test]
+fn a_missing_disk_stream_or_program_fails_at_once_with_125_and_says_which() {
+    if !vm_available("a_missing_disk_stream_or_program_fails_at_once_with_125_and_says_which") {
+        return;
+    }
+    let ws = Workspace::new();
+    let out = ws.run(&["--disk", "disk"], &["true"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("no stream 'disk'"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let out = ws.run(&["--with", "no-such-program-hexz"], &["true"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("--with no-such-program-hexz: no such program on PATH"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    ws.assert_clean();
+}
