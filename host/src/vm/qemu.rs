@@ -91,7 +91,10 @@ pub fn tsc_khz() -> Option<u64> {
 
 impl Machine {
     pub fn cmdline(&self) -> String {
-        let mut c = String::from("console=ttyS0 panic=-1 quiet reboot=t");
+        // cryptomgr.notests: the kernel's boot-time self-tests of every crypto algorithm
+        // it registers cost ~0.4 s under TCG (docs/BENCHMARKS.md, start-up); `fips=1`
+        // would still force them.
+        let mut c = String::from("console=ttyS0 panic=-1 quiet reboot=t cryptomgr.notests");
         if let Some(khz) = tsc_khz() {
             c.push_str(&format!(" tsc_early_khz={khz}"));
         }
