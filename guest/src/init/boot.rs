@@ -226,5 +226,7 @@ mod tests {
         let c = Cmdline::parse("hexz.mode=console hexz.fs_port=bad");
         assert_eq!((c.fs_port, c.mode), (5001, Mode::Console));
         assert_eq!(Cmdline::parse("hexz.mode=idle").mode, Mode::Idle);
+        assert!(Cmdline::parse("quiet hexz.trace").trace);
+        assert!(!Cmdline::parse("quiet hexz.tracex=1").trace);
     }
 }
