@@ -565,3 +565,61 @@ fn the_server_holds_no_more_nodes_after_rm_rf_than_before() {
         "live nodes: {before} before, {after} after creating and removing 2000 files"
     );
 }
+
+#[test]
+fn a_file_capability_set_while_others_ask_for_it_is_never_reported_absent() {
+    if !fuse_available() {
+        return;
+    }
+    if !mount_suite::nix_is_root() {
+        mount_suite::skip("setting file capabilities (CAP_SETFCAP) needs root");
+        return;
+    }
+    // The adapter remembers that a file has no security.capability (the kernel asks
+    // before every write). An "absent" answer racing a setxattr must not be remembered
+    // after it: a later getxattr would say "absent", and a write would keep the
+    // capability the kernel believes is not there.
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = fixture(tmp.path());
+    let m = Mount::new(tmp.path(), &snap, &[]);
+    let f = m.path("cap-file");
+    fs::write(&f, b"x").unwrap();
+    // A v2 capability: cap_net_bind_service, permitted.
+    let cap: Vec<u8> = [0x0200_0001u32, 1 << 10, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (f, stop) = (f.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = xattr::get(&f, "security.capability");
+                }
+            })
+        })
+        .collect();
+    let mut bad = Vec::new();
+    for i in 0..3000 {
+        xattr::set(&f, "security.capability", &cap).unwrap();
+        match xattr::get(&f, "security.capability") {
+            Ok(Some(v)) if v == cap => {}
+            other => bad.push(format!("round {i}: after setxattr: {other:?}")),
+        }
+        xattr::remove(&f, "security.capability").unwrap();
+        if let Ok(Some(v)) = xattr::get(&f, "security.capability") {
+            bad.push(format!("round {i}: after removexattr: {v:?}"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(
+        bad.is_empty(),
+        "{} wrong answers, first: {:?}",
+        bad.len(),
+        bad.first()
+    );
+}

@@ -511,3 +511,172 @@ echo posix-ok
     assert!(stdout.ends_with("posix-ok\n"), "{stdout}");
     ws.assert_clean();
 }
+
+#[test]
+fn a_disk_stream_is_the_guests_vda_and_its_writes_land_in_the_block_overlay() {
+    if !vm_available("a_disk_stream_is_the_guests_vda_and_its_writes_land_in_the_block_overlay") {
+        return;
+    }
+    let ws = Workspace::new();
+    let src = ws.dir.path().join("disk-src");
+    std::fs::create_dir(&src).expect("mkdir");
+    std::fs::write(src.join("hello.txt"), "from the disk\n").expect("write");
+    let image = ws.dir.path().join("disk.img");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&image)
+        .arg("16M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs; scripts/install-deps.sh installs it)");
+    assert!(mkfs.status.success(), "mkfs.ext4: {}", text(&mkfs.stderr));
+    let tree = ws.dir.path().join("tree");
+    let snapshot = ws.dir.path().join("disk.hxz");
+    let packed = hexz_host(&[&"pack", &tree, &"--disk", &image, &"-o", &snapshot]);
+    assert_eq!(packed.status, 0, "pack: {}", packed.stderr);
+    let overlay = ws.dir.path().join("ov");
+    let run = |extra: &[&str], script: &str| {
+        let mut c = Command::new(bin("hexz-host"));
+        c.arg("run")
+            .arg("-q")
+            .arg(&snapshot)
+            .args(extra)
+            .args(["--", "sh", "-c", script])
+            .env("TMPDIR", &ws.tmp)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        let out = c.output().expect("hexz-host run");
+        assert!(
+            out.status.success(),
+            "{script}: {:?}\nstdout: {}\nstderr: {}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+    let ov = overlay.to_str().expect("utf-8 path");
+    let out = run(
+        &["--overlay", ov],
+        "mkdir -p /mnt && mount /dev/vda /mnt && cat /mnt/hello.txt && \
+         echo written > /mnt/new.txt && umount /mnt",
+    );
+    assert_eq!(out, "from the disk\n");
+    assert!(overlay.join("disk.cow").is_file(), "no block overlay");
+    let stream = hexz_host(&[&"cat", &"--stream", &snapshot, &"disk"]);
+    assert_eq!(stream.status, 0, "cat --stream: {}", stream.stderr);
+    assert!(
+        stream.stdout == std::fs::read(&image).expect("read image"),
+        "the snapshot's disk stream changed"
+    );
+    // The same overlay again: the write is there.
+    let out = run(
+        &["--overlay", ov],
+        "mkdir -p /mnt && mount -o ro /dev/vda /mnt && cat /mnt/new.txt",
+    );
+    assert_eq!(out, "written\n");
+    // An ephemeral overlay starts from the snapshot; --no-disk attaches nothing.
+    let out = run(&[], "mkdir -p /mnt && mount -o ro /dev/vda /mnt && ls /mnt");
+    assert_eq!(out, "hello.txt\nlost+found\n");
+    let out = run(
+        &["--no-disk"],
+        "test -e /dev/vda && echo attached || echo none",
+    );
+    assert_eq!(out, "none\n");
+    ws.assert_clean();
+}
+
+#[test]
+fn git_round_trip_in_the_vm_with_git_added_to_the_image() {
+    if !vm_available("git_round_trip_in_the_vm_with_git_added_to_the_image") {
+        return;
+    }
+    let ws = Workspace::new();
+    let overlay = ws.dir.path().join("ov");
+    let script = "git init -q . 2>/dev/null && git add -A && \
+        git -c user.name=vm -c user.email=vm@hexz commit -qm 'made in the vm' && \
+        git status --porcelain && git log --format=%s && git ls-files";
+    let out = ws.run(
+        &[
+            "--with",
+            "git",
+            "--overlay",
+            overlay.to_str().expect("utf-8"),
+        ],
+        &["sh", "-c", script],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "made in the vm\nREADME.md\nblob.bin\nmain-link\nsrc/README-again.md\nsrc/bin/tool.rs\nsrc/main.rs\n"
+    );
+    // The repository the guest made is whole on the host: commit, extract, ask git.
+    let committed = ws.dir.path().join("git.hxz");
+    let c = hexz_host(&[
+        &"commit",
+        &ws.snapshot,
+        &"--overlay",
+        &overlay,
+        &"-o",
+        &committed,
+    ]);
+    assert_eq!(c.status, 0, "commit: {}", c.stderr);
+    let extracted = ws.dir.path().join("x");
+    let x = hexz_host(&[&"extract", &committed, &extracted]);
+    assert_eq!(x.status, 0, "extract: {}", x.stderr);
+    let git = |args: &[&str]| {
+        let o = Command::new("git")
+            .arg("-C")
+            .arg(&extracted)
+            .args(["-c", "safe.directory=*"])
+            .args(args)
+            .output()
+            .expect("git on the host");
+        assert!(o.status.success(), "git {args:?}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    assert_eq!(git(&["log", "--format=%s"]), "made in the vm\n");
+    assert_eq!(git(&["status", "--porcelain"]), "");
+    git(&["fsck", "--strict"]);
+    ws.assert_clean();
+}
+
+#[test]
+fn a_missing_disk_stream_or_program_fails_at_once_with_125_and_says_which() {
+    if !vm_available("a_missing_disk_stream_or_program_fails_at_once_with_125_and_says_which") {
+        return;
+    }
+    let ws = Workspace::new();
+    let out = ws.run(&["--disk", "disk"], &["true"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("no stream 'disk'"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let out = ws.run(&["--with", "no-such-program-hexz"], &["true"], b"");
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("--with no-such-program-hexz: no such program on PATH"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    ws.assert_clean();
+}

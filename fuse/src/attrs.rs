@@ -40,6 +40,15 @@ struct State {
     no_caps: HashSet<u64>,
 }
 
+impl State {
+    fn add_no_caps(&mut self, node: u64) {
+        if self.no_caps.len() >= MAX_NODES {
+            self.no_caps.clear();
+        }
+        self.no_caps.insert(node);
+    }
+}
+
 #[derive(Default)]
 pub struct AttrCache {
     state: Mutex<State>,
@@ -106,13 +115,20 @@ impl AttrCache {
         s.no_caps.remove(&node);
     }
 
-    /// `node` has no `security.capability` (seen on the host, or created just now).
-    pub fn set_no_caps(&self, node: u64) {
+    /// `node` has no `security.capability`, as a reply to a request sent at version
+    /// `since` said: remembered only if nothing changed since (a setxattr may have
+    /// completed in between, and the absence would then be stale). Checked and set
+    /// under one lock.
+    pub fn set_no_caps_since(&self, node: u64, since: u64) {
         let mut s = self.state();
-        if s.no_caps.len() >= MAX_NODES {
-            s.no_caps.clear();
+        if s.version == since {
+            s.add_no_caps(node);
         }
-        s.no_caps.insert(node);
+    }
+
+    /// `node` has no `security.capability` (it was created just now).
+    pub fn set_no_caps(&self, node: u64) {
+        self.state().add_no_caps(node);
     }
 
     pub fn has_no_caps(&self, node: u64) -> bool {
@@ -178,6 +194,12 @@ mod tests {
         assert!(!c.has_no_caps(3));
         c.set_no_caps(3);
         c.forget(3);
+        assert!(!c.has_no_caps(3));
+        // A getxattr answered "absent", but a setxattr finished before that answer was
+        // recorded: it is not.
+        let since = c.since();
+        c.xattrs_changed(3);
+        c.set_no_caps_since(3, since);
         assert!(!c.has_no_caps(3));
     }
 }

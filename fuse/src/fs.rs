@@ -1275,13 +1275,14 @@ impl Filesystem for HexzFs {
         if caps && self.attrs.has_no_caps(ino.0) {
             return reply.error(fuser::Errno::ENODATA);
         }
+        let since = self.attrs.since();
         match self.call(Op::Getxattr {
             node: ino.0,
             name: name(n),
         }) {
             Ok(ReplyBody::Data(v)) => xattr_reply(&v, size, reply),
             Err(Errno::ENODATA) if caps => {
-                self.attrs.set_no_caps(ino.0);
+                self.attrs.set_no_caps_since(ino.0, since);
                 reply.error(fuser::Errno::ENODATA)
             }
             Ok(_) => reply.error(fuser::Errno::EIO),

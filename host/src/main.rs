@@ -139,6 +139,10 @@ enum ImageCmd {
         /// musl release directory beside this binary's target directory).
         #[arg(long)]
         guest_bin_dir: Option<PathBuf>,
+        /// Add a host program and the libraries it loads, e.g. `--with git` (repeatable;
+        /// `run --with` picks the same image).
+        #[arg(long = "with", value_name = "PROGRAM")]
+        with: Vec<String>,
     },
 }
 
@@ -184,6 +188,11 @@ struct VmArgs {
     /// Directory of the static guest binaries for an image built on demand.
     #[arg(long)]
     guest_bin_dir: Option<PathBuf>,
+    /// Add a host program (a name on PATH, or a path) and the libraries it loads to the
+    /// guest image, e.g. `--with git` (repeatable; each set of programs is its own
+    /// cached image).
+    #[arg(long = "with", value_name = "PROGRAM", conflicts_with = "kernel")]
+    with: Vec<String>,
     /// auto: KVM + vhost-vsock when /dev/kvm works and /dev/vhost-vsock exists, else
     /// TCG + vhost-device-vsock.
     #[arg(long, value_enum, default_value = "auto")]
@@ -195,6 +204,14 @@ struct VmArgs {
     /// Do not say which accelerator and vsock transport were picked.
     #[arg(short, long)]
     quiet: bool,
+    /// Raw stream to attach as the guest's /dev/vda (default: the `disk` stream when the
+    /// snapshot has one). Writes go to a block overlay, STREAM.cow in --overlay's
+    /// directory (else in the run's temporary directory).
+    #[arg(long, value_name = "STREAM", conflicts_with = "no_disk")]
+    disk: Option<String>,
+    /// Attach no disk, even when the snapshot has a `disk` stream.
+    #[arg(long)]
+    no_disk: bool,
 }
 
 impl VmArgs {
@@ -204,6 +221,7 @@ impl VmArgs {
         overlay: Option<PathBuf>,
         cache_mib: u64,
     ) -> hexz_host::vm::sandbox::VmOptions {
+        use hexz_host::vm::disk::DiskChoice;
         use hexz_host::vm::sandbox::{ImageChoice, VmOptions};
         let image = match (self.kernel, self.initrd) {
             (Some(kernel), Some(initrd)) => {
@@ -211,6 +229,7 @@ impl VmArgs {
             }
             _ => ImageChoice::Cached {
                 guest_bin_dir: self.guest_bin_dir,
+                programs: self.with,
             },
         };
         VmOptions {
@@ -224,6 +243,11 @@ impl VmArgs {
             cache_mib,
             quiet: self.quiet,
             template: hexz_host::vm::sandbox::TemplateChoice::Auto,
+            disk: match (self.disk, self.no_disk) {
+                (_, true) => DiskChoice::None,
+                (Some(stream), false) => DiskChoice::Stream(stream),
+                (None, false) => DiskChoice::Auto,
+            },
         }
     }
 }
@@ -552,11 +576,19 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(125)))
         }
         Cmd::Image {
-            cmd: ImageCmd::Build { guest_bin_dir },
+            cmd:
+                ImageCmd::Build {
+                    guest_bin_dir,
+                    with,
+                },
         } => {
             use hexz_host::vm::image;
             let cache = image::cache_dir();
-            let bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            let mut bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            bins.programs = with
+                .iter()
+                .map(|p| hexz_host::vm::programs::Program::find(p))
+                .collect::<Result<_, _>>()?;
             let kernel = image::fetch_kernel(&cache)?;
             let built = image::build(&cache, &kernel, &bins)?;
             println!("kernel {}", built.kernel.display());

@@ -18,6 +18,8 @@ pub struct Cmdline {
     pub fs_port: u32,
     pub exec_port: u32,
     pub mode: Mode,
+    /// `hexz.trace`: print when each start-up step ends (`trace`).
+    pub trace: bool,
 }
 
 /// What the guest is for (`hexz.mode=`).
@@ -45,6 +47,7 @@ impl Cmdline {
             fs_port: 5001,
             exec_port: hexz_protocol::exec::DEFAULT_EXEC_PORT,
             mode: Mode::Exec,
+            trace: false,
         };
         for word in text.split_whitespace() {
             match word.split_once('=') {
@@ -53,10 +56,31 @@ impl Cmdline {
                 Some(("hexz.mode", "console")) => c.mode = Mode::Console,
                 Some(("hexz.mode", "idle")) => c.mode = Mode::Idle,
                 Some(("hexz.mode", "template")) => c.mode = Mode::Template,
+                None if word == "hexz.trace" => c.trace = true,
                 _ => {}
             }
         }
         c
+    }
+}
+
+static TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn enable_trace() {
+    TRACE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// With `hexz.trace`: prints the time since the kernel started and `step` on the console.
+pub fn trace(step: &str) {
+    if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes only the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        let t = ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
+        eprintln!("hexz-init: {t:.3} s {step}");
     }
 }
 
@@ -99,6 +123,7 @@ pub fn load_modules() -> anyhow::Result<()> {
                 bail!("loading module {path}: {err}");
             }
         }
+        trace(path);
     }
     Ok(())
 }
@@ -111,16 +136,36 @@ pub fn vsock_host(port: u32) -> String {
 /// Starts the guest daemon on /workspace, connecting to `connect` (an address as
 /// `hexz-guestfused --connect` takes it), and waits (bounded) until the mount is there.
 pub fn mount_workspace(connect: &str, limit: Duration) -> anyhow::Result<Child> {
+    wait_for_workspace(start_workspace_daemon(connect, limit)?, connect, limit)
+}
+
+/// Starts the guest daemon on /workspace; `wait_for_workspace` waits for the mount.
+pub fn start_workspace_daemon(connect: &str, limit: Duration) -> anyhow::Result<Child> {
     std::fs::create_dir_all(WORKSPACE).context("mkdir /workspace")?;
-    let mut daemon = Command::new(GUESTFUSED)
+    Command::new(GUESTFUSED)
         .arg(WORKSPACE)
         .arg("--connect")
         .arg(connect)
         .arg("--timeout")
         .arg(limit.as_secs().max(1).to_string())
-        .env("RUST_LOG", "warn,fuser::mnt=error")
+        .env(
+            "RUST_LOG",
+            if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+                "info,fuser=warn,fuser::mnt=error"
+            } else {
+                "warn,fuser::mnt=error"
+            },
+        )
         .spawn()
-        .with_context(|| format!("starting {GUESTFUSED}"))?;
+        .with_context(|| format!("starting {GUESTFUSED}"))
+}
+
+/// Waits (bounded) until the daemon has mounted /workspace.
+pub fn wait_for_workspace(
+    mut daemon: Child,
+    connect: &str,
+    limit: Duration,
+) -> anyhow::Result<Child> {
     let deadline = Instant::now() + limit;
     loop {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -128,6 +173,7 @@ pub fn mount_workspace(connect: &str, limit: Duration) -> anyhow::Result<Child> 
             .lines()
             .any(|l| l.split_whitespace().nth(1) == Some(WORKSPACE))
         {
+            trace("/workspace mounted");
             return Ok(daemon);
         }
         if let Some(status) = daemon.try_wait().context("waiting for hexz-guestfused")? {
@@ -140,7 +186,7 @@ pub fn mount_workspace(connect: &str, limit: Duration) -> anyhow::Result<Child> 
                 limit.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -191,5 +237,7 @@ mod tests {
         assert_eq!((c.fs_port, c.mode), (5001, Mode::Console));
         assert_eq!(Cmdline::parse("hexz.mode=idle").mode, Mode::Idle);
         assert_eq!(Cmdline::parse("hexz.mode=template").mode, Mode::Template);
+        assert!(Cmdline::parse("quiet hexz.trace").trace);
+        assert!(!Cmdline::parse("quiet hexz.tracex=1").trace);
     }
 }

@@ -115,6 +115,7 @@ pub fn run(
         what: format!("{argv0}: {e}"),
     })?;
     let pid = child.id();
+    crate::boot::trace("command spawned");
     let _ = channel.send(&GuestMsg::Started { pid });
 
     let (done_tx, done_rx) = mpsc::channel::<()>();

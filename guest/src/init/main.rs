@@ -10,6 +10,7 @@ mod resume;
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -31,6 +32,10 @@ fn main() {
 fn start() -> anyhow::Result<()> {
     boot::mount_basics()?;
     let cmdline = boot::Cmdline::read()?;
+    if cmdline.trace {
+        boot::enable_trace();
+        boot::trace("init started");
+    }
     boot::load_modules()?;
     let fs = boot::vsock_host(cmdline.fs_port);
     match cmdline.mode {
@@ -43,26 +48,33 @@ fn start() -> anyhow::Result<()> {
             }
         }
         boot::Mode::Exec => {
+            // The daemon starts (and reaches the host) while the exec channel connects.
+            let daemon = boot::start_workspace_daemon(&fs, HOST_WAIT);
             let stream = connect_host(cmdline.exec_port, HOST_WAIT)
                 .with_context(|| format!("exec channel (vsock port {})", cmdline.exec_port))?;
-            exec(stream, &fs)
+            exec(stream, &fs, Some(daemon))
         }
         boot::Mode::Template => {
             let exec_port = resume::port(resume::EXEC_PORT, HOST_WAIT)?;
             let fs_port = resume::port(resume::FS_PORT, HOST_WAIT)?;
             let stream = resume::park_and_resume(&exec_port)?;
-            exec(stream, &format!("virtio-port:{}", fs_port.display()))
+            // Only now: the template must not hold a live file session.
+            exec(stream, &format!("virtio-port:{}", fs_port.display()), None)
         }
     }
 }
 
-/// The exec channel's guest end on `stream`: mounts /workspace from `fs`, runs the
-/// host's command, unmounts, reports, and waits (bounded) for the host to close.
-fn exec(stream: File, fs: &str) -> anyhow::Result<()> {
+/// The exec channel's guest end on `stream`: mounts /workspace from `fs` (with the daemon
+/// `started` already, or starting it now), runs the host's command, unmounts, reports,
+/// and waits (bounded) for the host to close.
+fn exec(stream: File, fs: &str, started: Option<anyhow::Result<Child>>) -> anyhow::Result<()> {
+    boot::trace("exec channel connected");
     let channel = command::Channel::new(&stream).context("exec channel")?;
     let from_host_fd = stream.try_clone().context("exec channel")?;
     let from_host = stream;
-    let last = match boot::mount_workspace(fs, HOST_WAIT) {
+    let daemon = started.unwrap_or_else(|| boot::start_workspace_daemon(fs, HOST_WAIT));
+    let mounted = daemon.and_then(|d| boot::wait_for_workspace(d, fs, HOST_WAIT));
+    let last = match mounted {
         Ok(daemon) => {
             let last = run_requested(&channel, from_host);
             boot::unmount_workspace(daemon);

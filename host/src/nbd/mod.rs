@@ -10,7 +10,7 @@ mod wire;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ use wire::*;
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `serve_until` waits, once stopped, for open connections to end.
+const STOP_DRAIN: Duration = Duration::from_secs(5);
 
 /// The one export a server offers.
 pub struct Export {
@@ -129,16 +131,37 @@ impl Write for Conn {
 
 /// Accepts clients forever, one thread per connection; returns only if accepting fails.
 pub fn serve(listener: Listener, export: Arc<Export>, limits: Limits) -> io::Result<()> {
+    serve_until(listener, export, limits, &AtomicBool::new(false))
+}
+
+/// `serve` that returns once `stop` is set and the next connection (the caller's wake-up)
+/// arrives, after waiting up to `STOP_DRAIN` for open connections to end (each flushes a
+/// writable device as it ends).
+pub fn serve_until(
+    listener: Listener,
+    export: Arc<Export>,
+    limits: Limits,
+    stop: &AtomicBool,
+) -> io::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
     for n in 1u64.. {
-        let (conn, peer) = match &listener {
-            Listener::Tcp(l) => {
-                let (s, a) = l.accept()?;
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().map(|(s, a)| {
                 let _ = s.set_nodelay(true);
                 (Conn::Tcp(s), a.to_string())
-            }
-            Listener::Unix(l) => (Conn::Unix(l.accept()?.0), format!("client {n}")),
+            }),
+            Listener::Unix(l) => l
+                .accept()
+                .map(|(s, _)| (Conn::Unix(s), format!("client {n}"))),
         };
+        if stop.load(Ordering::Acquire) {
+            let deadline = std::time::Instant::now() + STOP_DRAIN;
+            while active.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return Ok(());
+        }
+        let (conn, peer) = accepted?;
         if active.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
             active.fetch_sub(1, Ordering::AcqRel);
             warn!(

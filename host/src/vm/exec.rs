@@ -108,6 +108,7 @@ enum Outcome {
 /// the sandbox failed; 126/127 when the command could not be run; 128+N on signal N).
 pub fn run_command(opts: &VmOptions, spec: &CommandSpec) -> i32 {
     let started = Instant::now();
+    super::trace("run starts");
     let (events_tx, events) = mpsc::channel::<Event>();
     if let Err(e) = signals_to_events(events_tx.clone()) {
         eprintln!("hexz-host: {e}");
@@ -224,6 +225,7 @@ fn drive(
                         std::thread::spawn(move || forward_stdin(wc));
                         writer = Some(w);
                         connected_at = Some(now);
+                        super::trace("exec channel connected, run request sent");
                         vm.exec_listener = None;
                     }
                     Ok(None) => {}
@@ -256,7 +258,10 @@ fn drive(
                 "QEMU exited ({status}) before the command finished (the guest crashed or could not boot)"
             ));
         }
-        let event = match events.recv_timeout(Duration::from_millis(20)) {
+        // The exec listener is polled: often until the guest connects (start-up latency),
+        // then only as often as the timeouts need.
+        let tick = if writer.is_none() { 2 } else { 20 };
+        let event = match events.recv_timeout(Duration::from_millis(tick)) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => {
@@ -314,9 +319,13 @@ fn handle_guest(
     match msg {
         GuestMsg::Started { .. } => {
             *command_started = true;
+            super::trace("command started");
             None
         }
         GuestMsg::Stdout(b) => {
+            if super::tracing_startup() {
+                super::trace(&format!("{} bytes of stdout", b.len()));
+            }
             write_out(&mut stdout.lock(), &b);
             None
         }

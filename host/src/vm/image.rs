@@ -10,28 +10,29 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::cpio::{Archive, Entry};
+use super::programs::Program;
 use crate::error::{Error, Result};
 
 /// Modules the guest loads, in this order (dependencies first).
+/// The microvm machine has no PCI bus, so virtio-mmio is the only transport needed.
 pub const MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_mmio",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "fuse",
     // virtio-serial: the channels of a VM restored from a memory template (`template/`).
     "virtio_console",
+    // /dev/vda when a raw stream is attached (ext4 and its helpers are built in).
+    "virtio_blk",
 ];
 
 /// The meta-package whose dependency names the kernel package to fetch.
 const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 /// Bumped when the image layout changes, so old cache entries are not reused.
-const RECIPE_VERSION: &str = "hexz-image-1";
+const RECIPE_VERSION: &str = "hexz-image-2";
 const MUSL_BUILD: &str =
     "cargo build --release -p hexz-guestfused --target x86_64-unknown-linux-musl";
 
@@ -48,6 +49,8 @@ pub struct GuestBinaries {
     pub init: PathBuf,
     pub guestfused: PathBuf,
     pub busybox: PathBuf,
+    /// Host programs added on request (`--with`), with their libraries.
+    pub programs: Vec<Program>,
 }
 
 /// `$HEXZ_CACHE_DIR`, else `$XDG_CACHE_HOME/hexz`, else `~/.cache/hexz`.
@@ -186,6 +189,7 @@ pub fn find_guest_binaries(dir: Option<&Path>) -> Result<GuestBinaries> {
         init: dir.join("hexz-init"),
         guestfused: dir.join("hexz-guestfused"),
         busybox,
+        programs: Vec::new(),
     })
 }
 
@@ -276,7 +280,11 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The initramfs contents, in memory.
-fn initramfs(bins: &GuestBinaries, modules: &[(String, PathBuf)]) -> Result<Archive> {
+fn initramfs(
+    bins: &GuestBinaries,
+    modules: &[(String, PathBuf)],
+    strip_signatures: bool,
+) -> Result<Archive> {
     for p in [&bins.init, &bins.guestfused, &bins.busybox] {
         if !is_static(p)? {
             return Err(vm_err(format!(
@@ -335,10 +343,27 @@ fn initramfs(bins: &GuestBinaries, modules: &[(String, PathBuf)]) -> Result<Arch
             },
         );
     }
+    for program in &bins.programs {
+        for path in program.files() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| Error::io(path, e))?
+                .permissions()
+                .mode()
+                & 0o755;
+            a.insert(&path.to_string_lossy(), file(mode, path)?);
+        }
+    }
     let mut order = String::new();
     for (file_name, path) in modules {
         let dest = format!("lib/modules/{file_name}");
-        a.insert(&dest, file(0o644, path)?);
+        let data = read(path)?;
+        let data = if strip_signatures {
+            without_signature(&data).to_vec()
+        } else {
+            data
+        };
+        a.insert(&dest, Entry::File { mode: 0o644, data });
         order.push_str(&format!("/{dest}\n"));
     }
     a.insert(
@@ -366,8 +391,50 @@ fn initramfs(bins: &GuestBinaries, modules: &[(String, PathBuf)]) -> Result<Arch
     Ok(a)
 }
 
-/// The binary without its debug sections when `objcopy` is present (release builds keep
-/// debug info, which would triple the initramfs and its load time), else as it is.
+const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// The module without its appended signature (as `strip --strip-unneeded` of a signed
+/// module would leave it): the guest kernel then skips checking it, a SHA-256 and an RSA
+/// verification per module that cost tens of milliseconds under TCG. Unsigned modules
+/// taint the kernel ("E"), which is harmless here; kernels that enforce signatures keep
+/// them (see `enforces_signatures`).
+fn without_signature(module: &[u8]) -> &[u8] {
+    let Some(body) = module.strip_suffix(SIGNATURE_MAGIC) else {
+        return module;
+    };
+    // struct module_signature: 8 bytes of fields, then the signature length (big endian).
+    let Some(info) = body.len().checked_sub(12).map(|at| &body[at..]) else {
+        return module;
+    };
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    match (body.len() - 12).checked_sub(sig_len) {
+        Some(end) => &body[..end],
+        None => module,
+    }
+}
+
+/// True when the kernel's config (`boot/config-*` of the package) refuses unsigned
+/// modules, or cannot be read.
+fn enforces_signatures(kernel_root: &Path) -> bool {
+    let boot = kernel_root.join("boot");
+    let Ok(entries) = std::fs::read_dir(&boot) else {
+        return true;
+    };
+    let config = entries.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("config-"))
+    });
+    match config.and_then(|c| std::fs::read_to_string(c).ok()) {
+        Some(text) => text
+            .lines()
+            .any(|l| l.trim() == "CONFIG_MODULE_SIG_FORCE=y"),
+        None => true,
+    }
+}
+
+/// The binary without symbols and debug sections when `objcopy` is present (release
+/// builds keep debug info, which would triple the initramfs; under TCG every megabyte of
+/// initramfs costs ~70 ms of boot), else as it is.
 fn stripped(path: &Path) -> Result<Entry> {
     let Some(objcopy) = super::find_in_path("objcopy") else {
         return Ok(Entry::File {
@@ -378,10 +445,10 @@ fn stripped(path: &Path) -> Result<Entry> {
     let tmp = tempfile::NamedTempFile::new().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     run_tool(
         Command::new(objcopy)
-            .arg("--strip-debug")
+            .arg("--strip-all")
             .arg(path)
             .arg(tmp.path()),
-        "objcopy --strip-debug",
+        "objcopy --strip-all",
     )?;
     Ok(Entry::File {
         mode: 0o755,
@@ -396,6 +463,7 @@ pub fn build(cache: &Path, kernel_root: &Path, bins: &GuestBinaries) -> Result<I
     // start does not re-read and re-hash ~30 MB.
     let mut inputs = vec![vmlinuz.clone(), bins.init.clone(), bins.guestfused.clone()];
     inputs.push(bins.busybox.clone());
+    inputs.extend(bins.programs.iter().flat_map(|p| p.files().cloned()));
     inputs.extend(modules.iter().map(|(_, p)| p.clone()));
     let stamp = input_stamp(&inputs)?;
     let stamp_file = cache.join("images").join("stamps").join(&stamp);
@@ -409,7 +477,8 @@ pub fn build(cache: &Path, kernel_root: &Path, bins: &GuestBinaries) -> Result<I
             return Ok(image);
         }
     }
-    let image = build_from_contents(cache, &vmlinuz, bins, &modules)?;
+    let strip_signatures = !enforces_signatures(kernel_root);
+    let image = build_from_contents(cache, &vmlinuz, bins, &modules, strip_signatures)?;
     if let Some(name) = image.kernel.parent().and_then(Path::file_name) {
         let _ = std::fs::create_dir_all(cache.join("images").join("stamps"));
         let _ = std::fs::write(&stamp_file, name.to_string_lossy().as_bytes());
@@ -437,8 +506,9 @@ fn build_from_contents(
     vmlinuz: &Path,
     bins: &GuestBinaries,
     modules: &[(String, PathBuf)],
+    strip_signatures: bool,
 ) -> Result<Image> {
-    let initrd_bytes = initramfs(bins, modules)?.to_bytes();
+    let initrd_bytes = initramfs(bins, modules, strip_signatures)?.to_bytes();
     let kernel_bytes = read(vmlinuz)?;
     let mut h = blake3::Hasher::new();
     h.update(RECIPE_VERSION.as_bytes());
@@ -501,6 +571,23 @@ fn prune_images(images: &Path, current: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_module_signature_is_cut_off_and_an_unsigned_module_kept() {
+        let mut signed = b"ELF module body".to_vec();
+        let sig = [7u8; 300];
+        signed.extend_from_slice(&sig);
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        signed.extend_from_slice(&(sig.len() as u32).to_be_bytes());
+        signed.extend_from_slice(SIGNATURE_MAGIC);
+        assert_eq!(without_signature(&signed), b"ELF module body");
+        assert_eq!(without_signature(b"plain"), b"plain");
+        // A length past the start leaves the module as it is.
+        let mut bad = b"x".to_vec();
+        bad.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0]);
+        bad.extend_from_slice(SIGNATURE_MAGIC);
+        assert_eq!(without_signature(&bad), &bad[..]);
+    }
 
     #[test]
     fn static_check_tells_this_test_binary_from_a_static_one() {

@@ -44,6 +44,9 @@ pub struct Machine {
     pub extra_cmdline: String,
     pub vsock: VsockDevice,
     pub console: Console,
+    /// An NBD server's Unix socket whose export becomes the guest's virtio-blk disk
+    /// (`/dev/vda`).
+    pub nbd_disk: Option<PathBuf>,
 }
 
 /// The QEMU binary on `PATH`.
@@ -88,7 +91,10 @@ pub fn tsc_khz() -> Option<u64> {
 
 /// The guest kernel's command line: the fixed part, then `extra` (`hexz.*=` settings).
 pub fn kernel_cmdline(extra: &str) -> String {
-    let mut c = String::from("console=ttyS0 panic=-1 quiet reboot=t");
+    // cryptomgr.notests: the kernel's boot-time self-tests of every crypto algorithm it
+    // registers cost ~0.4 s under TCG (docs/BENCHMARKS.md, start-up); `fips=1` would
+    // still force them.
+    let mut c = String::from("console=ttyS0 panic=-1 quiet reboot=t cryptomgr.notests");
     if let Some(khz) = tsc_khz() {
         c.push_str(&format!(" tsc_early_khz={khz}"));
     }
@@ -128,6 +134,19 @@ impl Machine {
                 cmd.arg("-device")
                     .arg(format!("vhost-vsock-device,guest-cid={cid}"));
             }
+        }
+        if let Some(socket) = &self.nbd_disk {
+            // JSON, so no character of the path can be taken for an option separator.
+            let spec = serde_json::json!({
+                "driver": "raw",
+                "node-name": "disk0",
+                "file": {
+                    "driver": "nbd",
+                    "server": {"type": "unix", "path": socket.to_string_lossy()},
+                },
+            });
+            cmd.arg("-blockdev").arg(spec.to_string());
+            cmd.args(["-device", "virtio-blk-device,drive=disk0"]);
         }
         cmd.arg("-kernel").arg(&self.kernel);
         cmd.arg("-initrd").arg(&self.initrd);
@@ -243,6 +262,7 @@ mod tests {
                 socket: "/d/vhost.sock".into(),
             },
             console: Console::Log("/d/console.log".into()),
+            nbd_disk: Some("/d/disk,0.sock".into()),
         };
         let args: Vec<String> = m
             .command(Path::new("qemu"))
@@ -257,6 +277,8 @@ mod tests {
         assert!(joined.contains("-serial file:/d/console.log"));
         assert!(m.cmdline().ends_with("hexz.exec_port=5002"));
         assert!(!joined.contains("-nographic"));
+        assert!(joined.contains(r#""path":"/d/disk,0.sock""#));
+        assert!(joined.contains("virtio-blk-device,drive=disk0"));
     }
 
     #[test]
@@ -270,6 +292,7 @@ mod tests {
             extra_cmdline: String::new(),
             vsock: VsockDevice::Kernel { cid: 42 },
             console: Console::Terminal,
+            nbd_disk: None,
         };
         let joined: Vec<String> = m
             .command(Path::new("qemu"))
@@ -281,5 +304,6 @@ mod tests {
         assert!(joined.contains("vhost-vsock-device,guest-cid=42"));
         assert!(joined.contains("-nographic"));
         assert!(!joined.contains("memfd"));
+        assert!(!joined.contains("-blockdev"));
     }
 }

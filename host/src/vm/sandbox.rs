@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use hexz_protocol::exec::{GuestMsg, DEFAULT_EXEC_PORT};
 
+use super::disk::{self, DiskChoice, DiskServer};
 use super::exec::EXIT_SANDBOX_FAILED;
 use super::image::{self, Image};
+use super::programs::Program;
 use super::qemu::{self, Accel, Console, Machine, Qemu, VsockDevice};
 use super::vsock::{self, HybridBackend, PortListener};
 use crate::error::{Error, Result};
@@ -30,6 +32,8 @@ pub enum ImageChoice {
     /// never downloading).
     Cached {
         guest_bin_dir: Option<PathBuf>,
+        /// Host programs to add (`--with`): a name on `PATH` or a path.
+        programs: Vec<String>,
     },
     Given(Image),
 }
@@ -60,6 +64,8 @@ pub struct VmOptions {
     pub quiet: bool,
     /// `run` only: restore a memory template or boot cold (`template/`).
     pub template: TemplateChoice,
+    /// Which raw stream, if any, becomes the guest's `/dev/vda`.
+    pub disk: DiskChoice,
 }
 
 /// Whether `run` restores a memory template.
@@ -134,10 +140,12 @@ impl Drop for ServerThread {
     }
 }
 
-/// A booted VM. Fields drop in order: QEMU first, then the backend, the listener, the
+/// A booted VM. Fields drop in order: QEMU first, then the disk server (flushing its
+/// overlay once nothing can write), the backend, the listener, the
 /// server (flushing the overlay once nothing can write), the temporary directory.
 pub struct Vm {
     pub(super) qemu: Qemu,
+    pub(super) _disk: Option<DiskServer>,
     pub(super) _backend: Option<HybridBackend>,
     pub(super) exec_listener: Option<PortListener>,
     pub(super) _server: ServerThread,
@@ -186,10 +194,17 @@ pub(super) fn resolve_image(choice: &ImageChoice) -> Result<Image> {
             }
             Ok(image.clone())
         }
-        ImageChoice::Cached { guest_bin_dir } => {
+        ImageChoice::Cached {
+            guest_bin_dir,
+            programs,
+        } => {
             let cache = image::cache_dir();
             let kernel = image::fetched_kernel(&cache)?;
-            let bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            let mut bins = image::find_guest_binaries(guest_bin_dir.as_deref())?;
+            bins.programs = programs
+                .iter()
+                .map(|p| Program::find(p))
+                .collect::<Result<_>>()?;
             image::build(&cache, &kernel, &bins)
         }
     }
@@ -245,7 +260,9 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         &opts.snapshot,
         opts.cache_mib << 20,
     )?);
-    let vfs = Arc::new(Vfs::new(snap, opts.overlay.as_deref(), false)?);
+    let disk_stream = opts.disk.resolve(&snap);
+    let vfs = Arc::new(Vfs::new(snap.clone(), opts.overlay.as_deref(), false)?);
+    super::trace("image ready, snapshot and overlay open");
     if !opts.quiet {
         eprintln!("hexz-host: booting with {platform}");
     }
@@ -253,6 +270,20 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         .prefix("hexz-vm-")
         .tempdir()
         .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let disk = match &disk_stream {
+        Some(stream) => {
+            let overlay = disk::overlay_path(opts.overlay.as_deref(), dir.path(), stream);
+            let server = DiskServer::start(snap, stream, &overlay, dir.path().join("disk.sock"))?;
+            if !opts.quiet {
+                eprintln!(
+                    "hexz-host: stream '{stream}' is the guest's /dev/vda (writes go to {})",
+                    overlay.display()
+                );
+            }
+            Some(server)
+        }
+        None => None,
+    };
     let console_log = opts
         .console_log
         .clone()
@@ -281,6 +312,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         }
     };
     let server = ServerThread::start(vfs, server_addr, ServerConfig::default())?;
+    super::trace("VFS server listening");
     let exec_listener = match (mode, kernel_vsock) {
         (Mode::Exec, true) => Some(PortListener::kernel(exec_port, cid)?),
         (Mode::Exec, false) => Some(PortListener::hybrid(PathBuf::from(format!(
@@ -297,6 +329,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         )?),
         None => None,
     };
+    super::trace("vsock backend ready");
     let vsock_device = match &backend {
         Some(b) => VsockDevice::VhostUser {
             socket: b.vhost_socket.clone(),
@@ -315,9 +348,15 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         kernel: image.kernel,
         initrd: image.initrd,
         extra_cmdline: format!(
-            "hexz.mode={mode_arg} hexz.fs_port={fs_port} hexz.exec_port={exec_port}"
+            "hexz.mode={mode_arg} hexz.fs_port={fs_port} hexz.exec_port={exec_port}{}",
+            if super::tracing_startup() {
+                " hexz.trace"
+            } else {
+                ""
+            }
         ),
         vsock: vsock_device,
+        nbd_disk: disk.as_ref().map(|d| d.socket.clone()),
         console: if mode == Mode::Console {
             Console::Terminal
         } else {
@@ -325,8 +364,10 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         },
     };
     let qemu = Qemu::start(&machine, &qemu_bin, helper_log("qemu.log")?)?;
+    super::trace("QEMU started");
     Ok(Vm {
         qemu,
+        _disk: disk,
         _backend: backend,
         exec_listener,
         _server: server,

@@ -250,11 +250,15 @@ pub fn build_options(
         overlay: None,
         memory_mib,
         cpus,
-        image: ImageChoice::Cached { guest_bin_dir },
+        image: ImageChoice::Cached {
+            guest_bin_dir,
+            programs: Vec::new(),
+        },
         accel,
         console_log: None,
         cache_mib: 0,
         quiet: true,
         template: TemplateChoice::Auto,
+        disk: crate::vm::disk::DiskChoice::None,
     }
 }

@@ -50,6 +50,18 @@ fn choose(opts: &VmOptions) -> Result<Option<(Template, Wanted)>> {
         TemplateChoice::Auto => true,
         TemplateChoice::Given(_) => false,
     };
+    // A template has no disk device: a run that attaches a raw stream boots.
+    if opts.disk != crate::vm::disk::DiskChoice::None {
+        let snap = Snapshot::open(&opts.snapshot)?;
+        if let Some(stream) = opts.disk.resolve(&snap) {
+            if !auto || !opts.quiet {
+                eprintln!(
+                    "hexz-host: the snapshot's `{stream}` stream is attached as /dev/vda, which a memory template cannot offer; booting cold (--no-disk to restore instead)"
+                );
+            }
+            return Ok(None);
+        }
+    }
     let w = wanted(opts)?;
     let dir = match &opts.template {
         TemplateChoice::Given(d) => d.clone(),
@@ -202,6 +214,7 @@ fn restore(opts: &VmOptions, t: &Template, w: &Wanted) -> Result<Vm> {
         }));
     }
     Ok(Vm {
+        _disk: None,
         qemu,
         _backend: None,
         exec_listener: Some(exec_listener),
