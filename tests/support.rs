@@ -192,6 +192,7 @@ pub mod proto {
                     attr,
                     entry_ttl_ms: 0,
                     attr_ttl_ms: 0,
+                    dir_attr: None,
                 },
                 other => panic!("getattr root: {other:?}"),
             }

@@ -636,11 +636,27 @@ impl HexzFs {
     fn reply_new_entry(&self, parent: u64, op: Op, reply: ReplyEntry) {
         let since = self.attrs.since();
         let r = self.call(op);
-        if let Ok(ReplyBody::Entry(e)) = &r {
-            self.attrs.set_no_caps(e.node);
+        match &r {
+            Ok(ReplyBody::Entry(e)) => {
+                self.note_new_name(parent, e, since);
+                self.attrs.set_no_caps(e.node); // a new node (EEXIST otherwise)
+            }
+            _ => self.attrs.invalidate(parent),
         }
-        self.reply_entry(since, r, reply);
+        self.reply_entry(since + 1, r, reply);
+    }
+
+    /// Before the kernel hears of a name added under `parent` by a request sent at cache
+    /// version `since`: the parent's attributes changed (the reply may carry the new
+    /// ones), and the entry's node is as the reply says, unless another change raced.
+    fn note_new_name(&self, parent: u64, e: &hexz_protocol::Entry, since: u64) {
         self.attrs.invalidate(parent);
+        if let Some(d) = &e.dir_attr {
+            self.attrs
+                .put_after_own_change(parent, d, e.attr_ttl_ms, since);
+        }
+        self.attrs
+            .put_after_own_change(e.node, &e.attr, e.attr_ttl_ms, since);
     }
 
     fn reply_empty(&self, r: Result<ReplyBody, Errno>, reply: ReplyEmpty) {
@@ -931,8 +947,11 @@ impl Filesystem for HexzFs {
             new_parent: newparent.0,
             new_name: name(newname),
         });
-        self.reply_entry(since, r, reply);
-        self.attrs.invalidate(newparent.0);
+        match &r {
+            Ok(ReplyBody::Entry(e)) => self.note_new_name(newparent.0, e, since),
+            _ => self.attrs.invalidate(newparent.0),
+        }
+        self.reply_entry(since + 1, r, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -1340,12 +1359,19 @@ impl Filesystem for HexzFs {
         };
         let since = self.attrs.since();
         let r = self.call_epoch(op);
-        if let Ok((ReplyBody::Created { entry, .. }, _)) = &r {
-            self.attrs
-                .put(entry.node, &entry.attr, entry.attr_ttl_ms, since);
-            self.attrs.set_no_caps(entry.node);
+        match &r {
+            Ok((ReplyBody::Created { entry, .. }, _)) => {
+                self.note_new_name(parent.0, entry, since);
+                // Without O_EXCL an existing file may have been opened, capabilities
+                // and all. A node created by this call has the ctime the directory got
+                // as its mtime; one changed since (a capability set) has a later one.
+                let created = entry.dir_attr.is_some_and(|d| d.mtime == entry.attr.ctime);
+                if flags as i32 & libc::O_EXCL != 0 || created {
+                    self.attrs.set_no_caps(entry.node);
+                }
+            }
+            _ => self.attrs.invalidate(parent.0),
         }
-        self.attrs.invalidate(parent.0);
         match r {
             Ok((ReplyBody::Created { entry, fh }, epoch)) if self.no_open => {
                 let host = self.host_fh(fh, epoch, false);

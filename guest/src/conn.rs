@@ -518,6 +518,7 @@ mod tests {
             attr: Attr::default(),
             entry_ttl_ms: 0,
             attr_ttl_ms: 0,
+            dir_attr: None,
         }
     }
 

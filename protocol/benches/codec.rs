@@ -25,6 +25,7 @@ fn entry() -> Entry {
         attr: attr(),
         entry_ttl_ms: 3_600_000,
         attr_ttl_ms: 3_600_000,
+        dir_attr: None,
     }
 }
 

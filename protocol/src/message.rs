@@ -118,6 +118,11 @@ pub struct Entry {
     pub entry_ttl_ms: u32,
     /// How long the client may cache `attr`.
     pub attr_ttl_ms: u32,
+    /// Replies to operations that add a name (`mknod`, `mkdir`, `symlink`, `link`,
+    /// `create`): the directory's attributes after the change, valid for `attr_ttl_ms`
+    /// (servers may leave it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir_attr: Option<Attr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

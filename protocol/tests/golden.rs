@@ -43,6 +43,7 @@ fn examples() -> Vec<(&'static str, Msg)> {
         },
         entry_ttl_ms: 60_000,
         attr_ttl_ms: 60_000,
+        dir_attr: None,
     };
     let entry = Entry {
         node: 2,
@@ -50,6 +51,7 @@ fn examples() -> Vec<(&'static str, Msg)> {
         attr: attr(),
         entry_ttl_ms: 60_000,
         attr_ttl_ms: 60_000,
+        dir_attr: None,
     };
     vec![
         (

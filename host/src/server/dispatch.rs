@@ -33,6 +33,16 @@ impl Session {
             attr,
             entry_ttl_ms: self.ttl_ms,
             attr_ttl_ms: self.ttl_ms,
+            dir_attr: None,
+        }
+    }
+
+    /// The entry of a name just added to `dir`, with the directory's new attributes (so
+    /// the client need not ask for them).
+    fn new_entry(&self, vfs: &Vfs, dir: u64, attr: Attr) -> Entry {
+        Entry {
+            dir_attr: vfs.getattr(self.owner, dir, None).ok(),
+            ..self.entry(attr)
         }
     }
 
@@ -143,7 +153,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             uid,
             gid,
         } => reply(vfs.symlink(o, parent, &name, &target, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(a))
+            ReplyBody::Entry(s.new_entry(vfs, parent, a))
         }),
         Op::Mknod {
             parent,
@@ -153,7 +163,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             uid,
             gid,
         } => reply(vfs.mknod(o, parent, &name, mode, rdev, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(a))
+            ReplyBody::Entry(s.new_entry(vfs, parent, a))
         }),
         Op::Mkdir {
             parent,
@@ -162,7 +172,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             uid,
             gid,
         } => reply(vfs.mkdir(o, parent, &name, mode, uid, gid), |a| {
-            ReplyBody::Entry(s.entry(a))
+            ReplyBody::Entry(s.new_entry(vfs, parent, a))
         }),
         Op::Unlink { parent, name } => ok(vfs.unlink(parent, &name)),
         Op::Rmdir { parent, name } => ok(vfs.rmdir(parent, &name)),
@@ -178,7 +188,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             new_parent,
             new_name,
         } => reply(vfs.link(o, node, new_parent, &new_name), |a| {
-            ReplyBody::Entry(s.entry(a))
+            ReplyBody::Entry(s.new_entry(vfs, new_parent, a))
         }),
         Op::Open { node, flags, read } => match vfs.open(o, node, flags) {
             Ok(fh) => {
@@ -276,7 +286,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         } => reply(
             vfs.create(o, parent, &name, mode, flags, uid, gid),
             |(a, fh)| ReplyBody::Created {
-                entry: s.entry(a),
+                entry: s.new_entry(vfs, parent, a),
                 fh,
             },
         ),

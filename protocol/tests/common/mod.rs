@@ -57,14 +57,16 @@ pub fn entry() -> impl Strategy<Value = Entry> {
         attr(),
         any::<u32>(),
         any::<u32>(),
+        prop::option::of(attr()),
     )
         .prop_map(
-            |(node, generation, attr, entry_ttl_ms, attr_ttl_ms)| Entry {
+            |(node, generation, attr, entry_ttl_ms, attr_ttl_ms, dir_attr)| Entry {
                 node,
                 generation,
                 attr,
                 entry_ttl_ms,
                 attr_ttl_ms,
+                dir_attr,
             },
         )
 }
