@@ -678,7 +678,7 @@ fn a_hostile_guest_gets_errors_never_an_escape_a_crash_or_unbounded_memory() {
             });
         }
         for _ in 0..200 {
-            assert_eq!(c.recv().r, ReplyBody::Ok {});
+            assert_eq!(c.recv().r, ReplyBody::ok());
         }
     }
     assert_eq!(c.read_path("README.md").unwrap(), b"# hostile\n");

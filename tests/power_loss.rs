@@ -549,7 +549,7 @@ impl Workload {
         server.kill9();
         let acked = matches!(
             c.inner.recv(),
-            Ok(reply) if reply.id == sent && matches!(reply.r, ReplyBody::Ok {})
+            Ok(reply) if reply.id == sent && matches!(reply.r, ReplyBody::Ok { .. })
         );
         let _ = writeln!(
             self.log,

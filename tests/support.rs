@@ -159,7 +159,7 @@ pub mod proto {
 
         pub fn ok(&mut self, op: Op) -> Result<(), Errno> {
             match self.call(op) {
-                ReplyBody::Ok {} => Ok(()),
+                ReplyBody::Ok { .. } => Ok(()),
                 ReplyBody::Err(e) => Err(e),
                 other => panic!("expected ok, got {other:?}"),
             }

@@ -27,6 +27,7 @@ use fuser::{
 use hexz_protocol::{Attr, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec};
 
 use crate::attrs::{AttrCache, CAPS_XATTR};
+use crate::names::Names;
 use crate::transport::{CallError, Transport};
 
 /// A handle on the host, valid only on the connection (`epoch`) that opened it. Everyone
@@ -193,6 +194,8 @@ pub struct HexzFs {
     attrs: AttrCache,
     /// The host refused a read-write open with EROFS: it serves read-only.
     host_read_only: AtomicBool,
+    /// Names seen, for removals' victims and names certainly absent (`names.rs`).
+    names: Names,
 }
 
 fn fuse_err(e: Errno) -> fuser::Errno {
@@ -309,6 +312,7 @@ impl HexzFs {
             dirplus_batch: AtomicU32::new(DIRPLUS_START),
             attrs: AttrCache::default(),
             host_read_only: AtomicBool::new(false),
+            names: Names::default(),
         }
     }
 
@@ -633,23 +637,61 @@ impl HexzFs {
 
     /// A name was added under `parent` (its mtime and ctime changed); `r` is the new
     /// node's entry.
-    fn reply_new_entry(&self, parent: u64, op: Op, reply: ReplyEntry) {
+    fn reply_new_entry(&self, parent: u64, n: &OsStr, op: Op, reply: ReplyEntry) {
+        let dir = matches!(op, Op::Mkdir { .. });
         let since = self.attrs.since();
         let r = self.call(op);
         match &r {
             Ok(ReplyBody::Entry(e)) => {
-                self.note_new_name(parent, e, since);
+                self.note_new_name(parent, n.as_bytes(), e, since);
                 self.attrs.set_no_caps(e.node); // a new node (EEXIST otherwise)
+                if dir {
+                    self.names.new_dir(e.node);
+                }
             }
             _ => self.attrs.invalidate(parent),
         }
         self.reply_entry(since + 1, r, reply);
     }
 
+    /// Before the kernel hears that `name` left `parent` (reply `r` to a request sent at
+    /// cache version `since`): drops what changed — the victim's and the parent's
+    /// attributes, or everything when the victim is unknown — and records the parent's
+    /// new attributes when the reply carries them.
+    fn note_removal(
+        &self,
+        parent: u64,
+        n: &OsStr,
+        r: &Result<ReplyBody, Errno>,
+        since: u64,
+        dir: bool,
+    ) {
+        let Ok(body) = r else {
+            return;
+        };
+        let Some(victim) = self.names.removed(parent, n.as_bytes()) else {
+            return self.attrs.invalidate_all();
+        };
+        if dir {
+            self.names.dir_gone(victim);
+        }
+        self.attrs.invalidate(victim);
+        self.attrs.invalidate(parent);
+        if let ReplyBody::Ok {
+            dir_attr: Some(d),
+            attr_ttl_ms: Some(t),
+        } = body
+        {
+            // Two invalidations of this call's own since `since`.
+            self.attrs.put_after_own_change(parent, d, *t, since + 1);
+        }
+    }
+
     /// Before the kernel hears of a name added under `parent` by a request sent at cache
     /// version `since`: the parent's attributes changed (the reply may carry the new
     /// ones), and the entry's node is as the reply says, unless another change raced.
-    fn note_new_name(&self, parent: u64, e: &hexz_protocol::Entry, since: u64) {
+    fn note_new_name(&self, parent: u64, n: &[u8], e: &hexz_protocol::Entry, since: u64) {
+        self.names.seen(parent, n, e.node);
         self.attrs.invalidate(parent);
         if let Some(d) = &e.dir_attr {
             self.attrs
@@ -731,10 +773,18 @@ impl Filesystem for HexzFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
         let since = self.attrs.since();
-        match self.call(Op::Lookup {
-            parent: parent.0,
-            name: name(n),
-        }) {
+        let r = if self.names.absent(parent.0, n.as_bytes()) {
+            Err(Errno::ENOENT) // a directory this mount made and saw every name of
+        } else {
+            self.call(Op::Lookup {
+                parent: parent.0,
+                name: name(n),
+            })
+        };
+        if let Ok(ReplyBody::Entry(e)) = &r {
+            self.names.seen(parent.0, n.as_bytes(), e.node);
+        }
+        match r {
             Err(Errno::ENOENT) if !self.negative_ttl.is_zero() => {
                 // Node 0 is a negative entry: the kernel remembers the absence for the TTL
                 // (and forgets it when this mount creates the name).
@@ -850,7 +900,7 @@ impl Filesystem for HexzFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.reply_new_entry(parent.0, op, reply);
+        self.reply_new_entry(parent.0, n, op, reply);
     }
 
     fn mkdir(
@@ -869,26 +919,29 @@ impl Filesystem for HexzFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.reply_new_entry(parent.0, op, reply);
+        self.reply_new_entry(parent.0, n, op, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         self.materialize_handles();
+        let since = self.attrs.since();
         let r = self.call(Op::Unlink {
             parent: parent.0,
             name: name(n),
         });
-        self.attrs.invalidate_all(); // the parent's times and the victim's link count
+        // The parent's times and the victim's link count and ctime changed.
+        self.note_removal(parent.0, n, &r, since, false);
         self.reply_empty(r, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         self.materialize_handles();
+        let since = self.attrs.since();
         let r = self.call(Op::Rmdir {
             parent: parent.0,
             name: name(n),
         });
-        self.attrs.invalidate_all();
+        self.note_removal(parent.0, n, &r, since, true);
         self.reply_empty(r, reply);
     }
 
@@ -907,7 +960,7 @@ impl Filesystem for HexzFs {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.reply_new_entry(parent.0, op, reply);
+        self.reply_new_entry(parent.0, link, op, reply);
     }
 
     fn rename(
@@ -928,8 +981,34 @@ impl Filesystem for HexzFs {
             new_name: name(newname),
             flags: flags.bits(),
         };
+        let target_absent = self.names.absent(newparent.0, newname.as_bytes());
         let r = self.call(op);
-        self.attrs.invalidate_all(); // both parents, the moved node's ctime, a victim
+        if r.is_ok() {
+            // Both parents, the moved node's ctime, a replaced node's link count.
+            let exchange = flags.bits() & hexz_protocol::RENAME_EXCHANGE != 0;
+            let (moved, replaced) = self.names.renamed(
+                (parent.0, n.as_bytes()),
+                (newparent.0, newname.as_bytes()),
+                exchange,
+            );
+            match moved {
+                Some(m) => {
+                    self.attrs.invalidate(m);
+                    self.attrs.invalidate(parent.0);
+                    self.attrs.invalidate(newparent.0);
+                    if let Some(v) = replaced {
+                        self.attrs.invalidate(v);
+                        if !exchange {
+                            self.names.dir_gone(v);
+                        }
+                    } else if !target_absent {
+                        // Maybe a replaced name never seen: its node is unknown.
+                        self.attrs.invalidate_all();
+                    }
+                }
+                None => self.attrs.invalidate_all(),
+            }
+        }
         self.reply_empty(r, reply);
     }
 
@@ -948,7 +1027,9 @@ impl Filesystem for HexzFs {
             new_name: name(newname),
         });
         match &r {
-            Ok(ReplyBody::Entry(e)) => self.note_new_name(newparent.0, e, since),
+            Ok(ReplyBody::Entry(e)) => {
+                self.note_new_name(newparent.0, newname.as_bytes(), e, since)
+            }
             _ => self.attrs.invalidate(newparent.0),
         }
         self.reply_entry(since + 1, r, reply);
@@ -1159,6 +1240,7 @@ impl Filesystem for HexzFs {
                         all = false;
                         break;
                     }
+                    self.names.seen(ino.0, &e.name, e.ino); // the node id is the ino
                     last = e.cookie;
                 }
                 self.set_listing_end(fh.0, (eof && all).then_some(last));
@@ -1220,6 +1302,7 @@ impl Filesystem for HexzFs {
                     } else {
                         let en = &e.entry;
                         self.attrs.put(en.node, &en.attr, en.attr_ttl_ms, since);
+                        self.names.seen(ino.0, &e.name, en.node);
                     }
                 }
                 self.conn.forget(&unsent);
@@ -1361,7 +1444,7 @@ impl Filesystem for HexzFs {
         let r = self.call_epoch(op);
         match &r {
             Ok((ReplyBody::Created { entry, .. }, _)) => {
-                self.note_new_name(parent.0, entry, since);
+                self.note_new_name(parent.0, n.as_bytes(), entry, since);
                 // Without O_EXCL an existing file may have been opened, capabilities
                 // and all. A node created by this call has the ctime the directory got
                 // as its mtime; one changed since (a capability set) has a later one.

@@ -5,6 +5,7 @@
 
 mod attrs;
 mod fs;
+mod names;
 mod transport;
 
 pub use fs::{HexzFs, Options, MAX_NODE_HANDLES};

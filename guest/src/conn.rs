@@ -177,7 +177,7 @@ fn retain(f: &File, limits: Limits, refs: &HashMap<u64, u64>) -> std::io::Result
         read_frame(&mut &*f, limits.max_frame, &mut buf).map_err(io_err)?;
         let r = decode_reply(&buf).map_err(io_err)?;
         match r.r {
-            ReplyBody::Ok {} if r.id == id => {}
+            ReplyBody::Ok { .. } if r.id == id => {}
             ReplyBody::Err(Errno::ENOSYS) => {
                 tracing::warn!(
                     "the host does not know `retain`: files unlinked while open may be gone \
@@ -549,7 +549,7 @@ mod tests {
             }),
             vec![7, 8]
         );
-        assert!(refs_in(&ReplyBody::Ok {}).is_empty());
+        assert!(refs_in(&ReplyBody::ok()).is_empty());
     }
 
     /// A server on a Unix socket that answers hello and then what `answer` says for the
@@ -642,7 +642,7 @@ mod tests {
     fn references_are_counted_and_forgotten_no_further_than_held() {
         let (conn, seen, _dir) = fake_server(|_, op| match op {
             Op::Lookup { .. } => Some(ReplyBody::Entry(entry(9))),
-            _ => Some(ReplyBody::Ok {}),
+            _ => Some(ReplyBody::ok()),
         });
         for _ in 0..3 {
             let lookup = Op::Lookup {
@@ -692,7 +692,7 @@ mod tests {
             Op::Lookup { .. } => Some(ReplyBody::Entry(entry(9))),
             Op::Readdirplus { .. } => Some(dir.clone()),
             Op::Getattr { .. } if k == 0 => None, // the host goes away
-            _ => Some(ReplyBody::Ok {}),
+            _ => Some(ReplyBody::ok()),
         });
         let lookup = || Op::Lookup {
             parent: 1,
@@ -712,7 +712,7 @@ mod tests {
         // failed call returns.
         let before = conn.epoch();
         assert_eq!(conn.call(getattr()), Err(CallError::Lost));
-        assert_eq!(conn.call(getattr()), Ok(ReplyBody::Ok {}));
+        assert_eq!(conn.call(getattr()), Ok(ReplyBody::ok()));
         assert_eq!(conn.epoch(), before + 1);
         let second: Vec<Op> = std::iter::from_fn(|| seen.recv_timeout(Duration::from_secs(5)).ok())
             .filter(|(k, _)| *k == 1)
@@ -731,9 +731,9 @@ mod tests {
 
     #[test]
     fn a_request_for_an_older_connection_is_not_sent() {
-        let (conn, _seen, _dir) = fake_server(|_, _| Some(ReplyBody::Ok {}));
+        let (conn, _seen, _dir) = fake_server(|_, _| Some(ReplyBody::ok()));
         let e = conn.epoch();
-        assert_eq!(conn.call_on(e, Op::Release { fh: 1 }), Ok(ReplyBody::Ok {}));
+        assert_eq!(conn.call_on(e, Op::Release { fh: 1 }), Ok(ReplyBody::ok()));
         assert_eq!(
             conn.call_on(e + 1, Op::Release { fh: 1 }),
             Err(CallError::Stale)

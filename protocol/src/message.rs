@@ -401,8 +401,14 @@ pub enum Op {
 pub enum ReplyBody {
     /// The operation failed.
     Err(Errno),
-    /// Success with nothing to return.
-    Ok {},
+    /// Success with nothing to return; `unlink` and `rmdir` may say what the directory's
+    /// attributes are after the removal (`dir_attr`, valid for `attr_ttl_ms`).
+    Ok {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dir_attr: Option<Attr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attr_ttl_ms: Option<u32>,
+    },
     Hello(HelloReply),
     Entry(Entry),
     Attr {
@@ -549,11 +555,21 @@ impl Op {
 }
 
 impl ReplyBody {
+    /// `ok` with nothing more.
+    pub const fn ok() -> ReplyBody {
+        ReplyBody::Ok {
+            dir_attr: None,
+            attr_ttl_ms: None,
+        }
+    }
+}
+
+impl ReplyBody {
     /// The variant's wire name, for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
             ReplyBody::Err(_) => "err",
-            ReplyBody::Ok {} => "ok",
+            ReplyBody::Ok { .. } => "ok",
             ReplyBody::Hello(_) => "hello",
             ReplyBody::Entry(_) => "entry",
             ReplyBody::Attr { .. } => "attr",

@@ -184,7 +184,7 @@ fn examples() -> Vec<(&'static str, Msg)> {
             "ok-reply",
             Msg::Rep(Reply {
                 id: 6,
-                r: ReplyBody::Ok {},
+                r: ReplyBody::ok(),
             }),
         ),
         (

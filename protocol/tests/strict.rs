@@ -356,7 +356,7 @@ fn replies_obey_the_same_rules() {
         decode_reply(&body).unwrap(),
         Reply {
             id: 1,
-            r: ReplyBody::Ok {}
+            r: ReplyBody::ok()
         }
     );
 }

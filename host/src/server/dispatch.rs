@@ -67,7 +67,21 @@ fn reply<T>(r: VfsResult<T>, f: impl FnOnce(T) -> ReplyBody) -> ReplyBody {
 }
 
 fn ok(r: VfsResult<()>) -> ReplyBody {
-    reply(r, |_| ReplyBody::Ok {})
+    reply(r, |_| ReplyBody::ok())
+}
+
+/// The reply to a removal from `dir`: `ok` with the directory's new attributes.
+fn removed(vfs: &Vfs, s: &Session, dir: u64, r: VfsResult<()>) -> ReplyBody {
+    match r {
+        Ok(()) => {
+            let dir_attr = vfs.getattr(s.owner, dir, None).ok();
+            ReplyBody::Ok {
+                dir_attr,
+                attr_ttl_ms: dir_attr.map(|_| s.ttl_ms),
+            }
+        }
+        Err(e) => ReplyBody::Err(e),
+    }
 }
 
 /// Answers `op` if it can be answered from memory without waiting for a disk; `None`
@@ -106,7 +120,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         }),
         Op::Forget { node, nlookup } => {
             vfs.forget(o, node, nlookup);
-            ReplyBody::Ok {}
+            ReplyBody::ok()
         }
         Op::BatchForget { items } if items.len() > MAX_BATCH_FORGET => {
             ReplyBody::Err(Errno::EINVAL)
@@ -115,14 +129,14 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             for (node, n) in items {
                 vfs.forget(o, node, n);
             }
-            ReplyBody::Ok {}
+            ReplyBody::ok()
         }
         Op::Retain { items } if items.len() > MAX_BATCH_FORGET => ReplyBody::Err(Errno::EINVAL),
         Op::Retain { items } => {
             for (node, n) in items {
                 vfs.retain(o, node, n);
             }
-            ReplyBody::Ok {}
+            ReplyBody::ok()
         }
         Op::Getattr { node, fh } => reply(vfs.getattr(o, node, fh), |a| s.attr(a)),
         Op::Setattr {
@@ -174,8 +188,8 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         } => reply(vfs.mkdir(o, parent, &name, mode, uid, gid), |a| {
             ReplyBody::Entry(s.new_entry(vfs, parent, a))
         }),
-        Op::Unlink { parent, name } => ok(vfs.unlink(parent, &name)),
-        Op::Rmdir { parent, name } => ok(vfs.rmdir(parent, &name)),
+        Op::Unlink { parent, name } => removed(vfs, s, parent, vfs.unlink(parent, &name)),
+        Op::Rmdir { parent, name } => removed(vfs, s, parent, vfs.rmdir(parent, &name)),
         Op::Rename {
             parent,
             name,

@@ -276,7 +276,13 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
     let n = || any::<u64>();
     Union::new(vec![
         any::<u32>().prop_map(|e| ReplyBody::Err(Errno(e))).boxed(),
-        Just(ReplyBody::Ok {}).boxed(),
+        Just(ReplyBody::ok()).boxed(),
+        (attr(), any::<u32>())
+            .prop_map(|(a, t)| ReplyBody::Ok {
+                dir_attr: Some(a),
+                attr_ttl_ms: Some(t),
+            })
+            .boxed(),
         (
             (
                 any::<u32>(),
