@@ -44,6 +44,9 @@ pub struct Info {
     pub chunks: u64,
     pub frames: u64,
     pub frames_by_codec: BTreeMap<String, u64>,
+    /// "recorded": the files keep the inode numbers they had when packed (or in the
+    /// overlay, for a commit); "sequential": 1, 2, 3... in node order.
+    pub inode_numbers: &'static str,
 }
 
 impl Info {
@@ -61,6 +64,11 @@ impl Info {
                 )
             }),
             file_bytes: snap.file_len(),
+            inode_numbers: if snap.node_ids().table().is_some() {
+                "recorded"
+            } else {
+                "sequential"
+            },
             files: 0,
             dirs: 0,
             symlinks: 0,
@@ -127,11 +135,12 @@ impl Info {
             .join(", ");
         let logical = self.tree_bytes + self.streams.values().sum::<u64>();
         format!(
-            "snapshot  {}\nid        {}\nformat    v{}{}\nsize      {} ({} bytes)\ntree      {} files ({} hard-linked), {} dirs, {} symlinks, {} other; {}\nstreams   {}\ndata      {} logical, {} unique here, {} in the base, {} file ({:.2}x)\nchunks    {} in {} frames ({})\n",
+            "snapshot  {}\nid        {}\nformat    v{}{}, inode numbers {}\nsize      {} ({} bytes)\ntree      {} files ({} hard-linked), {} dirs, {} symlinks, {} other; {}\nstreams   {}\ndata      {} logical, {} unique here, {} in the base, {} file ({:.2}x)\nchunks    {} in {} frames ({})\n",
             self.path,
             self.id,
             self.format_version,
             self.base.as_ref().map(|b| format!(", on base {b}")).unwrap_or_default(),
+            self.inode_numbers,
             bytes(self.file_bytes),
             self.file_bytes,
             self.files,
