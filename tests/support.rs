@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests: find the real binaries, run them, build sample trees.
 
 pub mod mount_suite;
+pub mod vm_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -4,13 +4,14 @@
 //! x86_64-unknown-linux-musl`) and apt (the kernel is fetched once by `image build`).
 //! Without them each test says why and passes — unless `CI` is set, where it fails.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hexz_e2e::{bin, hexz_host, sample_tree};
+use hexz_e2e::vm_support::{text, Workspace};
+use hexz_e2e::{bin, hexz_host};
 
 /// Why VM tests cannot run here, or `None` when they can (image built once per process).
 fn missing_prerequisite() -> Option<String> {
@@ -53,82 +54,6 @@ fn vm_available(test: &str) -> bool {
             false
         }
     }
-}
-
-/// A packed sample workspace and a private TMPDIR, so leftovers are visible.
-struct Workspace {
-    dir: tempfile::TempDir,
-    snapshot: PathBuf,
-    tmp: PathBuf,
-}
-
-impl Workspace {
-    fn new() -> Workspace {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tree = dir.path().join("tree");
-        sample_tree(&tree);
-        let snapshot = dir.path().join("ws.hxz");
-        let packed = hexz_host(&[&"pack", &tree, &"-o", &snapshot]);
-        assert_eq!(packed.status, 0, "pack: {}", packed.stderr);
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).expect("mkdir tmp");
-        Workspace { dir, snapshot, tmp }
-    }
-
-    fn run_cmd(&self, extra: &[&str], command: &[&str]) -> Command {
-        let mut c = Command::new(bin("hexz-host"));
-        c.arg("run")
-            .arg("-q")
-            .arg(&self.snapshot)
-            .args(extra)
-            .arg("--")
-            .args(command)
-            .env("TMPDIR", &self.tmp)
-            .env_remove("RUST_LOG");
-        c
-    }
-
-    fn run(&self, extra: &[&str], command: &[&str], stdin: &[u8]) -> Output {
-        let mut child = self
-            .run_cmd(extra, command)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hexz-host run");
-        let mut input = child.stdin.take().expect("stdin");
-        let bytes = stdin.to_vec();
-        let feeder = std::thread::spawn(move || {
-            let _ = input.write_all(&bytes);
-        });
-        let out = child.wait_with_output().expect("wait hexz-host run");
-        let _ = feeder.join();
-        out
-    }
-
-    /// Nothing of a finished run is left: no temporary files, no process using them.
-    fn assert_clean(&self) {
-        let left: Vec<_> = std::fs::read_dir(&self.tmp)
-            .expect("read tmp")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        assert!(left.is_empty(), "left in TMPDIR: {left:?}");
-        let needle = self.tmp.to_string_lossy().into_owned();
-        for proc_dir in std::fs::read_dir("/proc").expect("/proc").flatten() {
-            let Ok(cmdline) = std::fs::read(proc_dir.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            assert!(
-                !cmdline.contains(&needle),
-                "a process of the run is still alive: {cmdline}"
-            );
-        }
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

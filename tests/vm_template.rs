@@ -3,13 +3,14 @@
 //! a cold `run` does. Needs what `vm_run.rs` needs; without it each test says why and
 //! passes — unless `CI` is set, where it fails.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use hexz_e2e::{bin, hexz_host, sample_tree};
+use hexz_e2e::vm_support::{text, Workspace};
+use hexz_e2e::{bin, hexz_host};
 
 /// The template every test restores (built once per process), or why VMs cannot run.
 fn template() -> Result<&'static Path, String> {
@@ -57,81 +58,6 @@ fn template_or_skip(test: &str) -> Option<&'static Path> {
     }
 }
 
-struct Workspace {
-    dir: tempfile::TempDir,
-    snapshot: PathBuf,
-    tmp: PathBuf,
-}
-
-impl Workspace {
-    fn new() -> Workspace {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tree = dir.path().join("tree");
-        sample_tree(&tree);
-        let snapshot = dir.path().join("ws.hxz");
-        let packed = hexz_host(&[&"pack", &tree, &"-o", &snapshot]);
-        assert_eq!(packed.status, 0, "pack: {}", packed.stderr);
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).expect("mkdir tmp");
-        Workspace { dir, snapshot, tmp }
-    }
-
-    /// `hexz-host run` (not quiet: it says whether it restored or booted).
-    fn run_cmd(&self, extra: &[&dyn AsRef<std::ffi::OsStr>], command: &[&str]) -> Command {
-        let mut c = Command::new(bin("hexz-host"));
-        c.arg("run")
-            .arg(&self.snapshot)
-            .args(extra.iter().map(|a| a.as_ref()))
-            .arg("--")
-            .args(command)
-            .env("TMPDIR", &self.tmp)
-            .env_remove("RUST_LOG");
-        c
-    }
-
-    fn run(&self, extra: &[&dyn AsRef<std::ffi::OsStr>], command: &[&str], stdin: &[u8]) -> Output {
-        let mut child = self
-            .run_cmd(extra, command)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hexz-host run");
-        let mut input = child.stdin.take().expect("stdin");
-        let bytes = stdin.to_vec();
-        let feeder = std::thread::spawn(move || {
-            let _ = input.write_all(&bytes);
-        });
-        let out = child.wait_with_output().expect("wait hexz-host run");
-        let _ = feeder.join();
-        out
-    }
-
-    /// Nothing of a finished run is left: no temporary files, no process using them.
-    fn assert_clean(&self) {
-        let left: Vec<_> = std::fs::read_dir(&self.tmp)
-            .expect("read tmp")
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        assert!(left.is_empty(), "left in TMPDIR: {left:?}");
-        let needle = self.tmp.to_string_lossy().into_owned();
-        for proc_dir in std::fs::read_dir("/proc").expect("/proc").flatten() {
-            let Ok(cmdline) = std::fs::read(proc_dir.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            assert!(
-                !cmdline.contains(&needle),
-                "a process of the run is still alive: {cmdline}"
-            );
-        }
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn restored(out: &Output) -> bool {
     let err = text(&out.stderr);
     err.contains("restoring memory template") && !err.contains("booting")
@@ -144,10 +70,13 @@ fn a_restored_run_gives_the_same_exit_code_streams_and_stdin_as_a_cold_run() {
     else {
         return;
     };
-    let ws = Workspace::new();
+    let ws = Workspace {
+        quiet: false,
+        ..Workspace::new()
+    };
     let script = b"cat README.md; md5sum src/main.rs; echo to-err >&2; exit 3\n";
-    let warm = ws.run(&[&"--template", &t], &["sh"], script);
-    let cold = ws.run(&[&"--cold"], &["sh"], script);
+    let warm = ws.run_os(&[&"--template", &t], &["sh"], script);
+    let cold = ws.run_os(&[&"--cold"], &["sh"], script);
     assert!(restored(&warm), "stderr: {}", text(&warm.stderr));
     assert!(!restored(&cold), "stderr: {}", text(&cold.stderr));
     assert_eq!(
@@ -166,7 +95,7 @@ fn a_restored_run_gives_the_same_exit_code_streams_and_stdin_as_a_cold_run() {
     assert!(text(&warm.stdout).starts_with("# sample\n"));
     assert!(text(&warm.stderr).contains("to-err\n"));
     assert!(!text(&warm.stdout).contains("to-err"));
-    let missing = ws.run(&[&"--template", &t], &["nosuch-command"], b"");
+    let missing = ws.run_os(&[&"--template", &t], &["nosuch-command"], b"");
     assert_eq!(missing.status.code(), Some(127));
     ws.assert_clean();
 }
@@ -178,7 +107,10 @@ fn clones_of_one_template_read_different_random_bytes_and_the_host_clock() {
     else {
         return;
     };
-    let ws = Workspace::new();
+    let ws = Workspace {
+        quiet: false,
+        ..Workspace::new()
+    };
     let now = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -197,7 +129,7 @@ fn clones_of_one_template_read_different_random_bytes_and_the_host_clock() {
     let console = ws.dir.path().join("console.log");
     let read = || {
         let before = now();
-        let out = ws.run(
+        let out = ws.run_os(
             &[&"--template", &t, &"--console-log", &console],
             &[
                 "sh",
@@ -236,13 +168,16 @@ fn restored_runs_keep_separate_overlays_and_commit_keeps_what_they_wrote() {
     else {
         return;
     };
-    let ws = Workspace::new();
+    let ws = Workspace {
+        quiet: false,
+        ..Workspace::new()
+    };
     let script = |me: &str| format!("echo {me} > {me}.txt; sleep 2; ls *.txt; cat {me}.txt");
     let overlay = ws.dir.path().join("overlay");
     let spawn = |s: &str, extra: &[&dyn AsRef<std::ffi::OsStr>]| {
         let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--template", &t];
         args.extend_from_slice(extra);
-        ws.run_cmd(&args, &["sh", "-c", s])
+        ws.run_cmd_os(&args, &["sh", "-c", s])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -284,8 +219,11 @@ fn timeout_and_sigint_stop_a_restored_vm_and_leave_nothing_behind() {
     else {
         return;
     };
-    let ws = Workspace::new();
-    let out = ws.run(
+    let ws = Workspace {
+        quiet: false,
+        ..Workspace::new()
+    };
+    let out = ws.run_os(
         &[&"--template", &t, &"--timeout", &"3s"],
         &["sleep", "600"],
         b"",
@@ -299,7 +237,7 @@ fn timeout_and_sigint_stop_a_restored_vm_and_leave_nothing_behind() {
     ws.assert_clean();
 
     let mut child = ws
-        .run_cmd(
+        .run_cmd_os(
             &[&"--template", &t],
             &[
                 "sh",
@@ -364,9 +302,12 @@ fn a_corrupt_or_stale_template_is_refused_with_a_clear_message() {
     else {
         return;
     };
-    let ws = Workspace::new();
+    let ws = Workspace {
+        quiet: false,
+        ..Workspace::new()
+    };
     let refused = |dir: &Path, says: &str| {
-        let out = ws.run(&[&"--template", &dir], &["true"], b"");
+        let out = ws.run_os(&[&"--template", &dir], &["true"], b"");
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(125), "stderr: {err}");
         assert!(err.contains(says), "expected {says:?} in: {err}");
@@ -422,7 +363,10 @@ fn a_template_qemu_cannot_load_falls_back_to_a_cold_boot_and_says_so() {
     else {
         return;
     };
-    let ws = Workspace::new();
+    let ws = Workspace {
+        quiet: false,
+        ..Workspace::new()
+    };
     // A state that passes the checksum (it is recorded anew) but is not a machine.
     let bad = ws.dir.path().join("unloadable");
     copy_template(t, &bad, false);
@@ -434,7 +378,7 @@ fn a_template_qemu_cannot_load_falls_back_to_a_cold_boot_and_says_so() {
     meta["state_blake3"] = blake3::hash(&garbage).to_hex().to_string().into();
     std::fs::write(&meta_path, serde_json::to_vec(&meta).expect("json")).expect("write");
 
-    let out = ws.run(&[&"--template", &bad], &["cat", "README.md"], b"");
+    let out = ws.run_os(&[&"--template", &bad], &["cat", "README.md"], b"");
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "stderr: {err}");
     assert_eq!(text(&out.stdout), "# sample\n");
@@ -462,7 +406,10 @@ fn run_restores_the_cached_template_by_default_and_boots_with_cold() {
     else {
         return;
     };
-    let ws = Workspace::new();
+    let ws = Workspace {
+        quiet: false,
+        ..Workspace::new()
+    };
     // A private cache sharing the kernel and images, so no other test sees its template.
     let cache = ws.dir.path().join("cache");
     std::fs::create_dir(&cache).expect("mkdir");
