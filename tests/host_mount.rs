@@ -616,3 +616,89 @@ fn a_one_mebibyte_frame_cache_still_serves_every_byte() {
     assert_ne!(r.status, 0);
     assert!(r.stderr.contains("unknown unit"), "{}", r.stderr);
 }
+
+#[test]
+fn a_stream_only_snapshot_shows_its_streams_as_files_writable_through_a_block_overlay() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let disk_src = tmp.path().join("disk.img");
+    let mem_src = tmp.path().join("mem.img");
+    let disk = pseudo_random(3 << 20, 7);
+    fs::write(&disk_src, &disk).unwrap();
+    fs::write(&mem_src, pseudo_random(1 << 20, 8)).unwrap();
+    let snap = tmp.path().join("streams.hxz");
+    let r = hexz_host(&[
+        &"pack",
+        &"-o",
+        &snap,
+        &"--disk",
+        &disk_src,
+        &"--memory",
+        &mem_src,
+    ]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    let mnt = tmp.path().join("mnt");
+    {
+        // Read-only: the files are the streams, byte for byte; writing is EROFS.
+        let m = HostMount::new(&snap, &mnt, &[]);
+        let mut names: Vec<_> = fs::read_dir(&m.mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["disk", "memory"]);
+        assert!(fs::read(m.mnt.join("disk")).unwrap() == disk);
+        assert!(fs::read(m.mnt.join("memory")).unwrap() == fs::read(&mem_src).unwrap());
+        let cat = Command::new(bin("hexz-host"))
+            .args(["cat", "--stream"])
+            .arg(&snap)
+            .arg("disk")
+            .output()
+            .unwrap();
+        assert!(
+            cat.stdout == disk,
+            "the file equals `hexz-host cat SNAP disk`"
+        );
+        assert_eq!(
+            errno_of(OpenOptions::new().write(true).open(m.mnt.join("disk"))),
+            libc::EROFS
+        );
+    }
+    let overlay = tmp.path().join("ov");
+    let ov = overlay.to_str().unwrap();
+    {
+        // --rw: a write in the middle of a block, fsynced, lands in the block overlay.
+        let m = HostMount::new(&snap, &mnt, &["--rw", "--overlay", ov]);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(m.mnt.join("disk"))
+            .unwrap();
+        f.write_all_at(b"written through the mount", 1_000_001)
+            .unwrap();
+        f.sync_all().unwrap();
+        // A stream cannot grow.
+        assert_eq!(errno_of(f.write_all_at(b"x", 3 << 20)), libc::ENOSPC);
+    }
+    assert!(
+        overlay.join("disk.cow").exists(),
+        "the block overlay is in --overlay"
+    );
+    let m = HostMount::new(&snap, &mnt, &["--overlay", ov]);
+    let mut want = disk.clone();
+    want[1_000_001..1_000_001 + 25].copy_from_slice(b"written through the mount");
+    let got = fs::read(m.mnt.join("disk")).unwrap();
+    assert_eq!(got.len(), disk.len());
+    assert!(
+        got == want,
+        "the write survived the remount, nothing else changed"
+    );
+    drop(m);
+    let r = hexz_host(&[&"verify", &snap]);
+    assert_eq!(
+        r.status, 0,
+        "the snapshot itself is unchanged: {}",
+        r.stderr
+    );
+}

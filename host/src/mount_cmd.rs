@@ -93,7 +93,13 @@ pub fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
         threads: a.threads,
         ttl: Duration::from_secs(3600),
     };
-    let vfs = mount::open_vfs(&opts)?;
+    let snap = mount::open_snapshot(&opts)?;
+    let streams_only = !snap.has_tree();
+    let vfs = if streams_only {
+        None
+    } else {
+        Some(mount::open_vfs(&opts, snap.clone())?)
+    };
     let overlay = match (&a.overlay, a.rw) {
         (Some(d), true) => format!("read-write, overlay {}", d.display()),
         (Some(d), false) => format!("read-only, overlay {}", d.display()),
@@ -102,18 +108,27 @@ pub fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
     };
     let pid_file = a.pid_file.clone();
     let mut pid_err = None;
-    mount::serve_mount(&opts, vfs, &mountpoint, signals, || {
+    let ready = || {
         if let Some(p) = &pid_file {
             pid_err = std::fs::write(p, format!("{}\n", std::process::id()))
                 .with_context(|| format!("writing the pid file {}", p.display()))
                 .err();
         }
         tracing::info!(
-            "mounted {} at {} ({overlay})",
+            "mounted {} at {} ({overlay}{})",
             a.snapshot.display(),
-            mountpoint.display()
+            mountpoint.display(),
+            if streams_only {
+                "; its streams as files"
+            } else {
+                ""
+            }
         );
-    })?;
+    };
+    match vfs {
+        Some(vfs) => mount::serve_mount(&opts, vfs, &mountpoint, signals, ready)?,
+        None => mount::serve_streams(&opts, snap, &mountpoint, signals, ready)?,
+    }
     if let Some(p) = &pid_file {
         let _ = std::fs::remove_file(p);
     }

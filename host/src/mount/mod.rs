@@ -4,6 +4,7 @@
 //! one translation, no socket.
 
 pub mod local;
+pub mod streams;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -127,14 +128,19 @@ pub fn check_nbd() -> Result<()> {
 }
 
 /// Opens the snapshot and the overlay as the mount will serve them.
-pub fn open_vfs(o: &MountOptions) -> Result<Arc<Vfs>> {
-    let snap =
-        Snapshot::open_with_cache(&o.snapshot, o.cache_bytes).map_err(|e| e.at(&o.snapshot))?;
+pub fn open_snapshot(o: &MountOptions) -> Result<Arc<Snapshot>> {
+    Snapshot::open_with_cache(&o.snapshot, o.cache_bytes)
+        .map(Arc::new)
+        .map_err(|e| e.at(&o.snapshot))
+}
+
+/// The VFS over `snap` (a snapshot with a tree) and the overlay `o` names.
+pub fn open_vfs(o: &MountOptions, snap: Arc<Snapshot>) -> Result<Arc<Vfs>> {
     let opts = VfsOptions {
         read_only: !o.rw,
         ..VfsOptions::default()
     };
-    let vfs = Vfs::with_options(Arc::new(snap), o.overlay.as_deref(), opts)?;
+    let vfs = Vfs::with_options(snap, o.overlay.as_deref(), opts)?;
     // Nameless nodes a previous user of the overlay left: a new mount's kernel knows none
     // of them, so nobody can retain them.
     match vfs.collect_orphans(Duration::ZERO) {
@@ -187,6 +193,99 @@ pub fn serve_mount(
     let ttl_ms = u32::try_from(o.ttl.as_millis()).unwrap_or(u32::MAX);
     let local = Arc::new(Local::new(vfs.clone(), ttl_ms, o.shown));
     let fs = hexz_fuse::HexzFs::new(local.clone(), hexz_fuse::Options::default());
+    let ended = serve_fs(o, fs, mountpoint, signals, ready);
+    local.release();
+    let flushed = vfs.shutdown();
+    ended?;
+    flushed?;
+    tracing::info!("unmounted; overlay flushed");
+    Ok(())
+}
+
+/// Mounts a stream-only snapshot: each stream a file at the root (`streams.rs`), with
+/// `rw` writable through a block overlay `<overlay>/<stream>.cow` (a temporary directory
+/// removed at unmount when no overlay is named). Serves until unmounted, then flushes.
+pub fn serve_streams(
+    o: &MountOptions,
+    snap: Arc<Snapshot>,
+    mountpoint: &Path,
+    signals: nix::sys::signal::SigSet,
+    ready: impl FnOnce(),
+) -> Result<()> {
+    use crate::blockdev::cow::Owner;
+    use crate::blockdev::{BlockDevice, CowDevice, StreamDevice};
+    let ephemeral = match (&o.overlay, o.rw) {
+        (None, true) => Some(
+            tempfile::Builder::new()
+                .prefix("hexz-mount-")
+                .tempdir()
+                .map_err(|e| Error::io(std::env::temp_dir(), e))?,
+        ),
+        _ => None,
+    };
+    let dir = o
+        .overlay
+        .clone()
+        .or_else(|| ephemeral.as_ref().map(|t| t.path().to_path_buf()));
+    if let (Some(d), true) = (&dir, o.rw) {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let mut files = Vec::new();
+    for st in &snap.index().streams {
+        let lower = StreamDevice::open(snap.clone(), &st.name)?;
+        // Read-write: through the stream's block overlay. Read-only: through it only if
+        // it exists (to show what was written), never creating one.
+        let cow = dir
+            .as_ref()
+            .map(|d| d.join(format!("{}.cow", st.name)))
+            .filter(|p| o.rw || p.exists());
+        let dev: Arc<dyn BlockDevice> = match cow {
+            Some(path) => {
+                let owner = Owner {
+                    snapshot_id: snap.id(),
+                    stream: st.name.clone(),
+                };
+                Arc::new(CowDevice::open(&path, lower, &owner)?)
+            }
+            None => Arc::new(lower),
+        };
+        files.push(streams::StreamFile {
+            name: st.name.clone(),
+            dev,
+        });
+    }
+    let devices: Vec<Arc<dyn BlockDevice>> = files.iter().map(|f| f.dev.clone()).collect();
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = streams::StreamFs::new(
+        files,
+        !o.rw,
+        o.shown.uid.unwrap_or(uid),
+        o.shown.gid.unwrap_or(gid),
+    );
+    let ended = serve_fs(o, fs, mountpoint, signals, ready);
+    let mut flushed = Ok(());
+    for d in devices.iter().filter(|d| o.rw && !d.read_only()) {
+        if let Err(e) = d.flush() {
+            flushed = Err(e);
+        }
+    }
+    drop(devices);
+    drop(ephemeral);
+    ended?;
+    flushed?;
+    tracing::info!("unmounted; stream overlays flushed");
+    Ok(())
+}
+
+/// Mounts `fs` and serves it until it is unmounted (or a signal in `signals` unmounts it).
+fn serve_fs(
+    o: &MountOptions,
+    fs: impl fuser::Filesystem + 'static,
+    mountpoint: &Path,
+    signals: nix::sys::signal::SigSet,
+    ready: impl FnOnce(),
+) -> Result<()> {
     let mut config = Config::default();
     config.mount_options = mount_options(o);
     // SAFETY: geteuid has no preconditions.
@@ -214,14 +313,9 @@ pub fn serve_mount(
         .map_err(|e| Error::io("signal thread", e))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     ready();
-    let ended = background.join();
-    local.release();
-    let flushed = vfs.shutdown();
-    if let Err(e) = ended {
+    if let Err(e) = background.join() {
         tracing::warn!("FUSE session ended with: {e}");
     }
-    flushed?;
-    tracing::info!("unmounted; overlay flushed");
     Ok(())
 }
 
