@@ -8,6 +8,7 @@
 # Env: ROUNDS=3 (rounds of the share comparison), BOOTS=10 (start-up runs per side),
 #      PAR=8 (parallel runs for memory), MEMCMD (what each of them runs first,
 #      default `tar cf - . | wc -c`), OUT=bench/out (results go to $OUT/vm),
+#      REQ_WORKLOADS="tar stat git create make" (the requests section's workloads),
 #      CARGO_TARGET_DIR (where the release builds are), NO_BUILD=1 (skip cargo build).
 # Needs root (drop_caches, virtio-9p of a root-owned tree), QEMU, vhost-device-vsock,
 # virtiofsd (Rust, on PATH; else QEMU's C one in /usr/lib/qemu), strace, cpio, gcc, make,
@@ -280,7 +281,7 @@ section_requests() {
   log "requests: one boot per workload and repetition"
   : > "$OUT/requests.txt"
   local w reps body n
-  for w in none tar stat git create make; do
+  for w in none ${REQ_WORKLOADS:-tar stat git create make}; do
     for reps in 1 2; do
       [ $w = none ] && [ $reps = 2 ] && continue
       body=$(sed -n '/^w_tar()/,/^clean_make()/p' "$ROOT/bench/vm-guest.sh")

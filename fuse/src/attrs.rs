@@ -80,10 +80,11 @@ impl AttrCache {
         s.attrs.insert(node, (*attr, until));
     }
 
-    /// As [`AttrCache::put`], for the reply to a change of `node` that was followed by
-    /// exactly one invalidation of its own (of `node`, just before this call).
-    pub fn put_after_own_change(&self, node: u64, attr: &Attr, ttl_ms: u32, since: u64) {
-        self.put(node, attr, ttl_ms, since + 1)
+    /// As [`AttrCache::put`], for the reply to a change that the caller followed by
+    /// exactly `own` invalidations of its own (made between the reply and this call):
+    /// any other invalidation since `since` still refuses the reply.
+    pub fn put_after_own(&self, node: u64, attr: &Attr, ttl_ms: u32, since: u64, own: u64) {
+        self.put(node, attr, ttl_ms, since + own)
     }
 
     /// The attributes of `node` and how much longer they may be used, if still valid.

@@ -682,8 +682,8 @@ impl HexzFs {
             attr_ttl_ms: Some(t),
         } = body
         {
-            // Two invalidations of this call's own since `since`.
-            self.attrs.put_after_own_change(parent, d, *t, since + 1);
+            // After this call's own two invalidations (victim and parent).
+            self.attrs.put_after_own(parent, d, *t, since, 2);
         }
     }
 
@@ -694,11 +694,10 @@ impl HexzFs {
         self.names.seen(parent, n, e.node);
         self.attrs.invalidate(parent);
         if let Some(d) = &e.dir_attr {
-            self.attrs
-                .put_after_own_change(parent, d, e.attr_ttl_ms, since);
+            self.attrs.put_after_own(parent, d, e.attr_ttl_ms, since, 1);
         }
         self.attrs
-            .put_after_own_change(e.node, &e.attr, e.attr_ttl_ms, since);
+            .put_after_own(e.node, &e.attr, e.attr_ttl_ms, since, 1);
     }
 
     fn reply_empty(&self, r: Result<ReplyBody, Errno>, reply: ReplyEmpty) {
@@ -1124,7 +1123,7 @@ impl Filesystem for HexzFs {
         {
             // The attributes after this write, unless another change raced it (the
             // invalidation just above counts: hence the version from before it).
-            self.attrs.put_after_own_change(ino.0, a, *t, since);
+            self.attrs.put_after_own(ino.0, a, *t, since, 1);
         }
         match r {
             Ok((ReplyBody::Written { size, .. }, epoch)) => {

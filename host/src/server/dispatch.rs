@@ -242,11 +242,7 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         Op::Opendir { node, list } => match vfs.opendir(o, node) {
             Ok(fh) => {
                 // The first page rides along when asked (and readdirplus is agreed).
-                let plus = s.allows(&Op::Readdirplus {
-                    fh,
-                    cookie: 0,
-                    max_entries: 1,
-                });
+                let plus = s.caps.iter().any(|c| c == hexz_protocol::CAP_READDIRPLUS);
                 let list = list
                     .filter(|&m| plus && m > 0 && m <= MAX_READDIR_ENTRIES)
                     .and_then(|m| match readdir(vfs, s, fh, 0, m, true) {

@@ -245,7 +245,16 @@ pub(super) fn pick_platform(choice: AccelChoice) -> (Accel, bool, String) {
     }
 }
 
-pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
+/// Opens the snapshot `opts` names, with its decompressed-frame cache.
+pub(super) fn open_snapshot(opts: &VmOptions) -> Result<Arc<Snapshot>> {
+    Ok(Arc::new(Snapshot::open_with_cache(
+        &opts.snapshot,
+        opts.cache_mib << 20,
+    )?))
+}
+
+/// Boots a VM for `opts`; `snap` is the snapshot when the caller has opened it already.
+pub(super) fn boot(opts: &VmOptions, mode: Mode, snap: Option<Arc<Snapshot>>) -> Result<Vm> {
     // Everything that can be missing is checked before anything starts.
     let qemu_bin = qemu::binary()?;
     let image = resolve_image(&opts.image)?;
@@ -256,10 +265,10 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode) -> Result<Vm> {
         Some(vsock::backend_binary()?)
     };
 
-    let snap = Arc::new(Snapshot::open_with_cache(
-        &opts.snapshot,
-        opts.cache_mib << 20,
-    )?);
+    let snap = match snap {
+        Some(s) => s,
+        None => open_snapshot(opts)?,
+    };
     let disk_stream = opts.disk.resolve(&snap);
     let vfs = Arc::new(Vfs::new(snap.clone(), opts.overlay.as_deref(), false)?);
     super::trace("image ready, snapshot and overlay open");
@@ -418,7 +427,7 @@ pub fn serve_vm(opts: &VmOptions, console: bool) -> i32 {
         return EXIT_SANDBOX_FAILED;
     }
     let mode = if console { Mode::Console } else { Mode::Idle };
-    let mut vm = match boot(opts, mode) {
+    let mut vm = match boot(opts, mode, None) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("hexz-host: {e}");

@@ -19,7 +19,7 @@ use crate::snapshot::Snapshot;
 use crate::vfs::Vfs;
 use crate::vm::qemu::{self, Qemu};
 use crate::vm::qmp::Qmp;
-use crate::vm::sandbox::{boot, Mode, ServerThread, TemplateChoice, Vm, VmOptions};
+use crate::vm::sandbox::{boot, open_snapshot, Mode, ServerThread, TemplateChoice, Vm, VmOptions};
 use crate::vm::vsock::PortListener;
 
 /// The first message to a restored guest: fresh entropy and the wall clock.
@@ -40,7 +40,7 @@ pub(in crate::vm) fn resume_message() -> Result<HostMsg> {
 /// The template `run` should restore, if any: `Ok(None)` boots cold. With
 /// [`TemplateChoice::Auto`] a missing or stale template is silently skipped and a
 /// corrupt one is reported in one line; a given template must be valid.
-fn choose(opts: &VmOptions) -> Result<Option<(Template, Wanted)>> {
+fn choose(opts: &VmOptions, snap: &Snapshot) -> Result<Option<(Template, Wanted)>> {
     let auto = match &opts.template {
         TemplateChoice::Cold => return Ok(None),
         // Extra QEMU devices (bench/vm.sh) are not in a template: those runs boot.
@@ -52,8 +52,7 @@ fn choose(opts: &VmOptions) -> Result<Option<(Template, Wanted)>> {
     };
     // A template has no disk device: a run that attaches a raw stream boots.
     if opts.disk != crate::vm::disk::DiskChoice::None {
-        let snap = Snapshot::open(&opts.snapshot)?;
-        if let Some(stream) = opts.disk.resolve(&snap) {
+        if let Some(stream) = opts.disk.resolve(snap) {
             if !auto || !opts.quiet {
                 eprintln!(
                     "hexz-host: the snapshot's `{stream}` stream is attached as /dev/vda, which a memory template cannot offer; booting cold (--no-disk to restore instead)"
@@ -109,27 +108,28 @@ fn has_other_templates(dir: &Path) -> bool {
 /// `run`'s boot: restores the template `opts` names (or the cached one), falling back
 /// to a cold boot — and saying so in one line — when QEMU cannot restore it.
 pub(in crate::vm) fn boot_for_exec(opts: &VmOptions) -> Result<Vm> {
-    let Some((template, w)) = choose(opts)? else {
-        return boot(opts, Mode::Exec);
+    if opts.template == TemplateChoice::Cold {
+        return boot(opts, Mode::Exec, None);
+    }
+    // Opened once: the template choice, the restore and a fallback boot all use it.
+    let snap = open_snapshot(opts)?;
+    let Some((template, w)) = choose(opts, &snap)? else {
+        return boot(opts, Mode::Exec, Some(snap));
     };
-    match restore(opts, &template, &w) {
+    match restore(opts, snap.clone(), &template, &w) {
         Ok(vm) => Ok(vm),
         Err(e) => {
             eprintln!(
                 "hexz-host: restoring template {} failed ({e}); booting cold",
                 template.dir.display()
             );
-            boot(opts, Mode::Exec)
+            boot(opts, Mode::Exec, Some(snap))
         }
     }
 }
 
 /// Starts the VFS server and QEMU restoring `t`, and waits until the guest runs.
-fn restore(opts: &VmOptions, t: &Template, w: &Wanted) -> Result<Vm> {
-    let snap = Arc::new(Snapshot::open_with_cache(
-        &opts.snapshot,
-        opts.cache_mib << 20,
-    )?);
+fn restore(opts: &VmOptions, snap: Arc<Snapshot>, t: &Template, w: &Wanted) -> Result<Vm> {
     let vfs = Arc::new(Vfs::new(snap, opts.overlay.as_deref(), false)?);
     if !opts.quiet {
         eprintln!(
