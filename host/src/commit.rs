@@ -31,7 +31,12 @@ pub fn commit(
     let vfs = Vfs::new(snap.clone(), Some(overlay), true)?;
     let mut w = SnapshotWriter::create(out, &opts.writer)?;
     if !opts.standalone {
-        w.set_base(snap.clone(), base_path(snapshot, out)?);
+        // A snapshot opened from a registry is named by its pinned reference.
+        let base = match snap.remote_ref() {
+            Some(r) => r,
+            None => base_path(snapshot, out)?,
+        };
+        w.set_base(snap.clone(), base);
     }
     let vfs_err = |e: hexz_protocol::Errno| Error::Invalid(format!("reading the merged tree: {e}"));
 

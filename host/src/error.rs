@@ -27,6 +27,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// A registry could not be reached or refused a request (after retries).
+    #[error("{0}")]
+    Remote(String),
     #[error("{path}: {err}")]
     At { path: PathBuf, err: Box<Error> },
 }

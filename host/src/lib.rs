@@ -7,6 +7,7 @@ pub mod error;
 pub mod extract;
 pub mod mount;
 pub mod nbd;
+pub mod oci;
 pub mod overlay;
 pub mod pack;
 pub mod server;

@@ -128,6 +128,50 @@ enum Cmd {
     Mount(mount_cmd::MountArgs),
     /// Serve a raw stream (`disk`, `memory`) as an NBD export (loopback or Unix socket).
     Nbd(hexz_host::nbd::command::NbdArgs),
+    /// Upload a snapshot, with its chain of bases, to an OCI registry as an artifact;
+    /// blobs the repository already has are not sent again. Every command that takes a
+    /// snapshot also opens `oci://REGISTRY/REPO:TAG` lazily.
+    Push {
+        /// A snapshot file (or an oci:// reference, to copy or re-tag it).
+        snapshot: PathBuf,
+        /// REGISTRY/REPO:TAG, e.g. localhost:5000/team/workspace:v1.
+        reference: String,
+        /// Plain HTTP to a registry that is not on loopback (loopback always uses it).
+        #[arg(long)]
+        plain_http: bool,
+        /// Another repository of the same registry to link existing blobs from.
+        #[arg(long = "mount-from", value_name = "REPO")]
+        mount_from: Vec<String>,
+    },
+    /// Download a snapshot, with its chain of bases, from an OCI registry.
+    Pull {
+        /// REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:DIGEST.
+        reference: String,
+        /// The snapshot file to write; bases go beside it.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// The host's cache of chunks and indexes read from registries.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Where the cache is, what it holds and its bound (HEXZ_OCI_CACHE_BYTES).
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove least recently used entries until the cache holds at most SIZE (e.g. 2G).
+    Prune {
+        #[arg(long, value_name = "SIZE")]
+        max: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -623,6 +667,92 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Mount(args) => mount_cmd::run(args),
         Cmd::Nbd(args) => {
             hexz_host::nbd::command::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Push {
+            snapshot,
+            reference,
+            plain_http,
+            mount_from,
+        } => {
+            let start = Instant::now();
+            let snap = Snapshot::open(&snapshot)?;
+            let opts = hexz_host::oci::push::PushOptions {
+                plain_http,
+                mount_from,
+            };
+            let st = hexz_host::oci::push::push(&snap, &reference, &opts)
+                .with_context(|| format!("push to {reference} failed"))?;
+            println!(
+                "pushed {} ({} snapshot{}): {} blob{} uploaded ({}), {} linked from other repositories ({}), {} already there ({}), {:.2} s",
+                st.pinned,
+                st.snapshots,
+                if st.snapshots == 1 { "" } else { "s" },
+                st.uploaded,
+                if st.uploaded == 1 { "" } else { "s" },
+                cli_fmt::bytes(st.uploaded_bytes),
+                st.mounted,
+                cli_fmt::bytes(st.mounted_bytes),
+                st.present,
+                cli_fmt::bytes(st.present_bytes),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pull {
+            reference,
+            output,
+            plain_http,
+        } => {
+            let start = Instant::now();
+            let st = hexz_host::oci::pull::pull(&reference, &output, plain_http)
+                .with_context(|| format!("pull of {reference} failed"))?;
+            let names = |v: &[PathBuf]| {
+                v.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "pulled {} -> {}: {} ({}){}, {:.2} s",
+                st.pinned,
+                output.display(),
+                names(&st.written),
+                cli_fmt::bytes(st.bytes),
+                if st.kept.is_empty() {
+                    String::new()
+                } else {
+                    format!("; kept {}", names(&st.kept))
+                },
+                start.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cache { cmd } => {
+            use hexz_host::oci::cache::{parse_size, ChunkCache};
+            let cache = ChunkCache::shared()?;
+            match cmd {
+                CacheCmd::Info { json } => {
+                    let u = cache.usage();
+                    if json {
+                        let mut v = serde_json::to_value(u)?;
+                        v["path"] = cache.root().display().to_string().into();
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        println!("path    {}", cache.root().display());
+                        println!("chunks  {} ({})", u.chunks, cli_fmt::bytes(u.chunk_bytes));
+                        println!("indexes {} ({})", u.blobs, cli_fmt::bytes(u.blob_bytes));
+                        println!("bound   {} (HEXZ_OCI_CACHE_BYTES)", cli_fmt::bytes(u.limit));
+                    }
+                }
+                CacheCmd::Prune { max } => {
+                    let limit = parse_size(&max).with_context(|| {
+                        format!("--max {max}: not a size (bytes, or with K, M, G, T)")
+                    })?;
+                    let freed = cache.evict_down(limit, limit)?;
+                    println!("removed {}", cli_fmt::bytes(freed));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Extract { snapshot, dest } => {

@@ -11,7 +11,7 @@ use quick_cache::Weighter;
 
 use super::codec::decompress;
 use super::format::{
-    decode_bounded, ChunkId, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream,
+    decode_bounded, Chunk, ChunkId, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream,
     EXTERNAL, FLAG_INODES, HEADER_LEN, MAX_FRAME_RAW, MAX_INDEX_RAW,
 };
 use super::ids::NodeIds;
@@ -36,10 +36,18 @@ impl Weighter<u32, Arc<[u8]>> for FrameWeight {
     }
 }
 
+/// Where a snapshot's frames come from.
+pub(crate) enum Backing {
+    /// A local `.hxz` file.
+    File(File),
+    /// A data blob in an OCI registry, read by range through the host's chunk cache.
+    Remote(Arc<crate::oci::lazy::RemoteData>),
+}
+
 /// An open, validated snapshot. Share it between threads with `Arc`.
 pub struct Snapshot {
     path: PathBuf,
-    file: File,
+    backing: Backing,
     header: Header,
     index: Index,
     file_len: u64,
@@ -64,6 +72,12 @@ impl Snapshot {
 
     pub fn open_with_cache(path: impl AsRef<Path>, cache_bytes: u64) -> Result<Snapshot> {
         let path = path.as_ref();
+        if let Some(r) = path
+            .to_str()
+            .filter(|s| crate::oci::Reference::is_remote(s))
+        {
+            return crate::oci::lazy::open(r, cache_bytes, &mut Vec::new());
+        }
         Snapshot::open_chain(path, cache_bytes, &mut Vec::new()).map_err(|e| e.at(path))
     }
 
@@ -72,47 +86,87 @@ impl Snapshot {
         let Some(base_ref) = snap.index.base.clone() else {
             return Ok(snap);
         };
-        if seen.len() >= MAX_BASE_DEPTH || seen.contains(&snap.header.id) {
+        snap.check_depth(seen)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        // `pull` writes a base it cannot place at its recorded path under this name.
+        let pulled = dir.join(pulled_base_name(&base_ref.id));
+        let base_path = match Path::new(&base_ref.path) {
+            _ if crate::oci::Reference::is_remote(&base_ref.path) && pulled.exists() => {
+                pulled.clone()
+            }
+            _ if crate::oci::Reference::is_remote(&base_ref.path) => {
+                let base =
+                    crate::oci::lazy::open(&base_ref.path, (cache_bytes / 4).max(16 << 20), seen)?;
+                snap.attach_base(base)?;
+                return Ok(snap);
+            }
+            p if p.is_absolute() => p.to_path_buf(),
+            p => dir.join(p),
+        };
+        let base_path = if !base_path.exists() && pulled.exists() {
+            pulled
+        } else {
+            base_path
+        };
+        let base = Snapshot::open_chain(&base_path, (cache_bytes / 4).max(16 << 20), seen)
+            .map_err(|e| snap.missing_base(&base_path.display().to_string(), e.at(&base_path)))?;
+        snap.attach_base(base)?;
+        Ok(snap)
+    }
+
+    /// Refuses a chain deeper than `MAX_BASE_DEPTH` or one that loops; records this one.
+    pub(crate) fn check_depth(&self, seen: &mut Vec<[u8; 32]>) -> Result<()> {
+        if seen.len() >= MAX_BASE_DEPTH || seen.contains(&self.header.id) {
             return Err(Error::corrupt(
                 "chain of base snapshots is too deep or loops",
             ));
         }
-        seen.push(snap.header.id);
-        let base_path = match Path::new(&base_ref.path) {
-            p if p.is_absolute() => p.to_path_buf(),
-            p => path.parent().unwrap_or(Path::new(".")).join(p),
+        seen.push(self.header.id);
+        Ok(())
+    }
+
+    /// The error for a base that cannot be used.
+    pub(crate) fn missing_base(&self, base: &str, e: Error) -> Error {
+        let id = self.index.base.as_ref().map_or([0; 32], |b| b.id);
+        Error::Invalid(format!(
+            "base snapshot {base} (id {}) cannot be used: {e}; keep the base beside this snapshot, or commit with --standalone",
+            &hex(&id)[..16]
+        ))
+    }
+
+    /// Links the opened base: checks its id and finds every external chunk in it.
+    pub(crate) fn attach_base(&mut self, base: Snapshot) -> Result<()> {
+        let Some(base_ref) = self.index.base.clone() else {
+            return Ok(());
         };
-        let missing = |e: Error| {
-            Error::Invalid(format!(
-                "base snapshot {} (id {}) cannot be used: {e}; keep the base beside this snapshot, or commit with --standalone",
-                base_path.display(),
-                &hex(&base_ref.id)[..16]
-            ))
-        };
-        let base = Snapshot::open_chain(&base_path, (cache_bytes / 4).max(16 << 20), seen)
-            .map_err(|e| missing(e.at(&base_path)))?;
+        let name = base.path.display().to_string();
         if base.header.id != base_ref.id {
-            return Err(missing(Error::Invalid(format!(
-                "it has id {}",
-                &base.id_hex()[..16]
-            ))));
+            return Err(self.missing_base(
+                &name,
+                Error::Invalid(format!("it has id {}", &base.id_hex()[..16])),
+            ));
         }
         let base_ids = base.chunk_ids();
-        let mut external = Vec::with_capacity(snap.index.chunks.len() - snap.local_chunks);
-        for c in &snap.index.chunks[snap.local_chunks..] {
+        let mut external = Vec::with_capacity(self.index.chunks.len() - self.local_chunks);
+        for c in &self.index.chunks[self.local_chunks..] {
             match base_ids.get(&c.id) {
                 Some(&bi) if base.index.chunks[bi as usize].len == c.len => external.push(bi),
                 _ => {
-                    return Err(missing(Error::Invalid(format!(
-                        "it lacks chunk {}",
-                        &hex(&c.id)[..16]
-                    ))));
+                    return Err(self.missing_base(
+                        &name,
+                        Error::Invalid(format!("it lacks chunk {}", &hex(&c.id)[..16])),
+                    ));
                 }
             }
         }
-        snap.external = external;
-        snap.base = Some(Arc::new(base));
-        Ok(snap)
+        self.external = external;
+        self.base = Some(Arc::new(base));
+        Ok(())
+    }
+
+    /// The base snapshot this one refers to, if any (format version 2).
+    pub fn base(&self) -> Option<&Arc<Snapshot>> {
+        self.base.as_ref()
     }
 
     /// Chunk id → chunk index, built on first use.
@@ -191,14 +245,61 @@ impl Snapshot {
         let mut stored = vec![0u8; header.index_len as usize];
         file.read_exact_at(&mut stored, header.index_offset)
             .map_err(|e| Error::io(path, e))?;
-        if blake3::hash(&stored).as_bytes() != &header.index_hash {
+        Snapshot::from_parts(path, header, &stored, Backing::File(file), cache_bytes)
+    }
+
+    /// A snapshot whose header and stored index are `blob` (an OCI index blob) and whose
+    /// data area (`data_len` bytes) is `remote`.
+    pub(crate) fn from_index_blob(
+        name: &Path,
+        blob: &[u8],
+        data_len: u64,
+        remote: Arc<crate::oci::lazy::RemoteData>,
+        cache_bytes: u64,
+    ) -> Result<Snapshot> {
+        if blob.len() < HEADER_LEN {
+            return Err(Error::NotASnapshot);
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        hb.copy_from_slice(&blob[..HEADER_LEN]);
+        let header = Header::decode(&hb)?;
+        if header.index_offset != HEADER_LEN as u64 + data_len
+            || header.index_len != (blob.len() - HEADER_LEN) as u64
+        {
+            return Err(Error::corrupt(format!(
+                "index blob ({} bytes) and data blob ({data_len} bytes) do not match the header (index at {}+{})",
+                blob.len(),
+                header.index_offset,
+                header.index_len
+            )));
+        }
+        if header.index_raw_len > MAX_INDEX_RAW {
+            return Err(Error::corrupt("index larger than the 1 GiB limit"));
+        }
+        Snapshot::from_parts(
+            name,
+            header,
+            &blob[HEADER_LEN..],
+            Backing::Remote(remote),
+            cache_bytes,
+        )
+    }
+
+    fn from_parts(
+        path: &Path,
+        header: Header,
+        stored: &[u8],
+        backing: Backing,
+        cache_bytes: u64,
+    ) -> Result<Snapshot> {
+        if blake3::hash(stored).as_bytes() != &header.index_hash {
             return Err(Error::corrupt("index checksum mismatch"));
         }
-        let raw = decompress(header.index_codec, &stored, header.index_raw_len as usize)?;
-        drop(stored);
+        let raw = decompress(header.index_codec, stored, header.index_raw_len as usize)?;
         if blake3::hash(&raw).as_bytes() != &header.id {
             return Err(Error::corrupt("index does not match the snapshot id"));
         }
+        let file_len = header.index_offset + header.index_len;
         let (index, used): (Index, usize) = decode_bounded(&raw)
             .map_err(|e| Error::corrupt(format!("index does not decode: {e}")))?;
         let ids = if header.flags & FLAG_INODES != 0 {
@@ -238,7 +339,7 @@ impl Snapshot {
         );
         Ok(Snapshot {
             path: path.to_path_buf(),
-            file,
+            backing,
             header,
             index,
             file_len,
@@ -250,6 +351,38 @@ impl Snapshot {
             stored: stored_per_node,
             ids,
         })
+    }
+
+    /// For a snapshot opened from a registry: its reference pinned to the manifest digest.
+    pub fn remote_ref(&self) -> Option<String> {
+        match &self.backing {
+            Backing::Remote(r) => Some(r.reference().to_string()),
+            Backing::File(_) => None,
+        }
+    }
+
+    /// Opens one snapshot file without its base (for copying it, not for reading).
+    pub fn open_alone(path: &Path) -> Result<Snapshot> {
+        Snapshot::open_inner(path, 16 << 20).map_err(|e| e.at(path))
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The local file, for a snapshot opened from one.
+    pub fn local_file(&self) -> Option<&File> {
+        match &self.backing {
+            Backing::File(f) => Some(f),
+            Backing::Remote(_) => None,
+        }
+    }
+
+    pub(crate) fn remote(&self) -> Option<&Arc<crate::oci::lazy::RemoteData>> {
+        match &self.backing {
+            Backing::Remote(r) => Some(r),
+            Backing::File(_) => None,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -410,41 +543,93 @@ impl Snapshot {
 
     /// A frame's verified, decompressed bytes, from the cache or the file.
     pub fn frame(&self, idx: u32) -> Result<Arc<[u8]>> {
-        self.cache
-            .get_or_insert_with(&idx, || self.load_frame(idx).map(Arc::from))
+        self.cache.get_or_insert_with(&idx, || match &self.backing {
+            Backing::File(_) => self.load_frame(idx).map(Arc::from),
+            Backing::Remote(r) => self.load_remote(idx, r),
+        })
     }
 
-    /// Reads, decompresses and verifies one frame, bypassing the cache.
-    pub fn load_frame(&self, idx: u32) -> Result<Vec<u8>> {
+    fn frame_meta(&self, idx: u32) -> Result<(&Frame, &[Chunk])> {
         let f: &Frame = self
             .index
             .frames
             .get(idx as usize)
             .ok_or_else(|| Error::corrupt(format!("frame {idx} out of range")))?;
-        let mut stored = vec![0u8; f.stored_len as usize];
-        self.file
-            .read_exact_at(&mut stored, f.offset)
-            .map_err(|e| Error::io(&self.path, e))?;
-        let codec = Codec::from_u8(f.codec)
-            .ok_or_else(|| Error::corrupt(format!("frame {idx}: unknown codec {}", f.codec)))?;
-        let raw = decompress(codec, &stored, f.raw_len as usize).map_err(|e| match e {
-            Error::Corrupt(what) => {
-                Error::corrupt(format!("frame {idx} at offset {}: {what}", f.offset))
-            }
-            other => other,
-        })?;
         let chunks =
             &self.index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize];
-        for c in chunks {
-            let bytes = &raw[c.offset as usize..(c.offset + c.len) as usize];
-            if blake3::hash(bytes).as_bytes() != &c.id {
-                return Err(Error::corrupt(format!(
-                    "chunk {} in frame {idx} fails its BLAKE3 check",
-                    &hex(&c.id)[..16]
-                )));
+        Ok((f, chunks))
+    }
+
+    /// Reads, decompresses and verifies one frame, bypassing the caches (for a snapshot
+    /// in a registry: fetched from the registry).
+    pub fn load_frame(&self, idx: u32) -> Result<Vec<u8>> {
+        let (f, chunks) = self.frame_meta(idx)?;
+        let stored = match &self.backing {
+            Backing::File(file) => {
+                let mut stored = vec![0u8; f.stored_len as usize];
+                file.read_exact_at(&mut stored, f.offset)
+                    .map_err(|e| Error::io(&self.path, e))?;
+                stored
+            }
+            Backing::Remote(r) => r.fetch(f.offset - HEADER_LEN as u64, f.stored_len as u64)?,
+        };
+        decode_frame(idx, f, chunks, &stored)
+    }
+
+    /// A frame of a snapshot in a registry: from the host's chunk cache if it holds every
+    /// chunk, else fetched by range — with the frames after it when reads are sequential,
+    /// which go into the frame cache too.
+    fn load_remote(&self, idx: u32, r: &crate::oci::lazy::RemoteData) -> Result<Arc<[u8]>> {
+        let (f, chunks) = self.frame_meta(idx)?;
+        r.record(idx);
+        if let Some(raw) = r.assemble(chunks, f.raw_len as usize) {
+            return Ok(Arc::from(raw));
+        }
+        let budget = r.window(idx);
+        let mut end = idx as usize + 1;
+        let mut len = f.stored_len as u64;
+        while let Some(next) = self.index.frames.get(end) {
+            let prev = &self.index.frames[end - 1];
+            if len + next.stored_len as u64 > budget
+                || next.offset != prev.offset + prev.stored_len as u64
+                || self.cache.contains_key(&(end as u32))
+                || self
+                    .index
+                    .chunks
+                    .get(next.first_chunk as usize)
+                    .is_some_and(|c| r.has(&c.id))
+            {
+                break;
+            }
+            len += next.stored_len as u64;
+            end += 1;
+        }
+        r.fetched_to(end as u32);
+        let bytes = r.fetch(f.offset - HEADER_LEN as u64, len)?;
+        let mut mine = None;
+        for j in idx..end as u32 {
+            let (fj, cj) = self.frame_meta(j)?;
+            let at = (fj.offset - f.offset) as usize;
+            let stored = &bytes[at..at + fj.stored_len as usize];
+            match decode_frame(j, fj, cj, stored) {
+                Ok(raw) => {
+                    r.store(cj, &raw);
+                    let raw: Arc<[u8]> = Arc::from(raw);
+                    if j == idx {
+                        mine = Some(raw);
+                    } else {
+                        r.record(j);
+                        self.cache.insert(j, raw);
+                    }
+                }
+                Err(e) if j == idx => return Err(e.at(&self.path)),
+                Err(e) => {
+                    tracing::warn!("{}: read-ahead: {e}", self.path.display());
+                    break;
+                }
             }
         }
-        Ok(raw)
+        mine.ok_or_else(|| Error::corrupt(format!("frame {idx} was not fetched")))
     }
 
     /// Bytes a node's file data occupies in chunks (holes and zero runs excluded).
@@ -456,6 +641,38 @@ impl Snapshot {
     pub fn cache_weight(&self) -> u64 {
         self.cache.weight()
     }
+}
+
+/// Decompresses one frame's stored bytes and checks every chunk in it against its BLAKE3.
+pub(crate) fn decode_frame(
+    idx: u32,
+    f: &Frame,
+    chunks: &[Chunk],
+    stored: &[u8],
+) -> Result<Vec<u8>> {
+    let codec = Codec::from_u8(f.codec)
+        .ok_or_else(|| Error::corrupt(format!("frame {idx}: unknown codec {}", f.codec)))?;
+    let raw = decompress(codec, stored, f.raw_len as usize).map_err(|e| match e {
+        Error::Corrupt(what) => {
+            Error::corrupt(format!("frame {idx} at offset {}: {what}", f.offset))
+        }
+        other => other,
+    })?;
+    for c in chunks {
+        let bytes = &raw[c.offset as usize..(c.offset + c.len) as usize];
+        if blake3::hash(bytes).as_bytes() != &c.id {
+            return Err(Error::corrupt(format!(
+                "chunk {} in frame {idx} fails its BLAKE3 check",
+                &hex(&c.id)[..16]
+            )));
+        }
+    }
+    Ok(raw)
+}
+
+/// The name `pull` gives a base it cannot place at the path its snapshot records.
+pub fn pulled_base_name(id: &[u8; 32]) -> String {
+    format!("hexz-base-{}.hxz", &hex(id)[..16])
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -143,6 +143,10 @@ pub fn errno_of(e: &Error) -> Errno {
             Errno::EFBIG
         }
         Error::NoSpace(_) => Errno::ENOSPC,
+        Error::Remote(m) => {
+            tracing::error!("registry read failed, returning EIO: {m}");
+            Errno::EIO
+        }
         Error::Corrupt(_)
         | Error::CorruptOverlay(_)
         | Error::NotASnapshot

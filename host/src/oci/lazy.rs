@@ -1,0 +1,364 @@
+//! Opening a snapshot straight from a registry: the manifest and the small index blobs
+//! are fetched (index blobs through the host cache), frames only when first read.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::cache::ChunkCache;
+use super::client::{short, Registry, Repo, Retry};
+use super::manifest::{Layer, Manifest};
+use super::reference::Reference;
+use crate::error::{Error, Result};
+use crate::snapshot::format::{Chunk, ChunkId, Frame, HEADER_LEN};
+use crate::snapshot::reader::decode_frame;
+use crate::snapshot::Snapshot;
+
+/// Sequential read-ahead grows from this many stored bytes...
+const WINDOW_MIN: u64 = 256 << 10;
+/// ...doubling up to this.
+const WINDOW_MAX: u64 = 8 << 20;
+/// The access log keeps at most this many frames.
+const MAX_LOG: usize = 1 << 20;
+
+/// The data blob of one snapshot in a registry.
+pub struct RemoteData {
+    reg: Arc<Registry>,
+    repo: String,
+    /// The manifest this blob was opened through, pinned by digest.
+    reference: Reference,
+    digest: String,
+    size: u64,
+    /// The index blob's descriptor (digest, size).
+    index: (String, u64),
+    cache: Arc<ChunkCache>,
+    /// (frame where the last fetch ended, current read-ahead window)
+    seq: Mutex<(u32, u64)>,
+    log: Mutex<AccessLog>,
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct AccessLog {
+    order: Vec<u32>,
+    seen: HashSet<u32>,
+    saved_len: usize,
+    saved_at: Option<Instant>,
+}
+
+impl RemoteData {
+    pub fn reference(&self) -> &Reference {
+        &self.reference
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The index blob's digest and size.
+    pub fn index_blob(&self) -> (&str, u64) {
+        (&self.index.0, self.index.1)
+    }
+
+    pub fn repo(&self) -> &str {
+        &self.repo
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.reg
+    }
+
+    /// `len` bytes of the blob from `offset`; an unreachable registry is an error
+    /// (EIO to a reader) after a short retry, and the next read tries again.
+    pub fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if offset.checked_add(len).map_or(true, |end| end > self.size) {
+            return Err(Error::corrupt(format!(
+                "read of {offset}+{len} past the end of data blob {} ({} bytes)",
+                short(&self.digest),
+                self.size
+            )));
+        }
+        Repo::new(&self.reg, &self.repo).blob_range(&self.digest, offset, len, Retry::READ)
+    }
+
+    /// The frame's bytes if the chunk cache holds all its chunks.
+    pub fn assemble(&self, chunks: &[Chunk], raw_len: usize) -> Option<Vec<u8>> {
+        let mut raw = vec![0u8; raw_len];
+        for c in chunks {
+            let out = raw.get_mut(c.offset as usize..(c.offset + c.len) as usize)?;
+            if !self.cache.get(&c.id, out) {
+                return None;
+            }
+        }
+        Some(raw)
+    }
+
+    pub fn has(&self, id: &ChunkId) -> bool {
+        self.cache.has(id)
+    }
+
+    /// Adds a verified frame's chunks to the chunk cache.
+    pub fn store(&self, chunks: &[Chunk], raw: &[u8]) {
+        for c in chunks {
+            self.cache
+                .put(&c.id, &raw[c.offset as usize..(c.offset + c.len) as usize]);
+        }
+    }
+
+    /// How many stored bytes to fetch for a miss at frame `idx`: one frame, or a window
+    /// that doubles while misses continue where the last fetch ended.
+    pub fn window(&self, idx: u32) -> u64 {
+        let mut s = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        if idx == s.0 && idx != 0 {
+            s.1 = (s.1 * 2).clamp(WINDOW_MIN, WINDOW_MAX);
+        } else {
+            s.1 = 0;
+        }
+        s.1
+    }
+
+    pub fn fetched_to(&self, end: u32) {
+        self.seq.lock().unwrap_or_else(|e| e.into_inner()).0 = end;
+    }
+
+    /// Notes that frame `idx` was read (for the next run's prefetch).
+    pub fn record(&self, idx: u32) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.order.len() < MAX_LOG && log.seen.insert(idx) {
+            log.order.push(idx);
+        }
+        let due = log
+            .saved_at
+            .map_or(true, |t| t.elapsed() > Duration::from_secs(5));
+        if due && log.order.len() != log.saved_len {
+            self.save(&mut log);
+        }
+    }
+
+    fn save(&self, log: &mut AccessLog) {
+        // Frames read before are kept after the new ones, so a shorter run does not
+        // forget what a longer one needed.
+        let mut frames = log.order.clone();
+        if log.saved_len == 0 {
+            let seen = &log.seen;
+            frames.extend(
+                self.cache
+                    .access_log(&self.digest)
+                    .into_iter()
+                    .filter(|f| !seen.contains(f)),
+            );
+            frames.truncate(MAX_LOG);
+        }
+        self.cache.save_access_log(&self.digest, &frames);
+        log.saved_len = log.order.len();
+        log.saved_at = Some(Instant::now());
+    }
+}
+
+impl Drop for RemoteData {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.order.len() != log.saved_len {
+            self.save(&mut log);
+        }
+    }
+}
+
+/// Opens `oci://…` lazily: resolves the tag to a manifest digest, opens the chain of
+/// snapshots it lists. `seen` guards against loops through `oci://` base references.
+pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Result<Snapshot> {
+    let r = Reference::parse(reference)?;
+    let reg = Arc::new(Registry::new(&r, false));
+    let cache = ChunkCache::shared()?;
+    let repo = Repo::new(&reg, &r.repo);
+    let m = repo.manifest(r.target_str(), Retry::COMMAND)?;
+    let pinned = r.pinned(&m.digest);
+    let chain = Manifest::parse_chain(&m.bytes, &r.to_string())?;
+    open_layer(&reg, &cache, &pinned, &chain, 0, cache_bytes, seen)
+        .map_err(|e| e.at(pinned.to_string()))
+}
+
+fn open_layer(
+    reg: &Arc<Registry>,
+    cache: &Arc<ChunkCache>,
+    pinned: &Reference,
+    chain: &[Layer],
+    at: usize,
+    cache_bytes: u64,
+    seen: &mut Vec<[u8; 32]>,
+) -> Result<Snapshot> {
+    let layer = &chain[at];
+    let blob = index_blob(reg, cache, &pinned.repo, layer)?;
+    let remote = Arc::new(RemoteData {
+        reg: reg.clone(),
+        repo: pinned.repo.clone(),
+        reference: pinned.clone(),
+        digest: layer.data.digest.clone(),
+        size: layer.data.size,
+        index: (layer.index.digest.clone(), layer.index.size),
+        cache: cache.clone(),
+        seq: Mutex::new((0, 0)),
+        log: Mutex::new(AccessLog::default()),
+        closed: AtomicBool::new(false),
+    });
+    let name = if at == 0 {
+        pinned.to_string()
+    } else {
+        format!(
+            "{pinned} (base {})",
+            &super::manifest::hex32(&layer.id)[..16]
+        )
+    };
+    let mut snap = Snapshot::from_index_blob(
+        Path::new(&name),
+        &blob,
+        layer.data.size,
+        remote.clone(),
+        cache_bytes,
+    )?;
+    if snap.id() != layer.id {
+        return Err(Error::corrupt(format!(
+            "index blob {} holds snapshot {}, but the manifest says {}",
+            short(&layer.index.digest),
+            &snap.id_hex()[..16],
+            &super::manifest::hex32(&layer.id)[..16]
+        )));
+    }
+    prefetch(&snap, &remote);
+    let Some(base_ref) = snap.index().base.clone() else {
+        return Ok(snap);
+    };
+    snap.check_depth(seen)?;
+    let base_cache = (cache_bytes / 4).max(16 << 20);
+    let base = match chain.iter().position(|l| l.id == base_ref.id) {
+        Some(i) if i > at => open_layer(reg, cache, pinned, chain, i, base_cache, seen)?,
+        Some(_) => return Err(Error::corrupt("the manifest's chain of snapshots loops")),
+        None if Reference::is_remote(&base_ref.path) => open(&base_ref.path, base_cache, seen)
+            .map_err(|e| snap.missing_base(&base_ref.path, e))?,
+        None => {
+            return Err(snap.missing_base(
+                &base_ref.path,
+                Error::Invalid(
+                    "the artifact does not include it; push the snapshot again with this hexz (it uploads the base chain)"
+                        .into(),
+                ),
+            ))
+        }
+    };
+    snap.attach_base(base)?;
+    Ok(snap)
+}
+
+/// An index blob: from the cache, else fetched, checked against its digest and cached.
+fn index_blob(reg: &Registry, cache: &ChunkCache, repo: &str, layer: &Layer) -> Result<Vec<u8>> {
+    if let Some(b) = cache.blob(&layer.index.digest) {
+        return Ok(b);
+    }
+    if layer.index.size > (1 << 30) + HEADER_LEN as u64 {
+        return Err(Error::corrupt(
+            "index blob larger than the 1 GiB index limit",
+        ));
+    }
+    let bytes = Repo::new(reg, repo).blob_range(
+        &layer.index.digest,
+        0,
+        layer.index.size,
+        Retry::COMMAND,
+    )?;
+    let got = super::client::sha256_digest(&bytes);
+    if got != layer.index.digest {
+        return Err(Error::corrupt(format!(
+            "index blob {} arrived with digest {}",
+            short(&layer.index.digest),
+            short(&got)
+        )));
+    }
+    cache.put_blob(&layer.index.digest, &bytes);
+    Ok(bytes)
+}
+
+/// Starts fetching, in the background, the frames a previous run read that the chunk
+/// cache lacks (`HEXZ_OCI_PREFETCH=0` turns this off).
+fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
+    if std::env::var("HEXZ_OCI_PREFETCH").is_ok_and(|v| v == "0") {
+        return;
+    }
+    let log = remote.cache.access_log(&remote.digest);
+    if log.is_empty() {
+        return;
+    }
+    let index = snap.index();
+    let mut work: Vec<(u32, Frame, Vec<Chunk>)> = Vec::new();
+    for idx in log {
+        let Some(f) = index.frames.get(idx as usize) else {
+            continue;
+        };
+        let chunks =
+            index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize].to_vec();
+        if chunks.iter().all(|c| remote.cache.has(&c.id)) {
+            continue;
+        }
+        work.push((idx, f.clone(), chunks));
+    }
+    if work.is_empty() {
+        return;
+    }
+    let weak: Weak<RemoteData> = Arc::downgrade(remote);
+    let n = work.len();
+    let _ = std::thread::Builder::new()
+        .name("hexz-prefetch".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let mut fetched = 0u64;
+            let mut i = 0;
+            while i < work.len() {
+                let Some(r) = weak.upgrade() else { return };
+                if r.closed.load(Ordering::Relaxed) {
+                    return;
+                }
+                // One request for a run of frames adjacent in the blob.
+                let mut j = i + 1;
+                let mut len = work[i].1.stored_len as u64;
+                while j < work.len()
+                    && work[j].1.offset == work[j - 1].1.offset + work[j - 1].1.stored_len as u64
+                    && len + (work[j].1.stored_len as u64) <= WINDOW_MAX
+                {
+                    len += work[j].1.stored_len as u64;
+                    j += 1;
+                }
+                let base = work[i].1.offset;
+                match r.fetch(base - HEADER_LEN as u64, len) {
+                    Ok(bytes) => {
+                        fetched += len;
+                        for (idx, f, chunks) in &work[i..j] {
+                            let at = (f.offset - base) as usize;
+                            if let Ok(raw) = decode_frame(
+                                *idx,
+                                f,
+                                chunks,
+                                &bytes[at..at + f.stored_len as usize],
+                            ) {
+                                r.store(chunks, &raw);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("prefetch stopped: {e}");
+                        return;
+                    }
+                }
+                i = j;
+            }
+            tracing::info!(
+                "prefetched {n} frames ({fetched} bytes) a previous run read, in {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+        });
+}
