@@ -162,7 +162,7 @@ fn daemonize(a: &MountArgs, mountpoint: &Path) -> anyhow::Result<ExitCode> {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let mut args: Vec<std::ffi::OsString> = vec![
         "mount".into(),
-        abs(&a.snapshot).into(),
+        hexz_host::oci::absolute(&a.snapshot).into(),
         mountpoint.into(),
         "--cache-size".into(),
         a.cache_size.to_string().into(),

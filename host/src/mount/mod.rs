@@ -155,9 +155,7 @@ fn mount_options(o: &MountOptions) -> Vec<MountOption> {
     let mut v = vec![
         MountOption::FSName(format!(
             "hexz:{}",
-            std::path::absolute(&o.snapshot)
-                .unwrap_or_else(|_| o.snapshot.clone())
-                .display()
+            crate::oci::absolute(&o.snapshot).display()
         )),
         MountOption::Subtype("hexz".into()),
         MountOption::DefaultPermissions,

@@ -217,7 +217,7 @@ impl ChunkCache {
     }
 
     fn added(self: &ChunkCache, n: u64) {
-        let step = (self.limit / 16).max(1 << 20);
+        let step = (self.limit / 16).max(64 << 10);
         if self.added.fetch_add(n, Ordering::Relaxed) + n >= step {
             self.added.store(0, Ordering::Relaxed);
             if let Err(e) = self.evict(self.limit) {

@@ -104,6 +104,7 @@ impl Registry {
     /// Sends a request with auth and retries. Statuses in `ok` are returned; 401 is
     /// answered once with credentials; 5xx/429/transport errors are retried; anything
     /// else is an error naming the registry's own message.
+    #[allow(clippy::too_many_arguments)] // one HTTP request, spelled out at each call
     pub fn send(
         &self,
         method: &str,

@@ -77,7 +77,7 @@ impl RemoteData {
     /// `len` bytes of the blob from `offset`; an unreachable registry is an error
     /// (EIO to a reader) after a short retry, and the next read tries again.
     pub fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        if offset.checked_add(len).map_or(true, |end| end > self.size) {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(Error::corrupt(format!(
                 "read of {offset}+{len} past the end of data blob {} ({} bytes)",
                 short(&self.digest),
@@ -135,7 +135,7 @@ impl RemoteData {
         }
         let due = log
             .saved_at
-            .map_or(true, |t| t.elapsed() > Duration::from_secs(5));
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(5));
         if due && log.order.len() != log.saved_len {
             self.save(&mut log);
         }
@@ -178,9 +178,22 @@ pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Resu
     let reg = Arc::new(Registry::new(&r, false));
     let cache = ChunkCache::shared()?;
     let repo = Repo::new(&reg, &r.repo);
-    let m = repo.manifest(r.target_str(), Retry::COMMAND)?;
-    let pinned = r.pinned(&m.digest);
-    let chain = Manifest::parse_chain(&m.bytes, &r.to_string())?;
+    // A manifest named by digest never changes: the cached copy (checked against the
+    // digest) lets `@sha256:` references open without the registry.
+    let cached = match &r.target {
+        super::reference::Target::Digest(d) => cache.blob(d).map(|bytes| (bytes, d.clone())),
+        super::reference::Target::Tag(_) => None,
+    };
+    let (bytes, digest) = match cached {
+        Some(c) => c,
+        None => {
+            let m = repo.manifest(r.target_str(), Retry::COMMAND)?;
+            cache.put_blob(&m.digest, &m.bytes);
+            (m.bytes, m.digest)
+        }
+    };
+    let pinned = r.pinned(&digest);
+    let chain = Manifest::parse_chain(&bytes, &r.to_string())?;
     open_layer(&reg, &cache, &pinned, &chain, 0, cache_bytes, seen)
         .map_err(|e| e.at(pinned.to_string()))
 }

@@ -119,7 +119,7 @@ impl Manifest {
                 m.artifact_type.as_deref().unwrap_or("absent")
             )));
         }
-        if m.layers.is_empty() || m.layers.len() % 2 != 0 || m.layers.len() > MAX_LAYERS {
+        if m.layers.is_empty() || !m.layers.len().is_multiple_of(2) || m.layers.len() > MAX_LAYERS {
             return Err(not(format!(
                 "{} layers; a chain has an index and a data layer per snapshot",
                 m.layers.len()

@@ -11,3 +11,11 @@ pub mod push;
 pub mod reference;
 
 pub use reference::Reference;
+
+/// A snapshot argument made absolute, unless it is a registry reference.
+pub fn absolute(p: &std::path::Path) -> std::path::PathBuf {
+    match p.to_str() {
+        Some(s) if Reference::is_remote(s) => p.to_path_buf(),
+        _ => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+    }
+}

@@ -37,6 +37,12 @@ pub fn pull(src: &str, out: &Path, plain_http: bool) -> Result<PullStats> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if !dir.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: no such directory; create it or choose another --output",
+            dir.display()
+        )));
+    }
     let mut stats = PullStats {
         pinned: pinned.to_string(),
         ..Default::default()

@@ -1,0 +1,817 @@
+//! Snapshots in a real OCI registry (Debian's `docker-registry`, the CNCF distribution
+//! registry, on loopback with filesystem storage): push, pull and lazy `oci://` opening
+//! of a packed tree and of a 3-deep commit chain, byte-exact through `extract` and
+//! through `serve` + the guest FUSE mount; pushes of commits upload only new blobs
+//! (counted in the registry's storage); `skopeo inspect` reads the manifest; a registry
+//! that stops mid-read gives EIO and reads resume when it is back; a corrupted blob is a
+//! clear integrity error; processes share the chunk cache; basic auth from
+//! ~/.docker/config.json; the cache stays within its bound.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hexz_e2e::mount_suite::{fuse_available, is_mounted, skip};
+use hexz_e2e::proto::*;
+use hexz_e2e::{bin, pseudo_random};
+
+/// A registry process on a loopback port, with its storage; stopped by PID on drop.
+struct Registry {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+}
+
+fn registry_available() -> bool {
+    Command::new("docker-registry")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        || skip("docker-registry is not installed (apt-get install docker-registry)")
+}
+
+impl Registry {
+    fn start(dir: &Path, htpasswd: Option<(&str, &str)>) -> Registry {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        fs::create_dir_all(dir).unwrap();
+        let mut auth = String::new();
+        if let Some((user, pass)) = htpasswd {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, pass])
+                .output()
+                .expect("htpasswd (apache2-utils) is needed for the basic-auth registry");
+            fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: hexz-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            );
+        }
+        fs::write(
+            dir.join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut r = Registry {
+            child: None,
+            dir: dir.to_path_buf(),
+            port,
+        };
+        r.resume();
+        r
+    }
+
+    /// Starts (again) on the same port and storage.
+    fn resume(&mut self) {
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn docker-registry");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "registry did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.dir.join("data/docker/registry/v2/blobs/sha256")
+    }
+
+    /// Blobs in the registry's storage.
+    fn blob_count(&self) -> usize {
+        let Ok(rd) = fs::read_dir(self.blobs_dir()) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|d| fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
+            .sum()
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        let h = digest.strip_prefix("sha256:").unwrap();
+        self.blobs_dir().join(&h[..2]).join(h).join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `hexz-host` with its own cache directory and no prefetch unless asked.
+fn hexz(cache: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    Command::new(bin("hexz-host"))
+        .args(args)
+        .env("HEXZ_CACHE_DIR", cache)
+        .env("HEXZ_OCI_PREFETCH", "0")
+        .env("DOCKER_CONFIG", cache.join("no-docker-config"))
+        .output()
+        .expect("run hexz-host")
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every file (and symlink target) of a tree, by relative path.
+fn tree_of(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+                out.insert(format!("{rel}/"), Vec::new());
+            } else if ft.is_symlink() {
+                let t = fs::read_link(e.path()).unwrap();
+                out.insert(rel, format!("-> {}", t.display()).into_bytes());
+            } else {
+                out.insert(rel, fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// A tree with many small files, two large random ones (several frames each) and a link.
+fn workspace(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    for i in 0..40 {
+        let d = src.join(format!("pkg{}", i % 5));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join(format!("mod{i}.rs")),
+            format!("// module {i}\npub fn f{i}() -> u32 {{ {i} }}\n").repeat(20 + i),
+        )
+        .unwrap();
+    }
+    fs::write(src.join("a.bin"), pseudo_random(1_500_000, 1)).unwrap();
+    fs::write(src.join("b.bin"), pseudo_random(1_500_000, 2)).unwrap();
+    std::os::unix::fs::symlink("pkg0/mod0.rs", src.join("link")).unwrap();
+    src
+}
+
+fn pack(cache: &Path, src: &Path, out: &Path) {
+    ok(&hexz(cache, &[&"pack", &src, &"-o", &out]), "pack");
+}
+
+#[test]
+fn a_packed_tree_pushes_pulls_and_opens_lazily_byte_exact() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let dest = format!("{}/team/ws:v1", reg.host());
+    let pushed = ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    assert!(pushed.contains("3 blobs uploaded"), "{pushed}");
+    // The registry stores manifests as blobs too.
+    assert_eq!(
+        reg.blob_count(),
+        4,
+        "index, data, the empty config and the manifest"
+    );
+    // Again: nothing is sent.
+    let out = ok(&hexz(&cache, &[&"push", &snap, &dest]), "push again");
+    assert!(out.contains("0 blobs uploaded"), "{out}");
+    assert!(out.contains("3 already there"), "{out}");
+
+    // skopeo sees a valid OCI manifest with the hexz artifact type.
+    let image = format!("docker://{dest}");
+    match Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", &image])
+        .output()
+    {
+        Ok(o) => {
+            let raw = ok(&o, "skopeo inspect --raw");
+            let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+            assert_eq!(m["artifactType"], "application/vnd.hexz.snapshot.v1");
+            assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+            assert_eq!(m["layers"].as_array().unwrap().len(), 2);
+            // skopeo copies the artifact (checking every blob's digest) unchanged: the
+            // manifest keeps its digest in an OCI layout.
+            let layout = dir.join("layout");
+            let o = Command::new("skopeo")
+                .args(["copy", "--src-tls-verify=false", &image])
+                .arg(format!("oci:{}:v1", layout.display()))
+                .output()
+                .unwrap();
+            ok(&o, "skopeo copy");
+            let index: serde_json::Value =
+                serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+            let digest = index["manifests"][0]["digest"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(pushed.contains(&digest), "{pushed} vs {digest}");
+        }
+        Err(_) => {
+            skip("skopeo is not installed (apt-get install skopeo)");
+        }
+    }
+
+    // Lazy: ls, cat, info, verify, extract straight from the registry.
+    let r = format!("oci://{dest}");
+    let ls = ok(&hexz(&cache, &[&"ls", &r, &"/pkg1"]), "ls");
+    assert!(ls.contains("mod1.rs"), "{ls}");
+    let cat = hexz(&cache, &[&"cat", &r, &"b.bin"]);
+    ok(&cat, "cat");
+    assert!(
+        cat.stdout == fs::read(src.join("b.bin")).unwrap(),
+        "cat b.bin differs"
+    );
+    let info = ok(&hexz(&cache, &[&"info", &r]), "info");
+    assert!(
+        info.contains("@sha256:"),
+        "info names the pinned manifest: {info}"
+    );
+    ok(&hexz(&cache, &[&"verify", &r]), "verify");
+    let x = dir.join("x");
+    ok(&hexz(&cache, &[&"extract", &r, &x]), "extract");
+    assert!(
+        tree_of(&x) == tree_of(&src),
+        "extract from the registry differs"
+    );
+
+    // Pull: the same file, byte for byte.
+    let pulled = dir.join("pulled.hxz");
+    ok(&hexz(&cache, &[&"pull", &dest, &"-o", &pulled]), "pull");
+    assert!(fs::read(&pulled).unwrap() == fs::read(&snap).unwrap());
+
+    // What is not a hexz artifact, or not there, is one clear line.
+    let e = hexz(
+        &cache,
+        &[&"ls", &format!("oci://{}/team/none:v1", reg.host())],
+    );
+    assert!(!e.status.success());
+    assert!(err(&e).contains("404"), "{}", err(&e));
+    assert_eq!(err(&e).trim().lines().count(), 1, "{}", err(&e));
+    let e = hexz(&cache, &[&"pull", &"not a reference", &"-o", &pulled]);
+    assert!(
+        err(&e).contains("is not a registry reference"),
+        "{}",
+        err(&e)
+    );
+}
+
+/// Edits through `serve` on `base`, committed to `next`.
+fn commit_level(
+    cache: &Path,
+    dir: &Path,
+    base: &str,
+    next: &Path,
+    level: u64,
+) -> (String, Vec<u8>) {
+    let ov = dir.join(format!("ov{level}"));
+    let sock = dir.join("s.sock");
+    let _ = fs::remove_file(&sock);
+    let child = Command::new(bin("hexz-host"))
+        .args(["serve", base, "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--overlay")
+        .arg(&ov)
+        .env("HEXZ_CACHE_DIR", cache)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        socket: sock.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = server.connect();
+    let name = format!("level{level}.dat");
+    let data = pseudo_random(200_000, level + 10);
+    let (_, fh) = c
+        .create(ROOT_NODE, &name, 0o644, libc::O_RDWR | libc::O_CREAT)
+        .unwrap();
+    c.write(fh, 0, &data).unwrap();
+    c.ok(Op::Release { fh }).unwrap();
+    drop(c);
+    assert!(server.stop().success());
+    ok(
+        &hexz(cache, &[&"commit", &base, &"--overlay", &ov, &"-o", &next]),
+        "commit",
+    );
+    (name, data)
+}
+
+#[test]
+fn a_three_deep_commit_chain_uploads_only_new_blobs_and_reads_back_exactly() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let mut model = tree_of(&src);
+    let s0 = dir.join("s0.hxz");
+    pack(&cache, &src, &s0);
+    let repo = format!("{}/chain/ws", reg.host());
+    ok(
+        &hexz(&cache, &[&"push", &s0, &format!("{repo}:v0")]),
+        "push v0",
+    );
+    let mut blobs = reg.blob_count();
+    for level in 1..=3u64 {
+        let base = dir.join(format!("s{}.hxz", level - 1));
+        let next = dir.join(format!("s{level}.hxz"));
+        let (name, data) = commit_level(&cache, dir, base.to_str().unwrap(), &next, level);
+        model.insert(name, data);
+        let out = ok(
+            &hexz(&cache, &[&"push", &next, &format!("{repo}:v{level}")]),
+            "push",
+        );
+        assert!(out.contains(&format!("({} snapshots)", level + 1)), "{out}");
+        assert!(out.contains("2 blobs uploaded"), "level {level}: {out}");
+        let now = reg.blob_count();
+        assert_eq!(
+            now - blobs,
+            3,
+            "level {level}: only the new index and data blobs, and the new manifest"
+        );
+        blobs = now;
+    }
+    // Lazily, from a cold cache: the whole chain reads back exactly.
+    let cold = dir.join("cold-cache");
+    let x = dir.join("x");
+    ok(
+        &hexz(&cold, &[&"extract", &format!("oci://{repo}:v3"), &x]),
+        "extract v3",
+    );
+    assert!(tree_of(&x) == model, "lazy v3 differs from the model");
+    // Pulled: four files beside each other, the top one opening its chain.
+    let p = dir.join("pulled");
+    fs::create_dir(&p).unwrap();
+    let out = ok(
+        &hexz(
+            &cold,
+            &[&"pull", &format!("{repo}:v3"), &"-o", &p.join("top.hxz")],
+        ),
+        "pull",
+    );
+    for n in ["top.hxz", "s2.hxz", "s1.hxz", "s0.hxz"] {
+        assert!(p.join(n).exists(), "{n} missing after pull: {out}");
+    }
+    let x2 = dir.join("x2");
+    ok(
+        &hexz(&cold, &[&"extract", &p.join("top.hxz"), &x2]),
+        "extract pulled",
+    );
+    assert!(tree_of(&x2) == model);
+    // A commit on a lazily opened snapshot names its base by pinned reference, and
+    // pushing it links the chain instead of uploading it again.
+    let next = dir.join("s4.hxz");
+    let (name, data) = commit_level(&cold, dir, &format!("oci://{repo}:v3"), &next, 4);
+    model.insert(name, data);
+    let info = ok(&hexz(&cold, &[&"info", &next]), "info");
+    assert!(info.contains("oci://"), "base by reference: {info}");
+    let out = ok(
+        &hexz(
+            &cold,
+            &[&"push", &next, &format!("{}/other/ws:v4", reg.host())],
+        ),
+        "push to another repository",
+    );
+    // New: its index and data blobs, and the 2-byte empty config in the new repository.
+    assert!(out.contains("3 blobs uploaded"), "{out}");
+    assert!(out.contains("8 linked from other repositories"), "{out}");
+    let x3 = dir.join("x3");
+    ok(
+        &hexz(
+            &dir.join("cache3"),
+            &[
+                &"extract",
+                &format!("oci://{}/other/ws:v4", reg.host()),
+                &x3,
+            ],
+        ),
+        "extract v4",
+    );
+    assert!(tree_of(&x3) == model);
+}
+
+#[test]
+fn serve_of_a_registry_snapshot_through_the_guest_mount_is_byte_exact() {
+    if !registry_available() || !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let dest = format!("{}/team/ws:v1", reg.host());
+    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let sock = dir.join("s.sock");
+    let child = Command::new(bin("hexz-host"))
+        .args(["serve", &format!("oci://{dest}"), "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--overlay")
+        .arg(dir.join("ov"))
+        .env("HEXZ_CACHE_DIR", &cache)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        socket: sock.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mnt = dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut guest = Command::new(bin("hexz-guestfused"))
+        .arg(&mnt)
+        .arg("--connect")
+        .arg(format!("unix:{}", sock.display()))
+        .env("RUST_LOG", "warn,fuser::mnt=error")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(&mnt) {
+        assert!(Instant::now() < deadline, "guest mount did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let same = tree_of(&mnt) == tree_of(&src);
+    fs::write(mnt.join("new.txt"), b"written in the overlay\n").unwrap();
+    let back = fs::read(mnt.join("new.txt")).unwrap();
+    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    let _ = guest.wait();
+    assert!(server.stop().success());
+    assert!(
+        same,
+        "the guest mount of oci:// differs from the source tree"
+    );
+    assert_eq!(back, b"written in the overlay\n");
+}
+
+/// `hexz-host mount` of `r` at `mnt` as a daemon; returns the log path.
+fn host_mount(cache: &Path, r: &str, mnt: &Path, dir: &Path) -> PathBuf {
+    fs::create_dir_all(mnt).unwrap();
+    let log = dir.join("mount.log");
+    let o = Command::new(bin("hexz-host"))
+        .args(["mount", r])
+        .arg(mnt)
+        .arg("--daemon")
+        .arg("--log")
+        .arg(&log)
+        .arg("--pid-file")
+        .arg(dir.join("mount.pid"))
+        .env("HEXZ_CACHE_DIR", cache)
+        .env("HEXZ_OCI_PREFETCH", "0")
+        .output()
+        .unwrap();
+    ok(&o, "mount");
+    assert!(is_mounted(mnt));
+    log
+}
+
+fn unmount(mnt: &Path) {
+    let _ = Command::new("fusermount3").arg("-u").arg(mnt).status();
+}
+
+#[test]
+fn a_registry_that_stops_mid_read_gives_eio_and_reads_resume_when_it_is_back() {
+    if !registry_available() || !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let dest = format!("{}/team/ws:v1", reg.host());
+    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let mnt = dir.join("mnt");
+    let log = host_mount(&cache, &format!("oci://{dest}"), &mnt, dir);
+    let a = fs::read(mnt.join("a.bin"));
+    reg.stop();
+    let mut f = fs::File::open(mnt.join("b.bin")).unwrap();
+    let mut buf = Vec::new();
+    let during = f.read_to_end(&mut buf);
+    reg.resume();
+    let after = fs::read(mnt.join("b.bin"));
+    unmount(&mnt);
+    assert!(a.unwrap() == fs::read(src.join("a.bin")).unwrap());
+    let e = during.expect_err("a read while the registry is down must fail");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        after.unwrap() == fs::read(src.join("b.bin")).unwrap(),
+        "the read after the registry came back differs"
+    );
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("registry read failed, returning EIO") && text.contains(&reg.host()),
+        "the mount log says what failed: {text}"
+    );
+}
+
+#[test]
+fn a_corrupted_blob_in_the_registry_is_a_clear_integrity_error() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let dest = format!("{}/team/ws:v1", reg.host());
+    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let raw = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{dest}"),
+        ])
+        .output();
+    let manifest: serde_json::Value = match raw {
+        Ok(o) => serde_json::from_str(&ok(&o, "skopeo")).unwrap(),
+        Err(_) => {
+            skip("skopeo is not installed");
+            return;
+        }
+    };
+    let data = manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let index = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Flip one byte in the middle of the data blob, where b.bin's frames are.
+    let p = reg.blob_path(&data);
+    let mut bytes = fs::read(&p).unwrap();
+    let at = bytes.len() - 200_000;
+    bytes[at] ^= 0x55;
+    fs::write(&p, &bytes).unwrap();
+    let r = format!("oci://{dest}");
+    let v = hexz(&dir.join("c1"), &[&"verify", &r]);
+    assert!(!v.status.success(), "verify must fail");
+    let text = String::from_utf8_lossy(&v.stdout).to_string() + &err(&v);
+    assert!(
+        text.contains("BLAKE3") || text.contains("corrupt") || text.contains("decompress"),
+        "{text}"
+    );
+    // Reading the damaged file fails; nothing wrong is written.
+    let c = hexz(&dir.join("c2"), &[&"cat", &r, &"b.bin"]);
+    assert!(!c.status.success());
+    let good = fs::read(src.join("b.bin")).unwrap();
+    assert!(
+        good.starts_with(&c.stdout),
+        "cat wrote bytes that are not the file's"
+    );
+    assert!(err(&c).contains("corrupt snapshot"), "{}", err(&c));
+    // A damaged index blob is refused on open, naming the digest check.
+    let p = reg.blob_path(&index);
+    let mut bytes = fs::read(&p).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 1;
+    fs::write(&p, &bytes).unwrap();
+    let o = hexz(&dir.join("c3"), &[&"ls", &r]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("arrived with digest"), "{}", err(&o));
+}
+
+#[test]
+fn processes_share_the_chunk_cache_and_a_digest_reference_opens_offline() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let out = ok(
+        &hexz(
+            &cache,
+            &[&"push", &snap, &format!("{}/team/ws:v1", reg.host())],
+        ),
+        "push",
+    );
+    let pinned = out
+        .split_whitespace()
+        .find(|w| w.starts_with("oci://"))
+        .unwrap()
+        .to_string();
+    let want = fs::read(src.join("a.bin")).unwrap();
+    // Two processes read the same file from a cold cache at once.
+    let spawn = || {
+        Command::new(bin("hexz-host"))
+            .args(["cat", &pinned, "a.bin"])
+            .env("HEXZ_CACHE_DIR", &cache)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (p1, p2) = (spawn(), spawn());
+    for p in [p1, p2] {
+        let o = p.wait_with_output().unwrap();
+        ok(&o, "concurrent cat");
+        assert!(o.stdout == want);
+    }
+    // A third process, with the registry gone, reads it from the shared cache alone.
+    reg.stop();
+    let o = hexz(&cache, &[&"cat", &pinned, &"a.bin"]);
+    ok(&o, "cat from the cache with the registry stopped");
+    assert!(o.stdout == want);
+    // What was never read is not there: a clear error, not zeros.
+    let o = hexz(&cache, &[&"cat", &pinned, &"b.bin"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains(&reg.host()), "{}", err(&o));
+    // A damaged cache entry is detected and fetched again.
+    reg.resume();
+    let chunks = cache.join("oci/chunks");
+    let entry = fs::read_dir(&chunks)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .next()
+        .unwrap();
+    let mut b = fs::read(&entry).unwrap();
+    b[0] ^= 1;
+    fs::write(&entry, &b).unwrap();
+    let o = hexz(&cache, &[&"cat", &pinned, &"a.bin"]);
+    ok(&o, "cat with a damaged cache entry");
+    assert!(o.stdout == want);
+}
+
+#[test]
+fn a_registry_with_basic_auth_takes_credentials_from_the_docker_config() {
+    if !registry_available() {
+        return;
+    }
+    if Command::new("htpasswd").arg("-h").output().is_err() {
+        skip("htpasswd is not installed (apt-get install apache2-utils)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), Some(("ci", "s3cret-pw")));
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let dest = format!("{}/private/ws:v1", reg.host());
+    let o = hexz(&cache, &[&"push", &snap, &dest]);
+    assert!(!o.status.success(), "push without credentials");
+    assert!(err(&o).contains("docker login"), "{}", err(&o));
+    let docker = dir.join("docker");
+    fs::create_dir(&docker).unwrap();
+    fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"Y2k6czNjcmV0LXB3"}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let with = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        Command::new(bin("hexz-host"))
+            .args(args)
+            .env("HEXZ_CACHE_DIR", &cache)
+            .env("DOCKER_CONFIG", &docker)
+            .output()
+            .unwrap()
+    };
+    ok(&with(&[&"push", &snap, &dest]), "push with credentials");
+    let o = with(&[&"cat", &format!("oci://{dest}"), &"b.bin"]);
+    ok(&o, "lazy cat with credentials");
+    assert!(o.stdout == fs::read(src.join("b.bin")).unwrap());
+    let p = dir.join("p.hxz");
+    ok(&with(&[&"pull", &dest, &"-o", &p]), "pull with credentials");
+    assert!(fs::read(&p).unwrap() == fs::read(&snap).unwrap());
+    // Wrong credentials: refused with the same hint.
+    fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"username":"ci","password":"wrong"}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let o = with(&[&"ls", &format!("oci://{dest}")]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("401"), "{}", err(&o));
+}
+
+#[test]
+fn the_cache_stays_within_its_bound() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let dest = format!("{}/team/ws:v1", reg.host());
+    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let bound = 1_200_000u64;
+    for f in ["a.bin", "b.bin", "pkg0/mod0.rs"] {
+        let o = Command::new(bin("hexz-host"))
+            .args(["cat", &format!("oci://{dest}"), f])
+            .env("HEXZ_CACHE_DIR", &cache)
+            .env("HEXZ_OCI_CACHE_BYTES", bound.to_string())
+            .output()
+            .unwrap();
+        ok(&o, "cat");
+        assert!(o.stdout == fs::read(src.join(f)).unwrap(), "{f}");
+    }
+    let o = Command::new(bin("hexz-host"))
+        .args(["cache", "info", "--json"])
+        .env("HEXZ_CACHE_DIR", &cache)
+        .env("HEXZ_OCI_CACHE_BYTES", bound.to_string())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&o, "cache info")).unwrap();
+    let held = v["chunk_bytes"].as_u64().unwrap() + v["blob_bytes"].as_u64().unwrap();
+    assert!(
+        held <= bound,
+        "the cache holds {held} bytes, over its {bound}-byte bound"
+    );
+    assert!(held > 0);
+    let o = Command::new(bin("hexz-host"))
+        .args(["cache", "prune", "--max", "0"])
+        .env("HEXZ_CACHE_DIR", &cache)
+        .output()
+        .unwrap();
+    ok(&o, "prune");
+    let o = hexz(&cache, &[&"cache", &"info", &"--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&o, "cache info")).unwrap();
+    assert_eq!(v["chunk_bytes"].as_u64(), Some(0));
+}
