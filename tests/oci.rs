@@ -692,20 +692,24 @@ fn processes_share_the_chunk_cache_and_a_digest_reference_opens_offline() {
     assert!(err(&o).contains(&reg.host()), "{}", err(&o));
     // A damaged cache entry is detected and fetched again.
     reg.resume();
-    let chunks = cache.join("oci/chunks");
-    let entry = fs::read_dir(&chunks)
+    let data = fs::read_dir(cache.join("oci/data"))
         .unwrap()
         .flatten()
-        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten())
         .map(|e| e.path())
-        .next()
+        .find(|p| p.extension().is_none())
         .unwrap();
-    let mut b = fs::read(&entry).unwrap();
-    b[0] ^= 1;
-    fs::write(&entry, &b).unwrap();
+    let mut b = fs::read(&data).unwrap();
+    let at = b.iter().position(|&x| x != 0).unwrap() + 1000;
+    b[at] ^= 1;
+    fs::write(&data, &b).unwrap();
     let o = hexz(&cache, &[&"cat", &pinned, &"a.bin"]);
     ok(&o, "cat with a damaged cache entry");
     assert!(o.stdout == want);
+    assert!(
+        err(&o).contains("is damaged"),
+        "the damage is reported: {}",
+        err(&o)
+    );
 }
 
 #[test]
@@ -768,50 +772,92 @@ fn a_registry_with_basic_auth_takes_credentials_from_the_docker_config() {
 }
 
 #[test]
-fn the_cache_stays_within_its_bound() {
+fn the_cache_stays_within_its_bound_evicting_the_least_recently_used_blob() {
     if !registry_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let reg = Registry::start(&dir.join("reg"), None);
+    let mut reg = Registry::start(&dir.join("reg"), None);
     let cache = dir.join("cache");
     let src = workspace(dir);
-    let snap = dir.join("ws.hxz");
-    pack(&cache, &src, &snap);
-    let dest = format!("{}/team/ws:v1", reg.host());
-    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
-    let bound = 1_200_000u64;
-    for f in ["a.bin", "b.bin", "pkg0/mod0.rs"] {
-        let o = Command::new(bin("hexz-host"))
-            .args(["cat", &format!("oci://{dest}"), f])
-            .env("HEXZ_CACHE_DIR", &cache)
+    // Two snapshots of the tree with different data blobs (zstd and lz4 frames).
+    let (za, lz) = (dir.join("z.hxz"), dir.join("l.hxz"));
+    pack(&cache, &src, &za);
+    ok(
+        &hexz(
+            &cache,
+            &[&"pack", &src, &"-o", &lz, &"--compression", &"lz4"],
+        ),
+        "pack lz4",
+    );
+    let (ra, rb) = (
+        format!("{}/team/z:v1", reg.host()),
+        format!("{}/team/l:v1", reg.host()),
+    );
+    ok(&hexz(&cache, &[&"push", &za, &ra]), "push z");
+    ok(&hexz(&cache, &[&"push", &lz, &rb]), "push l");
+    let bound = 4_500_000u64;
+    let env = |c: &mut Command| {
+        c.env("HEXZ_CACHE_DIR", &cache)
             .env("HEXZ_OCI_CACHE_BYTES", bound.to_string())
-            .output()
-            .unwrap();
-        ok(&o, "cat");
-        assert!(o.stdout == fs::read(src.join(f)).unwrap(), "{f}");
+            .env("HEXZ_OCI_PREFETCH", "0");
+    };
+    for r in [&ra, &rb] {
+        let x = dir.join(format!("x-{}", r.len() + r.find('z').unwrap_or(0)));
+        let _ = fs::remove_dir_all(&x);
+        let mut c = Command::new(bin("hexz-host"));
+        c.args(["extract", &format!("oci://{r}")]).arg(&x);
+        env(&mut c);
+        ok(&c.output().unwrap(), "extract");
+        assert!(tree_of(&x) == tree_of(&src));
+        fs::remove_dir_all(&x).unwrap();
     }
-    let o = Command::new(bin("hexz-host"))
-        .args(["cache", "info", "--json"])
-        .env("HEXZ_CACHE_DIR", &cache)
-        .env("HEXZ_OCI_CACHE_BYTES", bound.to_string())
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&ok(&o, "cache info")).unwrap();
-    let held = v["chunk_bytes"].as_u64().unwrap() + v["blob_bytes"].as_u64().unwrap();
+    let mut c = Command::new(bin("hexz-host"));
+    c.args(["cache", "info", "--json"]);
+    env(&mut c);
+    let v: serde_json::Value = serde_json::from_str(&ok(&c.output().unwrap(), "info")).unwrap();
+    let held = v["data_bytes"].as_u64().unwrap() + v["blob_bytes"].as_u64().unwrap();
     assert!(
         held <= bound,
         "the cache holds {held} bytes, over its {bound}-byte bound"
     );
-    assert!(held > 0);
-    let o = Command::new(bin("hexz-host"))
-        .args(["cache", "prune", "--max", "0"])
-        .env("HEXZ_CACHE_DIR", &cache)
-        .output()
-        .unwrap();
-    ok(&o, "prune");
+    assert_eq!(v["data_blobs"].as_u64(), Some(1), "{v}");
+    // The one kept is the one read last: it reads with the registry gone, the other not.
+    reg.stop();
+    let read = |r: &str| {
+        let mut c = Command::new(bin("hexz-host"));
+        c.args(["cat", &format!("oci://{r}"), "b.bin"]);
+        env(&mut c);
+        c.output().unwrap()
+    };
+    let b = read(&rb.replace(
+        ":v1",
+        &format!("@{}", manifest_digest(&dir.join("reg"), "team/l")),
+    ));
+    ok(&b, "cat of the recently used snapshot from the cache");
+    assert!(b.stdout == fs::read(src.join("b.bin")).unwrap());
+    let a = read(&ra.replace(
+        ":v1",
+        &format!("@{}", manifest_digest(&dir.join("reg"), "team/z")),
+    ));
+    assert!(
+        !a.status.success(),
+        "the evicted snapshot needs the registry"
+    );
+    let mut c = Command::new(bin("hexz-host"));
+    c.args(["cache", "prune", "--max", "0"]);
+    env(&mut c);
+    ok(&c.output().unwrap(), "prune");
     let o = hexz(&cache, &[&"cache", &"info", &"--json"]);
     let v: serde_json::Value = serde_json::from_str(&ok(&o, "cache info")).unwrap();
-    assert_eq!(v["chunk_bytes"].as_u64(), Some(0));
+    assert_eq!(v["data_bytes"].as_u64(), Some(0));
+}
+
+/// The digest the registry's storage records for `repo:v1`.
+fn manifest_digest(reg_dir: &Path, repo: &str) -> String {
+    let link = reg_dir.join(format!(
+        "data/docker/registry/v2/repositories/{repo}/_manifests/tags/v1/current/link"
+    ));
+    fs::read_to_string(link).unwrap().trim().to_string()
 }

@@ -729,8 +729,8 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cache { cmd } => {
-            use hexz_host::oci::cache::{parse_size, ChunkCache};
-            let cache = ChunkCache::shared()?;
+            use hexz_host::oci::cache::{parse_size, HostCache};
+            let cache = HostCache::shared()?;
             match cmd {
                 CacheCmd::Info { json } => {
                     let u = cache.usage();
@@ -740,8 +740,17 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                         println!("{}", serde_json::to_string_pretty(&v)?);
                     } else {
                         println!("path    {}", cache.root().display());
-                        println!("chunks  {} ({})", u.chunks, cli_fmt::bytes(u.chunk_bytes));
-                        println!("indexes {} ({})", u.blobs, cli_fmt::bytes(u.blob_bytes));
+                        println!(
+                            "data    {} blob{} ({} on disk)",
+                            u.data_blobs,
+                            if u.data_blobs == 1 { "" } else { "s" },
+                            cli_fmt::bytes(u.data_bytes)
+                        );
+                        println!(
+                            "indexes {} manifests and index blobs ({})",
+                            u.blobs,
+                            cli_fmt::bytes(u.blob_bytes)
+                        );
                         println!("bound   {} (HEXZ_OCI_CACHE_BYTES)", cli_fmt::bytes(u.limit));
                     }
                 }

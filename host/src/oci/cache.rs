@@ -1,23 +1,28 @@
 //! The local cache for snapshots opened from a registry, shared by every process on the
 //! host: `$HEXZ_CACHE_DIR` (else `$XDG_CACHE_HOME/hexz`, else `~/.cache/hexz`) + `/oci/`.
 //!
-//! - `chunks/<2 hex>/<64 hex>`: one file per chunk, named by its BLAKE3 and holding its
-//!   uncompressed bytes. Content-addressed: snapshots that share a chunk share its entry,
-//!   whichever frame or blob it came from. Checked against its name on every read; an
-//!   entry that fails is deleted and the chunk fetched again.
-//! - `blobs/sha256/<64 hex>`: small blobs (snapshot indexes), checked against their
-//!   sha256 on every read.
+//! - `data/<64 hex>`: a sparse copy of one data blob, named by its sha256 digest, holding
+//!   the frames fetched so far at their offsets in the blob, as stored (compressed);
+//!   `data/<64 hex>.map`: one byte per frame, 1 once the frame's bytes are written.
+//!   Content-addressed by blob: every snapshot of a commit chain reads its base's
+//!   chunks from the base's blob, so they share these entries, and so do all sandboxes
+//!   and processes on the host. A frame read from here is checked like one from the
+//!   registry (every chunk against its BLAKE3); one that fails is marked absent and
+//!   fetched again.
+//! - `blobs/sha256/<64 hex>`: small blobs (manifests, snapshot indexes), checked against
+//!   their sha256 on every read.
 //! - `access/<64 hex>`: the frames a previous run read from a data blob, in order, for
 //!   prefetch.
 //!
-//! Entries are written to a temporary name and renamed, so a reader sees a whole entry
-//! or none, and processes never need a lock to read or add. Size is bounded
-//! (`HEXZ_OCI_CACHE_BYTES`, default 10 GiB): after every 1/16 of the bound added, one
-//! process (holding `lock` with `flock`) deletes the least recently used entries (by
-//! mtime, which a hit refreshes) down to 90 % of the bound.
+//! Frames are written with `pwrite` before their map byte, so a reader trusts only whole
+//! frames (and verifies them anyway); processes need no lock to read or add. Size is
+//! bounded (`HEXZ_OCI_CACHE_BYTES`, default 10 GiB, counted in allocated blocks): after
+//! every 1/16 of the bound added, one process (holding `lock` with `flock`) removes the
+//! least recently used entries (by mtime, which opening refreshes) down to 90 % of it.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +30,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
-use crate::snapshot::format::ChunkId;
-use crate::snapshot::reader::hex;
 
 /// Default bound on the cache's bytes.
 pub const DEFAULT_LIMIT: u64 = 10 << 30;
@@ -35,7 +38,7 @@ const TOUCH_EVERY: Duration = Duration::from_secs(60);
 /// Temporary files older than this are leftovers of a crash.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 
-pub struct ChunkCache {
+pub struct HostCache {
     root: PathBuf,
     limit: u64,
     added: AtomicU64,
@@ -46,17 +49,18 @@ pub struct ChunkCache {
 /// What `cache info` prints.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct Usage {
-    pub chunks: u64,
-    pub chunk_bytes: u64,
+    /// Data blobs with a cached copy, and the bytes those copies occupy on disk.
+    pub data_blobs: u64,
+    pub data_bytes: u64,
     pub blobs: u64,
     pub blob_bytes: u64,
     pub limit: u64,
 }
 
-impl ChunkCache {
+impl HostCache {
     /// The host's cache, shared by the whole process.
-    pub fn shared() -> Result<Arc<ChunkCache>> {
-        static SHARED: OnceLock<Arc<ChunkCache>> = OnceLock::new();
+    pub fn shared() -> Result<Arc<HostCache>> {
+        static SHARED: OnceLock<Arc<HostCache>> = OnceLock::new();
         if let Some(c) = SHARED.get() {
             return Ok(c.clone());
         }
@@ -68,17 +72,17 @@ impl ChunkCache {
             })?,
             Err(_) => DEFAULT_LIMIT,
         };
-        let c = Arc::new(ChunkCache::open(&default_root(), limit)?);
+        let c = Arc::new(HostCache::open(&default_root(), limit)?);
         Ok(SHARED.get_or_init(|| c).clone())
     }
 
-    pub fn open(root: &Path, limit: u64) -> Result<ChunkCache> {
-        for d in ["chunks", "blobs/sha256", "access"] {
+    pub fn open(root: &Path, limit: u64) -> Result<HostCache> {
+        for d in ["data", "blobs/sha256", "access"] {
             fs::create_dir_all(root.join(d)).map_err(|e| {
                 Error::io(root.join(d), e).at("the registry cache (set HEXZ_CACHE_DIR to move it)")
             })?;
         }
-        Ok(ChunkCache {
+        Ok(HostCache {
             root: root.to_path_buf(),
             limit,
             added: AtomicU64::new(0),
@@ -91,57 +95,51 @@ impl ChunkCache {
         &self.root
     }
 
-    fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        let h = hex(id);
-        self.root.join("chunks").join(&h[..2]).join(h)
-    }
-
     fn blob_path(&self, digest: &str) -> Option<PathBuf> {
         let h = digest.strip_prefix("sha256:")?;
         (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
             .then(|| self.root.join("blobs/sha256").join(h))
     }
 
-    /// Whether an entry for the chunk exists (not verified).
-    pub fn has(&self, id: &ChunkId) -> bool {
-        self.chunk_path(id).exists()
-    }
-
-    /// Fills `out` (exactly the chunk's length) from the cache; false if absent or bad.
-    pub fn get(&self, id: &ChunkId, out: &mut [u8]) -> bool {
-        let path = self.chunk_path(id);
-        let Ok(mut f) = File::open(&path) else {
-            return false;
-        };
-        let ok = match f.metadata() {
-            Ok(m) if m.len() == out.len() as u64 => {
-                f.read_exact(out).is_ok() && blake3::hash(out).as_bytes() == id
+    /// The cached copy of a data blob of `size` bytes with `frames` frames, created
+    /// (sparse) if absent. None if the cache cannot hold it.
+    pub fn data(self: &Arc<Self>, digest: &str, size: u64, frames: usize) -> Option<DataCache> {
+        let h = digest.strip_prefix("sha256:")?;
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let path = self.root.join("data").join(h);
+        let open = |p: &Path, len: u64| -> std::io::Result<File> {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)?;
+            if f.metadata()?.len() != len {
+                f.set_len(len)?;
             }
-            _ => false,
+            Ok(f)
         };
-        if !ok {
-            tracing::warn!(
-                "registry cache: chunk {} is damaged; removing it and fetching it again",
-                &hex(id)[..16]
-            );
-            let _ = fs::remove_file(&path);
-            return false;
-        }
-        touch(&f);
-        true
-    }
-
-    /// Adds a chunk whose bytes the caller has verified.
-    pub fn put(&self, id: &ChunkId, bytes: &[u8]) {
-        let path = self.chunk_path(id);
-        if path.exists() {
-            return;
-        }
-        if let Some(dir) = path.parent() {
-            let _ = fs::create_dir(dir);
-        }
-        if self.write_atomic(&path, bytes).is_ok() {
-            self.added(bytes.len() as u64);
+        let res = (|| {
+            let data = open(&path, size)?;
+            let map = open(&path.with_extension("map"), frames as u64)?;
+            let _ = data.set_modified(SystemTime::now());
+            Ok::<_, std::io::Error>((data, map))
+        })();
+        match res {
+            Ok((data, map)) => Some(DataCache {
+                cache: self.clone(),
+                files: Arc::new(DataFiles { data, map }),
+                frames,
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    "registry cache: {}: {e}; reading without the cache",
+                    path.display()
+                );
+                None
+            }
         }
     }
 
@@ -216,7 +214,7 @@ impl ChunkCache {
         res
     }
 
-    fn added(self: &ChunkCache, n: u64) {
+    pub(crate) fn added(&self, n: u64) {
         let step = (self.limit / 16).max(64 << 10);
         if self.added.fetch_add(n, Ordering::Relaxed) + n >= step {
             self.added.store(0, Ordering::Relaxed);
@@ -247,7 +245,7 @@ impl ChunkCache {
         let mut entries = Vec::new();
         let mut total = 0u64;
         let now = SystemTime::now();
-        for top in ["chunks", "blobs/sha256"] {
+        for top in ["data", "blobs/sha256"] {
             walk(&self.root.join(top), &mut |path, meta| {
                 let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -257,8 +255,12 @@ impl ChunkCache {
                     }
                     return;
                 }
-                total += meta.len();
-                entries.push((mtime, meta.len(), path.to_path_buf()));
+                if path.extension().is_some_and(|e| e == "map") {
+                    return; // removed with its data file
+                }
+                let used = allocated(meta);
+                total += used;
+                entries.push((mtime, used, path.to_path_buf()));
             });
         }
         if total <= limit {
@@ -270,6 +272,8 @@ impl ChunkCache {
             if total - freed <= target {
                 break;
             }
+            // The map first: without it no process trusts the data file.
+            let _ = fs::remove_file(path.with_extension("map"));
             if fs::remove_file(&path).is_ok() {
                 freed += len;
             }
@@ -285,10 +289,10 @@ impl ChunkCache {
             limit: self.limit,
             ..Usage::default()
         };
-        walk(&self.root.join("chunks"), &mut |p, m| {
-            if !is_tmp(p) {
-                u.chunks += 1;
-                u.chunk_bytes += m.len();
+        walk(&self.root.join("data"), &mut |p, m| {
+            if !is_tmp(p) && p.extension().is_none() {
+                u.data_blobs += 1;
+                u.data_bytes += allocated(m);
             }
         });
         walk(&self.root.join("blobs/sha256"), &mut |p, m| {
@@ -299,6 +303,130 @@ impl ChunkCache {
         });
         u
     }
+}
+
+/// The cached copy of one data blob (see the module comment).
+pub struct DataCache {
+    cache: Arc<HostCache>,
+    files: Arc<DataFiles>,
+    frames: usize,
+}
+
+struct DataFiles {
+    data: File,
+    map: File,
+}
+
+/// A write for the cache's writer thread.
+enum Job {
+    Write {
+        cache: Arc<HostCache>,
+        files: Arc<DataFiles>,
+        first: u32,
+        n: u32,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    Flush(crossbeam_channel::Sender<()>),
+}
+
+/// Writes queued at once, at most (each up to the 8 MiB read-ahead window).
+const QUEUE: usize = 16;
+
+/// The process's cache writer: readers hand it verified frames and go on, so a cold
+/// sequential read costs one copy into the page cache on another core, not on its path.
+fn writer() -> &'static crossbeam_channel::Sender<Job> {
+    static WRITER: OnceLock<crossbeam_channel::Sender<Job>> = OnceLock::new();
+    WRITER.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUE);
+        let _ = std::thread::Builder::new()
+            .name("hexz-cache-writer".into())
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        Job::Write {
+                            cache,
+                            files,
+                            first,
+                            n,
+                            offset,
+                            bytes,
+                        } => {
+                            if files.data.write_all_at(&bytes, offset).is_ok()
+                                && files
+                                    .map
+                                    .write_all_at(&vec![1u8; n as usize], first as u64)
+                                    .is_ok()
+                            {
+                                cache.added(bytes.len() as u64);
+                            }
+                        }
+                        Job::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+        tx
+    })
+}
+
+/// Waits (at most `limit`) until the writes queued so far are written.
+pub fn flush(limit: Duration) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if writer().send_timeout(Job::Flush(tx), limit).is_ok() {
+        let _ = rx.recv_timeout(limit);
+    }
+}
+
+impl DataCache {
+    /// Whether frame `idx` is marked present (by any process).
+    pub fn has(&self, idx: u32) -> bool {
+        let mut b = [0u8];
+        (idx as usize) < self.frames
+            && self.files.map.read_exact_at(&mut b, idx as u64).is_ok()
+            && b[0] == 1
+    }
+
+    /// The stored bytes of a present frame at `offset` in the blob (unverified).
+    pub fn read(&self, idx: u32, offset: u64, len: usize) -> Option<Vec<u8>> {
+        if !self.has(idx) {
+            return None;
+        }
+        let mut buf = vec![0u8; len];
+        self.files.data.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
+    }
+
+    /// Queues verified frames `first..first + n`, whose stored bytes start at `offset`,
+    /// for writing; dropped (fetched again next time) if the writer is far behind.
+    pub fn write(&self, first: u32, n: u32, offset: u64, bytes: Vec<u8>) {
+        if n == 0 || first as usize + n as usize > self.frames {
+            return;
+        }
+        let job = Job::Write {
+            cache: self.cache.clone(),
+            files: self.files.clone(),
+            first,
+            n,
+            offset,
+            bytes,
+        };
+        if writer().try_send(job).is_err() {
+            tracing::debug!("registry cache: writer busy, frames {first}+{n} not cached");
+        }
+    }
+
+    /// Marks a frame absent (its bytes failed verification).
+    pub fn forget(&self, idx: u32) {
+        let _ = self.files.map.write_all_at(&[0], idx as u64);
+    }
+}
+
+/// Bytes a file occupies on disk (a sparse cache file counts only what it holds).
+fn allocated(m: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    m.blocks() * 512
 }
 
 fn is_tmp(p: &Path) -> bool {
@@ -365,48 +493,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entries_are_verified_and_damaged_ones_dropped() {
+    fn frames_are_present_only_once_written_and_can_be_forgotten() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = ChunkCache::open(dir.path(), 1 << 30).expect("open");
-        let bytes = vec![7u8; 1000];
-        let id = *blake3::hash(&bytes).as_bytes();
-        let mut out = vec![0u8; 1000];
-        assert!(!c.get(&id, &mut out));
-        c.put(&id, &bytes);
-        assert!(c.get(&id, &mut out));
-        assert_eq!(out, bytes);
-        // Damage the entry: it is detected, removed, and reported as a miss.
-        let p = c.chunk_path(&id);
-        let mut bad = bytes.clone();
-        bad[10] ^= 1;
-        fs::write(&p, &bad).expect("write");
-        assert!(!c.get(&id, &mut out));
-        assert!(!p.exists());
+        let c = Arc::new(HostCache::open(dir.path(), 1 << 30).expect("open"));
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let d = c.data(&digest, 1 << 20, 8).expect("data");
+        assert!(!d.has(3));
+        assert!(d.read(3, 4096, 100).is_none());
+        d.write(3, 2, 4096, vec![9u8; 200]);
+        flush(Duration::from_secs(5));
+        assert!(d.has(3) && d.has(4) && !d.has(5));
+        assert_eq!(d.read(3, 4096, 100), Some(vec![9u8; 100]));
+        // Another handle (another process) sees the same frames.
+        let d2 = c.data(&digest, 1 << 20, 8).expect("data");
+        assert!(d2.has(4));
+        d2.forget(4);
+        assert!(!d.has(4));
+        assert!(!d.has(100), "out of range is absent");
     }
 
     #[test]
     fn eviction_removes_the_least_recently_used_down_to_the_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = ChunkCache::open(dir.path(), 1 << 30).expect("open");
-        let mut ids = Vec::new();
+        let c = HostCache::open(dir.path(), 1 << 30).expect("open");
+        let mut digests = Vec::new();
         for i in 0..10u8 {
-            let bytes = vec![i; 10_000];
-            let id = *blake3::hash(&bytes).as_bytes();
-            c.put(&id, &bytes);
+            let bytes = vec![i; 40_960];
+            let d = crate::oci::client::sha256_digest(&bytes);
+            c.put_blob(&d, &bytes);
             let f = File::options()
                 .write(true)
-                .open(c.chunk_path(&id))
+                .open(c.blob_path(&d).expect("path"))
                 .expect("open");
             f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1000 + i as u64))
                 .expect("mtime");
-            ids.push(id);
+            digests.push(d);
         }
-        let freed = c.evict(50_000).expect("evict");
-        assert_eq!(freed, 60_000, "down to 90 % of 50,000 bytes");
-        for (i, id) in ids.iter().enumerate() {
-            assert_eq!(c.has(id), i >= 6, "entry {i}");
+        let freed = c.evict(204_800).expect("evict");
+        assert_eq!(freed, 245_760, "down to 90 % of 204,800 bytes");
+        for (i, d) in digests.iter().enumerate() {
+            assert_eq!(c.blob(d).is_some(), i >= 6, "entry {i}");
         }
-        assert_eq!(c.usage().chunk_bytes, 40_000);
+        assert_eq!(c.usage().blob_bytes, 163_840);
+    }
+
+    #[test]
+    fn damaged_blobs_are_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = HostCache::open(dir.path(), 1 << 30).expect("open");
+        let d = crate::oci::client::sha256_digest(b"hello");
+        c.put_blob(&d, b"hello");
+        assert_eq!(c.blob(&d).as_deref(), Some(&b"hello"[..]));
+        fs::write(c.blob_path(&d).expect("path"), b"jello").expect("write");
+        assert!(c.blob(&d).is_none());
+        assert!(!c.blob_path(&d).expect("path").exists());
     }
 
     #[test]

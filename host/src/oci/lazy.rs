@@ -3,17 +3,17 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::cache::ChunkCache;
+use super::cache::{DataCache, HostCache};
 use super::client::{short, Registry, Repo, Retry};
 use super::manifest::{Layer, Manifest};
 use super::reference::Reference;
 use crate::error::{Error, Result};
-use crate::snapshot::format::{Chunk, ChunkId, Frame, HEADER_LEN};
-use crate::snapshot::reader::decode_frame;
+use crate::snapshot::format::{Chunk, Frame, HEADER_LEN};
+use crate::snapshot::reader::{decode_frame, decode_frame_owned};
 use crate::snapshot::Snapshot;
 
 /// Sequential read-ahead grows from this many stored bytes...
@@ -33,12 +33,22 @@ pub struct RemoteData {
     size: u64,
     /// The index blob's descriptor (digest, size).
     index: (String, u64),
-    cache: Arc<ChunkCache>,
+    cache: Arc<HostCache>,
+    /// This blob's copy in the host cache (set once the frame count is known).
+    data: OnceLock<Option<DataCache>>,
+    /// A fetch of the next window running ahead of a sequential reader:
+    /// (first frame, frame after the last, the fetching thread).
+    ahead: Mutex<Option<Ahead>>,
     /// (frame where the last fetch ended, current read-ahead window)
     seq: Mutex<(u32, u64)>,
     log: Mutex<AccessLog>,
     closed: AtomicBool,
+    /// Bytes and requests fetched from the registry (logged when closed).
+    fetched: AtomicU64,
+    requests: AtomicU64,
 }
+
+type Ahead = (u32, u32, std::thread::JoinHandle<Result<Vec<u8>>>);
 
 #[derive(Default)]
 struct AccessLog {
@@ -84,31 +94,83 @@ impl RemoteData {
                 self.size
             )));
         }
-        Repo::new(&self.reg, &self.repo).blob_range(&self.digest, offset, len, Retry::READ)
+        let bytes =
+            Repo::new(&self.reg, &self.repo).blob_range(&self.digest, offset, len, Retry::READ)?;
+        self.fetched.fetch_add(len, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(bytes)
     }
 
-    /// The frame's bytes if the chunk cache holds all its chunks.
-    pub fn assemble(&self, chunks: &[Chunk], raw_len: usize) -> Option<Vec<u8>> {
-        let mut raw = vec![0u8; raw_len];
-        for c in chunks {
-            let out = raw.get_mut(c.offset as usize..(c.offset + c.len) as usize)?;
-            if !self.cache.get(&c.id, out) {
-                return None;
+    /// A frame's verified bytes from the host cache, if it holds them. A copy that fails
+    /// verification is marked absent (and so fetched again).
+    pub fn cached_frame(&self, idx: u32, f: &Frame, chunks: &[Chunk]) -> Option<Vec<u8>> {
+        let d = self.data.get()?.as_ref()?;
+        let stored = d.read(idx, f.offset - HEADER_LEN as u64, f.stored_len as usize)?;
+        match decode_frame_owned(idx, f, chunks, stored) {
+            Ok(raw) => Some(raw),
+            Err(e) => {
+                tracing::warn!(
+                    "registry cache: frame {idx} of blob {} is damaged ({e}); fetching it again",
+                    short(&self.digest)
+                );
+                d.forget(idx);
+                None
             }
         }
-        Some(raw)
     }
 
-    pub fn has(&self, id: &ChunkId) -> bool {
-        self.cache.has(id)
+    /// Whether the host cache holds frame `idx`.
+    pub fn is_cached(&self, idx: u32) -> bool {
+        self.data
+            .get()
+            .and_then(Option::as_ref)
+            .is_some_and(|d| d.has(idx))
     }
 
-    /// Adds a verified frame's chunks to the chunk cache.
-    pub fn store(&self, chunks: &[Chunk], raw: &[u8]) {
-        for c in chunks {
-            self.cache
-                .put(&c.id, &raw[c.offset as usize..(c.offset + c.len) as usize]);
+    /// Adds verified frames `first..first + n`, whose stored bytes start at `offset` in
+    /// the blob, to the host cache.
+    pub fn store(&self, first: u32, n: u32, offset: u64, bytes: Vec<u8>) {
+        if let Some(d) = self.data.get().and_then(Option::as_ref) {
+            d.write(first, n, offset, bytes);
         }
+    }
+
+    /// The bytes of frames `first..end` if a fetch running ahead covers exactly them.
+    pub fn take_ahead(&self, first: u32) -> Option<(u32, Result<Vec<u8>>)> {
+        let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        match a.take() {
+            Some((f, end, h)) if f == first => {
+                let res = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Remote("read-ahead thread failed".into())));
+                Some((end, res))
+            }
+            other => {
+                *a = other;
+                None
+            }
+        }
+    }
+
+    /// Starts fetching frames `first..end` (stored bytes `offset..offset + len`) on
+    /// another thread, so the registry sends them while the reader decodes.
+    pub fn fetch_ahead(self: &Arc<Self>, first: u32, end: u32, offset: u64, len: u64) {
+        let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        if a.is_some() {
+            return;
+        }
+        let me = self.clone();
+        if let Ok(h) = std::thread::Builder::new()
+            .name("hexz-read-ahead".into())
+            .spawn(move || me.fetch(offset, len))
+        {
+            *a = Some((first, end, h));
+        }
+    }
+
+    /// Whether reads have settled into a stream at the largest window.
+    pub fn streaming(&self) -> bool {
+        self.seq.lock().unwrap_or_else(|e| e.into_inner()).1 >= WINDOW_MAX
     }
 
     /// How many stored bytes to fetch for a miss at frame `idx`: one frame, or a window
@@ -164,6 +226,14 @@ impl RemoteData {
 impl Drop for RemoteData {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Relaxed);
+        super::cache::flush(Duration::from_secs(5));
+        tracing::info!(
+            "fetched {} bytes in {} requests from data blob {} of {}",
+            self.fetched.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+            short(&self.digest),
+            self.reference
+        );
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         if log.order.len() != log.saved_len {
             self.save(&mut log);
@@ -176,7 +246,7 @@ impl Drop for RemoteData {
 pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Result<Snapshot> {
     let r = Reference::parse(reference)?;
     let reg = Arc::new(Registry::new(&r, false));
-    let cache = ChunkCache::shared()?;
+    let cache = HostCache::shared()?;
     let repo = Repo::new(&reg, &r.repo);
     // A manifest named by digest never changes: the cached copy (checked against the
     // digest) lets `@sha256:` references open without the registry.
@@ -200,7 +270,7 @@ pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Resu
 
 fn open_layer(
     reg: &Arc<Registry>,
-    cache: &Arc<ChunkCache>,
+    cache: &Arc<HostCache>,
     pinned: &Reference,
     chain: &[Layer],
     at: usize,
@@ -217,9 +287,13 @@ fn open_layer(
         size: layer.data.size,
         index: (layer.index.digest.clone(), layer.index.size),
         cache: cache.clone(),
+        data: OnceLock::new(),
+        ahead: Mutex::new(None),
         seq: Mutex::new((0, 0)),
         log: Mutex::new(AccessLog::default()),
         closed: AtomicBool::new(false),
+        fetched: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
     });
     let name = if at == 0 {
         pinned.to_string()
@@ -244,6 +318,11 @@ fn open_layer(
             &super::manifest::hex32(&layer.id)[..16]
         )));
     }
+    let _ = remote.data.set(cache.data(
+        &layer.data.digest,
+        layer.data.size,
+        snap.index().frames.len(),
+    ));
     prefetch(&snap, &remote);
     let Some(base_ref) = snap.index().base.clone() else {
         return Ok(snap);
@@ -270,7 +349,7 @@ fn open_layer(
 }
 
 /// An index blob: from the cache, else fetched, checked against its digest and cached.
-fn index_blob(reg: &Registry, cache: &ChunkCache, repo: &str, layer: &Layer) -> Result<Vec<u8>> {
+fn index_blob(reg: &Registry, cache: &HostCache, repo: &str, layer: &Layer) -> Result<Vec<u8>> {
     if let Some(b) = cache.blob(&layer.index.digest) {
         return Ok(b);
     }
@@ -315,7 +394,7 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
         };
         let chunks =
             index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize].to_vec();
-        if chunks.iter().all(|c| remote.cache.has(&c.id)) {
+        if remote.is_cached(idx) {
             continue;
         }
         work.push((idx, f.clone(), chunks));
@@ -352,13 +431,9 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
                         fetched += len;
                         for (idx, f, chunks) in &work[i..j] {
                             let at = (f.offset - base) as usize;
-                            if let Ok(raw) = decode_frame(
-                                *idx,
-                                f,
-                                chunks,
-                                &bytes[at..at + f.stored_len as usize],
-                            ) {
-                                r.store(chunks, &raw);
+                            let stored = &bytes[at..at + f.stored_len as usize];
+                            if decode_frame(*idx, f, chunks, stored).is_ok() {
+                                r.store(*idx, 1, f.offset - HEADER_LEN as u64, stored.to_vec());
                             }
                         }
                     }

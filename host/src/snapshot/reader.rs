@@ -27,11 +27,15 @@ pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 /// Longest chain of base snapshots a reader follows.
 pub const MAX_BASE_DEPTH: usize = 64;
 
+/// A frame's decompressed bytes as the cache holds them (the `Vec` is shared, not
+/// copied into a new allocation: a cold read copies each byte once fewer).
+pub type FrameBytes = Arc<Vec<u8>>;
+
 #[derive(Clone)]
 struct FrameWeight;
 
-impl Weighter<u32, Arc<[u8]>> for FrameWeight {
-    fn weight(&self, _key: &u32, val: &Arc<[u8]>) -> u64 {
+impl Weighter<u32, FrameBytes> for FrameWeight {
+    fn weight(&self, _key: &u32, val: &FrameBytes) -> u64 {
         val.len().max(1) as u64
     }
 }
@@ -51,7 +55,7 @@ pub struct Snapshot {
     header: Header,
     index: Index,
     file_len: u64,
-    cache: Cache<u32, Arc<[u8]>, FrameWeight>,
+    cache: Cache<u32, FrameBytes, FrameWeight>,
     /// The base snapshot, for chunks stored there (format version 2).
     base: Option<Arc<Snapshot>>,
     /// Chunks `local_chunks..` live in the base: their index there.
@@ -190,7 +194,7 @@ impl Snapshot {
 
     /// A chunk's verified bytes: the frame holding it and the chunk's offset in the frame.
     /// With `cached_only`, `None` when the frame is not in the cache.
-    fn chunk_bytes(&self, ci: u32, cached_only: bool) -> Option<Result<(Arc<[u8]>, usize)>> {
+    fn chunk_bytes(&self, ci: u32, cached_only: bool) -> Option<Result<(FrameBytes, usize)>> {
         let c = &self.index.chunks[ci as usize];
         if c.frame != EXTERNAL {
             if cached_only {
@@ -542,9 +546,9 @@ impl Snapshot {
     }
 
     /// A frame's verified, decompressed bytes, from the cache or the file.
-    pub fn frame(&self, idx: u32) -> Result<Arc<[u8]>> {
+    pub fn frame(&self, idx: u32) -> Result<FrameBytes> {
         self.cache.get_or_insert_with(&idx, || match &self.backing {
-            Backing::File(_) => self.load_frame(idx).map(Arc::from),
+            Backing::File(_) => self.load_frame(idx).map(Arc::new),
             Backing::Remote(r) => self.load_remote(idx, r),
         })
     }
@@ -573,48 +577,46 @@ impl Snapshot {
             }
             Backing::Remote(r) => r.fetch(f.offset - HEADER_LEN as u64, f.stored_len as u64)?,
         };
-        decode_frame(idx, f, chunks, &stored)
+        decode_frame_owned(idx, f, chunks, stored)
     }
 
     /// A frame of a snapshot in a registry: from the host's chunk cache if it holds every
     /// chunk, else fetched by range — with the frames after it when reads are sequential,
     /// which go into the frame cache too.
-    fn load_remote(&self, idx: u32, r: &crate::oci::lazy::RemoteData) -> Result<Arc<[u8]>> {
+    fn load_remote(&self, idx: u32, r: &Arc<crate::oci::lazy::RemoteData>) -> Result<FrameBytes> {
         let (f, chunks) = self.frame_meta(idx)?;
         r.record(idx);
-        if let Some(raw) = r.assemble(chunks, f.raw_len as usize) {
-            return Ok(Arc::from(raw));
+        if let Some(raw) = r.cached_frame(idx, f, chunks) {
+            return Ok(Arc::new(raw));
         }
         let budget = r.window(idx);
-        let mut end = idx as usize + 1;
-        let mut len = f.stored_len as u64;
-        while let Some(next) = self.index.frames.get(end) {
-            let prev = &self.index.frames[end - 1];
-            if len + next.stored_len as u64 > budget
-                || next.offset != prev.offset + prev.stored_len as u64
-                || self.cache.contains_key(&(end as u32))
-                || self
-                    .index
-                    .chunks
-                    .get(next.first_chunk as usize)
-                    .is_some_and(|c| r.has(&c.id))
-            {
-                break;
+        let blob_off = f.offset - HEADER_LEN as u64;
+        let (end, mut bytes) = match r.take_ahead(idx) {
+            Some((end, Ok(bytes))) => (end as usize, bytes),
+            _ => {
+                let (end, len) = self.window_from(idx, budget, r);
+                (end, r.fetch(blob_off, len)?)
             }
-            len += next.stored_len as u64;
-            end += 1;
-        }
+        };
         r.fetched_to(end as u32);
-        let bytes = r.fetch(f.offset - HEADER_LEN as u64, len)?;
+        // A stream: ask for the next window now, so it arrives while this one decodes.
+        if r.streaming() && end < self.index.frames.len() {
+            let (next_end, next_len) = self.window_from(end as u32, budget, r);
+            if next_end > end {
+                let off = self.index.frames[end].offset - HEADER_LEN as u64;
+                r.fetch_ahead(end as u32, next_end as u32, off, next_len);
+            }
+        }
         let mut mine = None;
+        let mut good = idx;
         for j in idx..end as u32 {
             let (fj, cj) = self.frame_meta(j)?;
             let at = (fj.offset - f.offset) as usize;
             let stored = &bytes[at..at + fj.stored_len as usize];
             match decode_frame(j, fj, cj, stored) {
                 Ok(raw) => {
-                    r.store(cj, &raw);
-                    let raw: Arc<[u8]> = Arc::from(raw);
+                    good = j + 1;
+                    let raw: FrameBytes = Arc::new(raw);
                     if j == idx {
                         mine = Some(raw);
                     } else {
@@ -629,7 +631,33 @@ impl Snapshot {
                 }
             }
         }
+        // Only verified frames go into the host cache.
+        let upto = self.index.frames[good as usize - 1].offset
+            + self.index.frames[good as usize - 1].stored_len as u64
+            - f.offset;
+        bytes.truncate(upto as usize);
+        r.store(idx, good - idx, blob_off, bytes);
         mine.ok_or_else(|| Error::corrupt(format!("frame {idx} was not fetched")))
+    }
+
+    /// The frames one fetch from `idx` covers: contiguous in the blob, within `budget`
+    /// stored bytes, not cached; returns the end frame and the stored length.
+    fn window_from(&self, idx: u32, budget: u64, r: &crate::oci::lazy::RemoteData) -> (usize, u64) {
+        let mut end = idx as usize + 1;
+        let mut len = self.index.frames[idx as usize].stored_len as u64;
+        while let Some(next) = self.index.frames.get(end) {
+            let prev = &self.index.frames[end - 1];
+            if len + next.stored_len as u64 > budget
+                || next.offset != prev.offset + prev.stored_len as u64
+                || self.cache.contains_key(&(end as u32))
+                || r.is_cached(end as u32)
+            {
+                break;
+            }
+            len += next.stored_len as u64;
+            end += 1;
+        }
+        (end, len)
     }
 
     /// Bytes a node's file data occupies in chunks (holes and zero runs excluded).
@@ -658,8 +686,30 @@ pub(crate) fn decode_frame(
         }
         other => other,
     })?;
+    verify_chunks(idx, chunks, &raw)?;
+    Ok(raw)
+}
+
+/// As `decode_frame`, taking the stored bytes by value: a raw frame is checked in place
+/// and returned without a copy.
+pub(crate) fn decode_frame_owned(
+    idx: u32,
+    f: &Frame,
+    chunks: &[Chunk],
+    stored: Vec<u8>,
+) -> Result<Vec<u8>> {
+    if f.codec == Codec::Raw as u8 && stored.len() == f.raw_len as usize {
+        verify_chunks(idx, chunks, &stored)?;
+        return Ok(stored);
+    }
+    decode_frame(idx, f, chunks, &stored)
+}
+
+fn verify_chunks(idx: u32, chunks: &[Chunk], raw: &[u8]) -> Result<()> {
     for c in chunks {
-        let bytes = &raw[c.offset as usize..(c.offset + c.len) as usize];
+        let bytes = raw
+            .get(c.offset as usize..(c.offset + c.len) as usize)
+            .ok_or_else(|| Error::corrupt(format!("frame {idx} is shorter than its chunks")))?;
         if blake3::hash(bytes).as_bytes() != &c.id {
             return Err(Error::corrupt(format!(
                 "chunk {} in frame {idx} fails its BLAKE3 check",
@@ -667,7 +717,7 @@ pub(crate) fn decode_frame(
             )));
         }
     }
-    Ok(raw)
+    Ok(())
 }
 
 /// The name `pull` gives a base it cannot place at the path its snapshot records.

@@ -1,0 +1,118 @@
+#!/bin/bash
+# Lazy opening of a snapshot from an OCI registry (docker-registry on loopback) against a
+# local file and against a full `pull`, on a ~1 GiB workspace (a git clone of this repo,
+# a copy of /usr/lib/x86_64-linux-gnu as an ignored vendor/ directory, and 256 MiB of
+# incompressible assets/blob.bin). Prints, as medians of N rounds:
+#   open       `hexz-host ls SNAP /`: local file, oci:// with the index cached, oci:// cold
+#   first      time to the first byte of README.md through `hexz-host mount`: local file,
+#              oci:// lazily (cold chunk cache), and `pull` + mount of the pulled file
+#   job        `git status` + reading 6 files through a lazy oci:// mount (cold cache):
+#              bytes fetched from the registry (hexz's count and the registry's log)
+#              as a share of the snapshot
+#   seq        reading assets/blob.bin (incompressible) through `hexz-host cat`: local
+#              file (page cache dropped), oci:// cold, and curl downloading the data blob
+# Usage (root): bench/oci.sh [WORKDIR]     N=5 by default; needs docker-registry, git, curl.
+set -eu
+W=${1:-/tmp/hexz-bench-oci}; N=${N:-5}
+H=${HEXZ_HOST:-$(dirname "$0")/../target/release/hexz-host}; H=$(realpath "$H")
+REPO_SRC=$(realpath "$(dirname "$0")/..")
+mkdir -p "$W"; cd "$W"
+export HEXZ_OCI_PREFETCH=0
+now() { date +%s.%N; }
+med() { printf "%s\n" "$@" | sort -g | sed -n "$(( ($# + 1) / 2 ))p"; }
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+if [ ! -e ws.hxz ]; then
+  rm -rf ws; git clone -q "$REPO_SRC" ws
+  mkdir -p ws/vendor ws/assets
+  cp -a /usr/lib/x86_64-linux-gnu ws/vendor/lib
+  head -c $((256 << 20)) /dev/urandom > ws/assets/blob.bin
+  printf 'vendor/\nassets/\n' >> ws/.git/info/exclude
+  git -C ws status --porcelain > /dev/null   # refresh the index's stat data
+  "$H" pack ws -o ws.hxz
+fi
+SIZE=$(stat -c %s ws.hxz)
+
+# The registry: loopback, filesystem storage, request log at info level.
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p reg
+cat > reg/config.yml <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: $W/reg/data
+http:
+  addr: 127.0.0.1:$PORT
+EOF
+docker-registry serve reg/config.yml > reg/log 2>&1 & RPID=$!
+trap 'kill $RPID 2>/dev/null; umount mnt 2>/dev/null || true' EXIT
+until curl -sf "http://127.0.0.1:$PORT/v2/" > /dev/null; do sleep 0.1; done
+REF=127.0.0.1:$PORT/bench/ws:v1
+"$H" push ws.hxz "$REF" > push.out; cat push.out
+DATA=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+  "http://127.0.0.1:$PORT/v2/bench/ws/manifests/v1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][1]["digest"])')
+fresh() { rm -rf cache; export HEXZ_CACHE_DIR=$W/cache; }
+t() { local s=$(now); "$@" > /dev/null 2>&1; local e=$(now); echo "$e - $s" | bc; }
+
+# open
+L=(); C=(); K=()
+for i in $(seq "$N"); do
+  drop; L+=($(t "$H" ls ws.hxz /))
+  fresh; drop; K+=($(t "$H" ls "oci://$REF" /))
+  drop; C+=($(t "$H" ls "oci://$REF" /))
+done
+echo "open   local $(med "${L[@]}") s; oci:// index cached $(med "${C[@]}") s; oci:// cold $(med "${K[@]}") s"
+
+# first byte through a mount
+mkdir -p mnt
+first() { # $1 snapshot
+  local s=$(now)
+  "$H" mount "$1" mnt --daemon --log "$W/m.log" --pid-file "$W/m.pid" > /dev/null
+  head -c1 mnt/README.md > /dev/null
+  local e=$(now); umount mnt; while [ -e m.pid ]; do sleep 0.05; done
+  echo "$e - $s" | bc
+}
+L=(); Z=(); P=()
+for i in $(seq "$N"); do
+  drop; L+=($(first ws.hxz))
+  fresh; drop; Z+=($(first "oci://$REF"))
+  fresh; rm -f pulled.hxz; drop
+  s=$(now); "$H" pull "$REF" -o pulled.hxz > /dev/null; e=$(now)
+  P+=($(echo "$(echo "$e - $s" | bc) + $(first pulled.hxz)" | bc))
+done
+echo "first  local $(med "${L[@]}") s; oci:// lazy $(med "${Z[@]}") s; pull + mount $(med "${P[@]}") s"
+
+# read-mostly job: bytes fetched
+J=(); R=(); T=()
+for i in $(seq "$N"); do
+  fresh; drop
+  : > reg/log.mark; LOGSTART=$(stat -c %s reg/log)
+  s=$(now)
+  RUST_LOG=hexz_host=info "$H" mount "oci://$REF" mnt --daemon --log "$W/j.log" --pid-file "$W/m.pid" > /dev/null
+  (cd mnt && git status --porcelain > /dev/null && cat README.md Cargo.toml host/src/lib.rs \
+     host/src/main.rs docs/FORMAT.md protocol/src/lib.rs > /dev/null)
+  e=$(now); T+=($(echo "$e - $s" | bc))
+  umount mnt; while [ -e m.pid ]; do sleep 0.05; done
+  J+=($(grep -o 'fetched [0-9]* bytes' j.log | awk '{s+=$2} END {print s+0}'))
+  # The registry's own count: bytes written for blob GETs since the mark.
+  R+=($(tail -c +$((LOGSTART + 1)) reg/log | grep 'blobs/sha256' | grep -o 'http.response.written=[0-9]*' \
+        | cut -d= -f2 | awk '{s+=$1} END {print s+0}'))
+  rm -f j.log
+done
+JB=$(med "${J[@]}"); RB=$(med "${R[@]}")
+echo "job    git status + 6 files: $(med "${T[@]}") s; fetched $JB bytes (registry log: $RB bytes incl. the index blob) of $SIZE = $(echo "scale=2; 100 * $RB / $SIZE" | bc) %"
+
+# sequential read
+BLOB=$(stat -c %s ws/assets/blob.bin)
+L=(); Z=(); D=()
+for i in $(seq "$N"); do
+  drop; L+=($(t "$H" cat ws.hxz assets/blob.bin))
+  fresh; "$H" ls "oci://$REF" / > /dev/null; drop; Z+=($(t "$H" cat "oci://$REF" assets/blob.bin))
+  D+=($(t curl -sf -o /dev/null "http://127.0.0.1:$PORT/v2/bench/ws/blobs/$DATA"))
+done
+DS=$(stat -c %s reg/data/docker/registry/v2/blobs/sha256/${DATA:7:2}/${DATA:7}/data)
+l=$(med "${L[@]}"); z=$(med "${Z[@]}"); d=$(med "${D[@]}")
+echo "seq    blob.bin $BLOB bytes: local $l s ($(echo "$BLOB / $l / 1048576" | bc) MiB/s); oci:// cold $z s ($(echo "$BLOB / $z / 1048576" | bc) MiB/s); curl of the data blob ($DS bytes) $d s ($(echo "$DS / $d / 1048576" | bc) MiB/s); lazy/raw = $(echo "scale=2; ($BLOB / $z) / ($DS / $d)" | bc)"
