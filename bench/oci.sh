@@ -107,12 +107,15 @@ echo "job    git status + 6 files: $(med "${T[@]}") s; fetched $JB bytes (regist
 
 # sequential read
 BLOB=$(stat -c %s ws/assets/blob.bin)
-L=(); Z=(); D=()
+L=(); Z=(); D=(); F=()
 for i in $(seq "$N"); do
   drop; L+=($(t "$H" cat ws.hxz assets/blob.bin))
   fresh; "$H" ls "oci://$REF" / > /dev/null; drop; Z+=($(t "$H" cat "oci://$REF" assets/blob.bin))
   D+=($(t curl -sf -o /dev/null "http://127.0.0.1:$PORT/v2/bench/ws/blobs/$DATA"))
+  F+=($(t curl -sf -o "$W/blob.copy" "http://127.0.0.1:$PORT/v2/bench/ws/blobs/$DATA")); rm -f "$W/blob.copy"
 done
 DS=$(stat -c %s reg/data/docker/registry/v2/blobs/sha256/${DATA:7:2}/${DATA:7}/data)
-l=$(med "${L[@]}"); z=$(med "${Z[@]}"); d=$(med "${D[@]}")
-echo "seq    blob.bin $BLOB bytes: local $l s ($(echo "$BLOB / $l / 1048576" | bc) MiB/s); oci:// cold $z s ($(echo "$BLOB / $z / 1048576" | bc) MiB/s); curl of the data blob ($DS bytes) $d s ($(echo "$DS / $d / 1048576" | bc) MiB/s); lazy/raw = $(echo "scale=2; ($BLOB / $z) / ($DS / $d)" | bc)"
+l=$(med "${L[@]}"); z=$(med "${Z[@]}"); d=$(med "${D[@]}"); f=$(med "${F[@]}")
+echo "seq    blob.bin $BLOB bytes: local $l s ($(echo "$BLOB / $l / 1048576" | bc) MiB/s); oci:// cold $z s ($(echo "$BLOB / $z / 1048576" | bc) MiB/s)"
+echo "       curl of the data blob ($DS bytes) to /dev/null $d s ($(echo "$DS / $d / 1048576" | bc) MiB/s), to a file $f s ($(echo "$DS / $f / 1048576" | bc) MiB/s)"
+echo "       lazy/raw download: $(echo "scale=2; ($BLOB / $z) / ($DS / $d)" | bc) (/dev/null), $(echo "scale=2; ($BLOB / $z) / ($DS / $f)" | bc) (file)"
