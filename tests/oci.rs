@@ -861,3 +861,90 @@ fn manifest_digest(reg_dir: &Path, repo: &str) -> String {
     ));
     fs::read_to_string(link).unwrap().trim().to_string()
 }
+
+#[test]
+fn the_frames_a_run_read_are_prefetched_by_the_next_open() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let out = ok(
+        &hexz(
+            &cache,
+            &[&"push", &snap, &format!("{}/team/ws:v1", reg.host())],
+        ),
+        "push",
+    );
+    let pinned = out
+        .split_whitespace()
+        .find(|w| w.starts_with("oci://"))
+        .unwrap()
+        .to_string();
+    let run = |args: &[&str], prefetch: &str| {
+        Command::new(bin("hexz-host"))
+            .args(args)
+            .env("HEXZ_CACHE_DIR", &cache)
+            .env("HEXZ_OCI_PREFETCH", prefetch)
+            .env("RUST_LOG", "hexz_host=info")
+            .output()
+            .unwrap()
+    };
+    // A run reads two files; the cache then loses their frames (as after eviction).
+    for f in ["pkg3/mod3.rs", "a.bin"] {
+        ok(&run(&["cat", &pinned, f], "0"), "first run");
+    }
+    fs::remove_dir_all(cache.join("oci/data")).unwrap();
+    fs::create_dir(cache.join("oci/data")).unwrap();
+    // The next open fetches them in the background: a mount, left up for the prefetch.
+    let mnt = dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    if fuse_available() {
+        let log = dir.join("m.log");
+        let o = Command::new(bin("hexz-host"))
+            .args(["mount", &pinned])
+            .arg(&mnt)
+            .arg("--daemon")
+            .arg("--log")
+            .arg(&log)
+            .arg("--pid-file")
+            .arg(dir.join("m.pid"))
+            .env("HEXZ_CACHE_DIR", &cache)
+            .env("RUST_LOG", "hexz_host=info")
+            .output()
+            .unwrap();
+        ok(&o, "mount");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("prefetched")
+        {
+            assert!(Instant::now() < deadline, "no prefetch logged");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        unmount(&mnt);
+        // The daemon has written what it fetched once it has exited.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while dir.join("m.pid").exists() {
+            assert!(Instant::now() < deadline, "the mount did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Without the registry, both files read from what the prefetch fetched.
+        reg.stop();
+        for f in ["pkg3/mod3.rs", "a.bin"] {
+            let o = run(&["cat", &pinned, f], "0");
+            ok(&o, "cat after the prefetch, registry stopped");
+            assert!(o.stdout == fs::read(src.join(f)).unwrap(), "{f}");
+        }
+        let o = run(&["cat", &pinned, "b.bin"], "0");
+        assert!(
+            !o.status.success(),
+            "b.bin was never read, so never prefetched"
+        );
+    }
+}

@@ -306,6 +306,7 @@ impl HostCache {
 }
 
 /// The cached copy of one data blob (see the module comment).
+#[derive(Clone)]
 pub struct DataCache {
     cache: Arc<HostCache>,
     files: Arc<DataFiles>,

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::cache::{DataCache, HostCache};
@@ -42,7 +42,8 @@ pub struct RemoteData {
     /// (frame where the last fetch ended, current read-ahead window)
     seq: Mutex<(u32, u64)>,
     log: Mutex<AccessLog>,
-    closed: AtomicBool,
+    /// Set when closed: the prefetch thread (which holds no reference) stops.
+    closed: Arc<AtomicBool>,
     /// Bytes and requests fetched from the registry (logged when closed).
     fetched: AtomicU64,
     requests: AtomicU64,
@@ -53,6 +54,8 @@ type Ahead = (u32, u32, std::thread::JoinHandle<Result<Vec<u8>>>);
 #[derive(Default)]
 struct AccessLog {
     order: Vec<u32>,
+    /// The log as this run found it (loaded at the first save).
+    previous: Option<Vec<u32>>,
     seen: HashSet<u32>,
     saved_len: usize,
     saved_at: Option<Instant>,
@@ -87,15 +90,7 @@ impl RemoteData {
     /// `len` bytes of the blob from `offset`; an unreachable registry is an error
     /// (EIO to a reader) after a short retry, and the next read tries again.
     pub fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::corrupt(format!(
-                "read of {offset}+{len} past the end of data blob {} ({} bytes)",
-                short(&self.digest),
-                self.size
-            )));
-        }
-        let bytes =
-            Repo::new(&self.reg, &self.repo).blob_range(&self.digest, offset, len, Retry::READ)?;
+        let bytes = fetch_range(&self.reg, &self.repo, &self.digest, self.size, offset, len)?;
         self.fetched.fetch_add(len, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         Ok(bytes)
@@ -204,19 +199,14 @@ impl RemoteData {
     }
 
     fn save(&self, log: &mut AccessLog) {
-        // Frames read before are kept after the new ones, so a shorter run does not
+        // Frames earlier runs read are kept after this run's, so a shorter run does not
         // forget what a longer one needed.
+        let previous = log
+            .previous
+            .get_or_insert_with(|| self.cache.access_log(&self.digest));
         let mut frames = log.order.clone();
-        if log.saved_len == 0 {
-            let seen = &log.seen;
-            frames.extend(
-                self.cache
-                    .access_log(&self.digest)
-                    .into_iter()
-                    .filter(|f| !seen.contains(f)),
-            );
-            frames.truncate(MAX_LOG);
-        }
+        frames.extend(previous.iter().filter(|f| !log.seen.contains(f)));
+        frames.truncate(MAX_LOG);
         self.cache.save_access_log(&self.digest, &frames);
         log.saved_len = log.order.len();
         log.saved_at = Some(Instant::now());
@@ -239,6 +229,24 @@ impl Drop for RemoteData {
             self.save(&mut log);
         }
     }
+}
+
+/// `len` bytes of data blob `digest` (of `size` bytes) from `offset`.
+fn fetch_range(
+    reg: &Registry,
+    repo: &str,
+    digest: &str,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::corrupt(format!(
+            "read of {offset}+{len} past the end of data blob {} ({size} bytes)",
+            short(digest)
+        )));
+    }
+    Repo::new(reg, repo).blob_range(digest, offset, len, Retry::READ)
 }
 
 /// Opens `oci://…` lazily: resolves the tag to a manifest digest, opens the chain of
@@ -291,7 +299,7 @@ fn open_layer(
         ahead: Mutex::new(None),
         seq: Mutex::new((0, 0)),
         log: Mutex::new(AccessLog::default()),
-        closed: AtomicBool::new(false),
+        closed: Arc::new(AtomicBool::new(false)),
         fetched: AtomicU64::new(0),
         requests: AtomicU64::new(0),
     });
@@ -402,7 +410,15 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
     if work.is_empty() {
         return;
     }
-    let weak: Weak<RemoteData> = Arc::downgrade(remote);
+    // The thread holds what it needs, not the `RemoteData`, so closing the snapshot is
+    // never delayed by it (and its end-of-run work, the cache flush and the access log,
+    // runs in the reader's thread).
+    let closed = remote.closed.clone();
+    let reg = remote.reg.clone();
+    let (repo, digest, size) = (remote.repo.clone(), remote.digest.clone(), remote.size);
+    let Some(data) = remote.data.get().and_then(Option::clone) else {
+        return;
+    };
     let n = work.len();
     let _ = std::thread::Builder::new()
         .name("hexz-prefetch".into())
@@ -411,8 +427,7 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
             let mut fetched = 0u64;
             let mut i = 0;
             while i < work.len() {
-                let Some(r) = weak.upgrade() else { return };
-                if r.closed.load(Ordering::Relaxed) {
+                if closed.load(Ordering::Relaxed) {
                     return;
                 }
                 // One request for a run of frames adjacent in the blob.
@@ -426,14 +441,14 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
                     j += 1;
                 }
                 let base = work[i].1.offset;
-                match r.fetch(base - HEADER_LEN as u64, len) {
+                match fetch_range(&reg, &repo, &digest, size, base - HEADER_LEN as u64, len) {
                     Ok(bytes) => {
                         fetched += len;
                         for (idx, f, chunks) in &work[i..j] {
                             let at = (f.offset - base) as usize;
                             let stored = &bytes[at..at + f.stored_len as usize];
                             if decode_frame(*idx, f, chunks, stored).is_ok() {
-                                r.store(*idx, 1, f.offset - HEADER_LEN as u64, stored.to_vec());
+                                data.write(*idx, 1, f.offset - HEADER_LEN as u64, stored.to_vec());
                             }
                         }
                     }
