@@ -4,6 +4,7 @@
 # a copy of /usr/lib/x86_64-linux-gnu as an ignored vendor/ directory, and 256 MiB of
 # incompressible assets/blob.bin). Prints, as medians of N rounds:
 #   open       `hexz-host ls SNAP /`: local file, oci:// with the index cached, oci:// cold
+#              (page cache dropped before each), and both again with the page cache warm
 #   first      time to the first byte of README.md through `hexz-host mount`: local file,
 #              oci:// lazily (cold chunk cache), and `pull` + mount of the pulled file
 #   job        `git status` + reading 6 files through a lazy oci:// mount (cold cache):
@@ -64,7 +65,10 @@ for i in $(seq "$N"); do
   fresh; drop; K+=($(t "$H" ls "oci://$REF" /))
   drop; C+=($(t "$H" ls "oci://$REF" /))
 done
-echo "open   local $(med "${L[@]}") s; oci:// index cached $(med "${C[@]}") s; oci:// cold $(med "${K[@]}") s"
+echo "open   local $(med "${L[@]}") s; oci:// index cached $(med "${C[@]}") s; oci:// cold $(med "${K[@]}") s  (page cache dropped before each)"
+L=(); C=()
+for i in $(seq $((N * 4))); do L+=($(t "$H" ls ws.hxz /)); C+=($(t "$H" ls "oci://$REF" /)); done
+echo "open   local $(med "${L[@]}") s; oci:// index cached $(med "${C[@]}") s  (page cache warm, the registry's included)"
 
 # first byte through a mount
 mkdir -p mnt
