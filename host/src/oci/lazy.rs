@@ -45,8 +45,8 @@ pub struct RemoteData {
     /// Set when closed: the prefetch thread (which holds no reference) stops.
     closed: Arc<AtomicBool>,
     /// Bytes and requests fetched from the registry (logged when closed).
-    fetched: AtomicU64,
-    requests: AtomicU64,
+    fetched: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
 }
 
 type Ahead = (u32, u32, std::thread::JoinHandle<Result<Vec<u8>>>);
@@ -149,15 +149,24 @@ impl RemoteData {
 
     /// Starts fetching frames `first..end` (stored bytes `offset..offset + len`) on
     /// another thread, so the registry sends them while the reader decodes.
-    pub fn fetch_ahead(self: &Arc<Self>, first: u32, end: u32, offset: u64, len: u64) {
+    /// The thread holds what it needs, not the `RemoteData`, so closing is never
+    /// delayed by a window nobody will read.
+    pub fn fetch_ahead(&self, first: u32, end: u32, offset: u64, len: u64) {
         let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
         if a.is_some() {
             return;
         }
-        let me = self.clone();
+        let reg = self.reg.clone();
+        let (repo, digest, size) = (self.repo.clone(), self.digest.clone(), self.size);
+        let (fetched, requests) = (self.fetched.clone(), self.requests.clone());
         if let Ok(h) = std::thread::Builder::new()
             .name("hexz-read-ahead".into())
-            .spawn(move || me.fetch(offset, len))
+            .spawn(move || {
+                let bytes = fetch_range(&reg, &repo, &digest, size, offset, len)?;
+                fetched.fetch_add(len, Ordering::Relaxed);
+                requests.fetch_add(1, Ordering::Relaxed);
+                Ok(bytes)
+            })
         {
             *a = Some((first, end, h));
         }
@@ -300,8 +309,8 @@ fn open_layer(
         seq: Mutex::new((0, 0)),
         log: Mutex::new(AccessLog::default()),
         closed: Arc::new(AtomicBool::new(false)),
-        fetched: AtomicU64::new(0),
-        requests: AtomicU64::new(0),
+        fetched: Arc::new(AtomicU64::new(0)),
+        requests: Arc::new(AtomicU64::new(0)),
     });
     let name = if at == 0 {
         pinned.to_string()
