@@ -192,6 +192,39 @@ fn workspace(dir: &Path) -> PathBuf {
     src
 }
 
+/// A registry with the workspace's snapshot pushed as `team/ws:v1`.
+struct Pushed {
+    reg: Registry,
+    cache: PathBuf,
+    src: PathBuf,
+    /// `HOST/team/ws:v1`
+    dest: String,
+    /// `oci://HOST/team/ws@sha256:…`, as `push` printed it.
+    pinned: String,
+}
+
+fn pushed(dir: &Path) -> Pushed {
+    let reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let dest = format!("{}/team/ws:v1", reg.host());
+    let out = ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let pinned = out
+        .split_whitespace()
+        .find(|w| w.starts_with("oci://"))
+        .expect("push names the pinned reference")
+        .to_string();
+    Pushed {
+        reg,
+        cache,
+        src,
+        dest,
+        pinned,
+    }
+}
+
 fn pack(cache: &Path, src: &Path, out: &Path) {
     ok(&hexz(cache, &[&"pack", &src, &"-o", &out]), "pack");
 }
@@ -451,13 +484,14 @@ fn serve_of_a_registry_snapshot_through_the_guest_mount_is_byte_exact() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let reg = Registry::start(&dir.join("reg"), None);
-    let cache = dir.join("cache");
-    let src = workspace(dir);
-    let snap = dir.join("ws.hxz");
-    pack(&cache, &src, &snap);
-    let dest = format!("{}/team/ws:v1", reg.host());
-    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let Pushed {
+        // Kept (not `_`): the registry must live as long as the test.
+        reg: _registry,
+        cache,
+        src,
+        dest,
+        ..
+    } = pushed(dir);
     let sock = dir.join("s.sock");
     let child = Command::new(bin("hexz-host"))
         .args(["serve", &format!("oci://{dest}"), "--listen"])
@@ -538,13 +572,13 @@ fn a_registry_that_stops_mid_read_gives_eio_and_reads_resume_when_it_is_back() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut reg = Registry::start(&dir.join("reg"), None);
-    let cache = dir.join("cache");
-    let src = workspace(dir);
-    let snap = dir.join("ws.hxz");
-    pack(&cache, &src, &snap);
-    let dest = format!("{}/team/ws:v1", reg.host());
-    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let Pushed {
+        mut reg,
+        cache,
+        src,
+        dest,
+        ..
+    } = pushed(dir);
     let mnt = dir.join("mnt");
     let log = host_mount(&cache, &format!("oci://{dest}"), &mnt, dir);
     let a = fs::read(mnt.join("a.bin"));
@@ -576,13 +610,13 @@ fn a_corrupted_blob_in_the_registry_is_a_clear_integrity_error() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let reg = Registry::start(&dir.join("reg"), None);
-    let cache = dir.join("cache");
-    let src = workspace(dir);
-    let snap = dir.join("ws.hxz");
-    pack(&cache, &src, &snap);
-    let dest = format!("{}/team/ws:v1", reg.host());
-    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let Pushed {
+        reg,
+        cache: _,
+        src,
+        dest,
+        ..
+    } = pushed(dir);
     let raw = Command::new("skopeo")
         .args([
             "inspect",
@@ -641,29 +675,19 @@ fn a_corrupted_blob_in_the_registry_is_a_clear_integrity_error() {
 }
 
 #[test]
-fn processes_share_the_chunk_cache_and_a_digest_reference_opens_offline() {
+fn processes_share_the_host_cache_and_a_digest_reference_opens_offline() {
     if !registry_available() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut reg = Registry::start(&dir.join("reg"), None);
-    let cache = dir.join("cache");
-    let src = workspace(dir);
-    let snap = dir.join("ws.hxz");
-    pack(&cache, &src, &snap);
-    let out = ok(
-        &hexz(
-            &cache,
-            &[&"push", &snap, &format!("{}/team/ws:v1", reg.host())],
-        ),
-        "push",
-    );
-    let pinned = out
-        .split_whitespace()
-        .find(|w| w.starts_with("oci://"))
-        .unwrap()
-        .to_string();
+    let Pushed {
+        mut reg,
+        cache,
+        src,
+        pinned,
+        ..
+    } = pushed(dir);
     let want = fs::read(src.join("a.bin")).unwrap();
     // Two processes read the same file from a cold cache at once.
     let spawn = || {
@@ -869,23 +893,13 @@ fn the_frames_a_run_read_are_prefetched_by_the_next_open() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut reg = Registry::start(&dir.join("reg"), None);
-    let cache = dir.join("cache");
-    let src = workspace(dir);
-    let snap = dir.join("ws.hxz");
-    pack(&cache, &src, &snap);
-    let out = ok(
-        &hexz(
-            &cache,
-            &[&"push", &snap, &format!("{}/team/ws:v1", reg.host())],
-        ),
-        "push",
-    );
-    let pinned = out
-        .split_whitespace()
-        .find(|w| w.starts_with("oci://"))
-        .unwrap()
-        .to_string();
+    let Pushed {
+        mut reg,
+        cache,
+        src,
+        pinned,
+        ..
+    } = pushed(dir);
     let run = |args: &[&str], prefetch: &str| {
         Command::new(bin("hexz-host"))
             .args(args)

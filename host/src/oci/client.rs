@@ -226,14 +226,6 @@ impl Registry {
             ))
         };
         match auth::parse_challenge(challenge) {
-            Some(Challenge::Basic) => {
-                let creds = self.creds.as_ref().ok_or_else(login)?;
-                self.tokens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(String::new(), creds.basic_header());
-                Ok(())
-            }
             Some(Challenge::Bearer {
                 realm,
                 service,
@@ -286,7 +278,8 @@ impl Registry {
                     .insert(scope.to_string(), format!("Bearer {token}"));
                 Ok(())
             }
-            None if self.creds.is_some() => {
+            // Basic, or a challenge hexz does not know: the stored user and password.
+            Some(Challenge::Basic) | None => {
                 let creds = self.creds.as_ref().ok_or_else(login)?;
                 self.tokens
                     .lock()
@@ -294,7 +287,6 @@ impl Registry {
                     .insert(String::new(), creds.basic_header());
                 Ok(())
             }
-            None => Err(login()),
         }
     }
 }

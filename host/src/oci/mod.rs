@@ -1,5 +1,5 @@
 //! Snapshots in OCI registries: `push`, `pull`, and lazy opening of `oci://` references
-//! through a host-wide, content-addressed chunk cache. Layout in docs/FORMAT.md §9.
+//! through a host-wide cache of blobs (by digest). Layout in docs/FORMAT.md §9.
 
 pub mod auth;
 pub mod cache;

@@ -44,7 +44,7 @@ impl Weighter<u32, FrameBytes> for FrameWeight {
 pub(crate) enum Backing {
     /// A local `.hxz` file.
     File(File),
-    /// A data blob in an OCI registry, read by range through the host's chunk cache.
+    /// A data blob in an OCI registry, read by range through the host's registry cache.
     Remote(Arc<crate::oci::lazy::RemoteData>),
 }
 
@@ -580,8 +580,8 @@ impl Snapshot {
         decode_frame_owned(idx, f, chunks, stored)
     }
 
-    /// A frame of a snapshot in a registry: from the host's chunk cache if it holds every
-    /// chunk, else fetched by range — with the frames after it when reads are sequential,
+    /// A frame of a snapshot in a registry: from the host's registry cache if it holds
+    /// it, else fetched by range — with the frames after it when reads are sequential,
     /// which go into the frame cache too.
     fn load_remote(&self, idx: u32, r: &Arc<crate::oci::lazy::RemoteData>) -> Result<FrameBytes> {
         let (f, chunks) = self.frame_meta(idx)?;
