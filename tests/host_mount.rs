@@ -701,4 +701,45 @@ fn a_stream_only_snapshot_shows_its_streams_as_files_writable_through_a_block_ov
         "the snapshot itself is unchanged: {}",
         r.stderr
     );
+    // `commit` folds the block overlay into the new snapshot's stream; the rest of the
+    // stream (and the untouched memory stream) is referred to in the base, not stored.
+    let cat = |snap: &Path, stream: &str| {
+        Command::new(bin("hexz-host"))
+            .args(["cat", "--stream"])
+            .arg(snap)
+            .arg(stream)
+            .output()
+            .unwrap()
+            .stdout
+    };
+    for (name, extra) in [("next.hxz", None), ("alone.hxz", Some("--standalone"))] {
+        let next = tmp.path().join(name);
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"commit", &snap, &"--overlay", &overlay, &"-o", &next];
+        if let Some(e) = &extra {
+            args.push(e);
+        }
+        let r = hexz_host(&args);
+        assert_eq!(r.status, 0, "commit: {}", r.stderr);
+        assert!(
+            cat(&next, "disk") == want,
+            "{name}: the committed disk stream"
+        );
+        assert!(
+            cat(&next, "memory") == fs::read(&mem_src).unwrap(),
+            "{name}: memory"
+        );
+        let len = fs::metadata(&next).unwrap().len();
+        if extra.is_none() {
+            assert!(
+                len < 400_000,
+                "{name}: {len} bytes: the unchanged disk was stored again"
+            );
+        } else {
+            assert!(
+                len > 4_000_000,
+                "{name}: {len} bytes: standalone holds everything"
+            );
+        }
+    }
 }

@@ -500,6 +500,26 @@ fn a_disk_stream_is_the_guests_vda_and_its_writes_land_in_the_block_overlay() {
         "mkdir -p /mnt && mount -o ro /dev/vda /mnt && cat /mnt/new.txt",
     );
     assert_eq!(out, "written\n");
+    // `commit` folds the disk's block overlay into the new snapshot's disk stream: the
+    // file the guest wrote is in the committed ext4 image (read with debugfs, no mount).
+    let next = ws.dir.path().join("next.hxz");
+    let c = hexz_host(&[&"commit", &snapshot, &"--overlay", &overlay, &"-o", &next]);
+    assert_eq!(c.status, 0, "commit: {}", c.stderr);
+    let img = ws.dir.path().join("next.img");
+    let stream = hexz_host(&[&"cat", &"--stream", &next, &"disk"]);
+    assert_eq!(stream.status, 0, "cat --stream: {}", stream.stderr);
+    std::fs::write(&img, &stream.stdout).expect("write image");
+    let debugfs = Command::new("debugfs")
+        .args(["-R", "cat /new.txt"])
+        .arg(&img)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    assert_eq!(
+        text(&debugfs.stdout),
+        "written\n",
+        "{}",
+        text(&debugfs.stderr)
+    );
     // An ephemeral overlay starts from the snapshot; --no-disk attaches nothing.
     let out = run(&[], "mkdir -p /mnt && mount -o ro /dev/vda /mnt && ls /mnt");
     assert_eq!(out, "hello.txt\nlost+found\n");

@@ -28,7 +28,12 @@ pub fn commit(
     opts: &CommitOptions,
 ) -> Result<WriteStats> {
     let snap = Arc::new(Snapshot::open(snapshot)?);
-    let vfs = Vfs::new(snap.clone(), Some(overlay), true)?;
+    if !overlay.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: no such overlay directory",
+            overlay.display()
+        )));
+    }
     let mut w = SnapshotWriter::create(out, &opts.writer)?;
     if !opts.standalone {
         // A snapshot opened from a registry is named by its pinned reference.
@@ -38,6 +43,50 @@ pub fn commit(
         };
         w.set_base(snap.clone(), base);
     }
+    // A stream-only snapshot has no tree to fold, only its streams.
+    let (nodes, ids) = if snap.has_tree() {
+        tree(&snap, overlay, &mut w, opts)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+
+    let mut streams = Vec::new();
+    for s in &snap.index().streams {
+        // A stream written through `run --disk`, `nbd --rw` or `mount --rw` has a block
+        // overlay `<overlay>/<stream>.cow`: the new snapshot holds the stream as it reads
+        // through that overlay (chunks the base has are referred to, not stored again).
+        let cow = overlay.join(format!("{}.cow", s.name));
+        let data = if cow.is_file() {
+            fold_stream(&snap, &s.name, &cow, &mut w)?
+        } else if opts.standalone {
+            let segments: Vec<(u64, u64)> = vec![(0, s.data.size)];
+            w.add_source(s.data.size, &segments, &mut |buf, at| {
+                let n = snap.read_at(&s.data, at, buf)?;
+                if n != buf.len() {
+                    return Err(Error::corrupt("stream shorter than its size"));
+                }
+                Ok(())
+            })?
+        } else {
+            w.add_base_file(&s.data)?
+        };
+        streams.push(Stream {
+            name: s.name.clone(),
+            data,
+        });
+    }
+    let ids = (!nodes.is_empty()).then_some(ids);
+    w.finish_with_ids(nodes, streams, ids)
+}
+
+/// The merged tree of `snap` and `overlay`, as the new snapshot's nodes and their ids.
+fn tree(
+    snap: &Arc<Snapshot>,
+    overlay: &Path,
+    w: &mut SnapshotWriter,
+    opts: &CommitOptions,
+) -> Result<(Vec<Node>, Vec<u64>)> {
+    let vfs = Vfs::new(snap.clone(), Some(overlay), true)?;
     let vfs_err = |e: hexz_protocol::Errno| Error::Invalid(format!("reading the merged tree: {e}"));
 
     // Every node keeps the id (inode number) it has in the merged view, so a tool that
@@ -76,9 +125,7 @@ pub fn commit(
                         entries: Vec::new(),
                     })
                 }
-                Kind::File => {
-                    NodeKind::File(file_data(&vfs, &snap, &mut w, &rec, opts.standalone)?)
-                }
+                Kind::File => NodeKind::File(file_data(&vfs, snap, w, &rec, opts.standalone)?),
                 Kind::Symlink(t) => NodeKind::Symlink(t.clone()),
                 Kind::Device => NodeKind::Device(rec.rdev),
                 Kind::Fifo => NodeKind::Fifo,
@@ -100,27 +147,42 @@ pub fn commit(
         }
     }
 
-    let mut streams = Vec::new();
-    for s in &snap.index().streams {
-        let data = if opts.standalone {
-            let segments: Vec<(u64, u64)> = vec![(0, s.data.size)];
-            w.add_source(s.data.size, &segments, &mut |buf, at| {
-                let n = snap.read_at(&s.data, at, buf)?;
-                if n != buf.len() {
-                    return Err(Error::corrupt("stream shorter than its size"));
+    Ok((nodes, ids))
+}
+
+/// Stores stream `name` of `snap` as it reads through the block overlay `cow`: only the
+/// allocated runs are read (holes and zeroed blocks stay holes).
+fn fold_stream(
+    snap: &Arc<Snapshot>,
+    name: &str,
+    cow: &Path,
+    w: &mut SnapshotWriter,
+) -> Result<FileData> {
+    use crate::blockdev::{cow::Owner, BlockDevice, CowDevice, StreamDevice};
+    let owner = Owner {
+        snapshot_id: snap.id(),
+        stream: name.to_string(),
+    };
+    let dev = CowDevice::open(cow, StreamDevice::open(snap.clone(), name)?, &owner)?;
+    let size = dev.size();
+    let mut segments: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let runs = dev.extents(pos, (size - pos).min(1 << 30))?;
+        if runs.is_empty() {
+            break;
+        }
+        for r in runs {
+            if !r.hole && !r.zero {
+                match segments.last_mut() {
+                    Some(last) if last.1 == pos => last.1 = pos + r.len,
+                    _ => segments.push((pos, pos + r.len)),
                 }
-                Ok(())
-            })?
-        } else {
-            w.add_base_file(&s.data)?
-        };
-        streams.push(Stream {
-            name: s.name.clone(),
-            data,
-        });
+            }
+            pos += r.len;
+        }
     }
-    let ids = (!nodes.is_empty()).then_some(ids);
-    w.finish_with_ids(nodes, streams, ids)
+    w.add_source(size, &segments, &mut |buf, at| dev.read(at, buf))
 }
 
 /// How the new snapshot names its base: by file name when both sit in one directory,
