@@ -406,7 +406,9 @@ enum Job {
         first: u32,
         n: u32,
         offset: u64,
-        bytes: Vec<u8>,
+        /// The first `len` bytes are to be written.
+        bytes: Arc<Vec<u8>>,
+        len: usize,
     },
     Flush(crossbeam_channel::Sender<()>),
 }
@@ -433,8 +435,10 @@ fn writer() -> &'static crossbeam_channel::Sender<Job> {
                             n,
                             offset,
                             bytes,
+                            len,
                         } => {
-                            if files.write(&bytes, offset, &mut aligned).is_ok()
+                            let bytes = &bytes[..len.min(bytes.len())];
+                            if files.write(bytes, offset, &mut aligned).is_ok()
                                 && files
                                     .map
                                     .write_all_at(&vec![1u8; n as usize], first as u64)
@@ -482,7 +486,7 @@ impl DataCache {
 
     /// Queues verified frames `first..first + n`, whose stored bytes start at `offset`,
     /// for writing; dropped (fetched again next time) if the writer is far behind.
-    pub fn write(&self, first: u32, n: u32, offset: u64, bytes: Vec<u8>) {
+    pub fn write(&self, first: u32, n: u32, offset: u64, bytes: Arc<Vec<u8>>, len: usize) {
         if n == 0 || first as usize + n as usize > self.frames {
             return;
         }
@@ -493,6 +497,7 @@ impl DataCache {
             n,
             offset,
             bytes,
+            len,
         };
         if writer().try_send(job).is_err() {
             tracing::debug!("registry cache: writer busy, frames {first}+{n} not cached");
@@ -582,7 +587,7 @@ mod tests {
         let d = c.data(&digest, 1 << 20, 8).expect("data");
         assert!(!d.has(3));
         assert!(d.read(3, 4096, 100).is_none());
-        d.write(3, 2, 4096, vec![9u8; 200]);
+        d.write(3, 2, 4096, Arc::new(vec![9u8; 200]), 200);
         flush(Duration::from_secs(5));
         assert!(d.has(3) && d.has(4) && !d.has(5));
         assert_eq!(d.read(3, 4096, 100), Some(vec![9u8; 100]));
@@ -603,8 +608,14 @@ mod tests {
         let d = c.data(&digest, 4 << 20, 4).expect("data");
         let bytes: Vec<u8> = (0..1_000_003u32).map(|i| (i * 7 % 251) as u8).collect();
         let other: Vec<u8> = (0..500_001u32).map(|i| (i * 13 % 241) as u8).collect();
-        d.write(1, 1, 12_345, bytes.clone());
-        d.write(2, 1, 12_345 + bytes.len() as u64, other.clone());
+        d.write(1, 1, 12_345, Arc::new(bytes.clone()), bytes.len());
+        d.write(
+            2,
+            1,
+            12_345 + bytes.len() as u64,
+            Arc::new(other.clone()),
+            other.len(),
+        );
         flush(Duration::from_secs(5));
         assert_eq!(d.read(1, 12_345, bytes.len()), Some(bytes.clone()));
         assert_eq!(

@@ -124,9 +124,9 @@ impl RemoteData {
 
     /// Adds verified frames `first..first + n`, whose stored bytes start at `offset` in
     /// the blob, to the host cache.
-    pub fn store(&self, first: u32, n: u32, offset: u64, bytes: Vec<u8>) {
+    pub fn store(&self, first: u32, n: u32, offset: u64, bytes: Arc<Vec<u8>>, len: usize) {
         if let Some(d) = self.data.get().and_then(Option::as_ref) {
-            d.write(first, n, offset, bytes);
+            d.write(first, n, offset, bytes, len);
         }
     }
 
@@ -457,7 +457,14 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
                             let at = (f.offset - base) as usize;
                             let stored = &bytes[at..at + f.stored_len as usize];
                             if decode_frame(*idx, f, chunks, stored).is_ok() {
-                                data.write(*idx, 1, f.offset - HEADER_LEN as u64, stored.to_vec());
+                                let len = stored.len();
+                                data.write(
+                                    *idx,
+                                    1,
+                                    f.offset - HEADER_LEN as u64,
+                                    Arc::new(stored.to_vec()),
+                                    len,
+                                );
                             }
                         }
                     }

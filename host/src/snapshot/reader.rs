@@ -27,9 +27,33 @@ pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 /// Longest chain of base snapshots a reader follows.
 pub const MAX_BASE_DEPTH: usize = 64;
 
-/// A frame's decompressed bytes as the cache holds them (the `Vec` is shared, not
-/// copied into a new allocation: a cold read copies each byte once fewer).
-pub type FrameBytes = Arc<Vec<u8>>;
+/// A frame's decompressed bytes as the cache holds them: a decoded `Vec`, shared rather
+/// than copied into a new allocation, or — for a frame stored raw — its range of the
+/// buffer it was fetched in, so a cold read copies each byte once fewer.
+#[derive(Clone)]
+pub struct FrameBytes {
+    buf: Arc<Vec<u8>>,
+    start: usize,
+    len: usize,
+}
+
+impl FrameBytes {
+    fn whole(v: Vec<u8>) -> FrameBytes {
+        let len = v.len();
+        FrameBytes {
+            buf: Arc::new(v),
+            start: 0,
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for FrameBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
 
 #[derive(Clone)]
 struct FrameWeight;
@@ -548,7 +572,7 @@ impl Snapshot {
     /// A frame's verified, decompressed bytes, from the cache or the file.
     pub fn frame(&self, idx: u32) -> Result<FrameBytes> {
         self.cache.get_or_insert_with(&idx, || match &self.backing {
-            Backing::File(_) => self.load_frame(idx).map(Arc::new),
+            Backing::File(_) => self.load_frame(idx).map(FrameBytes::whole),
             Backing::Remote(r) => self.load_remote(idx, r),
         })
     }
@@ -587,11 +611,11 @@ impl Snapshot {
         let (f, chunks) = self.frame_meta(idx)?;
         r.record(idx);
         if let Some(raw) = r.cached_frame(idx, f, chunks) {
-            return Ok(Arc::new(raw));
+            return Ok(FrameBytes::whole(raw));
         }
         let budget = r.window(idx);
         let blob_off = f.offset - HEADER_LEN as u64;
-        let (end, mut bytes) = match r.take_ahead(idx) {
+        let (end, bytes) = match r.take_ahead(idx) {
             Some((end, Ok(bytes))) => (end as usize, bytes),
             _ => {
                 let (end, len) = self.window_from(idx, budget, r);
@@ -607,16 +631,26 @@ impl Snapshot {
                 r.fetch_ahead(end as u32, next_end as u32, off, next_len);
             }
         }
+        let window = Arc::new(bytes);
         let mut mine = None;
         let mut good = idx;
         for j in idx..end as u32 {
             let (fj, cj) = self.frame_meta(j)?;
             let at = (fj.offset - f.offset) as usize;
-            let stored = &bytes[at..at + fj.stored_len as usize];
-            match decode_frame(j, fj, cj, stored) {
+            let stored = &window[at..at + fj.stored_len as usize];
+            // A raw frame is checked where it lies and shared, not copied.
+            let decoded = if fj.codec == Codec::Raw as u8 && fj.stored_len == fj.raw_len {
+                verify_chunks(j, cj, stored).map(|()| FrameBytes {
+                    buf: window.clone(),
+                    start: at,
+                    len: stored.len(),
+                })
+            } else {
+                decode_frame(j, fj, cj, stored).map(FrameBytes::whole)
+            };
+            match decoded {
                 Ok(raw) => {
                     good = j + 1;
-                    let raw: FrameBytes = Arc::new(raw);
                     if j == idx {
                         mine = Some(raw);
                     } else {
@@ -635,8 +669,7 @@ impl Snapshot {
         let upto = self.index.frames[good as usize - 1].offset
             + self.index.frames[good as usize - 1].stored_len as u64
             - f.offset;
-        bytes.truncate(upto as usize);
-        r.store(idx, good - idx, blob_off, bytes);
+        r.store(idx, good - idx, blob_off, window, upto as usize);
         mine.ok_or_else(|| Error::corrupt(format!("frame {idx} was not fetched")))
     }
 
