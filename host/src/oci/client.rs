@@ -613,5 +613,16 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 /// The first 12 hex digits of a digest, for messages.
 pub fn short(digest: &str) -> &str {
     let h = digest.strip_prefix("sha256:").unwrap_or(digest);
-    &h[..h.len().min(12)]
+    h.get(..12).unwrap_or(h)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_digests_never_split_a_character() {
+        assert_eq!(super::short("sha256:0123456789abcdef"), "0123456789ab");
+        // Byte 12 falls inside a character: the whole string, not a panic.
+        assert_eq!(super::short("sha256:aéééééé"), "aéééééé");
+        assert_eq!(super::short("x"), "x");
+    }
 }
