@@ -540,29 +540,64 @@ fn serve_of_a_registry_snapshot_through_the_guest_mount_is_byte_exact() {
     assert_eq!(back, b"written in the overlay\n");
 }
 
-/// `hexz-host mount` of `r` at `mnt` as a daemon; returns the log path.
-fn host_mount(cache: &Path, r: &str, mnt: &Path, dir: &Path) -> PathBuf {
-    fs::create_dir_all(mnt).unwrap();
-    let log = dir.join("mount.log");
-    let o = Command::new(bin("hexz-host"))
-        .args(["mount", r])
-        .arg(mnt)
-        .arg("--daemon")
-        .arg("--log")
-        .arg(&log)
-        .arg("--pid-file")
-        .arg(dir.join("mount.pid"))
-        .env("HEXZ_CACHE_DIR", cache)
-        .env("HEXZ_OCI_PREFETCH", "0")
-        .output()
-        .unwrap();
-    ok(&o, "mount");
-    assert!(is_mounted(mnt));
-    log
+/// A `hexz-host mount --daemon`, unmounted (and waited for) when stopped or dropped, so a
+/// failing test leaves no mount behind.
+struct DaemonMount {
+    mnt: PathBuf,
+    pid_file: PathBuf,
+    log: PathBuf,
 }
 
-fn unmount(mnt: &Path) {
-    let _ = Command::new("fusermount3").arg("-u").arg(mnt).status();
+impl DaemonMount {
+    /// Mounts `r` at `mnt` with `env` set; the log is `dir/NAME.log`.
+    fn start(
+        r: &str,
+        mnt: &Path,
+        dir: &Path,
+        name: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> DaemonMount {
+        fs::create_dir_all(mnt).unwrap();
+        let m = DaemonMount {
+            mnt: mnt.to_path_buf(),
+            pid_file: dir.join(format!("{name}.pid")),
+            log: dir.join(format!("{name}.log")),
+        };
+        let mut c = Command::new(bin("hexz-host"));
+        c.args(["mount", r])
+            .arg(mnt)
+            .arg("--daemon")
+            .arg("--log")
+            .arg(&m.log)
+            .arg("--pid-file")
+            .arg(&m.pid_file)
+            .env("RUST_LOG", "hexz_host=info");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        ok(&c.output().unwrap(), "mount");
+        assert!(is_mounted(mnt));
+        m
+    }
+
+    /// Unmounts and waits until the daemon has exited (its pid file is gone).
+    fn stop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg(&self.mnt).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.pid_file.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for DaemonMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
 }
 
 #[test]
@@ -580,15 +615,28 @@ fn a_registry_that_stops_mid_read_gives_eio_and_reads_resume_when_it_is_back() {
         ..
     } = pushed(dir);
     let mnt = dir.join("mnt");
-    let log = host_mount(&cache, &format!("oci://{dest}"), &mnt, dir);
+    let mut m = DaemonMount::start(
+        &format!("oci://{dest}"),
+        &mnt,
+        dir,
+        "mount",
+        &[
+            ("HEXZ_CACHE_DIR", cache.as_os_str()),
+            ("HEXZ_OCI_PREFETCH", "0".as_ref()),
+        ],
+    );
     let a = fs::read(mnt.join("a.bin"));
     reg.stop();
-    let mut f = fs::File::open(mnt.join("b.bin")).unwrap();
-    let mut buf = Vec::new();
-    let during = f.read_to_end(&mut buf);
+    let during = {
+        let mut f = fs::File::open(mnt.join("b.bin")).unwrap();
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)
+    };
     reg.resume();
     let after = fs::read(mnt.join("b.bin"));
-    unmount(&mnt);
+    m.stop();
+    assert!(!is_mounted(&mnt), "unmounted");
+    let log = m.log.clone();
     assert!(a.unwrap() == fs::read(src.join("a.bin")).unwrap());
     let e = during.expect_err("a read while the registry is down must fail");
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
@@ -919,35 +967,24 @@ fn the_frames_a_run_read_are_prefetched_by_the_next_open() {
     let mnt = dir.join("mnt");
     fs::create_dir(&mnt).unwrap();
     if fuse_available() {
-        let log = dir.join("m.log");
-        let o = Command::new(bin("hexz-host"))
-            .args(["mount", &pinned])
-            .arg(&mnt)
-            .arg("--daemon")
-            .arg("--log")
-            .arg(&log)
-            .arg("--pid-file")
-            .arg(dir.join("m.pid"))
-            .env("HEXZ_CACHE_DIR", &cache)
-            .env("RUST_LOG", "hexz_host=info")
-            .output()
-            .unwrap();
-        ok(&o, "mount");
+        let mut m = DaemonMount::start(
+            &pinned,
+            &mnt,
+            dir,
+            "m",
+            &[("HEXZ_CACHE_DIR", cache.as_os_str())],
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !fs::read_to_string(&log)
+        while !fs::read_to_string(&m.log)
             .unwrap_or_default()
             .contains("prefetched")
         {
             assert!(Instant::now() < deadline, "no prefetch logged");
             std::thread::sleep(Duration::from_millis(50));
         }
-        unmount(&mnt);
         // The daemon has written what it fetched once it has exited.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while dir.join("m.pid").exists() {
-            assert!(Instant::now() < deadline, "the mount did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        m.stop();
+        assert!(!m.pid_file.exists(), "the mount did not exit");
         // Without the registry, both files read from what the prefetch fetched.
         reg.stop();
         for f in ["pkg3/mod3.rs", "a.bin"] {
