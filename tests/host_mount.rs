@@ -639,6 +639,15 @@ fn a_stream_only_snapshot_shows_its_streams_as_files_writable_through_a_block_ov
         &mem_src,
     ]);
     assert_eq!(r.status, 0, "{}", r.stderr);
+    let cat = |snap: &Path, stream: &str| {
+        Command::new(bin("hexz-host"))
+            .args(["cat", "--stream"])
+            .arg(snap)
+            .arg(stream)
+            .output()
+            .unwrap()
+            .stdout
+    };
     let mnt = tmp.path().join("mnt");
     {
         // Read-only: the files are the streams, byte for byte; writing is EROFS.
@@ -651,14 +660,8 @@ fn a_stream_only_snapshot_shows_its_streams_as_files_writable_through_a_block_ov
         assert_eq!(names, ["disk", "memory"]);
         assert!(fs::read(m.mnt.join("disk")).unwrap() == disk);
         assert!(fs::read(m.mnt.join("memory")).unwrap() == fs::read(&mem_src).unwrap());
-        let cat = Command::new(bin("hexz-host"))
-            .args(["cat", "--stream"])
-            .arg(&snap)
-            .arg("disk")
-            .output()
-            .unwrap();
         assert!(
-            cat.stdout == disk,
+            cat(&snap, "disk") == disk,
             "the file equals `hexz-host cat SNAP disk`"
         );
         assert_eq!(
@@ -703,15 +706,6 @@ fn a_stream_only_snapshot_shows_its_streams_as_files_writable_through_a_block_ov
     );
     // `commit` folds the block overlay into the new snapshot's stream; the rest of the
     // stream (and the untouched memory stream) is referred to in the base, not stored.
-    let cat = |snap: &Path, stream: &str| {
-        Command::new(bin("hexz-host"))
-            .args(["cat", "--stream"])
-            .arg(snap)
-            .arg(stream)
-            .output()
-            .unwrap()
-            .stdout
-    };
     for (name, extra) in [("next.hxz", None), ("alone.hxz", Some("--standalone"))] {
         let next = tmp.path().join(name);
         let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hexz_e2e::vm_support::{text, Workspace};
+use hexz_e2e::vm_support::{assert_refused, text, Workspace};
 use hexz_e2e::{bin, hexz_host};
 
 /// Why VM tests cannot run here, or `None` when they can (image built once per process).
@@ -460,17 +460,13 @@ fn a_disk_stream_is_the_guests_vda_and_its_writes_land_in_the_block_overlay() {
     let packed = hexz_host(&[&"pack", &tree, &"--disk", &image, &"-o", &snapshot]);
     assert_eq!(packed.status, 0, "pack: {}", packed.stderr);
     let overlay = ws.dir.path().join("ov");
+    let disk_ws = Workspace {
+        snapshot: snapshot.clone(),
+        ..ws
+    };
+    let ws = &disk_ws;
     let run = |extra: &[&str], script: &str| {
-        let mut c = Command::new(bin("hexz-host"));
-        c.arg("run")
-            .arg("-q")
-            .arg(&snapshot)
-            .args(extra)
-            .args(["--", "sh", "-c", script])
-            .env("TMPDIR", &ws.tmp)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null());
-        let out = c.output().expect("hexz-host run");
+        let out = ws.run(extra, &["sh", "-c", script], b"");
         assert!(
             out.status.success(),
             "{script}: {:?}\nstdout: {}\nstderr: {}",
@@ -600,28 +596,8 @@ fn a_missing_disk_stream_or_program_fails_at_once_with_125_and_says_which() {
     }
     let ws = Workspace::new();
     let out = ws.run(&["--disk", "disk"], &["true"], b"");
-    assert_eq!(
-        out.status.code(),
-        Some(125),
-        "stderr: {}",
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stderr).contains("no stream 'disk'"),
-        "stderr: {}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "no stream 'disk'");
     let out = ws.run(&["--with", "no-such-program-hexz"], &["true"], b"");
-    assert_eq!(
-        out.status.code(),
-        Some(125),
-        "stderr: {}",
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stderr).contains("--with no-such-program-hexz: no such program on PATH"),
-        "stderr: {}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "--with no-such-program-hexz: no such program on PATH");
     ws.assert_clean();
 }

@@ -36,6 +36,14 @@ impl Workspace {
         }
     }
 
+    /// A workspace whose runs print what `run` says (no `-q`).
+    pub fn verbose() -> Workspace {
+        Workspace {
+            quiet: false,
+            ..Workspace::new()
+        }
+    }
+
     /// `hexz-host run` on the workspace with `extra` options, running `command`.
     pub fn run_cmd_os(&self, extra: &[&dyn AsRef<OsStr>], command: &[&str]) -> Command {
         let mut c = Command::new(bin("hexz-host"));
@@ -106,6 +114,13 @@ impl Default for Workspace {
     fn default() -> Workspace {
         Workspace::new()
     }
+}
+
+/// Asserts a run failed as a sandbox failure (exit 125) whose stderr says `says`.
+pub fn assert_refused(out: &Output, says: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "stderr: {err}");
+    assert!(err.contains(says), "expected {says:?} in: {err}");
 }
 
 pub fn text(b: &[u8]) -> String {

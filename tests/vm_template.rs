@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use hexz_e2e::vm_support::{text, Workspace};
+use hexz_e2e::vm_support::{assert_refused, text, Workspace};
 use hexz_e2e::{bin, hexz_host};
 
 /// The template every test restores (built once per process), or why VMs cannot run.
@@ -70,10 +70,7 @@ fn a_restored_run_gives_the_same_exit_code_streams_and_stdin_as_a_cold_run() {
     else {
         return;
     };
-    let ws = Workspace {
-        quiet: false,
-        ..Workspace::new()
-    };
+    let ws = Workspace::verbose();
     let script = b"cat README.md; md5sum src/main.rs; echo to-err >&2; exit 3\n";
     let warm = ws.run_os(&[&"--template", &t], &["sh"], script);
     let cold = ws.run_os(&[&"--cold"], &["sh"], script);
@@ -107,10 +104,7 @@ fn clones_of_one_template_read_different_random_bytes_and_the_host_clock() {
     else {
         return;
     };
-    let ws = Workspace {
-        quiet: false,
-        ..Workspace::new()
-    };
+    let ws = Workspace::verbose();
     let now = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -168,10 +162,7 @@ fn restored_runs_keep_separate_overlays_and_commit_keeps_what_they_wrote() {
     else {
         return;
     };
-    let ws = Workspace {
-        quiet: false,
-        ..Workspace::new()
-    };
+    let ws = Workspace::verbose();
     let script = |me: &str| format!("echo {me} > {me}.txt; sleep 2; ls *.txt; cat {me}.txt");
     let overlay = ws.dir.path().join("overlay");
     let spawn = |s: &str, extra: &[&dyn AsRef<std::ffi::OsStr>]| {
@@ -219,10 +210,7 @@ fn timeout_and_sigint_stop_a_restored_vm_and_leave_nothing_behind() {
     else {
         return;
     };
-    let ws = Workspace {
-        quiet: false,
-        ..Workspace::new()
-    };
+    let ws = Workspace::verbose();
     let out = ws.run_os(
         &[&"--template", &t, &"--timeout", &"3s"],
         &["sleep", "600"],
@@ -302,15 +290,11 @@ fn a_corrupt_or_stale_template_is_refused_with_a_clear_message() {
     else {
         return;
     };
-    let ws = Workspace {
-        quiet: false,
-        ..Workspace::new()
-    };
+    let ws = Workspace::verbose();
     let refused = |dir: &Path, says: &str| {
         let out = ws.run_os(&[&"--template", &dir], &["true"], b"");
+        assert_refused(&out, says);
         let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(125), "stderr: {err}");
-        assert!(err.contains(says), "expected {says:?} in: {err}");
         assert!(err.contains("hexz-host template build"), "{err}");
         assert!(!err.contains("restoring"), "{err}");
     };
@@ -363,10 +347,7 @@ fn a_template_qemu_cannot_load_falls_back_to_a_cold_boot_and_says_so() {
     else {
         return;
     };
-    let ws = Workspace {
-        quiet: false,
-        ..Workspace::new()
-    };
+    let ws = Workspace::verbose();
     // A state that passes the checksum (it is recorded anew) but is not a machine.
     let bad = ws.dir.path().join("unloadable");
     copy_template(t, &bad, false);
@@ -406,10 +387,7 @@ fn run_restores_the_cached_template_by_default_and_boots_with_cold() {
     else {
         return;
     };
-    let ws = Workspace {
-        quiet: false,
-        ..Workspace::new()
-    };
+    let ws = Workspace::verbose();
     // A private cache sharing the kernel and images, so no other test sees its template.
     let cache = ws.dir.path().join("cache");
     std::fs::create_dir(&cache).expect("mkdir");

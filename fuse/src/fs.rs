@@ -24,7 +24,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use hexz_protocol::{Attr, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec};
+use hexz_protocol::{Attr, DirList, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec};
 
 use crate::attrs::{AttrCache, CAPS_XATTR};
 use crate::names::Names;
@@ -196,6 +196,19 @@ pub struct HexzFs {
     host_read_only: AtomicBool,
     /// Names seen, for removals' victims and names certainly absent (`names.rs`).
     names: Names,
+}
+
+/// Answers the kernel with an entry reply (caching its attributes is the caller's part).
+fn answer_entry(r: Result<ReplyBody, Errno>, reply: ReplyEntry) {
+    match r {
+        Ok(ReplyBody::Entry(e)) => reply.entry(
+            &ttl(e.entry_ttl_ms),
+            &attr(&e.attr),
+            Generation(e.generation),
+        ),
+        Ok(_) => reply.error(fuser::Errno::EIO),
+        Err(e) => reply.error(fuse_err(e)),
+    }
 }
 
 fn fuse_err(e: Errno) -> fuser::Errno {
@@ -413,17 +426,28 @@ impl HexzFs {
     /// The host handle of an open file or directory, reopened on the host the first
     /// time it is needed and after a reconnect.
     fn server_fh(&self, fh: u64) -> Result<Arc<HostFh>, Errno> {
+        self.host_handle(fh, None).map(|(h, _)| h)
+    }
+
+    /// `fh`'s host handle, opened on the host if it has none on this connection yet —
+    /// for a directory with `list`, listing its first page in the same round trip (the
+    /// page comes back only when this call opened the handle).
+    fn host_handle(
+        &self,
+        fh: u64,
+        list: Option<u32>,
+    ) -> Result<(Arc<HostFh>, Option<DirList>), Errno> {
         let epoch = self.conn.epoch();
         let (node, flags, dir) = {
             let handles = self.handles();
             let h = handles.get(&fh).ok_or(Errno::EBADF)?;
             if let Some(host) = h.host.as_ref().filter(|x| x.epoch == epoch) {
-                return Ok(host.clone());
+                return Ok((host.clone(), None));
             }
             (h.node, h.flags, h.dir)
         };
         let op = if dir {
-            Op::Opendir { node, list: None }
+            Op::Opendir { node, list }
         } else {
             let reopen = flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
             Op::Open {
@@ -432,18 +456,19 @@ impl HexzFs {
                 read: None,
             }
         };
-        let mine = match self.call_epoch(op)? {
-            (ReplyBody::Opened { fh, .. }, epoch) => self.host_fh(fh, epoch, dir),
+        let (mine, listed) = match self.call_epoch(op)? {
+            (ReplyBody::Opened { fh, list, .. }, epoch) => (self.host_fh(fh, epoch, dir), list),
             _ => return Err(Errno::EIO),
         };
         let mut handles = self.handles();
         let h = handles.get_mut(&fh).ok_or(Errno::EBADF)?;
         match &h.host {
-            // A concurrent first use opened one too: use theirs, ours is released.
-            Some(theirs) if theirs.epoch >= mine.epoch => Ok(theirs.clone()),
+            // A concurrent first use opened one too: use theirs, ours is released. The
+            // entries we listed carry references all the same, so they are still good.
+            Some(theirs) if theirs.epoch >= mine.epoch => Ok((theirs.clone(), listed)),
             _ => {
                 h.host = Some(mine.clone());
-                Ok(mine)
+                Ok((mine, listed))
             }
         }
     }
@@ -561,33 +586,7 @@ impl HexzFs {
     /// on the host and lists from cookie 0 in one round trip. `None` when the handle
     /// already has a host handle or the host did not list (the caller then asks as usual).
     fn open_listing(&self, fh: u64, want: u32) -> Option<ReplyBody> {
-        let epoch = self.conn.epoch();
-        let node = {
-            let handles = self.handles();
-            let h = handles.get(&fh)?;
-            if h.host.as_ref().is_some_and(|x| x.epoch == epoch) {
-                return None;
-            }
-            h.node
-        };
-        let op = Op::Opendir {
-            node,
-            list: Some(want),
-        };
-        let (list, mine) = match self.call_epoch(op).ok()? {
-            (ReplyBody::Opened { fh: host, list, .. }, epoch) => {
-                (list, self.host_fh(host, epoch, true))
-            }
-            _ => return None,
-        };
-        let mut handles = self.handles();
-        let h = handles.get_mut(&fh)?;
-        if h.host.as_ref().is_some_and(|x| x.epoch >= mine.epoch) {
-            // A concurrent first use opened one too (ours is released): the entries
-            // listed carry references all the same, so they are still the answer.
-        } else {
-            h.host = Some(mine);
-        }
+        let (_, list) = self.host_handle(fh, Some(want)).ok()?;
         list.map(|l| ReplyBody::DirPlus {
             entries: l.entries,
             eof: l.eof,
@@ -621,18 +620,27 @@ impl HexzFs {
 
     /// Answers with an entry reply to a request sent at cache version `since`.
     fn reply_entry(&self, since: u64, r: Result<ReplyBody, Errno>, reply: ReplyEntry) {
-        match r {
-            Ok(ReplyBody::Entry(e)) => {
-                self.attrs.put(e.node, &e.attr, e.attr_ttl_ms, since);
-                reply.entry(
-                    &ttl(e.entry_ttl_ms),
-                    &attr(&e.attr),
-                    Generation(e.generation),
-                )
-            }
-            Ok(_) => reply.error(fuser::Errno::EIO),
-            Err(e) => reply.error(fuse_err(e)),
+        if let Ok(ReplyBody::Entry(e)) = &r {
+            self.attrs.put(e.node, &e.attr, e.attr_ttl_ms, since);
         }
+        answer_entry(r, reply);
+    }
+
+    /// A name was added under `parent` by a request sent at cache version `since`;
+    /// `note_new_name` caches what the reply says (the new node and the parent).
+    fn reply_added_entry(
+        &self,
+        parent: u64,
+        n: &[u8],
+        since: u64,
+        r: Result<ReplyBody, Errno>,
+        reply: ReplyEntry,
+    ) {
+        match &r {
+            Ok(ReplyBody::Entry(e)) => self.note_new_name(parent, n, e, since),
+            _ => self.attrs.invalidate(parent),
+        }
+        answer_entry(r, reply);
     }
 
     /// A name was added under `parent` (its mtime and ctime changed); `r` is the new
@@ -641,17 +649,13 @@ impl HexzFs {
         let dir = matches!(op, Op::Mkdir { .. });
         let since = self.attrs.since();
         let r = self.call(op);
-        match &r {
-            Ok(ReplyBody::Entry(e)) => {
-                self.note_new_name(parent, n.as_bytes(), e, since);
-                self.attrs.set_no_caps(e.node); // a new node (EEXIST otherwise)
-                if dir {
-                    self.names.new_dir(e.node);
-                }
+        if let Ok(ReplyBody::Entry(e)) = &r {
+            self.attrs.set_no_caps(e.node); // a new node (EEXIST otherwise)
+            if dir {
+                self.names.new_dir(e.node);
             }
-            _ => self.attrs.invalidate(parent),
         }
-        self.reply_entry(since + 1, r, reply);
+        self.reply_added_entry(parent, n.as_bytes(), since, r, reply);
     }
 
     /// Before the kernel hears that `name` left `parent` (reply `r` to a request sent at
@@ -1025,13 +1029,7 @@ impl Filesystem for HexzFs {
             new_parent: newparent.0,
             new_name: name(newname),
         });
-        match &r {
-            Ok(ReplyBody::Entry(e)) => {
-                self.note_new_name(newparent.0, newname.as_bytes(), e, since)
-            }
-            _ => self.attrs.invalidate(newparent.0),
-        }
-        self.reply_entry(since + 1, r, reply);
+        self.reply_added_entry(newparent.0, newname.as_bytes(), since, r, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -1050,14 +1048,18 @@ impl Filesystem for HexzFs {
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
             );
         }
-        if flags as i32 & libc::O_TRUNC != 0 {
-            self.attrs.invalidate(ino.0);
-        }
-        match self.call_epoch(Op::Open {
+        let truncates = flags as i32 & libc::O_TRUNC != 0;
+        let r = self.call_epoch(Op::Open {
             node: ino.0,
             flags,
             read: None,
-        }) {
+        });
+        if truncates {
+            // After the host truncated, as for write and fallocate: attributes a getattr
+            // fetched while the open was in flight may hold the old size.
+            self.attrs.invalidate(ino.0);
+        }
+        match r {
             Ok((ReplyBody::Opened { fh, keep_cache, .. }, epoch)) => {
                 let host = self.host_fh(fh, epoch, false);
                 let g = self.add_handle(ino.0, flags, false, Some(host));

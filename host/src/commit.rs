@@ -55,20 +55,22 @@ pub fn commit(
         // A stream written through `run --disk`, `nbd --rw` or `mount --rw` has a block
         // overlay `<overlay>/<stream>.cow`: the new snapshot holds the stream as it reads
         // through that overlay (chunks the base has are referred to, not stored again).
-        let cow = overlay.join(format!("{}.cow", s.name));
-        let data = if cow.is_file() {
-            fold_stream(&snap, &s.name, &cow, &mut w)?
-        } else if opts.standalone {
-            let segments: Vec<(u64, u64)> = vec![(0, s.data.size)];
-            w.add_source(s.data.size, &segments, &mut |buf, at| {
-                let n = snap.read_at(&s.data, at, buf)?;
-                if n != buf.len() {
-                    return Err(Error::corrupt("stream shorter than its size"));
-                }
-                Ok(())
-            })?
-        } else {
-            w.add_base_file(&s.data)?
+        // An overlay nothing was written to (a run that never touched its disk) changes
+        // nothing, and the stream is referred to without being read.
+        let cow = crate::blockdev::cow_path(overlay, &s.name);
+        let changed = match cow.is_file() {
+            true => {
+                Some(crate::blockdev::open_cow(&snap, &s.name, &cow)?).filter(|d| !d.is_unchanged())
+            }
+            false => None,
+        };
+        let data = match changed {
+            Some(dev) => fold_stream(&dev, &mut w)?,
+            None if opts.standalone => fold_stream(
+                &crate::blockdev::StreamDevice::open(snap.clone(), &s.name)?,
+                &mut w,
+            )?,
+            None => w.add_base_file(&s.data)?,
         };
         streams.push(Stream {
             name: s.name.clone(),
@@ -150,20 +152,9 @@ fn tree(
     Ok((nodes, ids))
 }
 
-/// Stores stream `name` of `snap` as it reads through the block overlay `cow`: only the
-/// allocated runs are read (holes and zeroed blocks stay holes).
-fn fold_stream(
-    snap: &Arc<Snapshot>,
-    name: &str,
-    cow: &Path,
-    w: &mut SnapshotWriter,
-) -> Result<FileData> {
-    use crate::blockdev::{cow::Owner, BlockDevice, CowDevice, StreamDevice};
-    let owner = Owner {
-        snapshot_id: snap.id(),
-        stream: name.to_string(),
-    };
-    let dev = CowDevice::open(cow, StreamDevice::open(snap.clone(), name)?, &owner)?;
+/// Stores a stream as `dev` reads (a snapshot stream, or one through its block overlay):
+/// only the allocated runs are read (holes and zeroed blocks stay holes).
+fn fold_stream(dev: &dyn crate::blockdev::BlockDevice, w: &mut SnapshotWriter) -> Result<FileData> {
     let size = dev.size();
     let mut segments: Vec<(u64, u64)> = Vec::new();
     let mut pos = 0u64;

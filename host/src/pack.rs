@@ -112,8 +112,6 @@ pub fn pack(
     Ok(summary)
 }
 
-/// Reads the tree's metadata, breadth first with sorted names, so that the files of one
-/// directory sit next to each other in the node table and in the data.
 /// The inode table from the source's numbers: the root is 1; a number that is 0 or 1,
 /// too large, or already taken (a tree spanning file systems) is replaced by one above
 /// every other, so the table stays valid and most files keep theirs.
@@ -139,6 +137,8 @@ fn inode_table(source: &[u64]) -> Vec<u64> {
 
 type Walked = (Vec<Node>, Vec<PendingFile>, Vec<u64>);
 
+/// Reads the tree's metadata, breadth first with sorted names, so that the files of one
+/// directory sit next to each other in the node table and in the data.
 fn walk(root: &Path, summary: &mut PackSummary) -> Result<Walked> {
     let meta = std::fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
     if !meta.is_dir() {

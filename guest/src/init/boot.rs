@@ -70,9 +70,14 @@ pub fn enable_trace() {
     TRACE.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// True once `enable_trace` was called (`hexz.trace` on the kernel command line).
+pub fn tracing() -> bool {
+    TRACE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// With `hexz.trace`: prints the time since the kernel started and `step` on the console.
 pub fn trace(step: &str) {
-    if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+    if tracing() {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -150,7 +155,7 @@ pub fn start_workspace_daemon(connect: &str, limit: Duration) -> anyhow::Result<
         .arg(limit.as_secs().max(1).to_string())
         .env(
             "RUST_LOG",
-            if TRACE.load(std::sync::atomic::Ordering::Relaxed) {
+            if tracing() {
                 "info,fuser=warn,fuser::mnt=error"
             } else {
                 "warn,fuser::mnt=error"

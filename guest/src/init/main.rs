@@ -52,27 +52,28 @@ fn start() -> anyhow::Result<()> {
             let daemon = boot::start_workspace_daemon(&fs, HOST_WAIT);
             let stream = connect_host(cmdline.exec_port, HOST_WAIT)
                 .with_context(|| format!("exec channel (vsock port {})", cmdline.exec_port))?;
-            exec(stream, &fs, Some(daemon))
+            exec(stream, &fs, daemon)
         }
         boot::Mode::Template => {
             let exec_port = resume::port(resume::EXEC_PORT, HOST_WAIT)?;
             let fs_port = resume::port(resume::FS_PORT, HOST_WAIT)?;
             let stream = resume::park_and_resume(&exec_port)?;
             // Only now: the template must not hold a live file session.
-            exec(stream, &format!("virtio-port:{}", fs_port.display()), None)
+            let fs = format!("virtio-port:{}", fs_port.display());
+            let daemon = boot::start_workspace_daemon(&fs, HOST_WAIT);
+            exec(stream, &fs, daemon)
         }
     }
 }
 
-/// The exec channel's guest end on `stream`: mounts /workspace from `fs` (with the daemon
-/// `started` already, or starting it now), runs the host's command, unmounts, reports,
-/// and waits (bounded) for the host to close.
-fn exec(stream: File, fs: &str, started: Option<anyhow::Result<Child>>) -> anyhow::Result<()> {
+/// The exec channel's guest end on `stream`: mounts /workspace from `fs` with the
+/// `daemon` already started, runs the host's command, unmounts, reports, and waits
+/// (bounded) for the host to close.
+fn exec(stream: File, fs: &str, daemon: anyhow::Result<Child>) -> anyhow::Result<()> {
     boot::trace("exec channel connected");
     let channel = command::Channel::new(&stream).context("exec channel")?;
     let from_host_fd = stream.try_clone().context("exec channel")?;
     let from_host = stream;
-    let daemon = started.unwrap_or_else(|| boot::start_workspace_daemon(fs, HOST_WAIT));
     let mounted = daemon.and_then(|d| boot::wait_for_workspace(d, fs, HOST_WAIT));
     let last = match mounted {
         Ok(daemon) => {

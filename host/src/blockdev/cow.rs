@@ -196,6 +196,11 @@ impl<L: BlockDevice> CowDevice<L> {
         &self.lower
     }
 
+    /// True while no block has been written or zeroed: the device reads as its lower.
+    pub fn is_unchanged(&self) -> bool {
+        self.map.iter().all(|w| w.load(Ordering::Acquire) == 0)
+    }
+
     fn state(&self, block: u64) -> State {
         let w = self.map[(block / 32) as usize].load(Ordering::Acquire);
         match (w >> ((block % 32) * 2)) & 3 {

@@ -7,9 +7,41 @@ pub mod cow;
 mod stream;
 
 pub use cow::CowDevice;
-pub use stream::StreamDevice;
+pub use stream::{missing_stream, StreamDevice};
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::Result;
+use crate::snapshot::Snapshot;
+
+/// The block overlay of `stream` in an overlay directory: `<dir>/<stream>.cow` (what
+/// `run --disk`, `nbd --rw` and `mount --rw` write and `commit` folds).
+pub fn cow_path(dir: &Path, stream: &str) -> PathBuf {
+    dir.join(format!("{stream}.cow"))
+}
+
+/// Stream `name` of `snap` under the block overlay at `cow` (created if missing; an
+/// existing one must belong to this snapshot and stream).
+pub fn open_cow(snap: &Arc<Snapshot>, name: &str, cow: &Path) -> Result<CowDevice<StreamDevice>> {
+    let owner = cow::Owner {
+        snapshot_id: snap.id(),
+        stream: name.to_string(),
+    };
+    CowDevice::open(cow, StreamDevice::open(snap.clone(), name)?, &owner)
+}
+
+/// Stream `name` of `snap`, through the block overlay at `cow` when given.
+pub fn open_stream(
+    snap: &Arc<Snapshot>,
+    name: &str,
+    cow: Option<&Path>,
+) -> Result<Arc<dyn BlockDevice>> {
+    Ok(match cow {
+        Some(path) => Arc::new(open_cow(snap, name, path)?),
+        None => Arc::new(StreamDevice::open(snap.clone(), name)?),
+    })
+}
 
 /// Size constraints a client must (minimum) or should (preferred) respect, and the
 /// largest payload one request may carry.

@@ -19,28 +19,31 @@ pub struct StreamDevice {
     data: FileData,
 }
 
+/// The error for a stream `snap` does not have: what it has instead.
+pub fn missing_stream(snap: &Snapshot, name: &str) -> Error {
+    let have: Vec<&str> = snap
+        .index()
+        .streams
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    let what = if have.is_empty() {
+        "it holds only a file tree, no streams (pack with --disk/--memory)".to_string()
+    } else {
+        format!("it has: {}", have.join(", "))
+    };
+    Error::Invalid(format!(
+        "no stream '{name}' in {}: {what}",
+        snap.path().display()
+    ))
+}
+
 impl StreamDevice {
     /// The stream `name` of `snap`; a clear error when the snapshot has no such stream.
     pub fn open(snap: Arc<Snapshot>, name: &str) -> Result<StreamDevice> {
         let data = match snap.stream(name) {
             Some(s) => s.data.clone(),
-            None => {
-                let have: Vec<&str> = snap
-                    .index()
-                    .streams
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect();
-                let what = if have.is_empty() {
-                    "it holds only a file tree, no streams (pack with --disk/--memory)".to_string()
-                } else {
-                    format!("it has: {}", have.join(", "))
-                };
-                return Err(Error::Invalid(format!(
-                    "no stream '{name}' in {}: {what}",
-                    snap.path().display()
-                )));
-            }
+            None => return Err(missing_stream(&snap, name)),
         };
         Ok(StreamDevice {
             snap,

@@ -210,8 +210,7 @@ pub fn serve_streams(
     signals: nix::sys::signal::SigSet,
     ready: impl FnOnce(),
 ) -> Result<()> {
-    use crate::blockdev::cow::Owner;
-    use crate::blockdev::{BlockDevice, CowDevice, StreamDevice};
+    use crate::blockdev::BlockDevice;
     let ephemeral = match (&o.overlay, o.rw) {
         (None, true) => Some(
             tempfile::Builder::new()
@@ -230,23 +229,13 @@ pub fn serve_streams(
     }
     let mut files = Vec::new();
     for st in &snap.index().streams {
-        let lower = StreamDevice::open(snap.clone(), &st.name)?;
         // Read-write: through the stream's block overlay. Read-only: through it only if
         // it exists (to show what was written), never creating one.
         let cow = dir
             .as_ref()
-            .map(|d| d.join(format!("{}.cow", st.name)))
+            .map(|d| crate::blockdev::cow_path(d, &st.name))
             .filter(|p| o.rw || p.exists());
-        let dev: Arc<dyn BlockDevice> = match cow {
-            Some(path) => {
-                let owner = Owner {
-                    snapshot_id: snap.id(),
-                    stream: st.name.clone(),
-                };
-                Arc::new(CowDevice::open(&path, lower, &owner)?)
-            }
-            None => Arc::new(lower),
-        };
+        let dev = crate::blockdev::open_stream(&snap, &st.name, cow.as_deref())?;
         files.push(streams::StreamFile {
             name: st.name.clone(),
             dev,

@@ -12,8 +12,6 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
 
 use super::{serve, Export, Limits, Listener};
-use crate::blockdev::cow::Owner;
-use crate::blockdev::{BlockDevice, CowDevice, StreamDevice};
 use crate::error::{Error, Result};
 use crate::snapshot::Snapshot;
 
@@ -94,17 +92,7 @@ pub fn run(args: NbdArgs) -> Result<()> {
         &args.snapshot,
         args.cache_mib << 20,
     )?);
-    let stream = StreamDevice::open(snap.clone(), &args.stream)?;
-    let device: Arc<dyn BlockDevice> = match &args.overlay {
-        Some(path) => {
-            let owner = Owner {
-                snapshot_id: snap.id(),
-                stream: args.stream.clone(),
-            };
-            Arc::new(CowDevice::open(path, stream, &owner)?)
-        }
-        None => Arc::new(stream),
-    };
+    let device = crate::blockdev::open_stream(&snap, &args.stream, args.overlay.as_deref())?;
     let size = device.size();
     let (listener, url) = bind(&args.listen, args.allow_remote)?;
     let export = Arc::new(Export {

@@ -35,6 +35,8 @@ use crate::error::{Error, Result};
 pub const DEFAULT_LIMIT: u64 = 10 << 30;
 /// A hit refreshes an entry's mtime (its LRU age) at most this often.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
+/// An access log keeps at most this many frames.
+pub const MAX_ACCESS_LOG: usize = 1 << 20;
 /// Temporary files older than this are leftovers of a crash.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 
@@ -96,19 +98,13 @@ impl HostCache {
     }
 
     fn blob_path(&self, digest: &str) -> Option<PathBuf> {
-        let h = digest.strip_prefix("sha256:")?;
-        (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| self.root.join("blobs/sha256").join(h))
+        Some(self.root.join("blobs/sha256").join(hex_of(digest)?))
     }
 
     /// The cached copy of a data blob of `size` bytes with `frames` frames, created
     /// (sparse) if absent. None if the cache cannot hold it.
     pub fn data(self: &Arc<Self>, digest: &str, size: u64, frames: usize) -> Option<DataCache> {
-        let h = digest.strip_prefix("sha256:")?;
-        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let path = self.root.join("data").join(h);
+        let path = self.root.join("data").join(hex_of(digest)?);
         let open = |p: &Path, len: u64| -> std::io::Result<File> {
             let f = File::options()
                 .read(true)
@@ -180,7 +176,7 @@ impl HostCache {
 
     /// The frames a previous run read from a data blob, in order.
     pub fn access_log(&self, data_digest: &str) -> Vec<u32> {
-        let Some(h) = data_digest.strip_prefix("sha256:") else {
+        let Some(h) = hex_of(data_digest) else {
             return Vec::new();
         };
         let Ok(text) = fs::read_to_string(self.root.join("access").join(h)) else {
@@ -188,12 +184,12 @@ impl HostCache {
         };
         text.lines()
             .filter_map(|l| l.trim().parse().ok())
-            .take(1 << 22)
+            .take(MAX_ACCESS_LOG)
             .collect()
     }
 
     pub fn save_access_log(&self, data_digest: &str, frames: &[u32]) {
-        let Some(h) = data_digest.strip_prefix("sha256:") else {
+        let Some(h) = hex_of(data_digest) else {
             return;
         };
         let mut text = String::with_capacity(frames.len() * 6);
@@ -306,11 +302,17 @@ impl HostCache {
         walk(&self.root.join("blobs/sha256"), &mut |p, m| {
             if !is_tmp(p) {
                 u.blobs += 1;
-                u.blob_bytes += m.len();
+                u.blob_bytes += allocated(m);
             }
         });
         u
     }
+}
+
+/// The 64 hex digits of a valid `sha256:` digest: the name of its cache entries.
+fn hex_of(digest: &str) -> Option<&str> {
+    super::reference::check_digest(digest).ok()?;
+    digest.strip_prefix("sha256:")
 }
 
 /// The cached copy of one data blob (see the module comment).

@@ -466,22 +466,29 @@ impl<'a> Repo<'a> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.try_range(digest, offset, len, retry) {
+            match self.try_range(digest, offset, len, retry)? {
                 Ok(b) => return Ok(b),
                 // A body cut short is retried like a failed request.
-                Err(Error::Remote(m)) if m.contains("cut short") && attempt < retry.attempts => {
-                    tracing::debug!("{m}; retrying in {delay:?}");
+                Err(short_body) if attempt < retry.attempts => {
+                    tracing::debug!("{short_body}; retrying in {delay:?}");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(retry.max_delay);
                 }
-                Err(e) => return Err(e),
+                Err(short_body) => return Err(Error::Remote(short_body)),
             }
         }
     }
 
-    fn try_range(&self, digest: &str, offset: u64, len: u64, retry: Retry) -> Result<Vec<u8>> {
+    /// One ranged GET: the bytes, or (inner `Err`) what cut the body short.
+    fn try_range(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        retry: Retry,
+    ) -> Result<Result<Vec<u8>, String>> {
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(Ok(Vec::new()));
         }
         let range = format!("bytes={}-{}", offset, offset + len - 1);
         let r = self.reg.send(
@@ -500,30 +507,14 @@ impl<'a> Repo<'a> {
             )));
         }
         let mut buf = vec![0u8; len as usize];
-        let mut reader = r.resp.into_reader();
-        let mut got = 0;
-        while got < buf.len() {
-            match reader.read(&mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Error::Remote(format!(
-                        "registry {}: blob {} bytes {offset}+{len} cut short: {e}",
-                        self.reg.host,
-                        short(digest)
-                    )))
-                }
-            }
-        }
-        if got < buf.len() {
-            return Err(Error::Remote(format!(
-                "registry {}: blob {} bytes {offset}+{len} cut short after {got} bytes",
+        Ok(match r.resp.into_reader().read_exact(&mut buf) {
+            Ok(()) => Ok(buf),
+            Err(e) => Err(format!(
+                "registry {}: blob {} bytes {offset}+{len} cut short: {e}",
                 self.reg.host,
                 short(digest)
-            )));
-        }
-        Ok(buf)
+            )),
+        })
     }
 
     /// Asks the registry to link a blob from repository `from` (same registry) instead

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::cache::{DataCache, HostCache};
+use super::cache::{DataCache, HostCache, MAX_ACCESS_LOG};
 use super::client::{short, Registry, Repo, Retry};
 use super::manifest::{Layer, Manifest};
 use super::reference::Reference;
@@ -20,8 +20,6 @@ use crate::snapshot::Snapshot;
 const WINDOW_MIN: u64 = 256 << 10;
 /// ...doubling up to this.
 const WINDOW_MAX: u64 = 8 << 20;
-/// The access log keeps at most this many frames.
-const MAX_LOG: usize = 1 << 20;
 
 /// The data blob of one snapshot in a registry.
 pub struct RemoteData {
@@ -196,7 +194,7 @@ impl RemoteData {
     /// Notes that frame `idx` was read (for the next run's prefetch).
     pub fn record(&self, idx: u32) {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        if log.order.len() < MAX_LOG && log.seen.insert(idx) {
+        if log.order.len() < MAX_ACCESS_LOG && log.seen.insert(idx) {
             log.order.push(idx);
         }
         let due = log
@@ -215,7 +213,7 @@ impl RemoteData {
             .get_or_insert_with(|| self.cache.access_log(&self.digest));
         let mut frames = log.order.clone();
         frames.extend(previous.iter().filter(|f| !log.seen.contains(f)));
-        frames.truncate(MAX_LOG);
+        frames.truncate(MAX_ACCESS_LOG);
         self.cache.save_access_log(&self.digest, &frames);
         log.saved_len = log.order.len();
         log.saved_at = Some(Instant::now());
@@ -393,7 +391,7 @@ fn index_blob(reg: &Registry, cache: &HostCache, repo: &str, layer: &Layer) -> R
     Ok(bytes)
 }
 
-/// Starts fetching, in the background, the frames a previous run read that the chunk
+/// Starts fetching, in the background, the frames a previous run read that the host
 /// cache lacks (`HEXZ_OCI_PREFETCH=0` turns this off).
 fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
     if std::env::var("HEXZ_OCI_PREFETCH").is_ok_and(|v| v == "0") {
@@ -409,11 +407,11 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
         let Some(f) = index.frames.get(idx as usize) else {
             continue;
         };
-        let chunks =
-            index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize].to_vec();
         if remote.is_cached(idx) {
             continue;
         }
+        let chunks =
+            index.chunks[f.first_chunk as usize..(f.first_chunk + f.chunk_count) as usize].to_vec();
         work.push((idx, f.clone(), chunks));
     }
     if work.is_empty() {

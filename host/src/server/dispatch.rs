@@ -206,12 +206,19 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         }),
         Op::Open { node, flags, read } => match vfs.open(o, node, flags) {
             Ok(fh) => {
-                // The first read rides along when asked; if it fails (a write-only
-                // handle, a bad size) the client reads as usual.
-                let data = read
-                    .filter(|r| r.size <= s.limits.max_read)
-                    .and_then(|r| vfs.read(o, fh, r.offset, r.size).ok())
-                    .map(ByteBuf::from);
+                // The first read rides along when asked, by the rules of a Read; if it
+                // fails (a write-only handle, a bad size) the client reads as usual.
+                let data = read.and_then(|r| {
+                    let op = Op::Read {
+                        fh,
+                        offset: r.offset,
+                        size: r.size,
+                    };
+                    match dispatch(vfs, s, op) {
+                        ReplyBody::Data(d) => Some(ByteBuf::from(d)),
+                        _ => None,
+                    }
+                });
                 ReplyBody::Opened {
                     fh,
                     keep_cache: true,
@@ -241,14 +248,19 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         Op::Fsync { fh, datasync } => ok(vfs.fsync(o, fh, datasync)),
         Op::Opendir { node, list } => match vfs.opendir(o, node) {
             Ok(fh) => {
-                // The first page rides along when asked (and readdirplus is agreed).
-                let plus = s.caps.iter().any(|c| c == hexz_protocol::CAP_READDIRPLUS);
-                let list = list
-                    .filter(|&m| plus && m > 0 && m <= MAX_READDIR_ENTRIES)
-                    .and_then(|m| match readdir(vfs, s, fh, 0, m, true) {
+                // The first page rides along when asked, by the rules of a Readdirplus
+                // (the capability agreed, a valid count).
+                let list = list.and_then(|max_entries| {
+                    let op = Op::Readdirplus {
+                        fh,
+                        cookie: 0,
+                        max_entries,
+                    };
+                    match dispatch(vfs, s, op) {
                         ReplyBody::DirPlus { entries, eof } => Some(DirList { entries, eof }),
                         _ => None,
-                    });
+                    }
+                });
                 ReplyBody::Opened {
                     fh,
                     keep_cache: true,

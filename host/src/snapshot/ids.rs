@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 
-/// The root directory's id.
-pub const ROOT_ID: u64 = 1;
+/// The root directory's id: the protocol's root node (and the FUSE root).
+pub const ROOT_ID: u64 = hexz_protocol::ROOT_NODE;
 /// Ids above this are refused in a table, leaving room above it for ids an overlay
 /// hands out to new files.
 pub const MAX_TABLE_ID: u64 = 1 << 62;

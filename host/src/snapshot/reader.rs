@@ -632,6 +632,9 @@ impl Snapshot {
             }
         }
         let window = Arc::new(bytes);
+        // Raw frames are shared from the fetch buffer only when all of it is raw frames:
+        // a slice keeps its whole buffer alive, which the cache weighs by the slice.
+        let share = (idx..end as u32).all(|j| stored_raw(&self.index.frames[j as usize]));
         let mut mine = None;
         let mut good = idx;
         for j in idx..end as u32 {
@@ -639,7 +642,7 @@ impl Snapshot {
             let at = (fj.offset - f.offset) as usize;
             let stored = &window[at..at + fj.stored_len as usize];
             // A raw frame is checked where it lies and shared, not copied.
-            let decoded = if fj.codec == Codec::Raw as u8 && fj.stored_len == fj.raw_len {
+            let decoded = if share {
                 verify_chunks(j, cj, stored).map(|()| FrameBytes {
                     buf: window.clone(),
                     start: at,
@@ -731,11 +734,16 @@ pub(crate) fn decode_frame_owned(
     chunks: &[Chunk],
     stored: Vec<u8>,
 ) -> Result<Vec<u8>> {
-    if f.codec == Codec::Raw as u8 && stored.len() == f.raw_len as usize {
+    if stored_raw(f) && stored.len() == f.raw_len as usize {
         verify_chunks(idx, chunks, &stored)?;
         return Ok(stored);
     }
     decode_frame(idx, f, chunks, &stored)
+}
+
+/// A frame stored uncompressed: its stored bytes are its raw bytes.
+fn stored_raw(f: &Frame) -> bool {
+    f.codec == Codec::Raw as u8 && f.stored_len == f.raw_len
 }
 
 fn verify_chunks(idx: u32, chunks: &[Chunk], raw: &[u8]) -> Result<()> {

@@ -58,7 +58,7 @@ pub use attrs::SetAttr;
 pub type VfsResult<T> = Result<T, Errno>;
 
 /// The root directory's node id.
-pub const ROOT: u64 = 1;
+pub const ROOT: u64 = crate::snapshot::ROOT_ID;
 pub const BLOCK: u64 = 4096;
 const NODE_LOCKS: usize = 64;
 

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::blockdev::cow::Owner;
-use crate::blockdev::{BlockDevice, CowDevice, StreamDevice};
+use crate::blockdev::BlockDevice;
 use crate::error::{Error, Result};
 use crate::nbd::{self, Export, Limits, Listener};
 use crate::snapshot::Snapshot;
@@ -27,22 +26,26 @@ pub enum DiskChoice {
 }
 
 impl DiskChoice {
-    /// The stream to attach for `snap`, or `None`.
-    pub fn resolve(&self, snap: &Snapshot) -> Option<String> {
-        match self {
+    /// The stream to attach for `snap`, or `None`; an error naming the streams `snap`
+    /// has when a stream asked for by name is not one of them.
+    pub fn resolve(&self, snap: &Snapshot) -> Result<Option<String>> {
+        Ok(match self {
             DiskChoice::Auto => snap
                 .stream(DEFAULT_STREAM)
                 .map(|_| DEFAULT_STREAM.to_string()),
+            DiskChoice::Stream(name) if snap.stream(name).is_none() => {
+                return Err(crate::blockdev::missing_stream(snap, name))
+            }
             DiskChoice::Stream(name) => Some(name.clone()),
             DiskChoice::None => None,
-        }
+        })
     }
 }
 
 /// Where the block overlay of `stream` lives: inside a persistent overlay directory (kept
 /// and reused with it), else in the run's temporary directory (removed with it).
 pub fn overlay_path(overlay_dir: Option<&Path>, run_dir: &Path, stream: &str) -> PathBuf {
-    overlay_dir.unwrap_or(run_dir).join(format!("{stream}.cow"))
+    crate::blockdev::cow_path(overlay_dir.unwrap_or(run_dir), stream)
 }
 
 /// The NBD server of one VM's disk, on its own thread. Dropped after QEMU: it stops
@@ -66,12 +69,7 @@ impl DiskServer {
         overlay: &Path,
         socket: PathBuf,
     ) -> Result<DiskServer> {
-        let lower = StreamDevice::open(snap.clone(), stream)?;
-        let owner = Owner {
-            snapshot_id: snap.id(),
-            stream: stream.to_string(),
-        };
-        let device: Arc<dyn BlockDevice> = Arc::new(CowDevice::open(overlay, lower, &owner)?);
+        let device = crate::blockdev::open_stream(&snap, stream, Some(overlay))?;
         let listener = UnixListener::bind(&socket).map_err(|e| Error::io(&socket, e))?;
         let export = Arc::new(Export {
             name: stream.to_string(),

@@ -433,8 +433,7 @@ fn enforces_signatures(kernel_root: &Path) -> bool {
 }
 
 /// The binary without symbols and debug sections when `objcopy` is present (release
-/// builds keep debug info, which would triple the initramfs; under TCG every megabyte of
-/// initramfs costs ~70 ms of boot), else as it is.
+/// builds keep debug info, which would triple the initramfs), else as it is.
 fn stripped(path: &Path) -> Result<Entry> {
     let Some(objcopy) = super::find_in_path("objcopy") else {
         return Ok(Entry::File {

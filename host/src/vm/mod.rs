@@ -26,9 +26,10 @@ use std::time::Instant;
 /// the host and — through `hexz.trace` on the kernel command line — in the guest.
 pub const TRACE_ENV: &str = "HEXZ_TRACE";
 
-/// True when start-up steps are traced (`HEXZ_TRACE`).
+/// True when start-up steps are traced (`HEXZ_TRACE`, read once).
 pub fn tracing_startup() -> bool {
-    std::env::var_os(TRACE_ENV).is_some()
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(TRACE_ENV).is_some())
 }
 
 /// With `HEXZ_TRACE`: prints the time since the first call and `step` to stderr.

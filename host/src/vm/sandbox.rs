@@ -269,7 +269,7 @@ pub(super) fn boot(opts: &VmOptions, mode: Mode, snap: Option<Arc<Snapshot>>) ->
         Some(s) => s,
         None => open_snapshot(opts)?,
     };
-    let disk_stream = opts.disk.resolve(&snap);
+    let disk_stream = opts.disk.resolve(&snap)?;
     let vfs = Arc::new(Vfs::new(snap.clone(), opts.overlay.as_deref(), false)?);
     super::trace("image ready, snapshot and overlay open");
     if !opts.quiet {

@@ -71,6 +71,14 @@ pub fn entry() -> impl Strategy<Value = Entry> {
         )
 }
 
+fn dir_entry_plus() -> impl Strategy<Value = DirEntryPlus> {
+    (bytes(40), any::<u64>(), entry()).prop_map(|(name, cookie, entry)| DirEntryPlus {
+        name,
+        cookie,
+        entry,
+    })
+}
+
 fn hello() -> impl Strategy<Value = Hello> {
     (
         prop::collection::vec(any::<u32>(), 0..4),
@@ -327,17 +335,7 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
             any::<bool>(),
             prop::option::of(bytes(64)),
             prop::option::of(
-                (
-                    prop::collection::vec(
-                        (bytes(40), n(), entry()).prop_map(|(name, cookie, entry)| DirEntryPlus {
-                            name,
-                            cookie,
-                            entry,
-                        }),
-                        0..3,
-                    ),
-                    any::<bool>(),
-                )
+                (prop::collection::vec(dir_entry_plus(), 0..3), any::<bool>())
                     .prop_map(|(entries, eof)| DirList { entries, eof }),
             ),
         )
@@ -379,17 +377,7 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
         )
             .prop_map(|(entries, eof)| ReplyBody::Dir { entries, eof })
             .boxed(),
-        (
-            prop::collection::vec(
-                (bytes(40), n(), entry()).prop_map(|(name, cookie, entry)| DirEntryPlus {
-                    name,
-                    cookie,
-                    entry,
-                }),
-                0..5,
-            ),
-            any::<bool>(),
-        )
+        (prop::collection::vec(dir_entry_plus(), 0..5), any::<bool>())
             .prop_map(|(entries, eof)| ReplyBody::DirPlus { entries, eof })
             .boxed(),
         (

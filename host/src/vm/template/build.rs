@@ -217,7 +217,7 @@ impl ReadTimeout for File {
 }
 
 /// Removes cached templates that no run on this host can restore any more (built for
-/// another image or QEMU than `w`'s); returns how many.
+/// another format, image, QEMU or kernel command line than `w`'s); returns how many.
 fn remove_stale(w: &Wanted) -> usize {
     let Ok(entries) = std::fs::read_dir(cache_root()) else {
         return 0;
@@ -228,7 +228,7 @@ fn remove_stale(w: &Wanted) -> usize {
             continue;
         };
         let stale = match serde_json::from_slice::<Meta>(&text) {
-            Ok(meta) => meta.image != w.image_name || meta.qemu_stamp != w.qemu_stamp,
+            Ok(meta) => w.outdated(&meta).is_some(),
             Err(_) => true,
         };
         if stale && std::fs::remove_dir_all(&dir).is_ok() {

@@ -102,6 +102,23 @@ impl Wanted {
 
     /// Why `meta` does not fit these inputs, if it does not.
     fn mismatch(&self, meta: &Meta) -> Option<String> {
+        if let Some(why) = self.outdated(meta) {
+            return Some(why);
+        }
+        if meta.accel != accel_name(self.accel) {
+            return Some(format!(
+                "it was built for {} (this run uses {})",
+                meta.accel,
+                accel_name(self.accel)
+            ));
+        }
+        None
+    }
+
+    /// Why no run on this host can use `meta` any more (its format, guest image, QEMU or
+    /// kernel command line is not this host's), if so. Another accelerator, memory
+    /// size or CPU count is not outdated: another run may ask for it.
+    pub(super) fn outdated(&self, meta: &Meta) -> Option<String> {
         if meta.format != FORMAT {
             return Some(format!(
                 "it is in format {} (this hexz uses {FORMAT})",
@@ -119,13 +136,6 @@ impl Wanted {
                 "it was built with another QEMU ({}; QEMU here is {})",
                 meta.qemu_version,
                 qemu_version(&self.qemu).unwrap_or_else(|_| "unknown".into())
-            ));
-        }
-        if meta.accel != accel_name(self.accel) {
-            return Some(format!(
-                "it was built for {} (this run uses {})",
-                meta.accel,
-                accel_name(self.accel)
             ));
         }
         if meta.cmdline != qemu::kernel_cmdline(EXTRA_CMDLINE) {

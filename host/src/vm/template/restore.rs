@@ -19,7 +19,9 @@ use crate::snapshot::Snapshot;
 use crate::vfs::Vfs;
 use crate::vm::qemu::{self, Qemu};
 use crate::vm::qmp::Qmp;
-use crate::vm::sandbox::{boot, open_snapshot, Mode, ServerThread, TemplateChoice, Vm, VmOptions};
+use crate::vm::sandbox::{
+    boot, open_snapshot, ImageChoice, Mode, ServerThread, TemplateChoice, Vm, VmOptions,
+};
 use crate::vm::vsock::PortListener;
 
 /// The first message to a restored guest: fresh entropy and the wall clock.
@@ -47,19 +49,22 @@ fn choose(opts: &VmOptions, snap: &Snapshot) -> Result<Option<(Template, Wanted)
         TemplateChoice::Auto if std::env::var_os(qemu::EXTRA_ARGS_ENV).is_some() => {
             return Ok(None)
         }
+        // `template build` has no `--with`: no cached template has added programs, so
+        // such a run boots (without resolving its image twice, or a hint it cannot use).
+        TemplateChoice::Auto if matches!(&opts.image, ImageChoice::Cached { programs, .. } if !programs.is_empty()) => {
+            return Ok(None)
+        }
         TemplateChoice::Auto => true,
         TemplateChoice::Given(_) => false,
     };
     // A template has no disk device: a run that attaches a raw stream boots.
-    if opts.disk != crate::vm::disk::DiskChoice::None {
-        if let Some(stream) = opts.disk.resolve(snap) {
-            if !auto || !opts.quiet {
-                eprintln!(
-                    "hexz-host: the snapshot's `{stream}` stream is attached as /dev/vda, which a memory template cannot offer; booting cold (--no-disk to restore instead)"
-                );
-            }
-            return Ok(None);
+    if let Some(stream) = opts.disk.resolve(snap)? {
+        if !auto || !opts.quiet {
+            eprintln!(
+                "hexz-host: the snapshot's `{stream}` stream is attached as /dev/vda, which a memory template cannot offer; booting cold (--no-disk to restore instead)"
+            );
         }
+        return Ok(None);
     }
     let w = wanted(opts)?;
     let dir = match &opts.template {
