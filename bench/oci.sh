@@ -11,7 +11,8 @@
 #              bytes fetched from the registry (hexz's count and the registry's log)
 #              as a share of the snapshot
 #   seq        reading assets/blob.bin (incompressible) through `hexz-host cat`: local
-#              file (page cache dropped), oci:// cold, and curl downloading the data blob
+#              file (page cache dropped), oci:// with the registry's storage cold and
+#              warm, and curl downloading the data blob under the same two conditions
 # Usage (root): bench/oci.sh [WORKDIR]     N=5 by default; needs docker-registry, git, curl.
 set -eu
 W=${1:-/tmp/hexz-bench-oci}; N=${N:-5}
@@ -109,17 +110,25 @@ done
 JB=$(med "${J[@]}"); RB=$(med "${R[@]}")
 echo "job    git status + 6 files: $(med "${T[@]}") s; fetched $JB bytes (registry log: $RB bytes incl. the index blob) of $SIZE = $(echo "scale=2; 100 * $RB / $SIZE" | bc) %"
 
-# sequential read
+# sequential read. "cold": the registry's storage and this host's page cache dropped
+# before each of the lazy read and the curl download; "warm": the registry's files in
+# the page cache for both (this host's registry cache still empty for the lazy read).
 BLOB=$(stat -c %s ws/assets/blob.bin)
-L=(); Z=(); D=(); F=()
+DS=$(stat -c %s reg/data/docker/registry/v2/blobs/sha256/${DATA:7:2}/${DATA:7}/data)
+ticks() { awk '{print $14 + $15}' /proc/$RPID/stat; }
+L=(); Z=(); D=(); F=(); ZW=(); DW=(); RZ=(); RD=()
 for i in $(seq "$N"); do
   drop; L+=($(t "$H" cat ws.hxz assets/blob.bin))
-  fresh; "$H" ls "oci://$REF" / > /dev/null; drop; Z+=($(t "$H" cat "oci://$REF" assets/blob.bin))
-  D+=($(t curl -sf -o /dev/null "http://127.0.0.1:$PORT/v2/bench/ws/blobs/$DATA"))
-  F+=($(t curl -sf -o "$W/blob.copy" "http://127.0.0.1:$PORT/v2/bench/ws/blobs/$DATA")); rm -f "$W/blob.copy"
+  fresh; "$H" ls "oci://$REF" / > /dev/null; drop
+  a=$(ticks); Z+=($(t "$H" cat "oci://$REF" assets/blob.bin)); RZ+=($(( $(ticks) - a )))
+  drop; a=$(ticks); D+=($(t curl -sf -o /dev/null "http://127.0.0.1:$PORT/v2/bench/ws/blobs/$DATA")); RD+=($(( $(ticks) - a )))
+  drop; F+=($(t curl -sf -o "$W/blob.copy" "http://127.0.0.1:$PORT/v2/bench/ws/blobs/$DATA")); rm -f "$W/blob.copy"
+  fresh; "$H" ls "oci://$REF" / > /dev/null; ZW+=($(t "$H" cat "oci://$REF" assets/blob.bin))
+  DW+=($(t curl -sf -o /dev/null "http://127.0.0.1:$PORT/v2/bench/ws/blobs/$DATA"))
 done
-DS=$(stat -c %s reg/data/docker/registry/v2/blobs/sha256/${DATA:7:2}/${DATA:7}/data)
-l=$(med "${L[@]}"); z=$(med "${Z[@]}"); d=$(med "${D[@]}"); f=$(med "${F[@]}")
-echo "seq    blob.bin $BLOB bytes: local $l s ($(echo "$BLOB / $l / 1048576" | bc) MiB/s); oci:// cold $z s ($(echo "$BLOB / $z / 1048576" | bc) MiB/s)"
-echo "       curl of the data blob ($DS bytes) to /dev/null $d s ($(echo "$DS / $d / 1048576" | bc) MiB/s), to a file $f s ($(echo "$DS / $f / 1048576" | bc) MiB/s)"
-echo "       lazy/raw download: $(echo "scale=2; ($BLOB / $z) / ($DS / $d)" | bc) (/dev/null), $(echo "scale=2; ($BLOB / $z) / ($DS / $f)" | bc) (file)"
+l=$(med "${L[@]}"); z=$(med "${Z[@]}"); d=$(med "${D[@]}"); f=$(med "${F[@]}"); zw=$(med "${ZW[@]}"); dw=$(med "${DW[@]}")
+mib() { echo "$1 / $2 / 1048576" | bc; }
+echo "seq    blob.bin $BLOB bytes: local $l s ($(mib $BLOB $l) MiB/s); oci:// cold $z s ($(mib $BLOB $z) MiB/s), warm registry $zw s ($(mib $BLOB $zw) MiB/s)"
+echo "       curl of the data blob ($DS bytes) cold: to /dev/null $d s ($(mib $DS $d) MiB/s), to a file $f s ($(mib $DS $f) MiB/s); warm registry: to /dev/null $dw s ($(mib $DS $dw) MiB/s)"
+echo "       registry CPU (1/100 s) per run: lazy read $(med "${RZ[@]}"), curl $(med "${RD[@]}")"
+echo "       lazy/raw download: cold $(echo "scale=2; ($BLOB / $z) / ($DS / $d)" | bc) (/dev/null), $(echo "scale=2; ($BLOB / $z) / ($DS / $f)" | bc) (file); warm registry $(echo "scale=2; ($BLOB / $zw) / ($DS / $dw)" | bc)"

@@ -723,6 +723,84 @@ fn a_corrupted_blob_in_the_registry_is_a_clear_integrity_error() {
 }
 
 #[test]
+fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cleanly() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    // 48 MiB stored raw: the read-ahead window grows to its largest (after ~16 MiB) and
+    // later windows are fetched and checked on other threads, two ahead of the reader;
+    // compressible files after it are fetched ahead past its end.
+    let src = dir.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let big = pseudo_random(48 << 20, 7);
+    fs::write(src.join("big.bin"), &big).unwrap();
+    for i in 0..8 {
+        fs::write(
+            src.join(format!("z{i}.txt")),
+            format!("line {i} of a compressible file\n").repeat(40_000),
+        )
+        .unwrap();
+    }
+    let cache = dir.join("cache");
+    let snap = dir.join("big.hxz");
+    pack(&cache, &src, &snap);
+    let dest = format!("{}/team/big:v1", reg.host());
+    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let r = format!("oci://{dest}");
+    let c = hexz(&dir.join("c1"), &[&"cat", &r, &"big.bin"]);
+    ok(&c, "cat big.bin");
+    assert!(
+        c.stdout == big,
+        "big.bin read lazily differs from the source"
+    );
+    let z = hexz(&dir.join("c1"), &[&"cat", &r, &"z7.txt"]);
+    assert_eq!(
+        ok(&z, "cat z7.txt").as_bytes(),
+        &fs::read(src.join("z7.txt")).unwrap()[..]
+    );
+
+    // Damage one byte 40 MiB into the file, inside a window fetched ahead: the read
+    // stops with an integrity error at that frame, and nothing after it is written.
+    let manifest: serde_json::Value =
+        serde_json::from_str(
+            &fs::read_to_string(reg.dir.join(
+                "data/docker/registry/v2/repositories/team/big/_manifests/tags/v1/current/link",
+            ))
+            .map(|link| fs::read_to_string(reg.blob_path(link.trim())).unwrap())
+            .unwrap(),
+        )
+        .unwrap();
+    let data = manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p = reg.blob_path(&data);
+    let mut bytes = fs::read(&p).unwrap();
+    let probe = &big[40 << 20..(40 << 20) + 64];
+    let at = bytes
+        .windows(64)
+        .position(|w| w == probe)
+        .expect("the raw frames hold the file's bytes");
+    bytes[at + 10] ^= 0x55;
+    fs::write(&p, &bytes).unwrap();
+    let c = hexz(&dir.join("c2"), &[&"cat", &r, &"big.bin"]);
+    assert!(!c.status.success(), "a damaged frame must fail the read");
+    assert!(err(&c).contains("corrupt snapshot"), "{}", err(&c));
+    assert!(
+        big.starts_with(&c.stdout) && c.stdout.len() <= (40 << 20) + 10,
+        "cat wrote {} bytes, some of them not the file's or past the damage",
+        c.stdout.len()
+    );
+    assert!(
+        c.stdout.len() >= 16 << 20,
+        "the frames before the damage were written"
+    );
+}
+
+#[test]
 fn processes_share_the_host_cache_and_a_digest_reference_opens_offline() {
     if !registry_available() {
         return;

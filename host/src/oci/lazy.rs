@@ -1,7 +1,7 @@
 //! Opening a snapshot straight from a registry: the manifest and the small index blobs
 //! are fetched (index blobs through the host cache), frames only when first read.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,13 +13,15 @@ use super::manifest::{Layer, Manifest};
 use super::reference::Reference;
 use crate::error::{Error, Result};
 use crate::snapshot::format::{Chunk, Frame, HEADER_LEN};
-use crate::snapshot::reader::{decode_frame, decode_frame_owned};
+use crate::snapshot::reader::{decode_frame, decode_frame_owned, Window, WindowPlan};
 use crate::snapshot::Snapshot;
 
 /// Sequential read-ahead grows from this many stored bytes...
 const WINDOW_MIN: u64 = 256 << 10;
 /// ...doubling up to this.
-const WINDOW_MAX: u64 = 8 << 20;
+pub const WINDOW_MAX: u64 = 8 << 20;
+/// Windows fetched ahead of a stream at once (each on its own connection).
+pub const AHEAD_DEPTH: usize = 2;
 
 /// The data blob of one snapshot in a registry.
 pub struct RemoteData {
@@ -34,9 +36,8 @@ pub struct RemoteData {
     cache: Arc<HostCache>,
     /// This blob's copy in the host cache (set once the frame count is known).
     data: OnceLock<Option<DataCache>>,
-    /// A fetch of the next window running ahead of a sequential reader:
-    /// (first frame, frame after the last, the fetching thread).
-    ahead: Mutex<Option<Ahead>>,
+    /// Fetches of the next windows running ahead of a sequential reader, in order.
+    ahead: Mutex<VecDeque<Ahead>>,
     /// (frame where the last fetch ended, current read-ahead window)
     seq: Mutex<(u32, u64)>,
     log: Mutex<AccessLog>,
@@ -47,7 +48,8 @@ pub struct RemoteData {
     requests: Arc<AtomicU64>,
 }
 
-type Ahead = (u32, u32, std::thread::JoinHandle<Result<Vec<u8>>>);
+/// A fetch running ahead: (first frame, frame after the last, the fetching thread).
+type Ahead = (u32, u32, std::thread::JoinHandle<Result<Window>>);
 
 #[derive(Default)]
 struct AccessLog {
@@ -128,32 +130,35 @@ impl RemoteData {
         }
     }
 
-    /// The bytes of frames `first..end` if a fetch running ahead covers exactly them.
-    pub fn take_ahead(&self, first: u32) -> Option<(u32, Result<Vec<u8>>)> {
-        let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
-        match a.take() {
-            Some((f, end, h)) if f == first => {
-                let res = h
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::Remote("read-ahead thread failed".into())));
-                Some((end, res))
-            }
-            other => {
-                *a = other;
-                None
-            }
-        }
+    /// The checked window a fetch running ahead holds for frame `idx`, if one covers it
+    /// (waiting for it to arrive). Windows wholly behind the one taken are dropped: the
+    /// stream has passed them.
+    pub(crate) fn take_ahead(&self, idx: u32) -> Option<Result<Window>> {
+        let h = {
+            let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            let at = a.iter().position(|w| w.0 <= idx && idx < w.1)?;
+            let (first, _, h) = a.remove(at)?;
+            a.retain(|w| w.1 > first);
+            h
+        };
+        Some(
+            h.join()
+                .unwrap_or_else(|_| Err(Error::Remote("read-ahead thread failed".into()))),
+        )
     }
 
-    /// Starts fetching frames `first..end` (stored bytes `offset..offset + len`) on
-    /// another thread, so the registry sends them while the reader decodes.
-    /// The thread holds what it needs, not the `RemoteData`, so closing is never
-    /// delayed by a window nobody will read.
-    pub fn fetch_ahead(&self, first: u32, end: u32, offset: u64, len: u64) {
-        let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
-        if a.is_some() {
-            return;
-        }
+    /// Where the furthest fetch running ahead ends, and how many are running.
+    pub fn ahead(&self) -> (Option<u32>, usize) {
+        let a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        (a.iter().map(|w| w.1).max(), a.len())
+    }
+
+    /// Starts fetching `plan`'s frames (stored bytes `offset..offset + len`) on another
+    /// thread, which also checks them, so the registry sends them and their BLAKE3s are
+    /// computed while the reader copies earlier ones out. The thread holds what it
+    /// needs, not the `RemoteData`, so closing is never delayed by a window nobody reads.
+    pub(crate) fn fetch_ahead(&self, plan: WindowPlan, offset: u64, len: u64) {
+        let (first, end) = plan.frames();
         let reg = self.reg.clone();
         let (repo, digest, size) = (self.repo.clone(), self.digest.clone(), self.size);
         let (fetched, requests) = (self.fetched.clone(), self.requests.clone());
@@ -163,10 +168,11 @@ impl RemoteData {
                 let bytes = fetch_range(&reg, &repo, &digest, size, offset, len)?;
                 fetched.fetch_add(len, Ordering::Relaxed);
                 requests.fetch_add(1, Ordering::Relaxed);
-                Ok(bytes)
+                Ok(plan.check(bytes))
             })
         {
-            *a = Some((first, end, h));
+            let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            a.push_back((first, end, h));
         }
     }
 
@@ -303,7 +309,7 @@ fn open_layer(
         index: (layer.index.digest.clone(), layer.index.size),
         cache: cache.clone(),
         data: OnceLock::new(),
-        ahead: Mutex::new(None),
+        ahead: Mutex::new(VecDeque::new()),
         seq: Mutex::new((0, 0)),
         log: Mutex::new(AccessLog::default()),
         closed: Arc::new(AtomicBool::new(false)),

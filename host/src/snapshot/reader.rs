@@ -605,61 +605,38 @@ impl Snapshot {
     }
 
     /// A frame of a snapshot in a registry: from the host's registry cache if it holds
-    /// it, else fetched by range — with the frames after it when reads are sequential,
-    /// which go into the frame cache too.
+    /// it, else from a window fetched by range — with the frames after it when reads are
+    /// sequential, which go into the frame cache too; a stream keeps the next windows
+    /// in flight.
     fn load_remote(&self, idx: u32, r: &Arc<crate::oci::lazy::RemoteData>) -> Result<FrameBytes> {
         let (f, chunks) = self.frame_meta(idx)?;
         r.record(idx);
         if let Some(raw) = r.cached_frame(idx, f, chunks) {
             return Ok(FrameBytes::whole(raw));
         }
-        let budget = r.window(idx);
-        let blob_off = f.offset - HEADER_LEN as u64;
-        let (end, bytes) = match r.take_ahead(idx) {
-            Some((end, Ok(bytes))) => (end as usize, bytes),
+        let window = match r.take_ahead(idx) {
+            Some(Ok(w)) => w,
+            // A window that failed on its way (or none): fetched here, which reports why.
             _ => {
-                let (end, len) = self.window_from(idx, budget, r);
-                (end, r.fetch(blob_off, len)?)
+                let (end, len) = self.window_from(idx, r.window(idx), r);
+                let bytes = r.fetch(f.offset - HEADER_LEN as u64, len)?;
+                self.window_plan(idx, end as u32).check(bytes)
             }
         };
-        r.fetched_to(end as u32);
-        // A stream: ask for the next window now, so it arrives while this one decodes.
-        if r.streaming() && end < self.index.frames.len() {
-            let (next_end, next_len) = self.window_from(end as u32, budget, r);
-            if next_end > end {
-                let off = self.index.frames[end].offset - HEADER_LEN as u64;
-                r.fetch_ahead(end as u32, next_end as u32, off, next_len);
-            }
+        r.fetched_to(window.end);
+        if r.streaming() {
+            self.read_ahead(r, window.end);
         }
-        let window = Arc::new(bytes);
-        // Raw frames are shared from the fetch buffer only when all of it is raw frames:
-        // a slice keeps its whole buffer alive, which the cache weighs by the slice.
-        let share = (idx..end as u32).all(|j| stored_raw(&self.index.frames[j as usize]));
         let mut mine = None;
-        let mut good = idx;
-        for j in idx..end as u32 {
-            let (fj, cj) = self.frame_meta(j)?;
-            let at = (fj.offset - f.offset) as usize;
-            let stored = &window[at..at + fj.stored_len as usize];
-            // A raw frame is checked where it lies and shared, not copied.
-            let decoded = if share {
-                verify_chunks(j, cj, stored).map(|()| FrameBytes {
-                    buf: window.clone(),
-                    start: at,
-                    len: stored.len(),
-                })
-            } else {
-                decode_frame(j, fj, cj, stored).map(FrameBytes::whole)
-            };
-            match decoded {
+        let mut good = 0;
+        for (j, frame) in (window.first..).zip(window.frames) {
+            match frame {
+                Ok(raw) if j == idx => mine = Some(raw),
                 Ok(raw) => {
-                    good = j + 1;
-                    if j == idx {
-                        mine = Some(raw);
-                    } else {
+                    if j > idx {
                         r.record(j);
-                        self.cache.insert(j, raw);
                     }
+                    self.cache.insert(j, raw);
                 }
                 Err(e) if j == idx => return Err(e.at(&self.path)),
                 Err(e) => {
@@ -667,13 +644,54 @@ impl Snapshot {
                     break;
                 }
             }
+            good = j + 1 - window.first;
         }
         // Only verified frames go into the host cache.
-        let upto = self.index.frames[good as usize - 1].offset
-            + self.index.frames[good as usize - 1].stored_len as u64
-            - f.offset;
-        r.store(idx, good - idx, blob_off, window, upto as usize);
+        if good > 0 {
+            let first = &self.index.frames[window.first as usize];
+            let last = &self.index.frames[(window.first + good) as usize - 1];
+            let upto = last.offset + last.stored_len as u64 - first.offset;
+            r.store(
+                window.first,
+                good,
+                first.offset - HEADER_LEN as u64,
+                window.bytes,
+                upto as usize,
+            );
+        }
         mine.ok_or_else(|| Error::corrupt(format!("frame {idx} was not fetched")))
+    }
+
+    /// Keeps [`AHEAD_DEPTH`] windows of a stream in flight after frame `from`.
+    fn read_ahead(&self, r: &crate::oci::lazy::RemoteData, from: u32) {
+        use crate::oci::lazy::{AHEAD_DEPTH, WINDOW_MAX};
+        let (furthest, running) = r.ahead();
+        let mut next = furthest.unwrap_or(from).max(from) as usize;
+        for _ in running..AHEAD_DEPTH {
+            // Frames already held need no fetch (a few are skipped, not a whole file).
+            let skip = self.index.frames.len().min(next + 64);
+            while next < skip
+                && (self.cache.contains_key(&(next as u32)) || r.is_cached(next as u32))
+            {
+                next += 1;
+            }
+            if next >= skip {
+                return;
+            }
+            let (end, len) = self.window_from(next as u32, WINDOW_MAX, r);
+            let off = self.index.frames[next].offset - HEADER_LEN as u64;
+            r.fetch_ahead(self.window_plan(next as u32, end as u32), off, len);
+            next = end;
+        }
+    }
+
+    /// What checking frames `first..end` fetched as one range needs of the index.
+    fn window_plan(&self, first: u32, end: u32) -> WindowPlan {
+        let frames = (first..end)
+            .filter_map(|j| self.frame_meta(j).ok())
+            .map(|(f, c)| (f.clone(), c.to_vec()))
+            .collect();
+        WindowPlan { first, frames }
     }
 
     /// The frames one fetch from `idx` covers: contiguous in the blob, within `budget`
@@ -704,6 +722,63 @@ impl Snapshot {
     /// Bytes currently held by the frame cache.
     pub fn cache_weight(&self) -> u64 {
         self.cache.weight()
+    }
+}
+
+/// The frames one range fetch from a registry covers, with what checking them needs.
+pub(crate) struct WindowPlan {
+    first: u32,
+    frames: Vec<(Frame, Vec<Chunk>)>,
+}
+
+/// A fetched range, checked: each frame's verified bytes in order (ending at the first
+/// that fails, which is the last entry), and the buffer they arrived in.
+pub(crate) struct Window {
+    pub first: u32,
+    /// The frame after the last fetched.
+    pub end: u32,
+    pub frames: Vec<Result<FrameBytes>>,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+impl WindowPlan {
+    /// (first frame, frame after the last).
+    pub fn frames(&self) -> (u32, u32) {
+        (self.first, self.first + self.frames.len() as u32)
+    }
+
+    /// Verifies (and decompresses) each frame in `bytes`, the stored bytes of the range.
+    /// Raw frames are shared from the buffer only when all of it is raw frames: a slice
+    /// keeps its whole buffer alive, which the frame cache weighs by the slice.
+    pub fn check(self, bytes: Vec<u8>) -> Window {
+        let (first, end) = self.frames();
+        let base = self.frames.first().map_or(0, |(f, _)| f.offset);
+        let share = self.frames.iter().all(|(f, _)| stored_raw(f));
+        let bytes = Arc::new(bytes);
+        let mut frames = Vec::with_capacity(self.frames.len());
+        for (j, (f, chunks)) in (first..).zip(&self.frames) {
+            let at = (f.offset - base) as usize;
+            let checked = match bytes.get(at..at + f.stored_len as usize) {
+                None => Err(Error::corrupt(format!("frame {j} was not fetched whole"))),
+                Some(stored) if share => verify_chunks(j, chunks, stored).map(|()| FrameBytes {
+                    buf: bytes.clone(),
+                    start: at,
+                    len: stored.len(),
+                }),
+                Some(stored) => decode_frame(j, f, chunks, stored).map(FrameBytes::whole),
+            };
+            let failed = checked.is_err();
+            frames.push(checked);
+            if failed {
+                break;
+            }
+        }
+        Window {
+            first,
+            end,
+            frames,
+            bytes,
+        }
     }
 }
 
