@@ -1,6 +1,7 @@
 //! hexz host side: the snapshot format and the commands that build and inspect snapshots.
 
 pub mod blockdev;
+pub mod bufpool;
 pub mod commit;
 pub mod diff;
 pub mod error;

@@ -21,6 +21,8 @@
 //! least recently used entries (by mtime, which opening refreshes) down to 90 % of it.
 
 use std::fs::{self, File};
+
+use crate::bufpool::PoolBuf;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
@@ -409,7 +411,7 @@ enum Job {
         n: u32,
         offset: u64,
         /// The first `len` bytes are to be written.
-        bytes: Arc<Vec<u8>>,
+        bytes: Arc<PoolBuf>,
         len: usize,
     },
     Flush(crossbeam_channel::Sender<()>),
@@ -488,7 +490,7 @@ impl DataCache {
 
     /// Queues verified frames `first..first + n`, whose stored bytes start at `offset`,
     /// for writing; dropped (fetched again next time) if the writer is far behind.
-    pub fn write(&self, first: u32, n: u32, offset: u64, bytes: Arc<Vec<u8>>, len: usize) {
+    pub fn write(&self, first: u32, n: u32, offset: u64, bytes: Arc<PoolBuf>, len: usize) {
         if n == 0 || first as usize + n as usize > self.frames {
             return;
         }
@@ -589,7 +591,7 @@ mod tests {
         let d = c.data(&digest, 1 << 20, 8).expect("data");
         assert!(!d.has(3));
         assert!(d.read(3, 4096, 100).is_none());
-        d.write(3, 2, 4096, Arc::new(vec![9u8; 200]), 200);
+        d.write(3, 2, 4096, Arc::new(vec![9u8; 200].into()), 200);
         flush(Duration::from_secs(5));
         assert!(d.has(3) && d.has(4) && !d.has(5));
         assert_eq!(d.read(3, 4096, 100), Some(vec![9u8; 100]));
@@ -610,12 +612,12 @@ mod tests {
         let d = c.data(&digest, 4 << 20, 4).expect("data");
         let bytes: Vec<u8> = (0..1_000_003u32).map(|i| (i * 7 % 251) as u8).collect();
         let other: Vec<u8> = (0..500_001u32).map(|i| (i * 13 % 241) as u8).collect();
-        d.write(1, 1, 12_345, Arc::new(bytes.clone()), bytes.len());
+        d.write(1, 1, 12_345, Arc::new(bytes.clone().into()), bytes.len());
         d.write(
             2,
             1,
             12_345 + bytes.len() as u64,
-            Arc::new(other.clone()),
+            Arc::new(other.clone().into()),
             other.len(),
         );
         flush(Duration::from_secs(5));

@@ -506,7 +506,7 @@ impl<'a> Repo<'a> {
                 self.reg.host
             )));
         }
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = crate::bufpool::take(len as usize);
         Ok(match r.resp.into_reader().read_exact(&mut buf) {
             Ok(()) => Ok(buf),
             Err(e) => Err(format!(

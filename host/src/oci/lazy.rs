@@ -11,6 +11,7 @@ use super::cache::{DataCache, HostCache, MAX_ACCESS_LOG};
 use super::client::{short, Registry, Repo, Retry};
 use super::manifest::{Layer, Manifest};
 use super::reference::Reference;
+use crate::bufpool::PoolBuf;
 use crate::error::{Error, Result};
 use crate::snapshot::format::{Chunk, Frame, HEADER_LEN};
 use crate::snapshot::reader::{decode_frame, decode_frame_owned, Window, WindowPlan};
@@ -22,6 +23,8 @@ const WINDOW_MIN: u64 = 256 << 10;
 pub const WINDOW_MAX: u64 = 8 << 20;
 /// Windows fetched ahead of a stream at once (each on its own connection).
 pub const AHEAD_DEPTH: usize = 2;
+/// Windows a stream keeps in the frame cache behind the one it reads.
+pub const KEEP_BEHIND: usize = 2;
 
 /// The data blob of one snapshot in a registry.
 pub struct RemoteData {
@@ -38,6 +41,8 @@ pub struct RemoteData {
     data: OnceLock<Option<DataCache>>,
     /// Fetches of the next windows running ahead of a sequential reader, in order.
     ahead: Mutex<VecDeque<Ahead>>,
+    /// The last windows a stream took (first frame, frame after the last), oldest first.
+    behind: Mutex<VecDeque<(u32, u32)>>,
     /// (frame where the last fetch ended, current read-ahead window)
     seq: Mutex<(u32, u64)>,
     log: Mutex<AccessLog>,
@@ -124,7 +129,7 @@ impl RemoteData {
 
     /// Adds verified frames `first..first + n`, whose stored bytes start at `offset` in
     /// the blob, to the host cache.
-    pub fn store(&self, first: u32, n: u32, offset: u64, bytes: Arc<Vec<u8>>, len: usize) {
+    pub fn store(&self, first: u32, n: u32, offset: u64, bytes: Arc<PoolBuf>, len: usize) {
         if let Some(d) = self.data.get().and_then(Option::as_ref) {
             d.write(first, n, offset, bytes, len);
         }
@@ -173,6 +178,18 @@ impl RemoteData {
         {
             let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
             a.push_back((first, end, h));
+        }
+    }
+
+    /// Notes that a stream took window `first..end`; returns the window it has left
+    /// [`KEEP_BEHIND`] windows behind, whose frames it will not read again.
+    pub fn passed(&self, first: u32, end: u32) -> Option<(u32, u32)> {
+        let mut b = self.behind.lock().unwrap_or_else(|e| e.into_inner());
+        b.push_back((first, end));
+        if b.len() > KEEP_BEHIND {
+            b.pop_front()
+        } else {
+            None
         }
     }
 
@@ -310,6 +327,7 @@ fn open_layer(
         cache: cache.clone(),
         data: OnceLock::new(),
         ahead: Mutex::new(VecDeque::new()),
+        behind: Mutex::new(VecDeque::new()),
         seq: Mutex::new((0, 0)),
         log: Mutex::new(AccessLog::default()),
         closed: Arc::new(AtomicBool::new(false)),
@@ -466,7 +484,7 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
                                     *idx,
                                     1,
                                     f.offset - HEADER_LEN as u64,
-                                    Arc::new(stored.to_vec()),
+                                    Arc::new(PoolBuf::from(stored.to_vec())),
                                     len,
                                 );
                             }

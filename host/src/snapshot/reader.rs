@@ -9,6 +9,8 @@ use std::sync::{Arc, OnceLock};
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
+use crate::bufpool::PoolBuf;
+
 use super::codec::decompress;
 use super::format::{
     decode_bounded, Chunk, ChunkId, Codec, FileData, Frame, Header, Index, Node, NodeKind, Stream,
@@ -32,7 +34,7 @@ pub const MAX_BASE_DEPTH: usize = 64;
 /// buffer it was fetched in, so a cold read copies each byte once fewer.
 #[derive(Clone)]
 pub struct FrameBytes {
-    buf: Arc<Vec<u8>>,
+    buf: Arc<PoolBuf>,
     start: usize,
     len: usize,
 }
@@ -41,7 +43,7 @@ impl FrameBytes {
     fn whole(v: Vec<u8>) -> FrameBytes {
         let len = v.len();
         FrameBytes {
-            buf: Arc::new(v),
+            buf: Arc::new(v.into()),
             start: 0,
             len,
         }
@@ -624,7 +626,8 @@ impl Snapshot {
             }
         };
         r.fetched_to(window.end);
-        if r.streaming() {
+        let streaming = r.streaming();
+        if streaming {
             self.read_ahead(r, window.end);
         }
         let mut mine = None;
@@ -645,6 +648,18 @@ impl Snapshot {
                 }
             }
             good = j + 1 - window.first;
+        }
+        if streaming {
+            if let Some((a, b)) = r.passed(window.first, window.end) {
+                // Drop-behind: frames a stream has passed are in the host cache, and
+                // keeping them in memory would push out what other readers use (and take
+                // fresh memory for every window). Those not written there yet stay.
+                for j in a..b {
+                    if r.is_cached(j) {
+                        self.cache.remove(&j);
+                    }
+                }
+            }
         }
         // Only verified frames go into the host cache.
         if good > 0 {
@@ -738,7 +753,7 @@ pub(crate) struct Window {
     /// The frame after the last fetched.
     pub end: u32,
     pub frames: Vec<Result<FrameBytes>>,
-    pub bytes: Arc<Vec<u8>>,
+    pub bytes: Arc<PoolBuf>,
 }
 
 impl WindowPlan {
@@ -754,7 +769,7 @@ impl WindowPlan {
         let (first, end) = self.frames();
         let base = self.frames.first().map_or(0, |(f, _)| f.offset);
         let share = self.frames.iter().all(|(f, _)| stored_raw(f));
-        let bytes = Arc::new(bytes);
+        let bytes = Arc::new(PoolBuf::from(bytes));
         let mut frames = Vec::with_capacity(self.frames.len());
         for (j, (f, chunks)) in (first..).zip(&self.frames) {
             let at = (f.offset - base) as usize;
