@@ -183,6 +183,28 @@ fn posix_behaviour_through_the_guest_mount_opening_each_file_on_the_host() {
     posix_suite(&["--open-per-file"]);
 }
 
+#[test]
+fn posix_behaviour_through_the_guest_mount_opening_each_directory() {
+    if !fuse_available() {
+        return;
+    }
+    posix_suite(&["--opendir-per-dir"]);
+}
+
+#[test]
+fn concurrent_listings_of_a_changing_directory_see_each_name_once_in_the_guest_mount() {
+    if !fuse_available() {
+        return;
+    }
+    for args in [&["--opendir-per-dir"][..], &[][..]] {
+        eprintln!("guest daemon args: {args:?}");
+        let tmp = tempfile::tempdir().unwrap();
+        let snap = fixture(tmp.path());
+        let m = Mount::new(tmp.path(), &snap, args);
+        mount_suite::concurrent_listings(&m.mnt);
+    }
+}
+
 fn posix_suite(guest_args: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let snap = fixture(tmp.path());

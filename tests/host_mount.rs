@@ -512,6 +512,17 @@ fn posix_behaviour_through_the_host_mount() {
 }
 
 #[test]
+fn concurrent_listings_of_a_changing_directory_see_each_name_once() {
+    if !fuse_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = fixture(tmp.path());
+    let m = HostMount::new(&snap, &tmp.path().join("mnt"), &["--rw"]);
+    mount_suite::concurrent_listings(&m.mnt);
+}
+
+#[test]
 fn git_init_add_commit_status_checkout_in_the_host_mount() {
     if !fuse_available() || !mount_suite::git_available() {
         return;

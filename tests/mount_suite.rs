@@ -362,6 +362,82 @@ pub fn posix_behaviour(mnt: &Path) {
 }
 
 /// git init/add/commit/status/checkout/fsck in a writable mount of [`fixture`] at `mnt`.
+/// Listings of one large directory (several pages) by concurrent readers, while another
+/// thread keeps adding and removing other names in it: every listing holds each name that
+/// existed throughout exactly once. (In no-opendir mode listings find their host handle
+/// by the cookie they reached; this is where two of them could get mixed up.)
+pub fn concurrent_listings(mnt: &Path) {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = mnt.join("many");
+    fs::create_dir(&dir).unwrap();
+    let base: Vec<String> = (0..3000)
+        .map(|i| format!("file-{i:05}-with-a-longer-name"))
+        .collect();
+    for n in &base {
+        File::create(dir.join(n)).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (dir, stop) = (dir.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let p = dir.join(format!("extra-{}", i % 50));
+                if i % 2 == 0 {
+                    let _ = File::create(&p);
+                } else {
+                    let _ = fs::remove_file(&p);
+                }
+                i += 1;
+            }
+        })
+    };
+    let listers: Vec<_> = (0..3)
+        .map(|_| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                for _ in 0..8 {
+                    let mut seen: HashMap<String, u32> = HashMap::new();
+                    for e in fs::read_dir(&dir).unwrap() {
+                        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                        *seen.entry(name).or_default() += 1;
+                    }
+                    all.push(seen);
+                }
+                all
+            })
+        })
+        .collect();
+    let listings: Vec<_> = listers
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    for (i, seen) in listings.iter().enumerate() {
+        let twice: Vec<_> = seen.iter().filter(|(_, &c)| c > 1).collect();
+        assert!(twice.is_empty(), "listing {i} has names twice: {twice:?}");
+        let missing: Vec<_> = base.iter().filter(|n| !seen.contains_key(*n)).collect();
+        assert!(
+            missing.is_empty(),
+            "listing {i} misses {} names that existed throughout, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(3)]
+        );
+    }
+    // Quiet again: a listing is the base names and whatever extras remain.
+    let now: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("extra-"))
+        .collect();
+    assert_eq!(now.len(), base.len());
+    fs::remove_dir_all(&dir).unwrap();
+}
+
 pub fn git_round_trip(mnt: &Path) {
     let m = At(mnt);
     let git = |args: &[&str]| git_in(mnt, args);

@@ -78,6 +78,67 @@ struct NodeData {
     dirty: Option<u64>,
 }
 
+/// Where a directory listing goes on in no-opendir mode, in which the kernel opens
+/// directories without asking (fh 0): listings are told apart by the cookie they reached.
+enum Next {
+    /// The host handle whose listing continues at this cookie.
+    Handle(Arc<HostFh>),
+    /// The host said the listing ends here.
+    End,
+}
+
+/// Listings in progress in no-opendir mode, per directory node.
+#[derive(Default)]
+struct Listings {
+    map: HashMap<u64, Vec<(u64, Next)>>,
+    count: usize,
+}
+
+/// Listings remembered at once; beyond it all are let go (a listing whose place is
+/// forgotten starts a fresh host handle at its cookie, as after a reconnect).
+const MAX_LISTINGS: usize = 512;
+
+impl Listings {
+    fn take(&mut self, node: u64, cookie: u64) -> Option<Next> {
+        let v = self.map.get_mut(&node)?;
+        let i = v.iter().position(|(c, _)| *c == cookie)?;
+        let (_, next) = v.swap_remove(i);
+        if v.is_empty() {
+            self.map.remove(&node);
+        }
+        self.count -= 1;
+        Some(next)
+    }
+
+    /// Remembers where a listing of `node` got to; returns what was let go (to be
+    /// dropped outside the lock: dropping a handle posts its release).
+    fn put(&mut self, node: u64, cookie: u64, next: Next) -> Vec<Next> {
+        let mut out = Vec::new();
+        if self.count >= MAX_LISTINGS {
+            out.extend(
+                self.map
+                    .drain()
+                    .flat_map(|(_, v)| v.into_iter().map(|(_, n)| n)),
+            );
+            self.count = 0;
+        }
+        let v = self.map.entry(node).or_default();
+        if let Some(i) = v.iter().position(|(c, _)| *c == cookie) {
+            out.push(std::mem::replace(&mut v[i].1, next));
+        } else {
+            v.push((cookie, next));
+            self.count += 1;
+        }
+        out
+    }
+
+    fn forget(&mut self, node: u64) -> Vec<(u64, Next)> {
+        let v = self.map.remove(&node).unwrap_or_default();
+        self.count -= v.len();
+        v
+    }
+}
+
 /// Node handles kept at once by default; beyond the cap, unused ones are released.
 pub const MAX_NODE_HANDLES: usize = 4096;
 
@@ -163,6 +224,9 @@ pub struct Options {
     pub no_open: bool,
     /// In no-open mode, how many node handles to keep at once.
     pub max_node_handles: usize,
+    /// Open directories without a round trip (the kernel's no-opendir mode): listings
+    /// go through host handles the adapter keeps per directory and cookie.
+    pub no_opendir: bool,
 }
 
 impl Default for Options {
@@ -172,6 +236,7 @@ impl Default for Options {
             negative_ttl: Duration::from_secs(60),
             no_open: true,
             max_node_handles: MAX_NODE_HANDLES,
+            no_opendir: true,
         }
     }
 }
@@ -181,6 +246,9 @@ pub struct HexzFs {
     /// Files are opened without a round trip (the kernel's no-open mode): data goes
     /// through per-node host handles.
     no_open: bool,
+    /// Directories are opened without a round trip (the kernel's no-opendir mode).
+    no_opendir: bool,
+    listings: Mutex<Listings>,
     nodes: Mutex<Nodes>,
     max_node_handles: usize,
     writeback: bool,
@@ -316,6 +384,8 @@ impl HexzFs {
         HexzFs {
             conn,
             no_open: opts.no_open,
+            no_opendir: opts.no_opendir,
+            listings: Mutex::new(Listings::default()),
             nodes: Mutex::new(Nodes::default()),
             max_node_handles: opts.max_node_handles.max(1),
             writeback: opts.writeback,
@@ -511,6 +581,76 @@ impl HexzFs {
             }
         }
         Err(Errno::EIO)
+    }
+
+    fn listings(&self) -> MutexGuard<'_, Listings> {
+        self.listings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A page of a directory listing in no-opendir mode (kernel fh 0): continues the
+    /// host listing that reached `cookie`, or starts one on a fresh host handle — at
+    /// cookie 0 with the first `plus` entries listed in the same round trip. `None`:
+    /// the host already said the listing ends at `cookie`.
+    fn node_listing_page(
+        &self,
+        node: u64,
+        cookie: u64,
+        plus: Option<u32>,
+        make: impl Fn(u64) -> Op,
+    ) -> Result<Option<(ReplyBody, Arc<HostFh>)>, Errno> {
+        let epoch = self.conn.epoch();
+        let mut held = None;
+        if cookie != 0 {
+            match self.listings().take(node, cookie) {
+                Some(Next::End) => return Ok(None),
+                Some(Next::Handle(h)) if h.epoch == epoch => held = Some(h),
+                _ => {}
+            }
+        }
+        for _ in 0..3 {
+            let host = match held.take() {
+                Some(h) => h,
+                None => {
+                    let list = plus.filter(|_| cookie == 0);
+                    match self.call_epoch(Op::Opendir { node, list })? {
+                        (
+                            ReplyBody::Opened {
+                                fh, list: Some(l), ..
+                            },
+                            e,
+                        ) if list.is_some() => {
+                            let page = ReplyBody::DirPlus {
+                                entries: l.entries,
+                                eof: l.eof,
+                            };
+                            return Ok(Some((page, self.host_fh(fh, e, true))));
+                        }
+                        (ReplyBody::Opened { fh, .. }, e) => self.host_fh(fh, e, true),
+                        _ => return Err(Errno::EIO),
+                    }
+                }
+            };
+            // Listing is idempotent: after a reconnect it goes again on a fresh handle.
+            match self.conn.call_on(host.epoch, make(host.fh)) {
+                Ok(b) => return Ok(Some((b, host))),
+                Err(CallError::Errno(e)) => return Err(e),
+                Err(CallError::Stale) | Err(CallError::Lost) => continue,
+            }
+        }
+        Err(Errno::EIO)
+    }
+
+    /// Where a listing in no-opendir mode got to: the kernel asks next from `cookie`.
+    /// An ended listing lets its host handle go.
+    fn listing_reached(&self, node: u64, cookie: u64, ended: bool, host: Arc<HostFh>) {
+        let next = if ended {
+            drop(host);
+            Next::End
+        } else {
+            Next::Handle(host)
+        };
+        let let_go = self.listings().put(node, cookie, next);
+        drop(let_go);
     }
 
     /// Remembers unsynced writes of a file, made on connection `epoch`.
@@ -760,6 +900,9 @@ impl Filesystem for HexzFs {
         } else {
             wanted.push(InitFlags::FUSE_ATOMIC_O_TRUNC);
         }
+        if self.no_opendir {
+            wanted.push(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
+        }
         for f in wanted {
             if config.add_capabilities(f).is_err() {
                 if f == InitFlags::FUSE_WRITEBACK_CACHE {
@@ -767,6 +910,9 @@ impl Filesystem for HexzFs {
                 }
                 if f == InitFlags::FUSE_NO_OPEN_SUPPORT {
                     self.no_open = false;
+                }
+                if f == InitFlags::FUSE_NO_OPENDIR_SUPPORT {
+                    self.no_opendir = false;
                 }
                 tracing::info!("kernel lacks {f:?}");
             }
@@ -801,8 +947,10 @@ impl Filesystem for HexzFs {
         // The kernel dropped the inode: so does the daemon's data handle for it (which
         // would otherwise keep a deleted file's space in use on the host).
         let data_handle = self.nodes().remove(ino.0);
+        let listings = self.listings().forget(ino.0);
         self.attrs.forget(ino.0);
         drop(data_handle); // released on the host unless a request still holds it
+        drop(listings);
         self.conn.forget(&[(ino.0, nlookup)]);
     }
 
@@ -1203,6 +1351,11 @@ impl Filesystem for HexzFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            // ENOSYS = "opened": the kernel stops sending OPENDIR and RELEASEDIR, keeps
+            // listings in its cache (as FOPEN_CACHE_DIR) and lists with fh 0.
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         // Listings the kernel has cached (FOPEN_CACHE_DIR) need no host handle; the first
         // readdir that reaches us opens one.
         let g = self.add_handle(ino.0, 0, true, None);
@@ -1220,15 +1373,30 @@ impl Filesystem for HexzFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if self.listing_ended(fh.0, offset) {
-            return reply.ok();
-        }
-        match self.data_call(ino.0, fh, |fh| Op::Readdir {
-            fh,
-            cookie: offset,
-            max_entries: 256,
-        }) {
-            Ok(ReplyBody::Dir { entries, eof }) => {
+        let page = if fh.0 == 0 {
+            // No-opendir mode: the listing's host handle is found by where it got to.
+            match self.node_listing_page(ino.0, offset, None, |h| Op::Readdir {
+                fh: h,
+                cookie: offset,
+                max_entries: 256,
+            }) {
+                Ok(None) => return reply.ok(),
+                Ok(Some((b, host))) => Ok((b, Some(host))),
+                Err(e) => Err(e),
+            }
+        } else {
+            if self.listing_ended(fh.0, offset) {
+                return reply.ok();
+            }
+            self.data_call(ino.0, fh, |fh| Op::Readdir {
+                fh,
+                cookie: offset,
+                max_entries: 256,
+            })
+            .map(|b| (b, None))
+        };
+        match page {
+            Ok((ReplyBody::Dir { entries, eof }, host)) => {
                 let mut all = true;
                 let mut last = offset;
                 for e in entries {
@@ -1244,7 +1412,10 @@ impl Filesystem for HexzFs {
                     self.names.seen(ino.0, &e.name, e.ino); // the node id is the ino
                     last = e.cookie;
                 }
-                self.set_listing_end(fh.0, (eof && all).then_some(last));
+                match host {
+                    Some(h) => self.listing_reached(ino.0, last, eof && all, h),
+                    None => self.set_listing_end(fh.0, (eof && all).then_some(last)),
+                }
                 reply.ok()
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
@@ -1260,26 +1431,41 @@ impl Filesystem for HexzFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        if self.listing_ended(fh.0, offset) {
-            return reply.ok(); // the end, as the host said last time
-        }
         let want = self.dirplus_batch.load(Ordering::Relaxed);
         let since = self.attrs.since();
-        let first = (offset == 0)
-            .then(|| self.open_listing(fh.0, want))
-            .flatten();
-        let r = match first {
-            Some(page) => Ok(page),
-            None => self.data_call(ino.0, fh, |fh| Op::Readdirplus {
-                fh,
+        let r = if fh.0 == 0 {
+            // No-opendir mode: the listing's host handle is found by where it got to
+            // (at cookie 0 a fresh one lists its first page in the same round trip).
+            match self.node_listing_page(ino.0, offset, Some(want), |h| Op::Readdirplus {
+                fh: h,
                 cookie: offset,
                 max_entries: want,
-            }),
+            }) {
+                Ok(None) => return reply.ok(), // the end, as the host said last time
+                Ok(Some((b, host))) => Ok((b, Some(host))),
+                Err(e) => Err(e),
+            }
+        } else {
+            if self.listing_ended(fh.0, offset) {
+                return reply.ok(); // the end, as the host said last time
+            }
+            let first = (offset == 0)
+                .then(|| self.open_listing(fh.0, want))
+                .flatten();
+            match first {
+                Some(page) => Ok(page),
+                None => self.data_call(ino.0, fh, |fh| Op::Readdirplus {
+                    fh,
+                    cookie: offset,
+                    max_entries: want,
+                }),
+            }
+            .map(|b| (b, None))
         };
         match r {
-            Ok(ReplyBody::DirPlus { entries, eof }) => {
+            Ok((ReplyBody::DirPlus { entries, eof }, host)) => {
                 let got = entries.len();
-                let last = entries.last().map_or(offset, |e| e.cookie);
+                let mut sent = offset;
                 // The host gave a reference for each entry but `.` and `..`; those that do
                 // not fit the kernel's buffer never reach it, so they are forgotten here
                 // (the kernel asks again from the last cookie it received).
@@ -1304,10 +1490,15 @@ impl Filesystem for HexzFs {
                         let en = &e.entry;
                         self.attrs.put(en.node, &en.attr, en.attr_ttl_ms, since);
                         self.names.seen(ino.0, &e.name, en.node);
+                        sent = e.cookie;
                     }
                 }
                 self.conn.forget(&unsent);
-                self.set_listing_end(fh.0, (eof && fitted.is_none()).then_some(last));
+                let ended = eof && fitted.is_none();
+                match host {
+                    Some(h) => self.listing_reached(ino.0, sent, ended, h),
+                    None => self.set_listing_end(fh.0, ended.then_some(sent)),
+                }
                 reply.ok();
                 self.dirplus_batch
                     .store(next_dirplus_batch(want, got, fitted), Ordering::Relaxed);
@@ -1325,6 +1516,9 @@ impl Filesystem for HexzFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        if fh.0 == 0 {
+            return reply.ok(); // no-opendir mode: nothing was opened
+        }
         self.drop_handle(fh, reply);
     }
 
@@ -1336,6 +1530,26 @@ impl Filesystem for HexzFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if fh.0 == 0 {
+            // No-opendir mode: a host handle just for this.
+            let r = match self.call_epoch(Op::Opendir {
+                node: ino.0,
+                list: None,
+            }) {
+                Ok((ReplyBody::Opened { fh, .. }, e)) => {
+                    let h = self.host_fh(fh, e, true);
+                    self.conn
+                        .call_on(h.epoch, Op::Fsyncdir { fh: h.fh, datasync })
+                        .map_err(|e| match e {
+                            CallError::Errno(e) => e,
+                            CallError::Lost | CallError::Stale => Errno::EIO,
+                        })
+                }
+                Ok(_) => Err(Errno::EIO),
+                Err(e) => Err(e),
+            };
+            return self.reply_empty(r, reply);
+        }
         self.reply_empty(
             self.data_call(ino.0, fh, |fh| Op::Fsyncdir { fh, datasync }),
             reply,

@@ -43,6 +43,11 @@ struct Cli {
     /// without a round trip and their data goes through one host handle per file).
     #[arg(long)]
     open_per_file: bool,
+    /// Have the kernel send OPENDIR/RELEASEDIR for every directory (off by default:
+    /// directories open without a round trip and listings find their host handle by
+    /// where they got to).
+    #[arg(long)]
+    opendir_per_dir: bool,
     /// In the default (no-open) mode, how many host handles for file data to keep at once;
     /// beyond it, handles not in use are released (and reopened when needed again).
     #[arg(long, default_value_t = hexz_fuse::MAX_NODE_HANDLES)]
@@ -86,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             negative_ttl: Duration::from_secs(cli.negative_ttl),
             no_open: !cli.open_per_file,
             max_node_handles: cli.max_node_handles,
+            no_opendir: !cli.opendir_per_dir,
         },
     );
     let mut config = Config::default();

@@ -45,6 +45,10 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    /// Have the kernel send OPENDIR/RELEASEDIR for every directory (default: directories
+    /// open without a round trip; for comparison).
+    #[arg(long)]
+    opendir_per_dir: bool,
     /// Log file of a --daemon mount. Default: /tmp/hexz-mount-<mountpoint>.log.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -92,6 +96,7 @@ pub fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
         suid: a.suid,
         threads: a.threads,
         ttl: Duration::from_secs(3600),
+        opendir_per_dir: a.opendir_per_dir,
     };
     let snap = mount::open_snapshot(&opts)?;
     let streams_only = !snap.has_tree();

@@ -36,6 +36,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// How long the kernel may cache entries and attributes.
     pub ttl: Duration,
+    /// The kernel sends OPENDIR/RELEASEDIR (off: the no-opendir mode).
+    pub opendir_per_dir: bool,
 }
 
 /// The mount point, canonical, after checking that it is a directory nothing is mounted
@@ -190,7 +192,13 @@ pub fn serve_mount(
 ) -> Result<()> {
     let ttl_ms = u32::try_from(o.ttl.as_millis()).unwrap_or(u32::MAX);
     let local = Arc::new(Local::new(vfs.clone(), ttl_ms, o.shown));
-    let fs = hexz_fuse::HexzFs::new(local.clone(), hexz_fuse::Options::default());
+    let fs = hexz_fuse::HexzFs::new(
+        local.clone(),
+        hexz_fuse::Options {
+            no_opendir: !o.opendir_per_dir,
+            ..hexz_fuse::Options::default()
+        },
+    );
     let ended = serve_fs(o, fs, mountpoint, signals, ready);
     local.release();
     let flushed = vfs.shutdown();

@@ -25,6 +25,26 @@ pub enum Listing {
     Upper(Entries),
 }
 
+/// A listing in cookie order: each child's cookie is derived from its name
+/// ([`entry_cookie`]), so a listing resumed at a cookie continues after that name
+/// whatever was added or removed meanwhile, on this handle or any other.
+#[derive(Clone, Debug)]
+pub struct Keyed {
+    pub listing: Listing,
+    /// (cookie, index in `listing`), sorted.
+    pub order: Arc<Vec<(u64, u32)>>,
+}
+
+/// A directory entry's cookie: the first 8 bytes of the BLAKE3 of its name
+/// (little-endian), shifted right by one (cookies stay below 2^63, as `off_t` in
+/// `getdents`), at least 3 (1 and 2 are `.` and `..`).
+pub fn entry_cookie(name: &[u8]) -> u64 {
+    let h = blake3::hash(name);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    (u64::from_le_bytes(b) >> 1).max(3)
+}
+
 #[derive(Clone, Debug)]
 pub enum HandleKind {
     File {
@@ -33,7 +53,7 @@ pub enum HandleKind {
         append: bool,
     },
     Dir {
-        listing: Option<Listing>,
+        listing: Option<Keyed>,
     },
 }
 
@@ -165,5 +185,18 @@ mod tests {
         assert_eq!(h.remove(1, a[0], true).unwrap_err(), Errno::EBADF);
         assert!(h.remove(1, a[0], false).is_ok());
         assert_eq!(h.get(1, a[0]).unwrap_err(), Errno::EBADF);
+    }
+}
+
+#[cfg(test)]
+mod cookie_tests {
+    use super::entry_cookie;
+
+    #[test]
+    fn entry_cookies_are_the_documented_function_of_the_name() {
+        // docs/PROTOCOL.md §7.7 and its worked example give this value.
+        assert_eq!(entry_cookie(b"a.txt"), 6_965_293_208_155_557_254);
+        assert!(entry_cookie(b"") >= 3);
+        assert!(entry_cookie(b"x") < 1 << 63);
     }
 }

@@ -1,9 +1,11 @@
 //! Opening files and directories, listing directories, closing. A handle pins its node
 //! (an unlinked file stays readable while open) and belongs to the owner that opened it.
 
+use std::sync::Arc;
+
 use hexz_protocol::{check_name, Attr, Errno};
 
-use super::handles::{HandleKind, Listing, OpenHandle};
+use super::handles::{entry_cookie, HandleKind, Keyed, Listing, OpenHandle};
 use super::names::NewNode;
 use super::{errno_of, kind_bits, DirItem, Vfs, VfsResult, ROOT};
 use crate::overlay::journal::Kind;
@@ -117,7 +119,11 @@ impl Vfs {
     }
 
     /// Entries after `cookie` (0 = from the start, which also refreshes the listing):
-    /// `.`, `..`, then the children as they were at the last refresh. Takes no references.
+    /// `.` (cookie 1), `..` (cookie 2), then the children as they were at the last
+    /// refresh in the order of their name-derived cookies, each entry's own cookie being
+    /// where the next page starts. A cookie from another listing of the directory (an
+    /// earlier handle, the client's cache) resumes after the same name. Takes no
+    /// references.
     pub fn readdir(&self, owner: u64, fh: u64, cookie: u64, max: u32) -> VfsResult<Vec<DirItem>> {
         let (node, cached) = {
             let handles = self.handles();
@@ -135,47 +141,76 @@ impl Vfs {
         } else {
             self.rec(&inner, node).map_or(ROOT, |r| r.parent)
         };
-        let listing = match cached {
-            Some(l) => l,
+        let keyed = match cached {
+            Some(k) => k,
             None => {
                 // A directory removed while open lists as empty.
                 let l = self
                     .listing(&inner, node)
                     .unwrap_or_else(|_| Listing::Upper(Default::default()));
+                let k = self.keyed(l);
                 if let Ok(OpenHandle {
                     kind: HandleKind::Dir { listing },
                     ..
                 }) = self.handles().get_mut(owner, fh)
                 {
-                    *listing = Some(l.clone());
+                    *listing = Some(k.clone());
                 }
-                l
+                k
             }
         };
         let mut out = Vec::new();
         let max = max.max(1) as usize;
-        let mut i = cookie as usize;
-        while out.len() < max {
-            let (name, id): (&[u8], u64) = match i {
-                0 => (b".", node),
-                1 => (b"..", parent),
-                _ => match self.listing_entry(&listing, i - 2) {
-                    Some(e) => e,
-                    None => break,
-                },
-            };
-            i += 1;
-            // Removed since the listing was taken: skip it.
-            if let Ok(r) = self.rec(&inner, id) {
-                out.push(DirItem {
-                    name: name.to_vec(),
-                    node: id,
-                    kind: kind_bits(&r.kind, r.mode),
-                    cookie: i as u64,
-                });
+        // Removed since the listing was taken: skipped.
+        let item = |name: &[u8], id: u64, cookie: u64| {
+            self.rec(&inner, id).ok().map(|r| DirItem {
+                name: name.to_vec(),
+                node: id,
+                kind: kind_bits(&r.kind, r.mode),
+                cookie,
+            })
+        };
+        if cookie == 0 {
+            out.extend(item(b".", node, 1));
+        }
+        if cookie <= 1 && out.len() < max {
+            out.extend(item(b"..", parent, 2));
+        }
+        let order = &keyed.order;
+        let mut j = if cookie <= 2 {
+            0
+        } else {
+            order.partition_point(|&(k, _)| k <= cookie)
+        };
+        let mut last = None;
+        while let Some(&(key, i)) = order.get(j) {
+            // Names whose cookies collide go in one page: a page ending between them
+            // would resume past the rest.
+            if out.len() >= max && last != Some(key) {
+                break;
+            }
+            j += 1;
+            if let Some((name, id)) = self.listing_entry(&keyed.listing, i as usize) {
+                out.extend(item(name, id, key));
+                last = Some(key);
             }
         }
         Ok(out)
+    }
+
+    /// A listing in cookie order.
+    fn keyed(&self, listing: Listing) -> Keyed {
+        let mut order = Vec::new();
+        let mut i = 0u32;
+        while let Some((name, _)) = self.listing_entry(&listing, i as usize) {
+            order.push((entry_cookie(name), i));
+            i += 1;
+        }
+        order.sort_unstable();
+        Keyed {
+            listing,
+            order: Arc::new(order),
+        }
     }
 
     /// Attributes of the entries a readdirplus reply will carry, each (but `.` and `..`)
