@@ -385,7 +385,7 @@ pub fn concurrent_listings(mnt: &Path) {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let p = dir.join(format!("extra-{}", i % 50));
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     let _ = File::create(&p);
                 } else {
                     let _ = fs::remove_file(&p);
