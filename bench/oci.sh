@@ -60,16 +60,20 @@ fresh() { rm -rf cache; export HEXZ_CACHE_DIR=$W/cache; }
 t() { local s=$(now); "$@" > /dev/null 2>&1; local e=$(now); echo "$e - $s" | bc; }
 
 # open
-L=(); C=(); K=()
+# By tag (the registry is asked which manifest the tag names, every time) and by the
+# digest `push` printed (a pinned reference: the cached manifest, no request).
+PINNED=$(grep -o 'oci://[^ ]*' push.out | head -1)
+L=(); C=(); K=(); P=()
 for i in $(seq "$N"); do
   drop; L+=($(t "$H" ls ws.hxz /))
   fresh; drop; K+=($(t "$H" ls "oci://$REF" /))
   drop; C+=($(t "$H" ls "oci://$REF" /))
+  drop; P+=($(t "$H" ls "$PINNED" /))
 done
-echo "open   local $(med "${L[@]}") s; oci:// index cached $(med "${C[@]}") s; oci:// cold $(med "${K[@]}") s  (page cache dropped before each)"
-L=(); C=()
-for i in $(seq $((N * 4))); do L+=($(t "$H" ls ws.hxz /)); C+=($(t "$H" ls "oci://$REF" /)); done
-echo "open   local $(med "${L[@]}") s; oci:// index cached $(med "${C[@]}") s  (page cache warm, the registry's included)"
+echo "open   local $(med "${L[@]}") s; oci:// index cached $(med "${C[@]}") s (by digest $(med "${P[@]}") s); oci:// cold $(med "${K[@]}") s  (page cache dropped before each)"
+L=(); C=(); P=()
+for i in $(seq $((N * 4))); do L+=($(t "$H" ls ws.hxz /)); C+=($(t "$H" ls "oci://$REF" /)); P+=($(t "$H" ls "$PINNED" /)); done
+echo "open   local $(med "${L[@]}") s; oci:// index cached $(med "${C[@]}") s (by digest $(med "${P[@]}") s)  (page cache warm, the registry's included)"
 
 # first byte through a mount
 mkdir -p mnt

@@ -801,6 +801,43 @@ fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cl
 }
 
 #[test]
+fn a_tag_moved_to_another_snapshot_opens_the_new_one() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let Pushed {
+        reg,
+        cache,
+        src,
+        dest,
+        ..
+    } = pushed(dir);
+    let r = format!("oci://{dest}");
+    // The open by tag remembers which manifest the tag named...
+    let old = ok(&hexz(&cache, &[&"cat", &r, &"pkg0/mod0.rs"]), "cat v1");
+    assert_eq!(
+        old.as_bytes(),
+        &fs::read(src.join("pkg0/mod0.rs")).unwrap()[..]
+    );
+    // ...and the tag then moves to another snapshot: the next open must show that one,
+    // although the snapshot the tag named before is opened from the cache meanwhile.
+    fs::write(src.join("pkg0/mod0.rs"), b"// moved tag\n").unwrap();
+    let snap2 = dir.join("ws2.hxz");
+    pack(&cache, &src, &snap2);
+    ok(&hexz(&cache, &[&"push", &snap2, &dest]), "push v1 again");
+    for _ in 0..2 {
+        let now = ok(
+            &hexz(&cache, &[&"cat", &r, &"pkg0/mod0.rs"]),
+            "cat moved v1",
+        );
+        assert_eq!(now, "// moved tag\n");
+    }
+    drop(reg);
+}
+
+#[test]
 fn processes_share_the_host_cache_and_a_digest_reference_opens_offline() {
     if !registry_available() {
         return;

@@ -81,7 +81,7 @@ impl HostCache {
     }
 
     pub fn open(root: &Path, limit: u64) -> Result<HostCache> {
-        for d in ["data", "blobs/sha256", "access"] {
+        for d in ["data", "blobs/sha256", "access", "tags"] {
             fs::create_dir_all(root.join(d)).map_err(|e| {
                 Error::io(root.join(d), e).at("the registry cache (set HEXZ_CACHE_DIR to move it)")
             })?;
@@ -173,6 +173,26 @@ impl HostCache {
             if !path.exists() && self.write_atomic(&path, bytes).is_ok() {
                 self.added(bytes.len() as u64);
             }
+        }
+    }
+
+    /// The manifest digest `reference` (a tag) resolved to last time: a hint only, for
+    /// opening that manifest's snapshot while the registry is asked again.
+    pub fn tag_hint(&self, reference: &str) -> Option<String> {
+        let key = super::client::sha256_digest(reference.as_bytes());
+        let text = fs::read_to_string(self.root.join("tags").join(hex_of(&key)?)).ok()?;
+        let digest = text.trim();
+        hex_of(digest)?;
+        Some(digest.to_string())
+    }
+
+    pub fn set_tag_hint(&self, reference: &str, digest: &str) {
+        if self.tag_hint(reference).as_deref() == Some(digest) {
+            return;
+        }
+        let key = super::client::sha256_digest(reference.as_bytes());
+        if let Some(h) = hex_of(&key) {
+            let _ = self.write_atomic(&self.root.join("tags").join(h), digest.as_bytes());
         }
     }
 

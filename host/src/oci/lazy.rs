@@ -294,6 +294,48 @@ pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Resu
     };
     let (bytes, digest) = match cached {
         Some(c) => c,
+        None if matches!(r.target, super::reference::Target::Tag(_)) => {
+            // A tag is asked again every time; meanwhile the snapshot of the manifest it
+            // named last time is opened from the cache, and kept if the tag still names
+            // it (the registry's round trip then overlaps the local work).
+            let asked = {
+                let (reg, name, target) = (reg.clone(), r.repo.clone(), r.target_str().to_string());
+                std::thread::Builder::new()
+                    .name("hexz-manifest".into())
+                    .spawn(move || Repo::new(&reg, &name).manifest(&target, Retry::COMMAND))
+                    .map_err(|e| Error::Remote(format!("cannot start a thread: {e}")))?
+            };
+            let key = r.to_string();
+            let mut seen_spec = seen.clone();
+            let guess = cache.tag_hint(&key).and_then(|d| {
+                let bytes = cache.blob(&d)?;
+                let chain = Manifest::parse_chain(&bytes, &key).ok()?;
+                let pinned = r.pinned(&d);
+                let snap = open_layer(
+                    &reg,
+                    &cache,
+                    &pinned,
+                    &chain,
+                    0,
+                    cache_bytes,
+                    &mut seen_spec,
+                )
+                .ok()?;
+                Some((d, snap))
+            });
+            let m = asked
+                .join()
+                .unwrap_or_else(|_| Err(Error::Remote("manifest request failed".into())))?;
+            cache.put_blob(&m.digest, &m.bytes);
+            cache.set_tag_hint(&key, &m.digest);
+            if let Some((d, snap)) = guess {
+                if d == m.digest {
+                    *seen = seen_spec;
+                    return Ok(snap);
+                }
+            }
+            (m.bytes, m.digest)
+        }
         None => {
             let m = repo.manifest(r.target_str(), Retry::COMMAND)?;
             cache.put_blob(&m.digest, &m.bytes);
