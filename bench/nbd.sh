@@ -40,15 +40,16 @@ SNAP=$OUT/disk.hxz QCOW=$OUT/disk.qcow2
 echo "image: $(du -m --apparent-size "$IMG" | cut -f1) MiB raw ($(du -m "$IMG" | cut -f1) MiB allocated)," \
   "hexz $(du -m "$SNAP" | cut -f1) MiB, qcow2+zstd $(du -m "$QCOW" | cut -f1) MiB"
 
-# hexz with its default 256 MiB frame cache, and with one that holds the whole image.
-P_HEXZ=10909 P_KIT=10910 P_QEMU=10911 P_HEXZ1G=10912
+# hexz with its default frame cache (sized to the stream's data, within a quarter of the
+# available memory), and with the fixed 256 MiB it had before.
+P_HEXZ=10909 P_KIT=10910 P_QEMU=10911 P_HEXZ256=10912
 PIDS=()
 start() {
   "$HEXZ" nbd "$SNAP" --listen 127.0.0.1:$P_HEXZ >/dev/null 2>&1 & PIDS+=($!)
-  "$HEXZ" nbd "$SNAP" --listen 127.0.0.1:$P_HEXZ1G --cache-mib 1024 >/dev/null 2>&1 & PIDS+=($!)
+  "$HEXZ" nbd "$SNAP" --listen 127.0.0.1:$P_HEXZ256 --cache-mib 256 >/dev/null 2>&1 & PIDS+=($!)
   nbdkit -f -r -p $P_KIT -i 127.0.0.1 file "$IMG" >/dev/null 2>&1 & PIDS+=($!)
   qemu-nbd -r -t -f qcow2 -b 127.0.0.1 -p $P_QEMU "$QCOW" >/dev/null 2>&1 & PIDS+=($!)
-  for p in $P_HEXZ $P_HEXZ1G $P_KIT $P_QEMU; do
+  for p in $P_HEXZ $P_HEXZ256 $P_KIT $P_QEMU; do
     for _ in $(seq 100); do nbdinfo --size nbd://127.0.0.1:$p >/dev/null 2>&1 && break; sleep 0.1; done
   done
 }
@@ -61,7 +62,7 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1
 
 declare -A T
 for run in $(seq "$RUNS"); do
-  for s in hexz hexz1g kit qemu; do
+  for s in hexz hexz256 kit qemu; do
     eval port=\$P_$(echo $s | tr a-z A-Z)
     stop; drop; start
     T[cold_$s]+="$(copy "$port") "
@@ -73,7 +74,7 @@ printf '%-6s %-10s %10s %10s\n' mode server median_s vs_nbdkit
 for mode in cold warm; do
   # shellcheck disable=SC2086
   base=$(median ${T[${mode}_kit]})
-  for s in kit hexz hexz1g qemu; do
+  for s in kit hexz hexz256 qemu; do
     # shellcheck disable=SC2086
     m=$(median ${T[${mode}_$s]})
     printf '%-6s %-10s %10.3f %9.2fx\n' $mode $s "$m" "$(echo "$m / $base" | bc -l)"

@@ -601,7 +601,8 @@ impl HexzFs {
         let epoch = self.conn.epoch();
         let mut held = None;
         if cookie != 0 {
-            match self.listings().take(node, cookie) {
+            let found = self.listings().take(node, cookie); // the lock goes here
+            match found {
                 Some(Next::End) => return Ok(None),
                 Some(Next::Handle(h)) if h.epoch == epoch => held = Some(h),
                 _ => {}
@@ -651,6 +652,14 @@ impl HexzFs {
         };
         let let_go = self.listings().put(node, cookie, next);
         drop(let_go);
+    }
+
+    /// A name was (or may have been) added to or removed from `dir`: listings in
+    /// progress there continue on fresh host handles, which list the directory as it is
+    /// now (resuming by name), and no "ended here" of an older listing is trusted.
+    fn dir_changed(&self, dir: u64) {
+        let gone = self.listings().forget(dir);
+        drop(gone);
     }
 
     /// Remembers unsynced writes of a file, made on connection `epoch`.
@@ -776,6 +785,7 @@ impl HexzFs {
         r: Result<ReplyBody, Errno>,
         reply: ReplyEntry,
     ) {
+        self.dir_changed(parent);
         match &r {
             Ok(ReplyBody::Entry(e)) => self.note_new_name(parent, n, e, since),
             _ => self.attrs.invalidate(parent),
@@ -810,6 +820,7 @@ impl HexzFs {
         since: u64,
         dir: bool,
     ) {
+        self.dir_changed(parent);
         let Ok(body) = r else {
             return;
         };
@@ -1134,6 +1145,8 @@ impl Filesystem for HexzFs {
         };
         let target_absent = self.names.absent(newparent.0, newname.as_bytes());
         let r = self.call(op);
+        self.dir_changed(parent.0);
+        self.dir_changed(newparent.0);
         if r.is_ok() {
             // Both parents, the moved node's ctime, a replaced node's link count.
             let exchange = flags.bits() & hexz_protocol::RENAME_EXCHANGE != 0;
@@ -1657,6 +1670,7 @@ impl Filesystem for HexzFs {
         };
         let since = self.attrs.since();
         let r = self.call_epoch(op);
+        self.dir_changed(parent.0);
         match &r {
             Ok((ReplyBody::Created { entry, .. }, _)) => {
                 self.note_new_name(parent.0, n.as_bytes(), entry, since);

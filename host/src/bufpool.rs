@@ -39,13 +39,16 @@ impl Drop for PoolBuf {
     }
 }
 
-/// A buffer of `len` bytes, from the pool when it holds one large enough. Its contents
+/// A buffer of `len` bytes, from the pool when it holds one large enough (and at most
+/// twice as large). Its contents
 /// are unspecified (earlier data or zeros): callers overwrite all of it.
 pub fn take(len: usize) -> Vec<u8> {
     let reused = {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        // Not much larger than asked: a frame shared from the buffer keeps all of it
+        // alive while the frame cache counts only the frame.
         pool.iter()
-            .position(|v| v.capacity() >= len)
+            .position(|v| v.capacity() >= len && v.capacity() / 2 <= len)
             .map(|i| pool.swap_remove(i))
     };
     match reused {
@@ -72,6 +75,13 @@ mod tests {
         let w = take(len - 5);
         assert_eq!(w.len(), len - 5);
         assert_eq!(w.as_ptr(), ptr, "the buffer given back is reused");
+        drop(PoolBuf::from(w));
+        let small = take(len / 4);
+        assert_ne!(
+            small.as_ptr(),
+            ptr,
+            "a buffer four times too large is not used"
+        );
         drop(PoolBuf::from(vec![1u8; 10])); // too small to keep
         assert!(POOL
             .lock()

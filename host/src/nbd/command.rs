@@ -45,9 +45,11 @@ pub struct NbdArgs {
     #[arg(long, default_value_t = 16)]
     pub max_connections: usize,
     /// Decompressed-frame cache, MiB. Re-reads decompress nothing when the stream's data
-    /// fits; a full scan of a larger disk decompresses it all again.
-    #[arg(long, default_value_t = 256)]
-    pub cache_mib: u64,
+    /// fits; a full scan of a larger disk decompresses it all again. Default: enough for
+    /// the stream's data, at least 256 and at most a quarter of the memory available at
+    /// start (the cache grows only as data is read).
+    #[arg(long)]
+    pub cache_mib: Option<u64>,
 }
 
 fn bind(spec: &str, allow_remote: bool) -> Result<(Listener, String)> {
@@ -79,6 +81,35 @@ fn bind(spec: &str, allow_remote: bool) -> Result<(Listener, String)> {
     Ok((Listener::Tcp(l), format!("nbd://{local}")))
 }
 
+/// The frame cache's size when `--cache-mib` is not given, MiB.
+const DEFAULT_CACHE: u64 = 256;
+
+/// Enough for the stream's stored data (holes and zero runs take none), between
+/// [`DEFAULT_CACHE`] and a quarter of the memory available now.
+fn auto_cache_mib(snap: &Snapshot, stream: &str) -> u64 {
+    let Some(s) = snap.stream(stream) else {
+        return DEFAULT_CACHE;
+    };
+    let data: u64 = s
+        .data
+        .extents
+        .iter()
+        .filter_map(|e| snap.index().chunks.get(e.chunk as usize))
+        .map(|c| c.len as u64)
+        .sum();
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(DEFAULT_CACHE, |kib| kib / 1024 / 4);
+    (data.div_ceil(1 << 20) + 16)
+        .min(available)
+        .max(DEFAULT_CACHE)
+}
+
 /// Runs the server until SIGINT/SIGTERM, which flush the overlay and exit.
 pub fn run(args: NbdArgs) -> Result<()> {
     // Signals go to one waiting thread; block them before any thread exists.
@@ -88,10 +119,18 @@ pub fn run(args: NbdArgs) -> Result<()> {
     sigs.thread_block()
         .map_err(|e| Error::Invalid(format!("cannot block signals: {e}")))?;
 
-    let snap = Arc::new(Snapshot::open_with_cache(
-        &args.snapshot,
-        args.cache_mib << 20,
-    )?);
+    let mut snap = Snapshot::open_with_cache(&args.snapshot, DEFAULT_CACHE << 20)?;
+    let cache_mib = match args.cache_mib {
+        Some(m) => m,
+        None => auto_cache_mib(&snap, &args.stream),
+    };
+    if cache_mib != DEFAULT_CACHE {
+        // The index is small next to the data: opening again with the right cache is
+        // cheaper than a cache that cannot hold the export.
+        snap = Snapshot::open_with_cache(&args.snapshot, cache_mib << 20)?;
+    }
+    tracing::info!("frame cache up to {cache_mib} MiB");
+    let snap = Arc::new(snap);
     let device = crate::blockdev::open_stream(&snap, &args.stream, args.overlay.as_deref())?;
     let size = device.size();
     let (listener, url) = bind(&args.listen, args.allow_remote)?;

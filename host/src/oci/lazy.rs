@@ -152,10 +152,23 @@ impl RemoteData {
         )
     }
 
-    /// Where the furthest fetch running ahead ends, and how many are running.
-    pub fn ahead(&self) -> (Option<u32>, usize) {
-        let a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
-        (a.iter().map(|w| w.1).max(), a.len())
+    /// For a stream now at frame `from`: keeps the fetches running ahead that continue
+    /// it (a chain of windows starting at `from`), lets the others go (another stream's,
+    /// or left behind when a stream stopped), and says where the chain ends and how
+    /// long it is.
+    pub fn ahead(&self, from: u32) -> (u32, usize) {
+        let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        a.make_contiguous().sort_by_key(|w| w.0);
+        let mut end = from;
+        let mut keep = VecDeque::new();
+        while let Some(w) = a.pop_front() {
+            if w.0 == end {
+                end = w.1;
+                keep.push_back(w);
+            } // else: dropped, its thread detached (it ends by itself)
+        }
+        *a = keep;
+        (end, a.len())
     }
 
     /// Starts fetching `plan`'s frames (stored bytes `offset..offset + len`) on another

@@ -616,9 +616,15 @@ impl Snapshot {
         if let Some(raw) = r.cached_frame(idx, f, chunks) {
             return Ok(FrameBytes::whole(raw));
         }
+        let has = |w: &Window| {
+            w.frames
+                .get((idx - w.first) as usize)
+                .is_some_and(|f| f.is_ok())
+        };
         let window = match r.take_ahead(idx) {
-            Some(Ok(w)) => w,
-            // A window that failed on its way (or none): fetched here, which reports why.
+            Some(Ok(w)) if has(&w) => w,
+            // A window that failed on its way, or failed a check before `idx` (or none):
+            // fetched here from `idx`, which reports why if it fails again.
             _ => {
                 let (end, len) = self.window_from(idx, r.window(idx), r);
                 let bytes = r.fetch(f.offset - HEADER_LEN as u64, len)?;
@@ -680,8 +686,8 @@ impl Snapshot {
     /// Keeps [`AHEAD_DEPTH`] windows of a stream in flight after frame `from`.
     fn read_ahead(&self, r: &crate::oci::lazy::RemoteData, from: u32) {
         use crate::oci::lazy::{AHEAD_DEPTH, WINDOW_MAX};
-        let (furthest, running) = r.ahead();
-        let mut next = furthest.unwrap_or(from).max(from) as usize;
+        let (chain_end, running) = r.ahead(from);
+        let mut next = chain_end as usize;
         for _ in running..AHEAD_DEPTH {
             // Frames already held need no fetch (a few are skipped, not a whole file).
             let skip = self.index.frames.len().min(next + 64);
