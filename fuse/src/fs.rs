@@ -1812,6 +1812,38 @@ mod tests {
     }
 
     #[test]
+    fn listings_are_found_by_node_and_cookie_and_counted_exactly() {
+        let mut l = Listings::default();
+        assert!(l.put(7, 100, Next::End).is_empty());
+        assert!(l.put(7, 200, Next::End).is_empty());
+        assert!(l.put(8, 100, Next::End).is_empty());
+        assert_eq!(l.count, 3);
+        // The same place again replaces what was there (given back to be dropped).
+        assert_eq!(l.put(7, 100, Next::End).len(), 1);
+        assert_eq!(l.count, 3);
+        assert!(matches!(l.take(7, 100), Some(Next::End)));
+        assert!(l.take(7, 100).is_none(), "taken once");
+        assert!(l.take(9, 100).is_none());
+        assert_eq!(l.count, 2);
+        assert_eq!(l.forget(7).len(), 1);
+        assert_eq!(l.count, 1);
+        assert!(l.forget(7).is_empty());
+        assert_eq!(l.forget(8).len(), 1);
+        assert_eq!(l.count, 0);
+        // Beyond the bound everything is let go, and the new place is kept.
+        for c in 0..MAX_LISTINGS as u64 {
+            l.put(1, c + 1000, Next::End);
+        }
+        assert_eq!(l.count, MAX_LISTINGS);
+        let gone = l.put(2, 5, Next::End);
+        assert_eq!(gone.len(), MAX_LISTINGS);
+        assert_eq!(l.count, 1);
+        assert!(matches!(l.take(2, 5), Some(Next::End)));
+        assert_eq!(l.count, 0);
+        assert!(l.map.is_empty());
+    }
+
+    #[test]
     fn readdirplus_asks_for_about_what_fitted_last_time() {
         // 26 of 32 fitted: ask for a few more than 26 next time.
         assert_eq!(next_dirplus_batch(32, 32, Some(26)), 30);
