@@ -129,7 +129,6 @@ pub fn run(args: NbdArgs) -> Result<()> {
         // cheaper than a cache that cannot hold the export.
         snap = Snapshot::open_with_cache(&args.snapshot, cache_mib << 20)?;
     }
-    tracing::info!("frame cache up to {cache_mib} MiB");
     let snap = Arc::new(snap);
     let device = crate::blockdev::open_stream(&snap, &args.stream, args.overlay.as_deref())?;
     let size = device.size();
@@ -169,7 +168,7 @@ pub fn run(args: NbdArgs) -> Result<()> {
         format!("/{}", args.name)
     };
     println!(
-        "serving stream '{}' ({size} bytes, {mode}) at {url}{name}",
+        "serving stream '{}' ({size} bytes, {mode}) at {url}{name}; frame cache up to {cache_mib} MiB",
         args.stream
     );
     let _ = std::io::stdout().flush();
