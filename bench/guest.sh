@@ -23,7 +23,9 @@ if [ ! -d "$TREE/.git" ]; then
   cp -a "$CORPUS" "$TREE"
   git -C "$TREE" init -q
   git -C "$TREE" add -A
-  git -C "$TREE" -c user.email=b@hexz -c user.name=bench commit -qm tree
+  # No background auto-gc: it would move objects while the tree is being packed.
+  git -C "$TREE" -c gc.auto=0 -c user.email=b@hexz -c user.name=bench commit -qm tree
+  git -C "$TREE" gc -q
 fi
 if [ ! -f "$OUT/big/1g.bin" ]; then
   mkdir -p "$OUT/big"
