@@ -764,15 +764,10 @@ fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cl
 
     // Damage one byte 40 MiB into the file, inside a window fetched ahead: the read
     // stops with an integrity error at that frame, and nothing after it is written.
-    let manifest: serde_json::Value =
-        serde_json::from_str(
-            &fs::read_to_string(reg.dir.join(
-                "data/docker/registry/v2/repositories/team/big/_manifests/tags/v1/current/link",
-            ))
-            .map(|link| fs::read_to_string(reg.blob_path(link.trim())).unwrap())
-            .unwrap(),
-        )
-        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(reg.blob_path(&manifest_digest(&reg.dir, "team/big"))).unwrap(),
+    )
+    .unwrap();
     let data = manifest["layers"][1]["digest"]
         .as_str()
         .unwrap()

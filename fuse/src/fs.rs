@@ -24,7 +24,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use hexz_protocol::{Attr, DirList, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec};
+use hexz_protocol::{Attr, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec};
 
 use crate::attrs::{AttrCache, CAPS_XATTR};
 use crate::names::Names;
@@ -53,20 +53,17 @@ impl Drop for HostFh {
     }
 }
 
-/// An open file or directory as the kernel knows it. `host` is opened when the kernel
-/// first needs data (read-only opens and directories) or at open, and again after a
+/// An open file as the kernel knows it (outside no-open mode). `host` is opened when
+/// the kernel first needs data (read-only opens) or at open, and again after a
 /// reconnect; a warm page cache never needs one, so opening a cached file costs no round
-/// trip.
+/// trip. Directories have no handles: listings find their host handle by where they got
+/// to ([`Listings`]).
 struct Handle {
     node: u64,
     flags: u32,
-    dir: bool,
     host: Option<Arc<HostFh>>,
     /// Epoch in which data was written and not yet fsynced.
     dirty: Option<u64>,
-    /// Directories: the cookie at which the host said the listing ends (asking there
-    /// again would return nothing).
-    eof_at: Option<u64>,
 }
 
 /// What the daemon keeps per node in no-open mode: the host handle for the file's data
@@ -78,8 +75,10 @@ struct NodeData {
     dirty: Option<u64>,
 }
 
-/// Where a directory listing goes on in no-opendir mode, in which the kernel opens
-/// directories without asking (fh 0): listings are told apart by the cookie they reached.
+/// Where a directory listing goes on. The kernel's directory handles carry nothing (in
+/// no-opendir mode it opens directories without asking; otherwise opendir answers fh 0):
+/// listings are told apart by the cookie they reached, which names an entry (docs/
+/// PROTOCOL.md §7.7), so any host handle of the directory can continue from it.
 enum Next {
     /// The host handle whose listing continues at this cookie.
     Handle(Arc<HostFh>),
@@ -87,7 +86,7 @@ enum Next {
     End,
 }
 
-/// Listings in progress in no-opendir mode, per directory node.
+/// Listings in progress, per directory node.
 #[derive(Default)]
 struct Listings {
     map: HashMap<u64, Vec<(u64, Next)>>,
@@ -224,8 +223,8 @@ pub struct Options {
     pub no_open: bool,
     /// In no-open mode, how many node handles to keep at once.
     pub max_node_handles: usize,
-    /// Open directories without a round trip (the kernel's no-opendir mode): listings
-    /// go through host handles the adapter keeps per directory and cookie.
+    /// Open directories without a round trip (the kernel's no-opendir mode); otherwise
+    /// the kernel sends OPENDIR and RELEASEDIR, answered here without the host.
     pub no_opendir: bool,
 }
 
@@ -496,49 +495,33 @@ impl HexzFs {
     /// The host handle of an open file or directory, reopened on the host the first
     /// time it is needed and after a reconnect.
     fn server_fh(&self, fh: u64) -> Result<Arc<HostFh>, Errno> {
-        self.host_handle(fh, None).map(|(h, _)| h)
-    }
-
-    /// `fh`'s host handle, opened on the host if it has none on this connection yet —
-    /// for a directory with `list`, listing its first page in the same round trip (the
-    /// page comes back only when this call opened the handle).
-    fn host_handle(
-        &self,
-        fh: u64,
-        list: Option<u32>,
-    ) -> Result<(Arc<HostFh>, Option<DirList>), Errno> {
         let epoch = self.conn.epoch();
-        let (node, flags, dir) = {
+        let (node, flags) = {
             let handles = self.handles();
             let h = handles.get(&fh).ok_or(Errno::EBADF)?;
             if let Some(host) = h.host.as_ref().filter(|x| x.epoch == epoch) {
-                return Ok((host.clone(), None));
+                return Ok(host.clone());
             }
-            (h.node, h.flags, h.dir)
+            (h.node, h.flags)
         };
-        let op = if dir {
-            Op::Opendir { node, list }
-        } else {
-            let reopen = flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
-            Op::Open {
-                node,
-                flags: reopen,
-                read: None,
-            }
+        let reopen = flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
+        let op = Op::Open {
+            node,
+            flags: reopen,
+            read: None,
         };
-        let (mine, listed) = match self.call_epoch(op)? {
-            (ReplyBody::Opened { fh, list, .. }, epoch) => (self.host_fh(fh, epoch, dir), list),
+        let mine = match self.call_epoch(op)? {
+            (ReplyBody::Opened { fh, .. }, epoch) => self.host_fh(fh, epoch, false),
             _ => return Err(Errno::EIO),
         };
         let mut handles = self.handles();
         let h = handles.get_mut(&fh).ok_or(Errno::EBADF)?;
         match &h.host {
-            // A concurrent first use opened one too: use theirs, ours is released. The
-            // entries we listed carry references all the same, so they are still good.
-            Some(theirs) if theirs.epoch >= mine.epoch => Ok((theirs.clone(), listed)),
+            // A concurrent first use opened one too: use theirs, ours is released.
+            Some(theirs) if theirs.epoch >= mine.epoch => Ok(theirs.clone()),
             _ => {
                 h.host = Some(mine.clone());
-                Ok((mine, listed))
+                Ok(mine)
             }
         }
     }
@@ -587,8 +570,8 @@ impl HexzFs {
         self.listings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A page of a directory listing in no-opendir mode (kernel fh 0): continues the
-    /// host listing that reached `cookie`, or starts one on a fresh host handle — at
+    /// A page of a directory listing: continues the host listing that reached
+    /// `cookie`, or starts one on a fresh host handle — at
     /// cookie 0 with the first `plus` entries listed in the same round trip. `None`:
     /// the host already said the listing ends at `cookie`.
     fn node_listing_page(
@@ -641,7 +624,7 @@ impl HexzFs {
         Err(Errno::EIO)
     }
 
-    /// Where a listing in no-opendir mode got to: the kernel asks next from `cookie`.
+    /// Where a listing got to: the kernel asks next from `cookie`.
     /// An ended listing lets its host handle go.
     fn listing_reached(&self, node: u64, cookie: u64, ended: bool, host: Arc<HostFh>) {
         let next = if ended {
@@ -715,47 +698,21 @@ impl HexzFs {
         }
     }
 
-    fn add_handle(&self, node: u64, flags: u32, dir: bool, host: Option<Arc<HostFh>>) -> u64 {
+    fn add_handle(&self, node: u64, flags: u32, host: Option<Arc<HostFh>>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles().insert(
             fh,
             Handle {
                 node,
                 flags,
-                dir,
                 host,
                 dirty: None,
-                eof_at: None,
             },
         );
         fh
     }
 
-    /// The first page of a directory whose handle `fh` has no host handle yet: opens it
-    /// on the host and lists from cookie 0 in one round trip. `None` when the handle
-    /// already has a host handle or the host did not list (the caller then asks as usual).
-    fn open_listing(&self, fh: u64, want: u32) -> Option<ReplyBody> {
-        let (_, list) = self.host_handle(fh, Some(want)).ok()?;
-        list.map(|l| ReplyBody::DirPlus {
-            entries: l.entries,
-            eof: l.eof,
-        })
-    }
-
-    /// True if the host said `fh`'s listing ends at `cookie`.
-    fn listing_ended(&self, fh: u64, cookie: u64) -> bool {
-        self.handles()
-            .get(&fh)
-            .is_some_and(|h| h.eof_at == Some(cookie))
-    }
-
-    fn set_listing_end(&self, fh: u64, cookie: Option<u64>) {
-        if let Some(h) = self.handles().get_mut(&fh) {
-            h.eof_at = cookie;
-        }
-    }
-
-    /// The kernel's RELEASE/RELEASEDIR: the host handle goes when its last user is done.
+    /// The kernel's RELEASE: the host handle goes when its last user is done.
     fn drop_handle(&self, fh: FileHandle, reply: ReplyEmpty) {
         let h = self.handles().remove(&fh.0);
         match h {
@@ -1203,7 +1160,7 @@ impl Filesystem for HexzFs {
         if flags as i32 & (libc::O_ACCMODE | libc::O_TRUNC) == libc::O_RDONLY {
             // The kernel has checked the node and the permissions; the host handle waits
             // for the first read that misses the page cache.
-            let g = self.add_handle(ino.0, flags, false, None);
+            let g = self.add_handle(ino.0, flags, None);
             return reply.opened(
                 FileHandle(g),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
@@ -1223,7 +1180,7 @@ impl Filesystem for HexzFs {
         match r {
             Ok((ReplyBody::Opened { fh, keep_cache, .. }, epoch)) => {
                 let host = self.host_fh(fh, epoch, false);
-                let g = self.add_handle(ino.0, flags, false, Some(host));
+                let g = self.add_handle(ino.0, flags, Some(host));
                 reply.opened(FileHandle(g), self.fopen(keep_cache));
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
@@ -1363,17 +1320,15 @@ impl Filesystem for HexzFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         if self.no_opendir {
             // ENOSYS = "opened": the kernel stops sending OPENDIR and RELEASEDIR, keeps
             // listings in its cache (as FOPEN_CACHE_DIR) and lists with fh 0.
             return reply.error(fuser::Errno::ENOSYS);
         }
-        // Listings the kernel has cached (FOPEN_CACHE_DIR) need no host handle; the first
-        // readdir that reaches us opens one.
-        let g = self.add_handle(ino.0, 0, true, None);
+        // The same without the mode: listings need no handle of their own.
         reply.opened(
-            FileHandle(g),
+            FileHandle(0),
             FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
         );
     }
@@ -1382,34 +1337,19 @@ impl Filesystem for HexzFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let page = if fh.0 == 0 {
-            // No-opendir mode: the listing's host handle is found by where it got to.
-            match self.node_listing_page(ino.0, offset, None, |h| Op::Readdir {
-                fh: h,
-                cookie: offset,
-                max_entries: 256,
-            }) {
-                Ok(None) => return reply.ok(),
-                Ok(Some((b, host))) => Ok((b, Some(host))),
-                Err(e) => Err(e),
-            }
-        } else {
-            if self.listing_ended(fh.0, offset) {
-                return reply.ok();
-            }
-            self.data_call(ino.0, fh, |fh| Op::Readdir {
-                fh,
-                cookie: offset,
-                max_entries: 256,
-            })
-            .map(|b| (b, None))
-        };
+        // The listing's host handle is found by where it got to.
+        let page = self.node_listing_page(ino.0, offset, None, |h| Op::Readdir {
+            fh: h,
+            cookie: offset,
+            max_entries: 256,
+        });
         match page {
-            Ok((ReplyBody::Dir { entries, eof }, host)) => {
+            Ok(None) => reply.ok(), // the end, as the host said last time
+            Ok(Some((ReplyBody::Dir { entries, eof }, host))) => {
                 let mut all = true;
                 let mut last = offset;
                 for e in entries {
@@ -1425,10 +1365,7 @@ impl Filesystem for HexzFs {
                     self.names.seen(ino.0, &e.name, e.ino); // the node id is the ino
                     last = e.cookie;
                 }
-                match host {
-                    Some(h) => self.listing_reached(ino.0, last, eof && all, h),
-                    None => self.set_listing_end(fh.0, (eof && all).then_some(last)),
-                }
+                self.listing_reached(ino.0, last, eof && all, host);
                 reply.ok()
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
@@ -1440,43 +1377,22 @@ impl Filesystem for HexzFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let want = self.dirplus_batch.load(Ordering::Relaxed);
         let since = self.attrs.since();
-        let r = if fh.0 == 0 {
-            // No-opendir mode: the listing's host handle is found by where it got to
-            // (at cookie 0 a fresh one lists its first page in the same round trip).
-            match self.node_listing_page(ino.0, offset, Some(want), |h| Op::Readdirplus {
-                fh: h,
-                cookie: offset,
-                max_entries: want,
-            }) {
-                Ok(None) => return reply.ok(), // the end, as the host said last time
-                Ok(Some((b, host))) => Ok((b, Some(host))),
-                Err(e) => Err(e),
-            }
-        } else {
-            if self.listing_ended(fh.0, offset) {
-                return reply.ok(); // the end, as the host said last time
-            }
-            let first = (offset == 0)
-                .then(|| self.open_listing(fh.0, want))
-                .flatten();
-            match first {
-                Some(page) => Ok(page),
-                None => self.data_call(ino.0, fh, |fh| Op::Readdirplus {
-                    fh,
-                    cookie: offset,
-                    max_entries: want,
-                }),
-            }
-            .map(|b| (b, None))
-        };
+        // The listing's host handle is found by where it got to (at cookie 0 a fresh one
+        // lists its first page in the same round trip).
+        let r = self.node_listing_page(ino.0, offset, Some(want), |h| Op::Readdirplus {
+            fh: h,
+            cookie: offset,
+            max_entries: want,
+        });
         match r {
-            Ok((ReplyBody::DirPlus { entries, eof }, host)) => {
+            Ok(None) => reply.ok(), // the end, as the host said last time
+            Ok(Some((ReplyBody::DirPlus { entries, eof }, host))) => {
                 let got = entries.len();
                 let mut sent = offset;
                 // The host gave a reference for each entry but `.` and `..`; those that do
@@ -1507,11 +1423,7 @@ impl Filesystem for HexzFs {
                     }
                 }
                 self.conn.forget(&unsent);
-                let ended = eof && fitted.is_none();
-                match host {
-                    Some(h) => self.listing_reached(ino.0, sent, ended, h),
-                    None => self.set_listing_end(fh.0, ended.then_some(sent)),
-                }
+                self.listing_reached(ino.0, sent, eof && fitted.is_none(), host);
                 reply.ok();
                 self.dirplus_batch
                     .store(next_dirplus_batch(want, got, fitted), Ordering::Relaxed);
@@ -1525,48 +1437,39 @@ impl Filesystem for HexzFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        if fh.0 == 0 {
-            return reply.ok(); // no-opendir mode: nothing was opened
-        }
-        self.drop_handle(fh, reply);
+        reply.ok() // directories have no handles (see `opendir`)
     }
 
     fn fsyncdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if fh.0 == 0 {
-            // No-opendir mode: a host handle just for this.
-            let r = match self.call_epoch(Op::Opendir {
-                node: ino.0,
-                list: None,
-            }) {
-                Ok((ReplyBody::Opened { fh, .. }, e)) => {
-                    let h = self.host_fh(fh, e, true);
-                    self.conn
-                        .call_on(h.epoch, Op::Fsyncdir { fh: h.fh, datasync })
-                        .map_err(|e| match e {
-                            CallError::Errno(e) => e,
-                            CallError::Lost | CallError::Stale => Errno::EIO,
-                        })
-                }
-                Ok(_) => Err(Errno::EIO),
-                Err(e) => Err(e),
-            };
-            return self.reply_empty(r, reply);
-        }
-        self.reply_empty(
-            self.data_call(ino.0, fh, |fh| Op::Fsyncdir { fh, datasync }),
-            reply,
-        );
+        // Directories have no handles (see `opendir`): a host handle just for this.
+        let r = match self.call_epoch(Op::Opendir {
+            node: ino.0,
+            list: None,
+        }) {
+            Ok((ReplyBody::Opened { fh, .. }, e)) => {
+                let h = self.host_fh(fh, e, true);
+                self.conn
+                    .call_on(h.epoch, Op::Fsyncdir { fh: h.fh, datasync })
+                    .map_err(|e| match e {
+                        CallError::Errno(e) => e,
+                        CallError::Lost | CallError::Stale => Errno::EIO,
+                    })
+            }
+            Ok(_) => Err(Errno::EIO),
+            Err(e) => Err(e),
+        };
+        self.reply_empty(r, reply);
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -1697,7 +1600,7 @@ impl Filesystem for HexzFs {
             }
             Ok((ReplyBody::Created { entry, fh }, epoch)) => {
                 let host = self.host_fh(fh, epoch, false);
-                let g = self.add_handle(entry.node, flags, false, Some(host));
+                let g = self.add_handle(entry.node, flags, Some(host));
                 reply.created(
                     &ttl(entry.entry_ttl_ms),
                     &attr(&entry.attr),

@@ -43,9 +43,9 @@ struct Cli {
     /// without a round trip and their data goes through one host handle per file).
     #[arg(long)]
     open_per_file: bool,
-    /// Have the kernel send OPENDIR/RELEASEDIR for every directory (off by default:
-    /// directories open without a round trip and listings find their host handle by
-    /// where they got to).
+    /// Have the kernel send OPENDIR/RELEASEDIR for every directory, answered by the
+    /// daemon (off by default: directories open without that hop; listings work the
+    /// same either way).
     #[arg(long)]
     opendir_per_dir: bool,
     /// In the default (no-open) mode, how many host handles for file data to keep at once;

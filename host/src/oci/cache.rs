@@ -21,8 +21,6 @@
 //! least recently used entries (by mtime, which opening refreshes) down to 90 % of it.
 
 use std::fs::{self, File};
-
-use crate::bufpool::PoolBuf;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
@@ -31,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use crate::bufpool::PoolBuf;
 use crate::error::{Error, Result};
 
 /// Default bound on the cache's bytes.
@@ -506,6 +505,19 @@ impl DataCache {
         let mut buf = vec![0u8; len];
         self.files.data.read_exact_at(&mut buf, offset).ok()?;
         Some(buf)
+    }
+
+    /// Queues the verified frames of a checked window for writing.
+    pub(crate) fn write_window(&self, w: &crate::snapshot::reader::Window) {
+        if w.verified > 0 {
+            self.write(
+                w.first,
+                w.verified,
+                w.blob_offset,
+                w.bytes.clone(),
+                w.verified_len,
+            );
+        }
     }
 
     /// Queues verified frames `first..first + n`, whose stored bytes start at `offset`,

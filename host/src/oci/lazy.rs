@@ -11,10 +11,9 @@ use super::cache::{DataCache, HostCache, MAX_ACCESS_LOG};
 use super::client::{short, Registry, Repo, Retry};
 use super::manifest::{Layer, Manifest};
 use super::reference::Reference;
-use crate::bufpool::PoolBuf;
 use crate::error::{Error, Result};
 use crate::snapshot::format::{Chunk, Frame, HEADER_LEN};
-use crate::snapshot::reader::{decode_frame, decode_frame_owned, Window, WindowPlan};
+use crate::snapshot::reader::{decode_frame_owned, Window, WindowPlan};
 use crate::snapshot::Snapshot;
 
 /// Sequential read-ahead grows from this many stored bytes...
@@ -127,11 +126,10 @@ impl RemoteData {
             .is_some_and(|d| d.has(idx))
     }
 
-    /// Adds verified frames `first..first + n`, whose stored bytes start at `offset` in
-    /// the blob, to the host cache.
-    pub fn store(&self, first: u32, n: u32, offset: u64, bytes: Arc<PoolBuf>, len: usize) {
+    /// Adds the verified frames of a checked window to the host cache.
+    pub(crate) fn store(&self, w: &Window) {
         if let Some(d) = self.data.get().and_then(Option::as_ref) {
-            d.write(first, n, offset, bytes, len);
+            d.write_window(w);
         }
     }
 
@@ -516,10 +514,12 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
                 if closed.load(Ordering::Relaxed) {
                     return;
                 }
-                // One request for a run of frames adjacent in the blob.
+                // One request for a run of consecutive frames (adjacent in the blob),
+                // checked as a read-ahead window is and cached as one write.
                 let mut j = i + 1;
                 let mut len = work[i].1.stored_len as u64;
                 while j < work.len()
+                    && work[j].0 == work[j - 1].0 + 1
                     && work[j].1.offset == work[j - 1].1.offset + work[j - 1].1.stored_len as u64
                     && len + (work[j].1.stored_len as u64) <= WINDOW_MAX
                 {
@@ -530,20 +530,14 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
                 match fetch_range(&reg, &repo, &digest, size, base - HEADER_LEN as u64, len) {
                     Ok(bytes) => {
                         fetched += len;
-                        for (idx, f, chunks) in &work[i..j] {
-                            let at = (f.offset - base) as usize;
-                            let stored = &bytes[at..at + f.stored_len as usize];
-                            if decode_frame(*idx, f, chunks, stored).is_ok() {
-                                let len = stored.len();
-                                data.write(
-                                    *idx,
-                                    1,
-                                    f.offset - HEADER_LEN as u64,
-                                    Arc::new(PoolBuf::from(stored.to_vec())),
-                                    len,
-                                );
-                            }
-                        }
+                        let plan = WindowPlan::new(
+                            work[i].0,
+                            work[i..j]
+                                .iter()
+                                .map(|(_, f, c)| (f.clone(), c.clone()))
+                                .collect(),
+                        );
+                        data.write_window(&plan.check(bytes));
                     }
                     Err(e) => {
                         tracing::warn!("prefetch stopped: {e}");

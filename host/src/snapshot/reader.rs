@@ -636,8 +636,9 @@ impl Snapshot {
         if streaming {
             self.read_ahead(r, window.end);
         }
+        // Only verified frames go into the host cache.
+        r.store(&window);
         let mut mine = None;
-        let mut good = 0;
         for (j, frame) in (window.first..).zip(window.frames) {
             match frame {
                 Ok(raw) if j == idx => mine = Some(raw),
@@ -653,7 +654,6 @@ impl Snapshot {
                     break;
                 }
             }
-            good = j + 1 - window.first;
         }
         if streaming {
             if let Some((a, b)) = r.passed(window.first, window.end) {
@@ -666,19 +666,6 @@ impl Snapshot {
                     }
                 }
             }
-        }
-        // Only verified frames go into the host cache.
-        if good > 0 {
-            let first = &self.index.frames[window.first as usize];
-            let last = &self.index.frames[(window.first + good) as usize - 1];
-            let upto = last.offset + last.stored_len as u64 - first.offset;
-            r.store(
-                window.first,
-                good,
-                first.offset - HEADER_LEN as u64,
-                window.bytes,
-                upto as usize,
-            );
         }
         mine.ok_or_else(|| Error::corrupt(format!("frame {idx} was not fetched")))
     }
@@ -712,7 +699,7 @@ impl Snapshot {
             .filter_map(|j| self.frame_meta(j).ok())
             .map(|(f, c)| (f.clone(), c.to_vec()))
             .collect();
-        WindowPlan { first, frames }
+        WindowPlan::new(first, frames)
     }
 
     /// The frames one fetch from `idx` covers: contiguous in the blob, within `budget`
@@ -760,9 +747,20 @@ pub(crate) struct Window {
     pub end: u32,
     pub frames: Vec<Result<FrameBytes>>,
     pub bytes: Arc<PoolBuf>,
+    /// Where the range starts in the data blob.
+    pub blob_offset: u64,
+    /// How many frames from `first` passed their checks, and how many bytes of
+    /// `bytes` they take: what may go into the host cache.
+    pub verified: u32,
+    pub verified_len: usize,
 }
 
 impl WindowPlan {
+    /// Frames `first..`, each with its chunks.
+    pub fn new(first: u32, frames: Vec<(Frame, Vec<Chunk>)>) -> WindowPlan {
+        WindowPlan { first, frames }
+    }
+
     /// (first frame, frame after the last).
     pub fn frames(&self) -> (u32, u32) {
         (self.first, self.first + self.frames.len() as u32)
@@ -777,6 +775,7 @@ impl WindowPlan {
         let share = self.frames.iter().all(|(f, _)| stored_raw(f));
         let bytes = Arc::new(PoolBuf::from(bytes));
         let mut frames = Vec::with_capacity(self.frames.len());
+        let mut verified_len = 0;
         for (j, (f, chunks)) in (first..).zip(&self.frames) {
             let at = (f.offset - base) as usize;
             let checked = match bytes.get(at..at + f.stored_len as usize) {
@@ -793,12 +792,17 @@ impl WindowPlan {
             if failed {
                 break;
             }
+            verified_len = at + f.stored_len as usize;
         }
+        let verified = frames.iter().take_while(|f| f.is_ok()).count() as u32;
         Window {
             first,
             end,
             frames,
             bytes,
+            blob_offset: base.saturating_sub(HEADER_LEN as u64),
+            verified,
+            verified_len,
         }
     }
 }
