@@ -645,3 +645,134 @@ fn a_file_capability_set_while_others_ask_for_it_is_never_reported_absent() {
         bad.first()
     );
 }
+
+/// The per-opcode counts the server logged when the mount's connection closed.
+fn closed_connection_ops(log: &Path) -> std::collections::HashMap<String, u64> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let line = text
+        .lines()
+        .rfind(|l| l.contains("connection closed"))
+        .unwrap_or_else(|| panic!("no `connection closed` line in the server log:\n{text}"));
+    let ops = line
+        .split("ops=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no ops= in {line:?}"));
+    let ops = ops.trim_start_matches('"');
+    let ops = &ops[..ops.find('"').unwrap_or(ops.len())];
+    ops.split_whitespace()
+        .filter_map(|kv| kv.split_once(':'))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+#[test]
+fn small_files_read_ahead_are_exact_and_never_older_than_a_write() {
+    if !fuse_available() {
+        return;
+    }
+    // Two directories of small files in the snapshot. In each, the first file read makes
+    // the daemon read the others ahead (`read_files`); then files are written in place,
+    // truncated and extended, or replaced with O_TRUNC — in `settled` after the copies
+    // arrived, in `racing` while they are on their way — and every file must then read
+    // as a local copy does, never as the copy read ahead.
+    const FILES: usize = 120;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let local = tmp.path().join("local");
+    for d in ["settled", "racing", "plain"] {
+        fs::create_dir_all(src.join(d)).unwrap();
+        for i in 0..FILES {
+            let len = 1 + (i * 997) % 30_000;
+            let data = pseudo_random(len, i as u64 + 1000 * d.len() as u64);
+            fs::write(src.join(d).join(format!("f{i:03}")), data).unwrap();
+        }
+    }
+    let snap = tmp.path().join("ws.hxz");
+    let r = hexz_e2e::hexz_host(&[&"pack", &src, &"-o", &snap]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    let cp = Command::new("cp").arg("-a").arg(&src).arg(&local).status();
+    assert!(cp.unwrap().success());
+    let log = tmp.path().join("server.log");
+    // Two host handles at most: a file written loses its handle soon, so its next read
+    // is a first read again, which a stale copy could answer.
+    let mut m = Mount::with_log(tmp.path(), &snap, &["--max-node-handles", "2"], Some(&log));
+    let change = |root: &Path, d: &str| {
+        for i in 1..FILES {
+            let p = root.join(d).join(format!("f{i:03}"));
+            match i % 4 {
+                0 => {} // left as it is
+                1 => OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .write_all_at(b"WRITTEN", (i as u64 * 7) % 100)
+                    .unwrap(),
+                2 => {
+                    let f = OpenOptions::new().write(true).open(&p).unwrap();
+                    f.set_len(i as u64 % 50).unwrap();
+                    f.set_len(5_000).unwrap();
+                }
+                _ => fs::write(&p, format!("replaced {i}")).unwrap(),
+            }
+        }
+    };
+    for d in ["settled", "racing", "plain"] {
+        let names: Vec<_> = fs::read_dir(m.path(d)).unwrap().collect();
+        assert_eq!(names.len(), FILES);
+        let first = fs::read(m.path(&format!("{d}/f000"))).unwrap();
+        assert_eq!(first, fs::read(local.join(d).join("f000")).unwrap());
+        match d {
+            "settled" => std::thread::sleep(Duration::from_millis(500)),
+            "plain" => continue, // only read
+            _ => {}
+        }
+        change(&m.mnt, d);
+        change(&local, d);
+    }
+    let mut wrong = Vec::new();
+    for d in ["settled", "racing", "plain"] {
+        for i in 0..FILES {
+            let name = format!("{d}/f{i:03}");
+            let (a, b) = (
+                fs::read(m.path(&name)).unwrap(),
+                fs::read(local.join(&name)).unwrap(),
+            );
+            if a != b {
+                let at = a.iter().zip(&b).position(|(x, y)| x != y);
+                eprintln!(
+                    "{name}: {} vs {} bytes, first difference at {at:?}",
+                    a.len(),
+                    b.len()
+                );
+                wrong.push(name);
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} files read wrong: {wrong:?}",
+        wrong.len()
+    );
+    // And the files not written came from copies read ahead: a `read_files` per
+    // directory or so, not an `open` each. (Each file written needs its data handle
+    // opened on the host, and again for each read after its handle was let go; each
+    // other file would cost one open without read-ahead.)
+    m.unmount();
+    let closed = eventually(20, || {
+        fs::read_to_string(&log).is_ok_and(|t| t.contains("connection closed"))
+    });
+    assert!(closed, "the server logged no closed connection");
+    drop(m.server.take());
+    let ops = closed_connection_ops(&log);
+    eprintln!("requests the host served: {ops:?}");
+    let n = |k: &str| ops.get(k).copied().unwrap_or(0);
+    let written = 2 * (1..FILES).filter(|i| i % 4 != 0).count() as u64;
+    let unwritten = 3 * FILES as u64 - written;
+    assert!(n("read_files") >= 3, "no files were read ahead: {ops:?}");
+    assert!(
+        n("open") < written + unwritten / 4,
+        "{} opens for {written} files written and {unwritten} only read: the copies \
+         read ahead were not used ({ops:?})",
+        n("open"),
+    );
+}

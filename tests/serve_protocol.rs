@@ -1296,3 +1296,97 @@ fn open_reads_opendir_lists_and_write_returns_attributes_in_one_round_trip() {
     let now = c.walk("w.txt").unwrap().attr;
     assert_eq!((a.size, a.mtime, a.ctime), (now.size, now.mtime, now.ctime));
 }
+
+#[test]
+fn read_files_returns_whole_small_files_in_order_and_bounds_its_reply() {
+    let fx = Fixture::new();
+    let server = fx.server("s", &["--overlay", &fx.overlay("ov")]);
+    let mut c = server.connect();
+    assert!(c.hello.caps.contains(&"read_files".to_string()));
+    let readme = c.walk("README.md").unwrap().node;
+    let deep = c.walk("dir/nested/deep.txt").unwrap().node;
+    let big = c.walk("big.bin").unwrap().node;
+    let link = c.walk("link").unwrap().node;
+    let dir = c.walk("dir").unwrap().node;
+    // An overlay file, changed after it was created: its bytes as they are now.
+    let (e, fh) = c.create(ROOT_NODE, "new.txt", 0o644, O_RDWR).unwrap();
+    c.write(fh, 0, b"first version, longer").unwrap();
+    c.write(fh, 0, b"SECOND").unwrap();
+    let files = |c: &mut Client, nodes: Vec<u64>, max_size: u32| match c
+        .call(Op::ReadFiles { nodes, max_size })
+    {
+        ReplyBody::Files { files } => files
+            .into_iter()
+            .map(|f| (f.node, f.data.into_vec()))
+            .collect::<Vec<_>>(),
+        other => panic!("expected files, got {other:?}"),
+    };
+    // In the order asked; a directory, a symlink, a file above max_size and a node that
+    // does not exist are left out.
+    let got = files(
+        &mut c,
+        vec![deep, dir, link, big, 999_999, e.node, readme],
+        65_536,
+    );
+    assert_eq!(
+        got,
+        vec![
+            (deep, b"deep\n".to_vec()),
+            (e.node, b"SECONDversion, longer".to_vec()),
+            (readme, b"# hello\n".to_vec()),
+        ]
+    );
+    // max_size is inclusive; one byte less leaves README.md (8 bytes) out.
+    assert_eq!(files(&mut c, vec![readme], 8).len(), 1);
+    assert!(files(&mut c, vec![readme], 7).is_empty());
+    // The reply stops before the first file that would not fit in the frame.
+    let max_read = c.inner.limits.max_read;
+    let big_attr = c.walk("big.bin").unwrap().attr;
+    assert!(big_attr.size > c.inner.limits.max_frame as u64);
+    let (e2, fh2) = c.create(ROOT_NODE, "half.bin", 0o644, O_RDWR).unwrap();
+    let half = pseudo_random(c.inner.limits.max_frame as usize / 2 + 4096, 9);
+    c.write(fh2, 0, &half).unwrap();
+    let got = files(&mut c, vec![e2.node, e2.node, readme], max_read);
+    let shape: Vec<_> = got.iter().map(|(n, d)| (*n, d.len())).collect();
+    assert_eq!(
+        shape,
+        vec![(e2.node, half.len())],
+        "the second copy cannot fit"
+    );
+    assert!(got[0].1 == half, "half.bin read back wrong");
+    // Bounds: more than 4096 nodes, or max_size above max_read.
+    assert_eq!(
+        c.call(Op::ReadFiles {
+            nodes: vec![readme; 4097],
+            max_size: 1
+        }),
+        ReplyBody::Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        c.call(Op::ReadFiles {
+            nodes: vec![readme],
+            max_size: max_read + 1
+        }),
+        ReplyBody::Err(Errno::EINVAL)
+    );
+    assert_eq!(files(&mut c, vec![readme; 4096], 16).len(), 4096);
+}
+
+#[test]
+fn read_files_needs_its_capability() {
+    let fx = Fixture::new();
+    let server = fx.server("s", &[]);
+    let mut h = default_hello();
+    h.caps.retain(|c| c != "read_files");
+    let stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    let mut c = hexz_protocol::client::Client::new(stream, h).unwrap();
+    assert!(!c.hello.caps.contains(&"read_files".to_string()));
+    assert_eq!(
+        c.call(Op::ReadFiles {
+            nodes: vec![ROOT_NODE],
+            max_size: 1
+        })
+        .unwrap(),
+        ReplyBody::Err(Errno::ENOSYS)
+    );
+}

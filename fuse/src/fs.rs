@@ -24,8 +24,9 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use hexz_protocol::{Attr, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec};
+use hexz_protocol::{Attr, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec, CAP_READ_FILES};
 
+use crate::ahead::{Ahead, Listed};
 use crate::attrs::{AttrCache, CAPS_XATTR};
 use crate::names::Names;
 use crate::transport::{CallError, Transport};
@@ -226,6 +227,10 @@ pub struct Options {
     /// Open directories without a round trip (the kernel's no-opendir mode); otherwise
     /// the kernel sends OPENDIR and RELEASEDIR, answered here without the host.
     pub no_opendir: bool,
+    /// In no-open mode, when the kernel first reads a file of a listed directory, read
+    /// the directory's other small files ahead in one request (if the host offers
+    /// `read_files`; worth it where a round trip is dear, as over vsock).
+    pub read_ahead_files: bool,
 }
 
 impl Default for Options {
@@ -236,6 +241,7 @@ impl Default for Options {
             no_open: true,
             max_node_handles: MAX_NODE_HANDLES,
             no_opendir: true,
+            read_ahead_files: false,
         }
     }
 }
@@ -263,6 +269,8 @@ pub struct HexzFs {
     host_read_only: AtomicBool,
     /// Names seen, for removals' victims and names certainly absent (`names.rs`).
     names: Names,
+    /// Small files read ahead (`ahead.rs`), when on.
+    ahead: Option<Arc<Ahead>>,
 }
 
 /// Answers the kernel with an entry reply (caching its attributes is the caller's part).
@@ -375,13 +383,13 @@ fn idempotent(op: &Op) -> bool {
             | Op::Lseek { .. }
             | Op::Open { .. }
             | Op::Opendir { .. }
+            | Op::ReadFiles { .. }
     )
 }
 
 impl HexzFs {
     pub fn new(conn: Arc<dyn Transport>, opts: Options) -> HexzFs {
         HexzFs {
-            conn,
             no_open: opts.no_open,
             no_opendir: opts.no_opendir,
             listings: Mutex::new(Listings::default()),
@@ -395,6 +403,9 @@ impl HexzFs {
             attrs: AttrCache::default(),
             host_read_only: AtomicBool::new(false),
             names: Names::default(),
+            ahead: (opts.read_ahead_files && conn.has_cap(CAP_READ_FILES))
+                .then(|| Ahead::start(conn.clone())),
+            conn,
         }
     }
 
@@ -645,6 +656,14 @@ impl HexzFs {
         drop(gone);
     }
 
+    /// A request that can change `node`'s data is about to be sent, or was answered: a
+    /// copy read ahead is not used (`ahead.rs`).
+    fn data_changes(&self, node: u64) {
+        if let Some(a) = &self.ahead {
+            a.changed(node);
+        }
+    }
+
     /// Remembers unsynced writes of a file, made on connection `epoch`.
     fn note_written(&self, node: u64, fh: FileHandle, epoch: u64) {
         if fh.0 == 0 {
@@ -852,8 +871,10 @@ impl Filesystem for HexzFs {
         let _ = config.set_max_readahead(limits.max_read.min(1 << 20));
         let _ = config.set_max_background(64);
         let mut wanted = vec![
+            // Every listing page as READDIRPLUS (not only the first, as with
+            // FUSE_READDIRPLUS_AUTO): entries of later pages would otherwise each cost a
+            // LOOKUP round trip when a tree walk stats or opens them.
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_ASYNC_DIO,
@@ -917,6 +938,9 @@ impl Filesystem for HexzFs {
         let data_handle = self.nodes().remove(ino.0);
         let listings = self.listings().forget(ino.0);
         self.attrs.forget(ino.0);
+        if let Some(a) = &self.ahead {
+            a.forget(ino.0);
+        }
         drop(data_handle); // released on the host unless a request still holds it
         drop(listings);
         self.conn.forget(&[(ino.0, nlookup)]);
@@ -972,7 +996,13 @@ impl Filesystem for HexzFs {
             mtime: mtime.map(set_time),
         };
         let since = self.attrs.since();
+        if size.is_some() {
+            self.data_changes(ino.0);
+        }
         let r = self.call(op);
+        if size.is_some() {
+            self.data_changes(ino.0);
+        }
         match r {
             Ok(ReplyBody::Attr {
                 attr: a,
@@ -1167,12 +1197,16 @@ impl Filesystem for HexzFs {
             );
         }
         let truncates = flags as i32 & libc::O_TRUNC != 0;
+        if truncates {
+            self.data_changes(ino.0);
+        }
         let r = self.call_epoch(Op::Open {
             node: ino.0,
             flags,
             read: None,
         });
         if truncates {
+            self.data_changes(ino.0);
             // After the host truncated, as for write and fallocate: attributes a getattr
             // fetched while the open was in flight may hold the old size.
             self.attrs.invalidate(ino.0);
@@ -1201,6 +1235,15 @@ impl Filesystem for HexzFs {
     ) {
         let size = size.min(self.conn.limits().max_read);
         if fh.0 == 0 && self.nodes().current(ino.0, self.conn.epoch()).is_none() {
+            if let Some(a) = &self.ahead {
+                // Read ahead with its directory's other small files, or (a first read
+                // that missed) ask for those now, beside this file's own round trip.
+                if let Some(d) = a.read(ino.0, self.conn.epoch(), offset, size) {
+                    return reply.data(&d);
+                }
+                let epoch = self.conn.epoch();
+                a.missed(ino.0, |n| self.nodes().current(n, epoch).is_some());
+            }
             // The first read of a file opens its data handle and reads in one round trip.
             if let Ok((_, Some(d))) = self.open_node(ino.0, Some(ReadAt { offset, size })) {
                 return reply.data(&d);
@@ -1226,11 +1269,13 @@ impl Filesystem for HexzFs {
         reply: ReplyWrite,
     ) {
         let since = self.attrs.since();
+        self.data_changes(ino.0);
         let r = self.data_call_epoch(ino.0, fh, |fh| Op::Write {
             fh,
             offset,
             data: data.to_vec(),
         });
+        self.data_changes(ino.0);
         self.attrs.invalidate(ino.0);
         if let Ok((
             ReplyBody::Written {
@@ -1400,6 +1445,7 @@ impl Filesystem for HexzFs {
                 // (the kernel asks again from the last cookie it received).
                 let mut fitted = None;
                 let mut unsent = Vec::new();
+                let mut kept = Vec::new();
                 for (i, e) in entries.into_iter().enumerate() {
                     let full = fitted.is_some()
                         || reply.add(
@@ -1420,9 +1466,22 @@ impl Filesystem for HexzFs {
                         self.attrs.put(en.node, &en.attr, en.attr_ttl_ms, since);
                         self.names.seen(ino.0, &e.name, en.node);
                         sent = e.cookie;
+                        kept.push(e);
                     }
                 }
                 self.conn.forget(&unsent);
+                let listed: Vec<Listed<'_>> = kept
+                    .iter()
+                    .map(|e| Listed {
+                        node: e.entry.node,
+                        name: &e.name,
+                        mode: e.entry.attr.mode,
+                        size: e.entry.attr.size,
+                    })
+                    .collect();
+                if let Some(a) = &self.ahead {
+                    a.listed(ino.0, offset == 0, &listed);
+                }
                 self.listing_reached(ino.0, sent, eof && fitted.is_none(), host);
                 reply.ok();
                 self.dirplus_batch
@@ -1576,6 +1635,9 @@ impl Filesystem for HexzFs {
         self.dir_changed(parent.0);
         match &r {
             Ok((ReplyBody::Created { entry, .. }, _)) => {
+                // An existing file opened with O_TRUNC changed (its node was unknown
+                // before the reply; a copy that raced it arrives after and is not kept).
+                self.data_changes(entry.node);
                 self.note_new_name(parent.0, n.as_bytes(), entry, since);
                 // Without O_EXCL an existing file may have been opened, capabilities
                 // and all. A node created by this call has the ctime the directory got
@@ -1624,12 +1686,14 @@ impl Filesystem for HexzFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.data_changes(ino.0);
         let r = self.data_call_epoch(ino.0, fh, |fh| Op::Fallocate {
             fh,
             offset,
             length,
             mode: mode as u32,
         });
+        self.data_changes(ino.0);
         if let Ok((_, epoch)) = r {
             self.note_written(ino.0, fh, epoch);
         }

@@ -3,6 +3,7 @@
 //! The guest daemon's transport is a socket to `hexz-host serve`; the host mount's calls
 //! the server's dispatch in the same process. Filesystem semantics live behind either.
 
+mod ahead;
 mod attrs;
 mod fs;
 mod names;

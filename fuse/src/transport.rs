@@ -45,4 +45,9 @@ pub trait Transport: Send + Sync + 'static {
 
     /// The current epoch.
     fn epoch(&self) -> u64;
+
+    /// Whether the server agreed capability `cap` in the hello.
+    fn has_cap(&self, _cap: &str) -> bool {
+        false
+    }
 }

@@ -504,6 +504,10 @@ impl Transport for Conn {
     fn epoch(&self) -> u64 {
         Conn::epoch(self)
     }
+
+    fn has_cap(&self, cap: &str) -> bool {
+        self.hello.caps.iter().any(|c| c == cap)
+    }
 }
 
 #[cfg(test)]

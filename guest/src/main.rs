@@ -52,6 +52,10 @@ struct Cli {
     /// beyond it, handles not in use are released (and reopened when needed again).
     #[arg(long, default_value_t = hexz_fuse::MAX_NODE_HANDLES)]
     max_node_handles: usize,
+    /// Do not read a directory's other small files ahead when the first one is read
+    /// (on by default where the host offers `read_files`).
+    #[arg(long)]
+    no_read_ahead_files: bool,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_open: !cli.open_per_file,
             max_node_handles: cli.max_node_handles,
             no_opendir: !cli.opendir_per_dir,
+            read_ahead_files: !cli.no_read_ahead_files,
         },
     );
     let mut config = Config::default();

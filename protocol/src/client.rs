@@ -27,10 +27,7 @@ pub fn default_hello(client: &str) -> Hello {
         max_read: l.max_read,
         max_write: l.max_write,
         max_in_flight: l.max_in_flight,
-        caps: ["readdirplus", "xattr", "rename2", "lseek", "fallocate"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        caps: crate::message::CAPS.iter().map(|s| s.to_string()).collect(),
         client: client.to_string(),
     }
 }

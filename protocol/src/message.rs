@@ -187,6 +187,7 @@ pub const CAP_XATTR: &str = "xattr";
 pub const CAP_RENAME2: &str = "rename2";
 pub const CAP_LSEEK: &str = "lseek";
 pub const CAP_FALLOCATE: &str = "fallocate";
+pub const CAP_READ_FILES: &str = "read_files";
 /// Every capability protocol v1 defines.
 pub const CAPS: &[&str] = &[
     CAP_READDIRPLUS,
@@ -194,7 +195,11 @@ pub const CAPS: &[&str] = &[
     CAP_RENAME2,
     CAP_LSEEK,
     CAP_FALLOCATE,
+    CAP_READ_FILES,
 ];
+
+/// Most nodes one [`Op::ReadFiles`] may name.
+pub const MAX_READ_FILES: usize = 4096;
 
 /// Every operation. Names are the CBOR keys (snake_case).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,6 +398,19 @@ pub enum Op {
         offset: u64,
         whence: u32,
     },
+    /// The whole contents of each named regular file no longer than `max_size`, without
+    /// handles: many small files in one round trip (a client reading ahead).
+    ReadFiles {
+        nodes: Vec<NodeId>,
+        max_size: u32,
+    },
+}
+
+/// One file of a [`ReplyBody::Files`] reply: its whole contents when the reply was made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileData {
+    pub node: NodeId,
+    pub data: ByteBuf,
 }
 
 /// The reply to each operation; which variant answers which op is in docs/PROTOCOL.md.
@@ -456,6 +474,9 @@ pub enum ReplyBody {
     Offset {
         offset: u64,
     },
+    Files {
+        files: Vec<FileData>,
+    },
 }
 
 impl Op {
@@ -496,6 +517,7 @@ impl Op {
             Op::Create { .. } => "create",
             Op::Fallocate { .. } => "fallocate",
             Op::Lseek { .. } => "lseek",
+            Op::ReadFiles { .. } => "read_files",
         }
     }
 
@@ -511,6 +533,7 @@ impl Op {
             Op::Rename { flags, .. } if *flags != 0 => Some(CAP_RENAME2),
             Op::Lseek { .. } => Some(CAP_LSEEK),
             Op::Fallocate { .. } => Some(CAP_FALLOCATE),
+            Op::ReadFiles { .. } => Some(CAP_READ_FILES),
             _ => None,
         }
     }
@@ -551,6 +574,7 @@ impl Op {
         "create",
         "fallocate",
         "lseek",
+        "read_files",
     ];
 }
 
@@ -582,12 +606,13 @@ impl ReplyBody {
             ReplyBody::Statfs(_) => "statfs",
             ReplyBody::Names { .. } => "names",
             ReplyBody::Offset { .. } => "offset",
+            ReplyBody::Files { .. } => "files",
         }
     }
 
     /// Every reply variant name of protocol v1.
     pub const NAMES: &'static [&'static str] = &[
         "err", "ok", "hello", "entry", "attr", "opened", "created", "data", "written", "dir",
-        "dir_plus", "statfs", "names", "offset",
+        "dir_plus", "statfs", "names", "offset", "files",
     ];
 }

@@ -291,6 +291,10 @@ fn samples() -> Vec<Op> {
             offset: 0,
             whence: SEEK_DATA,
         },
+        Op::ReadFiles {
+            nodes: vec![2, 3],
+            max_size: 4096,
+        },
     ]
 }
 

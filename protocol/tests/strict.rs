@@ -429,7 +429,21 @@ fn ops_needing_a_capability() {
     );
     assert_eq!(cap(Op::Retain { items: vec![] }), None);
     assert_eq!(
+        cap(Op::ReadFiles {
+            nodes: vec![2],
+            max_size: 1
+        }),
+        Some("read_files")
+    );
+    assert_eq!(
         CAPS,
-        &["readdirplus", "xattr", "rename2", "lseek", "fallocate"]
+        &[
+            "readdirplus",
+            "xattr",
+            "rename2",
+            "lseek",
+            "fallocate",
+            "read_files"
+        ]
     );
 }

@@ -1,7 +1,10 @@
 //! The one translation from protocol operations to VFS calls and back.
 
 use hexz_protocol::hello::{MAX_BATCH_FORGET, MAX_READDIR_ENTRIES};
-use hexz_protocol::{Attr, DirEntry, DirEntryPlus, DirList, Entry, Errno, Limits, Op, ReplyBody};
+use hexz_protocol::{
+    Attr, DirEntry, DirEntryPlus, DirList, Entry, Errno, FileData, Limits, Op, ReplyBody,
+    MAX_READ_FILES,
+};
 use serde_bytes::ByteBuf;
 
 use crate::vfs::{SetAttr, Vfs, VfsResult};
@@ -321,7 +324,42 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
         Op::Lseek { fh, offset, whence } => reply(vfs.lseek(o, fh, offset, whence), |offset| {
             ReplyBody::Offset { offset }
         }),
+        Op::ReadFiles { nodes, max_size }
+            if nodes.len() > MAX_READ_FILES || max_size > s.limits.max_read =>
+        {
+            ReplyBody::Err(Errno::EINVAL)
+        }
+        Op::ReadFiles { nodes, max_size } => read_files(vfs, s, &nodes, max_size),
     }
+}
+
+/// Bytes of a `files` reply besides the files' data: the envelope and the request id.
+const FILES_REPLY_BASE: usize = 64;
+/// Bytes of one `files` item besides its data: keys, node id and length headers.
+const FILE_ITEM_COST: usize = 32;
+
+/// The whole contents of the named regular files no longer than `max_size`, in the
+/// order asked, as many as fit the frame; nodes that are missing, not regular files or
+/// longer are left out (docs/PROTOCOL.md §7.1).
+fn read_files(vfs: &Vfs, s: &Session, nodes: &[u64], max_size: u32) -> ReplyBody {
+    let room = (s.limits.max_frame as usize).saturating_sub(FILES_REPLY_BASE);
+    let mut used = 0usize;
+    let mut files = Vec::new();
+    for &node in nodes {
+        // Never more read than the reply can carry: a file that would not fit ends it.
+        let fits = room.saturating_sub(used + FILE_ITEM_COST) as u64;
+        let data = match vfs.read_whole(node, fits.min(max_size as u64)) {
+            Ok(Ok(d)) => d,
+            Ok(Err(size)) if size <= max_size as u64 => break,
+            _ => continue,
+        };
+        used += data.len() + FILE_ITEM_COST;
+        files.push(FileData {
+            node,
+            data: ByteBuf::from(data),
+        });
+    }
+    ReplyBody::Files { files }
 }
 
 /// A page of entries that fits the negotiated frame. Only the entries sent are referenced.

@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::vfs::Vfs;
 
 /// Capabilities this server offers (see docs/PROTOCOL.md §4).
-pub const CAPS: &[&str] = &["readdirplus", "xattr", "rename2", "lseek", "fallocate"];
+pub const CAPS: &[&str] = hexz_protocol::CAPS;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {

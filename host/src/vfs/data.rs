@@ -157,6 +157,17 @@ impl Vfs {
         self.read_view(&view, off, size as u64)
     }
 
+    /// The whole contents of a regular file no longer than `max` bytes (`Err(size)` for
+    /// a longer one, unread), read without a handle: one consistent view, as a read at
+    /// offset 0 of its full length would return.
+    pub fn read_whole(&self, node: u64, max: u64) -> VfsResult<Result<Vec<u8>, u64>> {
+        let view = self.view(node)?;
+        if view.size > max {
+            return Ok(Err(view.size));
+        }
+        self.read_view(&view, 0, view.size).map(Ok)
+    }
+
     /// A read answered from memory (snapshot data already in the frame cache), or `None`
     /// when it might wait for a disk.
     pub fn read_cached(

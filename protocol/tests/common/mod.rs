@@ -277,6 +277,9 @@ pub fn op() -> impl Strategy<Value = Op> {
         (n(), n(), any::<u32>())
             .prop_map(|(fh, offset, whence)| Op::Lseek { fh, offset, whence })
             .boxed(),
+        (prop::collection::vec(n(), 0..6), any::<u32>())
+            .prop_map(|(nodes, max_size)| Op::ReadFiles { nodes, max_size })
+            .boxed(),
     ])
 }
 
@@ -403,5 +406,16 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
             .prop_map(|names| ReplyBody::Names { names })
             .boxed(),
         n().prop_map(|offset| ReplyBody::Offset { offset }).boxed(),
+        prop::collection::vec((n(), bytes(30)), 0..6)
+            .prop_map(|files| ReplyBody::Files {
+                files: files
+                    .into_iter()
+                    .map(|(node, data)| FileData {
+                        node,
+                        data: serde_bytes::ByteBuf::from(data),
+                    })
+                    .collect(),
+            })
+            .boxed(),
     ])
 }

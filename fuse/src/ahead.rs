@@ -1,0 +1,309 @@
+//! Reading small files ahead. A tool that reads a tree (`tar`, `cp -r`, `grep -r`, a
+//! build's first pass) reads every small file of a directory it listed, one after the
+//! other, and each first read of a file costs a round trip to the host. When the kernel
+//! first reads one file of a listed directory, the adapter asks the host for the other
+//! small files of that directory in one `read_files` request (docs/PROTOCOL.md §7.1) and
+//! answers their first reads from that copy.
+//!
+//! A copy is the file's whole contents when the host answered. It is dropped when a
+//! request that can change the file's data is sent or answered (`changed`), when the
+//! kernel forgets the node, and on a reconnect (copies are used only on the connection
+//! that answered them); a reply that arrives after a change was sent is not kept (the
+//! host may have answered the two in either order). A copy is also dropped once read to
+//! its end: the kernel's page cache has it then.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hexz_protocol::{Op, ReplyBody, MAX_READ_FILES};
+
+use crate::transport::Transport;
+
+/// Files at most this long are read ahead.
+pub const SMALL_FILE: u64 = 64 * 1024;
+/// Bytes of copies kept at once; beyond, the oldest go.
+const MAX_BYTES: usize = 32 << 20;
+/// Directories whose small files are remembered (the most recently listed).
+const MAX_DIRS: usize = 4096;
+/// Listed bytes asked for in one request (the reply must fit one frame too).
+const BATCH_BYTES: u64 = 768 * 1024;
+/// Requests in flight at once.
+const WORKERS: usize = 2;
+/// How long a first read waits for a copy already asked for before asking itself.
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Small {
+    node: u64,
+    size: u64,
+    /// The name starts with a dot: `.gitignore` and the like, read by tools that walk a
+    /// tree without reading it, so reading one is no sign the rest will be read.
+    hidden: bool,
+}
+
+struct Copy {
+    epoch: u64,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The small regular files of listed directories, in listing order.
+    dirs: HashMap<u64, Vec<Small>>,
+    dir_order: VecDeque<u64>,
+    /// The directory a small file was listed in.
+    parent: HashMap<u64, u64>,
+    copies: HashMap<u64, Copy>,
+    copy_order: VecDeque<u64>,
+    bytes: usize,
+    /// Nodes asked for and not yet answered, by request number.
+    pending: HashMap<u64, u64>,
+    next_batch: u64,
+}
+
+struct Job {
+    batch: u64,
+    nodes: Vec<u64>,
+}
+
+pub struct Ahead {
+    state: Mutex<State>,
+    answered: Condvar,
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+/// One listed entry, as the adapter passes it on.
+pub struct Listed<'a> {
+    pub node: u64,
+    pub name: &'a [u8],
+    pub mode: u32,
+    pub size: u64,
+}
+
+impl Ahead {
+    /// Starts the threads that send the requests on `conn`.
+    pub fn start(conn: Arc<dyn Transport>) -> Arc<Ahead> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let ahead = Arc::new(Ahead {
+            state: Mutex::new(State::default()),
+            answered: Condvar::new(),
+            jobs: Mutex::new(tx),
+        });
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..WORKERS {
+            let rx = rx.clone();
+            let conn = conn.clone();
+            // Weak: the threads end when the adapter (and its sender) goes.
+            let me = Arc::downgrade(&ahead);
+            let spawned = std::thread::Builder::new()
+                .name(format!("hexz-ahead-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    let r = conn.call_epoch(Op::ReadFiles {
+                        nodes: job.nodes.clone(),
+                        max_size: SMALL_FILE as u32,
+                    });
+                    let Some(me) = me.upgrade() else { return };
+                    me.answer(job, r.ok());
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("no read-ahead thread: {e}");
+            }
+        }
+        ahead
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A page of `dir`'s listing reached the kernel (`first`: from its start).
+    pub fn listed(&self, dir: u64, first: bool, entries: &[Listed<'_>]) {
+        let mut s = self.state();
+        if first || !s.dirs.contains_key(&dir) {
+            if s.dirs.insert(dir, Vec::new()).is_none() {
+                s.dir_order.push_back(dir);
+            }
+            while s.dirs.len() > MAX_DIRS {
+                let Some(old) = s.dir_order.pop_front() else {
+                    break;
+                };
+                if let Some(files) = s.dirs.remove(&old) {
+                    for f in files {
+                        if s.parent.get(&f.node) == Some(&old) {
+                            s.parent.remove(&f.node);
+                        }
+                    }
+                }
+            }
+        }
+        let mut add = Vec::new();
+        for e in entries {
+            if e.mode & libc::S_IFMT == libc::S_IFREG && e.size > 0 && e.size <= SMALL_FILE {
+                add.push(Small {
+                    node: e.node,
+                    size: e.size,
+                    hidden: e.name.first() == Some(&b'.'),
+                });
+            }
+        }
+        for f in &add {
+            s.parent.insert(f.node, dir);
+        }
+        if let Some(files) = s.dirs.get_mut(&dir) {
+            files.extend(add);
+        }
+    }
+
+    /// A request that can change `node`'s data is about to be sent, or was answered; or
+    /// the kernel forgot it: no copy of it is used from now on.
+    pub fn changed(&self, node: u64) {
+        let mut s = self.state();
+        s.pending.remove(&node);
+        if let Some(c) = s.copies.remove(&node) {
+            s.bytes -= c.data.len();
+        }
+    }
+
+    /// The kernel forgot `node` (a file or a directory).
+    pub fn forget(&self, node: u64) {
+        self.changed(node);
+        let mut s = self.state();
+        s.parent.remove(&node);
+        s.dirs.remove(&node);
+    }
+
+    /// A read of `node` answered from a copy made on connection `epoch`, waiting for one
+    /// already asked for. `None`: there is none; read from the host.
+    pub fn read(&self, node: u64, epoch: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+        let mut s = self.state();
+        while s.pending.contains_key(&node) {
+            let (next, timeout) = self
+                .answered
+                .wait_timeout(s, WAIT)
+                .unwrap_or_else(|p| p.into_inner());
+            s = next;
+            if timeout.timed_out() {
+                return None;
+            }
+        }
+        let c = s.copies.get(&node)?;
+        if c.epoch != epoch {
+            return None;
+        }
+        let len = c.data.len() as u64;
+        let start = offset.min(len) as usize;
+        let end = offset.saturating_add(size as u64).min(len) as usize;
+        let out = c.data[start..end].to_vec();
+        if end as u64 == len {
+            // Read to its end: the kernel's page cache has it now.
+            if let Some(c) = s.copies.remove(&node) {
+                s.bytes -= c.data.len();
+            }
+        }
+        Some(out)
+    }
+
+    /// The kernel's first read of `node` missed: ask for the other small files of its
+    /// directory that have no copy, none asked for, and are not `opened` yet.
+    pub fn missed(&self, node: u64, opened: impl Fn(u64) -> bool) {
+        let job = {
+            let mut s = self.state();
+            let Some(&dir) = s.parent.get(&node) else {
+                return;
+            };
+            let Some(files) = s.dirs.get(&dir) else {
+                return;
+            };
+            if files.iter().any(|f| f.node == node && f.hidden) {
+                return;
+            }
+            let mut nodes = Vec::new();
+            let mut bytes = 0;
+            for f in files {
+                if f.node == node
+                    || s.copies.contains_key(&f.node)
+                    || s.pending.contains_key(&f.node)
+                    || opened(f.node)
+                {
+                    continue;
+                }
+                if bytes + f.size > BATCH_BYTES || nodes.len() == MAX_READ_FILES {
+                    break;
+                }
+                bytes += f.size;
+                nodes.push(f.node);
+            }
+            if nodes.is_empty() {
+                return;
+            }
+            s.next_batch += 1;
+            let batch = s.next_batch;
+            for &n in &nodes {
+                s.pending.insert(n, batch);
+            }
+            Job { batch, nodes }
+        };
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job);
+        if let Err(mpsc::SendError(job)) = sent {
+            self.answer(job, None);
+        }
+    }
+
+    /// Keeps what the host answered for `job` (on connection `epoch`), unless a change
+    /// was sent meanwhile; wakes the reads waiting for it.
+    fn answer(&self, job: Job, r: Option<(ReplyBody, u64)>) {
+        let mut s = self.state();
+        if let Some((ReplyBody::Files { files }, epoch)) = r {
+            for f in files {
+                if s.pending.get(&f.node) != Some(&job.batch) {
+                    continue; // changed (or forgotten) since it was asked for
+                }
+                s.pending.remove(&f.node);
+                s.bytes += f.data.len();
+                let old = s.copies.insert(
+                    f.node,
+                    Copy {
+                        epoch,
+                        data: f.data.into_vec(),
+                    },
+                );
+                if let Some(old) = old {
+                    s.bytes -= old.data.len();
+                } else {
+                    s.copy_order.push_back(f.node);
+                }
+            }
+            while s.bytes > MAX_BYTES {
+                let Some(old) = s.copy_order.pop_front() else {
+                    break;
+                };
+                if let Some(c) = s.copies.remove(&old) {
+                    s.bytes -= c.data.len();
+                }
+            }
+        }
+        for n in &job.nodes {
+            if s.pending.get(n) == Some(&job.batch) {
+                s.pending.remove(n);
+            }
+        }
+        // copy_order may name nodes whose copy is gone: trim it when it grows.
+        if s.copy_order.len() > 2 * s.copies.len() + 1024 {
+            let State {
+                copies, copy_order, ..
+            } = &mut *s;
+            copy_order.retain(|n| copies.contains_key(n));
+        }
+        drop(s);
+        self.answered.notify_all();
+    }
+}
