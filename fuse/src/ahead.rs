@@ -307,3 +307,107 @@ impl Ahead {
         self.answered.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::CallError;
+    use hexz_protocol::ByteBuf;
+    use hexz_protocol::{FileData, Limits};
+    use std::sync::mpsc::{Receiver, SyncSender};
+
+    /// Answers `read_files` with each node's id as its contents, once the test lets it.
+    struct Gate {
+        asked: Mutex<SyncSender<Vec<u64>>>,
+        go: Mutex<Receiver<()>>,
+    }
+
+    impl Transport for Gate {
+        fn call_epoch(&self, op: Op) -> Result<(ReplyBody, u64), CallError> {
+            let Op::ReadFiles { nodes, .. } = op else {
+                return Err(CallError::Errno(hexz_protocol::Errno::ENOSYS));
+            };
+            let _ = self.asked.lock().unwrap().send(nodes.clone());
+            let _ = self.go.lock().unwrap().recv();
+            let files = nodes
+                .iter()
+                .map(|&node| FileData {
+                    node,
+                    data: ByteBuf::from(node.to_le_bytes().to_vec()),
+                })
+                .collect();
+            Ok((ReplyBody::Files { files }, 1))
+        }
+        fn call_on(&self, _: u64, _: Op) -> Result<ReplyBody, CallError> {
+            Err(CallError::Stale)
+        }
+        fn post_on(&self, _: u64, _: Op) {}
+        fn forget(&self, _: &[(u64, u64)]) {}
+        fn limits(&self) -> Limits {
+            Limits::default()
+        }
+        fn epoch(&self) -> u64 {
+            1
+        }
+    }
+
+    fn listed(ahead: &Ahead, dir: u64, nodes: &[(u64, &'static [u8])]) {
+        let entries: Vec<Listed<'_>> = nodes
+            .iter()
+            .map(|&(node, name)| Listed {
+                node,
+                name,
+                mode: libc::S_IFREG | 0o644,
+                size: 8,
+            })
+            .collect();
+        ahead.listed(dir, true, &entries);
+    }
+
+    #[test]
+    fn a_copy_asked_for_before_a_change_is_not_kept_and_others_are_used() {
+        let (asked_tx, asked) = mpsc::sync_channel(4);
+        let (go, go_rx) = mpsc::channel();
+        let gate = Arc::new(Gate {
+            asked: Mutex::new(asked_tx),
+            go: Mutex::new(go_rx),
+        });
+        let ahead = Ahead::start(gate);
+        listed(
+            &ahead,
+            1,
+            &[(10, b"a"), (11, b"b"), (12, b"c"), (13, b".hidden")],
+        );
+        // The first read of 10 misses and asks for the others (not 10 itself).
+        assert_eq!(ahead.read(10, 1, 0, 4096), None);
+        ahead.missed(10, |_| false);
+        assert_eq!(asked.recv().unwrap(), vec![11, 12, 13]);
+        // 12 changes while the request is on its way: its copy must not be kept.
+        ahead.changed(12);
+        go.send(()).unwrap();
+        assert_eq!(
+            ahead.read(11, 1, 0, 4096),
+            Some(11u64.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            ahead.read(12, 1, 0, 4096),
+            None,
+            "a copy older than a change"
+        );
+        // Copies are used only on the connection that answered them, and slices are
+        // bounded by the file's end; read to its end, a copy goes.
+        assert_eq!(ahead.read(13, 2, 0, 4096), None);
+        assert_eq!(ahead.read(13, 1, 6, 4096), Some(vec![0, 0]));
+        assert_eq!(
+            ahead.read(13, 1, 0, 4096),
+            None,
+            "read to its end, then dropped"
+        );
+        // A miss on a hidden file asks for nothing; nor one whose others are opened.
+        listed(&ahead, 2, &[(20, b".gitignore"), (21, b"x")]);
+        ahead.missed(20, |_| false);
+        listed(&ahead, 3, &[(30, b"y"), (31, b"z")]);
+        ahead.missed(30, |n| n == 31);
+        assert!(asked.recv_timeout(Duration::from_millis(200)).is_err());
+    }
+}

@@ -19,3 +19,4 @@ pub use frame::{decode_reply, decode_request, encode_frame, BadRequest, FrameErr
 pub use hello::{accept_hello, check_hello_reply, Limits, VERSION};
 pub use message::*;
 pub use name::{check_name, NameError};
+pub use serde_bytes::ByteBuf;
