@@ -151,8 +151,17 @@ impl Drop for Mount {
 }
 
 fn spawn_guest(mnt: &Path, socket: &Path, extra: &[&str]) -> Child {
-    Command::new(bin("hexz-guestfused"))
-        .arg(mnt)
+    let mut cmd = Command::new(bin("hexz-guestfused"));
+    cmd.env("RUST_LOG", "warn,fuser::mnt=error");
+    // `--debug-log=PATH` (this harness's, not the daemon's): the adapter's debug log
+    // goes to PATH, for tests that check what it did.
+    for a in extra {
+        if let Some(log) = a.strip_prefix("--debug-log=") {
+            cmd.stderr(File::create(log).unwrap())
+                .env("RUST_LOG", "warn,hexz_fuse=debug,fuser=error");
+        }
+    }
+    cmd.arg(mnt)
         .arg("--connect")
         .arg(format!("unix:{}", socket.display()))
         .args(if extra.contains(&"--timeout") {
@@ -160,8 +169,7 @@ fn spawn_guest(mnt: &Path, socket: &Path, extra: &[&str]) -> Child {
         } else {
             &["--timeout", "20"][..]
         })
-        .args(extra)
-        .env("RUST_LOG", "warn,fuser::mnt=error")
+        .args(extra.iter().filter(|a| !a.starts_with("--debug-log=")))
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn hexz-guestfused")
@@ -716,9 +724,17 @@ fn small_files_read_ahead_are_exact_and_never_older_than_a_write() {
             }
         }
     };
+    // Other tests drop the kernel's caches at any time; the kernel then forgets inodes,
+    // and the daemon what it read ahead for them. Open descriptors keep them (and cost
+    // nothing in no-open mode).
+    let mut pins = Vec::new();
     for d in ["settled", "racing", "plain"] {
         let names: Vec<_> = fs::read_dir(m.path(d)).unwrap().collect();
         assert_eq!(names.len(), FILES);
+        pins.push(File::open(m.path(d)).unwrap());
+        for i in 0..FILES {
+            pins.push(File::open(m.path(&format!("{d}/f{i:03}"))).unwrap());
+        }
         let first = fs::read(m.path(&format!("{d}/f000"))).unwrap();
         assert_eq!(first, fs::read(local.join(d).join("f000")).unwrap());
         match d {
@@ -753,6 +769,7 @@ fn small_files_read_ahead_are_exact_and_never_older_than_a_write() {
         "{} files read wrong: {wrong:?}",
         wrong.len()
     );
+    drop(pins);
     // And the files not written came from copies read ahead: a `read_files` per
     // directory or so, not an `open` each. (Each file written needs its data handle
     // opened on the host, and again for each read after its handle was let go; each
@@ -774,5 +791,125 @@ fn small_files_read_ahead_are_exact_and_never_older_than_a_write() {
         "{} opens for {written} files written and {unwritten} only read: the copies \
          read ahead were not used ({ops:?})",
         n("open"),
+    );
+}
+
+#[test]
+fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
+    if !fuse_available() {
+        return;
+    }
+    // A tree of directories; walking down it makes the daemon list the next directories
+    // ahead. Before the walk reaches them, some change through the mount — a name added,
+    // removed, renamed in, a file's size — and every listing and `stat` must then match a
+    // local copy changed the same way; the untouched ones come from the pages read ahead.
+    // Afterwards (caches dropped) the server holds no more nodes than at the start: pages
+    // not used gave their references back.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let local = tmp.path().join("local");
+    for a in 0..4 {
+        for b in 0..6 {
+            let d = src.join(format!("a{a}/b{b}"));
+            fs::create_dir_all(d.join("c")).unwrap();
+            for f in 0..5 {
+                fs::write(d.join(format!("f{f}")), vec![b'x'; 10 * f + a + b]).unwrap();
+            }
+        }
+    }
+    let snap = tmp.path().join("ws.hxz");
+    let r = hexz_e2e::hexz_host(&[&"pack", &src, &"-o", &snap]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&local)
+        .status()
+        .unwrap()
+        .success());
+    let log = tmp.path().join("server.log");
+    let guest_log = tmp.path().join("guest.log");
+    let debug = format!("--debug-log={}", guest_log.display());
+    let m = Mount::with_log(tmp.path(), &snap, &[&debug], Some(&log));
+    let server = m.server.as_ref().unwrap();
+    drop_caches();
+    let before = live_nodes(server, &log);
+    // Other tests drop the kernel's caches at any time, and the daemon gives back what
+    // it read ahead for directories the kernel forgets: open descriptors keep them.
+    let mut pins = vec![File::open(&m.mnt).unwrap()];
+    for a in 0..4 {
+        pins.push(File::open(m.path(&format!("a{a}"))).unwrap());
+        for b in 0..6 {
+            pins.push(File::open(m.path(&format!("a{a}/b{b}"))).unwrap());
+        }
+    }
+    let names = |d: &Path| {
+        let mut v: Vec<(String, u64)> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let md = fs::symlink_metadata(e.path()).unwrap();
+                let len = if md.is_dir() { 0 } else { md.len() }; // a directory's varies
+                (e.file_name().to_string_lossy().into_owned(), len)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // Down into a0 and a0/b0: the rest of a0's subdirectories and a0's siblings are now
+    // being listed ahead.
+    names(&m.mnt);
+    names(&m.path("a0"));
+    names(&m.path("a0/b0"));
+    std::thread::sleep(Duration::from_millis(300));
+    let change = |root: &Path| {
+        fs::write(root.join("a0/b1/new"), b"added").unwrap();
+        fs::remove_file(root.join("a0/b2/f3")).unwrap();
+        fs::rename(root.join("a0/b0/f1"), root.join("a0/b3/moved")).unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(root.join("a0/b4/f2"))
+            .unwrap()
+            .write_all_at(b"longer now", 0)
+            .unwrap();
+    };
+    change(&m.mnt);
+    change(&local);
+    let mut wrong = Vec::new();
+    for a in 0..4 {
+        let d = format!("a{a}");
+        if names(&m.path(&d)) != names(&local.join(&d)) {
+            wrong.push(d.clone());
+        }
+        for b in 0..6 {
+            let d = format!("a{a}/b{b}");
+            if names(&m.path(&d)) != names(&local.join(&d)) {
+                wrong.push(d);
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "listings differ from a local copy: {wrong:?}"
+    );
+    let used = fs::read_to_string(&guest_log)
+        .unwrap_or_default()
+        .matches("listing from a page read ahead")
+        .count();
+    assert!(
+        used >= 10,
+        "only {used} listings came from pages read ahead"
+    );
+    drop(pins);
+    drop_caches();
+    let mut after = u64::MAX;
+    let settled = eventually(30, || {
+        drop_caches();
+        after = live_nodes(server, &log);
+        after <= before
+    });
+    assert!(
+        settled,
+        "live nodes: {before} before the walk, {after} after it and a cache drop"
     );
 }

@@ -24,11 +24,14 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use hexz_protocol::{Attr, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec, CAP_READ_FILES};
+use hexz_protocol::{
+    Attr, DirEntryPlus, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec, CAP_READ_FILES,
+};
 
 use crate::ahead::{Ahead, Listed};
 use crate::attrs::{AttrCache, CAPS_XATTR};
 use crate::names::Names;
+use crate::prelist::{Page, Prelist};
 use crate::transport::{CallError, Transport};
 
 /// A handle on the host, valid only on the connection (`epoch`) that opened it. Everyone
@@ -227,10 +230,11 @@ pub struct Options {
     /// Open directories without a round trip (the kernel's no-opendir mode); otherwise
     /// the kernel sends OPENDIR and RELEASEDIR, answered here without the host.
     pub no_opendir: bool,
-    /// In no-open mode, when the kernel first reads a file of a listed directory, read
-    /// the directory's other small files ahead in one request (if the host offers
-    /// `read_files`; worth it where a round trip is dear, as over vsock).
-    pub read_ahead_files: bool,
+    /// Read ahead of a tree walk, where a round trip is dear (as over vsock): in no-open
+    /// mode, when the kernel first reads a file of a listed directory, the directory's
+    /// other small files in one request (if the host offers `read_files`); when a walk
+    /// goes down, the first listing page of the next directories (`prelist.rs`).
+    pub read_ahead: bool,
 }
 
 impl Default for Options {
@@ -241,7 +245,7 @@ impl Default for Options {
             no_open: true,
             max_node_handles: MAX_NODE_HANDLES,
             no_opendir: true,
-            read_ahead_files: false,
+            read_ahead: false,
         }
     }
 }
@@ -271,6 +275,20 @@ pub struct HexzFs {
     names: Names,
     /// Small files read ahead (`ahead.rs`), when on.
     ahead: Option<Arc<Ahead>>,
+    /// Directories listed ahead of a walk (`prelist.rs`), when on.
+    prelist: Option<Arc<Prelist<Arc<HostFh>>>>,
+}
+
+/// Gives back a listing page read ahead and not used: its entries' references (all but
+/// `.` and `..`) and, as the last holder lets go, its host handle.
+fn give_back(conn: &dyn Transport, page: Page<Arc<HostFh>>) {
+    let refs: Vec<(u64, u64)> = page
+        .entries
+        .iter()
+        .filter(|e| e.name != b"." && e.name != b"..")
+        .map(|e| (e.entry.node, 1))
+        .collect();
+    conn.forget(&refs);
 }
 
 /// Answers the kernel with an entry reply (caching its attributes is the caller's part).
@@ -403,8 +421,9 @@ impl HexzFs {
             attrs: AttrCache::default(),
             host_read_only: AtomicBool::new(false),
             names: Names::default(),
-            ahead: (opts.read_ahead_files && conn.has_cap(CAP_READ_FILES))
+            ahead: (opts.read_ahead && conn.has_cap(CAP_READ_FILES))
                 .then(|| Ahead::start(conn.clone())),
+            prelist: opts.read_ahead.then(Prelist::start),
             conn,
         }
     }
@@ -594,6 +613,20 @@ impl HexzFs {
     ) -> Result<Option<(ReplyBody, Arc<HostFh>)>, Errno> {
         let epoch = self.conn.epoch();
         let mut held = None;
+        if let (0, Some(_), Some(pl)) = (cookie, plus, &self.prelist) {
+            if let Some(page) = pl.take(node) {
+                // Only if nothing changed since it was asked for, on this connection.
+                if page.host.epoch == epoch && page.since == self.attrs.since() {
+                    tracing::debug!(dir = node, "listing from a page read ahead");
+                    let body = ReplyBody::DirPlus {
+                        entries: page.entries,
+                        eof: page.eof,
+                    };
+                    return Ok(Some((body, page.host)));
+                }
+                self.give_back(page);
+            }
+        }
         if cookie != 0 {
             let found = self.listings().take(node, cookie); // the lock goes here
             match found {
@@ -654,6 +687,61 @@ impl HexzFs {
     fn dir_changed(&self, dir: u64) {
         let gone = self.listings().forget(dir);
         drop(gone);
+        if let Some(page) = self.prelist.as_ref().and_then(|pl| pl.forget(dir)) {
+            self.give_back(page);
+        }
+    }
+
+    /// A listing page read ahead and not used: its entries' references go back to the
+    /// host, and its handle is released.
+    fn give_back(&self, page: Page<Arc<HostFh>>) {
+        give_back(&*self.conn, page);
+    }
+
+    /// The kernel got a page of `dir`'s listing: if a walk is going down, list the next
+    /// directories ahead (`prelist.rs`).
+    fn list_ahead(&self, dir: u64, first: bool, entries: &[DirEntryPlus]) {
+        let Some(pl) = &self.prelist else { return };
+        let subdirs: Vec<u64> = entries
+            .iter()
+            .filter(|e| e.name != b"." && e.name != b"..")
+            .filter(|e| e.entry.attr.mode & libc::S_IFMT == libc::S_IFDIR)
+            .map(|e| e.entry.node)
+            .collect();
+        let want = self.dirplus_batch.load(Ordering::Relaxed);
+        let since = self.attrs.since();
+        for (d, n) in pl.kernel_listed(dir, first, &subdirs) {
+            let (conn, pl2) = (self.conn.clone(), pl.clone());
+            pl.spawn(Box::new(move || {
+                let op = Op::Opendir {
+                    node: d,
+                    list: Some(want),
+                };
+                match conn.call_epoch(op) {
+                    Ok((ReplyBody::Opened { fh, list, .. }, epoch)) => {
+                        let host = Arc::new(HostFh {
+                            fh,
+                            epoch,
+                            dir: true,
+                            conn: conn.clone(),
+                        });
+                        let Some(l) = list else {
+                            return pl2.failed(d, n); // the handle goes with `host`
+                        };
+                        let page = Page {
+                            entries: l.entries,
+                            eof: l.eof,
+                            host,
+                            since,
+                        };
+                        for p in pl2.arrived(d, n, page) {
+                            give_back(&*conn, p);
+                        }
+                    }
+                    _ => pl2.failed(d, n),
+                }
+            }));
+        }
     }
 
     /// A request that can change `node`'s data is about to be sent, or was answered: a
@@ -940,6 +1028,9 @@ impl Filesystem for HexzFs {
         self.attrs.forget(ino.0);
         if let Some(a) = &self.ahead {
             a.forget(ino.0);
+        }
+        if let Some(page) = self.prelist.as_ref().and_then(|pl| pl.forget(ino.0)) {
+            self.give_back(page);
         }
         drop(data_handle); // released on the host unless a request still holds it
         drop(listings);
@@ -1482,10 +1573,12 @@ impl Filesystem for HexzFs {
                 if let Some(a) = &self.ahead {
                     a.listed(ino.0, offset == 0, &listed);
                 }
+                drop(listed);
                 self.listing_reached(ino.0, sent, eof && fitted.is_none(), host);
                 reply.ok();
                 self.dirplus_batch
                     .store(next_dirplus_batch(want, got, fitted), Ordering::Relaxed);
+                self.list_ahead(ino.0, offset == 0, &kept);
             }
             Ok(_) => reply.error(fuser::Errno::EIO),
             Err(e) => reply.error(fuse_err(e)),

@@ -7,6 +7,7 @@ mod ahead;
 mod attrs;
 mod fs;
 mod names;
+mod prelist;
 mod transport;
 
 pub use fs::{HexzFs, Options, MAX_NODE_HANDLES};

@@ -52,10 +52,11 @@ struct Cli {
     /// beyond it, handles not in use are released (and reopened when needed again).
     #[arg(long, default_value_t = hexz_fuse::MAX_NODE_HANDLES)]
     max_node_handles: usize,
-    /// Do not read a directory's other small files ahead when the first one is read
-    /// (on by default where the host offers `read_files`).
+    /// Do not read ahead of tree walks: a directory's other small files when the first
+    /// one is read (where the host offers `read_files`), the next directories' listings
+    /// when a walk goes down. On by default.
     #[arg(long)]
-    no_read_ahead_files: bool,
+    no_read_ahead: bool,
 }
 
 fn main() -> ExitCode {
@@ -96,7 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_open: !cli.open_per_file,
             max_node_handles: cli.max_node_handles,
             no_opendir: !cli.opendir_per_dir,
-            read_ahead_files: !cli.no_read_ahead_files,
+            read_ahead: !cli.no_read_ahead,
         },
     );
     let mut config = Config::default();

@@ -1,0 +1,225 @@
+//! Listing directories ahead of a tree walk. `find`, `tar`, `du`, `git status` list a
+//! directory, then descend into its subdirectories one by one, and each first listing is
+//! a round trip the walk waits for. When the kernel lists a directory whose parent it
+//! listed too (a walk going down), the adapter asks the host for the first page of that
+//! directory's subdirectories and of its siblings not listed yet, in the background, and
+//! answers the kernel's first READDIRPLUS of each from that page.
+//!
+//! A page is used only if no attribute or name changed through this mount since it was
+//! asked for (the attribute cache's version, `attrs.rs`: every change bumps it), and
+//! only on the connection that answered it; any other page is given back (its entries'
+//! references forgotten, its host handle released). Bounded: [`MAX_AHEAD`] pages asked
+//! for or waiting at once.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hexz_protocol::DirEntryPlus;
+
+/// Pages asked for and not yet used, at most.
+pub const MAX_AHEAD: usize = 128;
+/// Directories remembered (listed by the kernel, or seen as a subdirectory).
+const MAX_KNOWN: usize = 1 << 16;
+/// Threads sending the requests.
+const WORKERS: usize = 2;
+/// How long the kernel's listing waits for a page already asked for.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A directory's first listing page, read ahead.
+pub struct Page<H> {
+    pub entries: Vec<DirEntryPlus>,
+    pub eof: bool,
+    /// The host handle the listing continues on.
+    pub host: H,
+    /// The attribute cache's version when the page was asked for.
+    pub since: u64,
+}
+
+struct State<H> {
+    ready: HashMap<u64, Page<H>>,
+    order: VecDeque<u64>,
+    /// Directories asked for, by request number.
+    pending: HashMap<u64, u64>,
+    next: u64,
+    /// Directories the kernel listed from the start.
+    listed: HashSet<u64>,
+    /// Subdirectories seen in listings, and their parents.
+    subdirs: HashMap<u64, Vec<u64>>,
+    parent: HashMap<u64, u64>,
+}
+
+pub type Job = Box<dyn FnOnce() + Send>;
+
+pub struct Prelist<H> {
+    state: Mutex<State<H>>,
+    arrived: Condvar,
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+impl<H: Send + 'static> Prelist<H> {
+    pub fn start() -> Arc<Prelist<H>> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..WORKERS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("hexz-prelist-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("no listing-ahead thread: {e}");
+            }
+        }
+        Arc::new(Prelist {
+            state: Mutex::new(State {
+                ready: HashMap::new(),
+                order: VecDeque::new(),
+                pending: HashMap::new(),
+                next: 0,
+                listed: HashSet::new(),
+                subdirs: HashMap::new(),
+                parent: HashMap::new(),
+            }),
+            arrived: Condvar::new(),
+            jobs: Mutex::new(tx),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<H>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A page of `dir`'s listing reached the kernel (`first`: from its start), naming
+    /// `subdirs`. Returns the directories to list ahead now, each with its request
+    /// number (pass it to [`Prelist::arrived`] or [`Prelist::failed`]).
+    pub fn kernel_listed(&self, dir: u64, first: bool, subdirs: &[u64]) -> Vec<(u64, u64)> {
+        let mut s = self.state();
+        if s.listed.len() >= MAX_KNOWN || s.parent.len() >= MAX_KNOWN {
+            s.listed.clear();
+            s.subdirs.clear();
+            s.parent.clear();
+        }
+        if first {
+            s.listed.insert(dir);
+            s.subdirs.insert(dir, Vec::new());
+        }
+        for &d in subdirs {
+            s.parent.insert(d, dir);
+        }
+        s.subdirs.entry(dir).or_default().extend_from_slice(subdirs);
+        // A walk going down: the kernel listed this directory's parent too.
+        let walking = s.parent.get(&dir).is_some_and(|p| s.listed.contains(p));
+        if !walking {
+            return Vec::new();
+        }
+        let mut want: Vec<u64> = subdirs.to_vec();
+        if first {
+            if let Some(p) = s.parent.get(&dir) {
+                want.extend(s.subdirs.get(p).into_iter().flatten().copied());
+            }
+        }
+        let mut out = Vec::new();
+        for d in want {
+            if s.ready.len() + s.pending.len() >= MAX_AHEAD {
+                break;
+            }
+            if d == dir
+                || s.listed.contains(&d)
+                || s.ready.contains_key(&d)
+                || s.pending.contains_key(&d)
+            {
+                continue;
+            }
+            s.next += 1;
+            let n = s.next;
+            s.pending.insert(d, n);
+            out.push((d, n));
+        }
+        out
+    }
+
+    /// Runs `job` on a listing-ahead thread.
+    pub fn spawn(&self, job: Job) {
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job);
+        if let Err(mpsc::SendError(job)) = sent {
+            job(); // the threads are gone: do it here rather than leave it pending
+        }
+    }
+
+    /// The page asked for as request `n` arrived: kept unless `dir` changed or was
+    /// forgotten meanwhile. Returns the pages to give back (this one if not kept, or the
+    /// oldest if over the bound).
+    pub fn arrived(&self, dir: u64, n: u64, page: Page<H>) -> Vec<Page<H>> {
+        let mut s = self.state();
+        let mut back = Vec::new();
+        if s.pending.get(&dir) == Some(&n) {
+            s.pending.remove(&dir);
+            if let Some(old) = s.ready.insert(dir, page) {
+                back.push(old);
+            } else {
+                s.order.push_back(dir);
+            }
+            while s.ready.len() > MAX_AHEAD {
+                let Some(d) = s.order.pop_front() else { break };
+                back.extend(s.ready.remove(&d));
+            }
+        } else {
+            back.push(page);
+        }
+        drop(s);
+        self.arrived.notify_all();
+        back
+    }
+
+    /// Request `n` for `dir` got no page.
+    pub fn failed(&self, dir: u64, n: u64) {
+        let mut s = self.state();
+        if s.pending.get(&dir) == Some(&n) {
+            s.pending.remove(&dir);
+        }
+        drop(s);
+        self.arrived.notify_all();
+    }
+
+    /// The page read ahead for `dir`, waiting for one asked for; `None` if there is none.
+    pub fn take(&self, dir: u64) -> Option<Page<H>> {
+        let mut s = self.state();
+        while s.pending.contains_key(&dir) {
+            let (next, t) = self
+                .arrived
+                .wait_timeout(s, WAIT)
+                .unwrap_or_else(|p| p.into_inner());
+            s = next;
+            if t.timed_out() {
+                break;
+            }
+        }
+        let page = s.ready.remove(&dir)?;
+        s.order.retain(|&d| d != dir);
+        Some(page)
+    }
+
+    /// `dir` changed, or the kernel forgot it: no page asked for before is used. Returns
+    /// the page to give back, if one was waiting.
+    pub fn forget(&self, dir: u64) -> Option<Page<H>> {
+        let mut s = self.state();
+        s.pending.remove(&dir);
+        s.listed.remove(&dir);
+        let page = s.ready.remove(&dir);
+        if page.is_some() {
+            s.order.retain(|&d| d != dir);
+        }
+        page
+    }
+}
