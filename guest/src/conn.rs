@@ -115,6 +115,11 @@ pub struct Conn {
     /// forgotten by the next caller (the reader thread never writes).
     orphans: Mutex<Vec<(u64, u64)>>,
     has_orphans: AtomicBool,
+    /// Single forgets waiting to go out together, with the connection each belongs to:
+    /// the kernel's BATCH_FORGET reaches the adapter one node at a time (fuser calls
+    /// `forget` per node), and a cache drop forgets thousands.
+    forgets: Mutex<Vec<(u64, u64, u64)>>,
+    forgets_queued: Condvar,
     fs_id: Vec<u8>,
     pub hello: HelloReply,
 }
@@ -229,6 +234,8 @@ impl Conn {
             refs: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
             has_orphans: AtomicBool::new(false),
+            forgets: Mutex::new(Vec::new()),
+            forgets_queued: Condvar::new(),
             fs_id: hello.fs_id.clone(),
             hello,
         });
@@ -236,7 +243,46 @@ impl Conn {
         std::thread::Builder::new()
             .name("hexz-reader".into())
             .spawn(move || c.reader(f))?;
+        let weak = Arc::downgrade(&conn);
+        std::thread::Builder::new()
+            .name("hexz-forgets".into())
+            .spawn(move || forget_sender(weak))?;
         Ok(conn)
+    }
+
+    /// Sends the queued single forgets, as few requests as possible; each only on the
+    /// connection whose references it gives back.
+    fn send_forgets(&self) {
+        let queued = std::mem::take(&mut *lock(&self.forgets));
+        let mut rest = queued.as_slice();
+        while let Some(&(epoch, _, _)) = rest.first() {
+            let n = rest.iter().take_while(|f| f.0 == epoch).count();
+            let (same, tail) = rest.split_at(n);
+            rest = tail;
+            // One item per node: the counts of a node forgotten twice add up.
+            let mut items: Vec<(u64, u64)> = same.iter().map(|&(_, node, k)| (node, k)).collect();
+            items.sort_unstable();
+            items.dedup_by(|b, a| {
+                let same_node = a.0 == b.0;
+                if same_node {
+                    a.1 += b.1;
+                }
+                same_node
+            });
+            match items.as_slice() {
+                &[(node, nlookup)] => self.post_on(epoch, Op::Forget { node, nlookup }),
+                many => {
+                    for chunk in many.chunks(REFS_PER_REQUEST) {
+                        self.post_on(
+                            epoch,
+                            Op::BatchForget {
+                                items: chunk.to_vec(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
     }
 
     pub fn limits(&self) -> Limits {
@@ -465,7 +511,19 @@ impl Conn {
         };
         match dropped.as_slice() {
             [] => {}
-            &[(node, nlookup)] => self.post_on(epoch, Op::Forget { node, nlookup }),
+            &[(node, nlookup)] => {
+                // Queued a moment: the kernel forgets many nodes at once, one per call.
+                let full = {
+                    let mut q = lock(&self.forgets);
+                    q.push((epoch, node, nlookup));
+                    q.len() >= REFS_PER_REQUEST
+                };
+                if full {
+                    self.send_forgets();
+                } else {
+                    self.forgets_queued.notify_one();
+                }
+            }
             many => {
                 for chunk in many.chunks(REFS_PER_REQUEST) {
                     self.post_on(
@@ -476,6 +534,27 @@ impl Conn {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Sends queued single forgets a moment after the first of a burst arrives, until the
+/// connection is gone.
+fn forget_sender(conn: std::sync::Weak<Conn>) {
+    loop {
+        let Some(c) = conn.upgrade() else { return };
+        let waiting = {
+            let q = lock(&c.forgets);
+            let (q, _) = c
+                .forgets_queued
+                .wait_timeout_while(q, Duration::from_secs(1), |q| q.is_empty())
+                .unwrap_or_else(|p| p.into_inner());
+            !q.is_empty()
+        };
+        if waiting {
+            // Let the rest of the burst arrive, then send it in one request.
+            std::thread::sleep(Duration::from_millis(2));
+            c.send_forgets();
         }
     }
 }
@@ -660,24 +739,19 @@ mod tests {
         assert_eq!(conn.refs_on(9), 1);
         conn.forget(&[(9, 5), (10, 1)]);
         assert_eq!(conn.refs_on(9), 0);
-        // Sent: 3 lookups, then forget 2, then forget 1 (not 5; nothing for node 10).
-        let forgets: Vec<Op> = (0..5)
+        // Sent: 3 lookups, then the two forgets together, 2 + 1 (not 5; nothing for node
+        // 10): single forgets a moment apart go out as one request.
+        let forgets: Vec<Op> = (0..4)
             .filter_map(|_| seen.recv_timeout(Duration::from_secs(5)).ok())
             .map(|(_, op)| op)
             .filter(|op| !matches!(op, Op::Lookup { .. }))
             .collect();
         assert_eq!(
             forgets,
-            vec![
-                Op::Forget {
-                    node: 9,
-                    nlookup: 2
-                },
-                Op::Forget {
-                    node: 9,
-                    nlookup: 1
-                }
-            ]
+            vec![Op::Forget {
+                node: 9,
+                nlookup: 3
+            }]
         );
     }
 
