@@ -31,6 +31,8 @@ const MAX_DIRS: usize = 4096;
 const BATCH_BYTES: u64 = 768 * 1024;
 /// Requests in flight at once.
 const WORKERS: usize = 2;
+/// Files asked for before the share used decides whether to ask at listing time.
+const EAGER_AFTER: u64 = 256;
 /// How long a first read waits for a copy already asked for before asking itself.
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -60,6 +62,60 @@ struct State {
     /// Nodes asked for and not yet answered, by request number.
     pending: HashMap<u64, u64>,
     next_batch: u64,
+    /// Files asked for, and how many of those the kernel then read from their copy
+    /// (both halved now and then): while most are used, a walk is reading what it lists.
+    asked: u64,
+    used: u64,
+}
+
+impl State {
+    /// A walk reads the files it lists: most copies asked for were used. Then a listed
+    /// directory's small files are asked for at once, not at its first read.
+    fn eager(&self) -> bool {
+        self.asked >= EAGER_AFTER && self.used * 4 >= self.asked * 3
+    }
+
+    /// Marks `nodes` asked for (request number returned) and counts them.
+    fn ask(&mut self, nodes: &[u64]) -> u64 {
+        self.next_batch += 1;
+        let batch = self.next_batch;
+        for &n in nodes {
+            self.pending.insert(n, batch);
+        }
+        self.asked += nodes.len() as u64;
+        if self.asked > 4 * EAGER_AFTER {
+            self.asked /= 2;
+            self.used /= 2;
+        }
+        batch
+    }
+}
+
+/// The files of `files` (but `except`) to ask for in one request: no copy, none asked
+/// for, not `opened`, within a request's bounds.
+fn batch_of<'a>(
+    s: &State,
+    files: impl Iterator<Item = &'a Small>,
+    except: Option<u64>,
+    opened: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let mut nodes = Vec::new();
+    let mut bytes = 0;
+    for f in files {
+        if Some(f.node) == except
+            || s.copies.contains_key(&f.node)
+            || s.pending.contains_key(&f.node)
+            || opened(f.node)
+        {
+            continue;
+        }
+        if bytes + f.size > BATCH_BYTES || nodes.len() == MAX_READ_FILES {
+            break;
+        }
+        bytes += f.size;
+        nodes.push(f.node);
+    }
+    nodes
 }
 
 struct Job {
@@ -154,8 +210,31 @@ impl Ahead {
         for f in &add {
             s.parent.insert(f.node, dir);
         }
+        let mut job = None;
+        if s.eager() {
+            let nodes = batch_of(&s, add.iter(), None, |_| false);
+            if !nodes.is_empty() {
+                let batch = s.ask(&nodes);
+                job = Some(Job { batch, nodes });
+            }
+        }
         if let Some(files) = s.dirs.get_mut(&dir) {
             files.extend(add);
+        }
+        drop(s);
+        if let Some(job) = job {
+            self.send(job);
+        }
+    }
+
+    fn send(&self, job: Job) {
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job);
+        if let Err(mpsc::SendError(job)) = sent {
+            self.answer(job, None);
         }
     }
 
@@ -199,6 +278,9 @@ impl Ahead {
         let start = offset.min(len) as usize;
         let end = offset.saturating_add(size as u64).min(len) as usize;
         let out = c.data[start..end].to_vec();
+        if start == 0 {
+            s.used += 1;
+        }
         if end as u64 == len {
             // Read to its end: the kernel's page cache has it now.
             if let Some(c) = s.copies.remove(&node) {
@@ -222,40 +304,14 @@ impl Ahead {
             if files.iter().any(|f| f.node == node && f.hidden) {
                 return;
             }
-            let mut nodes = Vec::new();
-            let mut bytes = 0;
-            for f in files {
-                if f.node == node
-                    || s.copies.contains_key(&f.node)
-                    || s.pending.contains_key(&f.node)
-                    || opened(f.node)
-                {
-                    continue;
-                }
-                if bytes + f.size > BATCH_BYTES || nodes.len() == MAX_READ_FILES {
-                    break;
-                }
-                bytes += f.size;
-                nodes.push(f.node);
-            }
+            let nodes = batch_of(&s, files.iter(), Some(node), opened);
             if nodes.is_empty() {
                 return;
             }
-            s.next_batch += 1;
-            let batch = s.next_batch;
-            for &n in &nodes {
-                s.pending.insert(n, batch);
-            }
+            let batch = s.ask(&nodes);
             Job { batch, nodes }
         };
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job);
-        if let Err(mpsc::SendError(job)) = sent {
-            self.answer(job, None);
-        }
+        self.send(job);
     }
 
     /// Keeps what the host answered for `job` (on connection `epoch`), unless a change
@@ -362,6 +418,45 @@ mod tests {
             })
             .collect();
         ahead.listed(dir, true, &entries);
+    }
+
+    #[test]
+    fn once_a_walk_reads_what_it_lists_files_are_asked_for_at_listing() {
+        let (asked_tx, asked) = mpsc::sync_channel(4);
+        let (go, go_rx) = mpsc::channel();
+        let gate = Arc::new(Gate {
+            asked: Mutex::new(asked_tx),
+            go: Mutex::new(go_rx),
+        });
+        let ahead = Ahead::start(gate);
+        let names: Vec<Vec<u8>> = (0..300).map(|i| format!("f{i}").into_bytes()).collect();
+        let list = |dir: u64, base: u64| {
+            let entries: Vec<Listed<'_>> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Listed {
+                    node: base + i as u64,
+                    name: n,
+                    mode: libc::S_IFREG | 0o644,
+                    size: 8,
+                })
+                .collect();
+            ahead.listed(dir, true, &entries);
+        };
+        // Not yet: a listing alone asks for nothing.
+        list(1, 1000);
+        assert!(asked.recv_timeout(Duration::from_millis(100)).is_err());
+        ahead.missed(1000, |_| false);
+        assert_eq!(asked.recv().unwrap().len(), 299);
+        go.send(()).unwrap();
+        for n in 1001..1300 {
+            assert!(ahead.read(n, 1, 0, 4096).is_some(), "{n}");
+        }
+        // Every copy was used: the next listing asks at once.
+        list(2, 2000);
+        assert_eq!(asked.recv().unwrap().len(), 300);
+        go.send(()).unwrap();
+        assert!(ahead.read(2000, 1, 0, 4096).is_some());
     }
 
     #[test]
