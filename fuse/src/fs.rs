@@ -279,6 +279,64 @@ pub struct HexzFs {
     prelist: Option<Arc<Prelist<Arc<HostFh>>>>,
 }
 
+/// How many levels below the directories a walk is about to enter are listed ahead too.
+const LIST_AHEAD_DEPTH: u32 = 1;
+
+/// Lists directory `d` ahead (request `n` of `pl`): its first page, kept for the
+/// kernel's first READDIRPLUS; then, `depth` levels further, its subdirectories.
+fn list_one_ahead(
+    conn: Arc<dyn Transport>,
+    pl: Arc<Prelist<Arc<HostFh>>>,
+    d: u64,
+    n: u64,
+    want: u32,
+    since: u64,
+    depth: u32,
+) {
+    let op = Op::Opendir {
+        node: d,
+        list: Some(want),
+    };
+    let (fh, list, epoch) = match conn.call_epoch(op) {
+        Ok((ReplyBody::Opened { fh, list, .. }, epoch)) => (fh, list, epoch),
+        _ => return pl.failed(d, n),
+    };
+    let host = Arc::new(HostFh {
+        fh,
+        epoch,
+        dir: true,
+        conn: conn.clone(),
+    });
+    let Some(l) = list else {
+        return pl.failed(d, n); // the handle goes with `host`
+    };
+    let subdirs: Vec<u64> = l
+        .entries
+        .iter()
+        .filter(|e| e.name != b"." && e.name != b"..")
+        .filter(|e| e.entry.attr.mode & libc::S_IFMT == libc::S_IFDIR)
+        .map(|e| e.entry.node)
+        .collect();
+    let page = Page {
+        entries: l.entries,
+        eof: l.eof,
+        host,
+        since,
+    };
+    for p in pl.arrived(d, n, page) {
+        give_back(&*conn, p);
+    }
+    if depth == 0 {
+        return;
+    }
+    for (sub, m) in pl.deeper(d, &subdirs) {
+        let (conn, pl2) = (conn.clone(), pl.clone());
+        pl.spawn(Box::new(move || {
+            list_one_ahead(conn, pl2, sub, m, want, since, depth - 1)
+        }));
+    }
+}
+
 /// Gives back a listing page read ahead and not used: its entries' references (all but
 /// `.` and `..`) and, as the last holder lets go, its host handle.
 fn give_back(conn: &dyn Transport, page: Page<Arc<HostFh>>) {
@@ -710,36 +768,14 @@ impl HexzFs {
             .collect();
         let want = self.dirplus_batch.load(Ordering::Relaxed);
         let since = self.attrs.since();
-        for (d, n) in pl.kernel_listed(dir, first, &subdirs) {
+        let (ask, stale) = pl.kernel_listed(dir, first, &subdirs, since);
+        for page in stale {
+            self.give_back(page);
+        }
+        for (d, n) in ask {
             let (conn, pl2) = (self.conn.clone(), pl.clone());
             pl.spawn(Box::new(move || {
-                let op = Op::Opendir {
-                    node: d,
-                    list: Some(want),
-                };
-                match conn.call_epoch(op) {
-                    Ok((ReplyBody::Opened { fh, list, .. }, epoch)) => {
-                        let host = Arc::new(HostFh {
-                            fh,
-                            epoch,
-                            dir: true,
-                            conn: conn.clone(),
-                        });
-                        let Some(l) = list else {
-                            return pl2.failed(d, n); // the handle goes with `host`
-                        };
-                        let page = Page {
-                            entries: l.entries,
-                            eof: l.eof,
-                            host,
-                            since,
-                        };
-                        for p in pl2.arrived(d, n, page) {
-                            give_back(&*conn, p);
-                        }
-                    }
-                    _ => pl2.failed(d, n),
-                }
+                list_one_ahead(conn, pl2, d, n, want, since, LIST_AHEAD_DEPTH)
             }));
         }
     }

@@ -97,9 +97,17 @@ impl<H: Send + 'static> Prelist<H> {
     }
 
     /// A page of `dir`'s listing reached the kernel (`first`: from its start), naming
-    /// `subdirs`. Returns the directories to list ahead now, each with its request
-    /// number (pass it to [`Prelist::arrived`] or [`Prelist::failed`]).
-    pub fn kernel_listed(&self, dir: u64, first: bool, subdirs: &[u64]) -> Vec<(u64, u64)> {
+    /// `subdirs`, when the attribute cache's version was `now`. Returns the directories
+    /// to list ahead now, each with its request number (pass it to [`Prelist::arrived`]
+    /// or [`Prelist::failed`]), and pages read ahead before a change (to give back: they
+    /// are asked for again).
+    pub fn kernel_listed(
+        &self,
+        dir: u64,
+        first: bool,
+        subdirs: &[u64],
+        now: u64,
+    ) -> (Vec<(u64, u64)>, Vec<Page<H>>) {
         let mut s = self.state();
         if s.listed.len() >= MAX_KNOWN || s.parent.len() >= MAX_KNOWN {
             s.listed.clear();
@@ -117,7 +125,7 @@ impl<H: Send + 'static> Prelist<H> {
         // A walk going down: the kernel listed this directory's parent too.
         let walking = s.parent.get(&dir).is_some_and(|p| s.listed.contains(p));
         if !walking {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
         let mut want: Vec<u64> = subdirs.to_vec();
         if first {
@@ -126,7 +134,12 @@ impl<H: Send + 'static> Prelist<H> {
             }
         }
         let mut out = Vec::new();
+        let mut stale = Vec::new();
         for d in want {
+            if s.ready.get(&d).is_some_and(|p| p.since != now) {
+                stale.extend(s.ready.remove(&d));
+                s.order.retain(|&x| x != d);
+            }
             if s.ready.len() + s.pending.len() >= MAX_AHEAD {
                 break;
             }
@@ -135,6 +148,33 @@ impl<H: Send + 'static> Prelist<H> {
                 || s.ready.contains_key(&d)
                 || s.pending.contains_key(&d)
             {
+                continue;
+            }
+            s.next += 1;
+            let n = s.next;
+            s.pending.insert(d, n);
+            out.push((d, n));
+        }
+        (out, stale)
+    }
+
+    /// The page of `dir` read ahead (if kept) names `subdirs`: the ones to list ahead
+    /// too, one level further, within the bound.
+    pub fn deeper(&self, dir: u64, subdirs: &[u64]) -> Vec<(u64, u64)> {
+        let mut s = self.state();
+        if !s.ready.contains_key(&dir) {
+            return Vec::new();
+        }
+        for &d in subdirs {
+            s.parent.insert(d, dir);
+        }
+        s.subdirs.insert(dir, subdirs.to_vec());
+        let mut out = Vec::new();
+        for &d in subdirs {
+            if s.ready.len() + s.pending.len() >= MAX_AHEAD {
+                break;
+            }
+            if s.listed.contains(&d) || s.ready.contains_key(&d) || s.pending.contains_key(&d) {
                 continue;
             }
             s.next += 1;
