@@ -83,7 +83,7 @@ impl State {
             self.pending.insert(n, batch);
         }
         self.asked += nodes.len() as u64;
-        if self.asked > 4 * EAGER_AFTER {
+        if self.asked > 2 * EAGER_AFTER {
             self.asked /= 2;
             self.used /= 2;
         }

@@ -11,7 +11,7 @@
 //! references forgotten, its host handle released). Bounded: [`MAX_AHEAD`] pages asked
 //! for or waiting at once.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,6 +22,9 @@ use hexz_protocol::DirEntryPlus;
 pub const MAX_AHEAD: usize = 128;
 /// Directories remembered (listed by the kernel, or seen as a subdirectory).
 const MAX_KNOWN: usize = 1 << 16;
+/// A walk goes down when the kernel lists a directory whose parent was among its last
+/// this many listings.
+const RECENT: u64 = 64;
 /// Threads sending the requests.
 const WORKERS: usize = 2;
 /// How long the kernel's listing waits for a page already asked for.
@@ -43,8 +46,10 @@ struct State<H> {
     /// Directories asked for, by request number.
     pending: HashMap<u64, u64>,
     next: u64,
-    /// Directories the kernel listed from the start.
-    listed: HashSet<u64>,
+    /// Directories the kernel listed from the start, with the count of such listings
+    /// then.
+    listed: HashMap<u64, u64>,
+    listings: u64,
     /// Subdirectories seen in listings, and their parents.
     subdirs: HashMap<u64, Vec<u64>>,
     parent: HashMap<u64, u64>,
@@ -83,7 +88,8 @@ impl<H: Send + 'static> Prelist<H> {
                 order: VecDeque::new(),
                 pending: HashMap::new(),
                 next: 0,
-                listed: HashSet::new(),
+                listed: HashMap::new(),
+                listings: 0,
                 subdirs: HashMap::new(),
                 parent: HashMap::new(),
             }),
@@ -115,15 +121,23 @@ impl<H: Send + 'static> Prelist<H> {
             s.parent.clear();
         }
         if first {
-            s.listed.insert(dir);
+            s.listings += 1;
+            let at = s.listings;
+            s.listed.insert(dir, at);
             s.subdirs.insert(dir, Vec::new());
         }
         for &d in subdirs {
             s.parent.insert(d, dir);
         }
         s.subdirs.entry(dir).or_default().extend_from_slice(subdirs);
-        // A walk going down: the kernel listed this directory's parent too.
-        let walking = s.parent.get(&dir).is_some_and(|p| s.listed.contains(p));
+        // A walk going down: the kernel listed this directory's parent too, lately (a
+        // parent listed long ago, as the root by an earlier walk, says nothing of what
+        // comes next).
+        let walking = s
+            .parent
+            .get(&dir)
+            .and_then(|p| s.listed.get(p))
+            .is_some_and(|&at| at + RECENT >= s.listings);
         if !walking {
             return (Vec::new(), Vec::new());
         }
@@ -144,7 +158,7 @@ impl<H: Send + 'static> Prelist<H> {
                 break;
             }
             if d == dir
-                || s.listed.contains(&d)
+                || s.listed.contains_key(&d)
                 || s.ready.contains_key(&d)
                 || s.pending.contains_key(&d)
             {
@@ -174,7 +188,7 @@ impl<H: Send + 'static> Prelist<H> {
             if s.ready.len() + s.pending.len() >= MAX_AHEAD {
                 break;
             }
-            if s.listed.contains(&d) || s.ready.contains_key(&d) || s.pending.contains_key(&d) {
+            if s.listed.contains_key(&d) || s.ready.contains_key(&d) || s.pending.contains_key(&d) {
                 continue;
             }
             s.next += 1;
