@@ -844,13 +844,13 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
         }
     }
     let names = |d: &Path| {
-        let mut v: Vec<(String, u64)> = fs::read_dir(d)
+        let mut v: Vec<(String, u64, u32)> = fs::read_dir(d)
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
                 let md = fs::symlink_metadata(e.path()).unwrap();
                 let len = if md.is_dir() { 0 } else { md.len() }; // a directory's varies
-                (e.file_name().to_string_lossy().into_owned(), len)
+                (e.file_name().to_string_lossy().into_owned(), len, md.mode())
             })
             .collect();
         v.sort();
@@ -873,6 +873,25 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
             .write_all_at(b"longer now", 0)
             .unwrap();
     };
+    // First attribute changes alone (setattr: a mode, a size), and a0/b5 listed right
+    // after them: its page read ahead predates them.
+    let set_attrs = |root: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(root.join("a0/b5/f0"), fs::Permissions::from_mode(0o600)).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(root.join("a0/b5/f4"))
+            .unwrap()
+            .set_len(3)
+            .unwrap();
+    };
+    set_attrs(&m.mnt);
+    set_attrs(&local);
+    assert_eq!(
+        names(&m.path("a0/b5")),
+        names(&local.join("a0/b5")),
+        "a0/b5 after setattrs"
+    );
     change(&m.mnt);
     change(&local);
     let mut wrong = Vec::new();

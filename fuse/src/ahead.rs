@@ -12,10 +12,10 @@
 //! host may have answered the two in either order). A copy is also dropped once read to
 //! its end: the kernel's page cache has it then.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hexz_protocol::{Op, ReplyBody, MAX_READ_FILES};
 
@@ -31,6 +31,8 @@ const MAX_DIRS: usize = 4096;
 const BATCH_BYTES: u64 = 768 * 1024;
 /// Requests in flight at once.
 const WORKERS: usize = 2;
+/// Nodes remembered as asked for, at most.
+const MAX_ASKED_FOR: usize = 1 << 16;
 /// Files asked for before the share used decides whether to ask at listing time.
 const EAGER_AFTER: u64 = 256;
 /// How long a first read waits for a copy already asked for before asking itself.
@@ -61,6 +63,9 @@ struct State {
     bytes: usize,
     /// Nodes asked for and not yet answered, by request number.
     pending: HashMap<u64, u64>,
+    /// Nodes asked for once (answered or not, read or not): not asked for again until
+    /// they change. A copy read to its end is gone, but the page cache has the file.
+    asked_for: HashSet<u64>,
     next_batch: u64,
     /// Files asked for, and how many of those the kernel then read from their copy
     /// (both halved now and then): while most are used, a walk is reading what it lists.
@@ -79,8 +84,12 @@ impl State {
     fn ask(&mut self, nodes: &[u64]) -> u64 {
         self.next_batch += 1;
         let batch = self.next_batch;
+        if self.asked_for.len() >= MAX_ASKED_FOR {
+            self.asked_for.clear();
+        }
         for &n in nodes {
             self.pending.insert(n, batch);
+            self.asked_for.insert(n);
         }
         self.asked += nodes.len() as u64;
         if self.asked > 2 * EAGER_AFTER {
@@ -105,6 +114,8 @@ fn batch_of<'a>(
         if Some(f.node) == except
             || s.copies.contains_key(&f.node)
             || s.pending.contains_key(&f.node)
+            || s.asked_for.contains(&f.node)
+            || !s.parent.contains_key(&f.node) // the kernel forgot it
             || opened(f.node)
         {
             continue;
@@ -243,6 +254,7 @@ impl Ahead {
     pub fn changed(&self, node: u64) {
         let mut s = self.state();
         s.pending.remove(&node);
+        s.asked_for.remove(&node);
         if let Some(c) = s.copies.remove(&node) {
             s.bytes -= c.data.len();
         }
@@ -260,15 +272,17 @@ impl Ahead {
     /// already asked for. `None`: there is none; read from the host.
     pub fn read(&self, node: u64, epoch: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
         let mut s = self.state();
+        let deadline = Instant::now() + WAIT;
         while s.pending.contains_key(&node) {
-            let (next, timeout) = self
-                .answered
-                .wait_timeout(s, WAIT)
-                .unwrap_or_else(|p| p.into_inner());
-            s = next;
-            if timeout.timed_out() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return None;
             }
+            let (next, _) = self
+                .answered
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner());
+            s = next;
         }
         let c = s.copies.get(&node)?;
         if c.epoch != epoch {
@@ -278,14 +292,13 @@ impl Ahead {
         let start = offset.min(len) as usize;
         let end = offset.saturating_add(size as u64).min(len) as usize;
         let out = c.data[start..end].to_vec();
-        if start == 0 {
-            s.used += 1;
-        }
+
         if end as u64 == len {
             // Read to its end: the kernel's page cache has it now.
             if let Some(c) = s.copies.remove(&node) {
                 s.bytes -= c.data.len();
             }
+            s.used += 1;
         }
         Some(out)
     }

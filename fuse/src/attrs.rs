@@ -36,6 +36,10 @@ struct State {
     /// Counts invalidations: a reply is cached only if none happened since its request
     /// was sent (it may describe the node as it was before).
     version: u64,
+    /// Counts every change made through this mount that is known (a superset of the
+    /// invalidations: also changes whose replies were cached, as a setattr's): what a
+    /// listing read ahead is checked against (`prelist.rs`).
+    changes: u64,
     /// Nodes known to have no `security.capability`.
     no_caps: HashSet<u64>,
 }
@@ -100,6 +104,18 @@ impl AttrCache {
         let mut s = self.state();
         s.attrs.remove(&node);
         s.version += 1;
+        s.changes += 1;
+    }
+
+    /// Something changed through this mount (attributes or names), whatever the cache
+    /// keeps of it.
+    pub fn note_change(&self) {
+        self.state().changes += 1;
+    }
+
+    /// The count of changes so far ([`AttrCache::note_change`]).
+    pub fn changes(&self) -> u64 {
+        self.state().changes
     }
 
     /// Some node's attributes changed on the host, and which is not known.
@@ -107,6 +123,7 @@ impl AttrCache {
         let mut s = self.state();
         s.attrs.clear();
         s.version += 1;
+        s.changes += 1;
     }
 
     /// The kernel forgot `node`.
@@ -142,6 +159,7 @@ impl AttrCache {
         s.attrs.remove(&node);
         s.no_caps.remove(&node);
         s.version += 1;
+        s.changes += 1;
     }
 }
 

@@ -674,7 +674,7 @@ impl HexzFs {
         if let (0, Some(_), Some(pl)) = (cookie, plus, &self.prelist) {
             if let Some(page) = pl.take(node) {
                 // Only if nothing changed since it was asked for, on this connection.
-                if page.host.epoch == epoch && page.since == self.attrs.since() {
+                if page.host.epoch == epoch && page.since == self.attrs.changes() {
                     tracing::debug!(dir = node, "listing from a page read ahead");
                     let body = ReplyBody::DirPlus {
                         entries: page.entries,
@@ -743,6 +743,7 @@ impl HexzFs {
     /// progress there continue on fresh host handles, which list the directory as it is
     /// now (resuming by name), and no "ended here" of an older listing is trusted.
     fn dir_changed(&self, dir: u64) {
+        self.attrs.note_change();
         let gone = self.listings().forget(dir);
         drop(gone);
         if let Some(page) = self.prelist.as_ref().and_then(|pl| pl.forget(dir)) {
@@ -767,7 +768,7 @@ impl HexzFs {
             .map(|e| e.entry.node)
             .collect();
         let want = self.dirplus_batch.load(Ordering::Relaxed);
-        let since = self.attrs.since();
+        let since = self.attrs.changes();
         let (ask, stale) = pl.kernel_listed(dir, first, &subdirs, since);
         for page in stale {
             self.give_back(page);
@@ -1127,6 +1128,8 @@ impl Filesystem for HexzFs {
             self.data_changes(ino.0);
         }
         let r = self.call(op);
+        // Listings read ahead before now may hold the old attributes.
+        self.attrs.note_change();
         if size.is_some() {
             self.data_changes(ino.0);
         }

@@ -6,7 +6,7 @@
 //! answers the kernel's first READDIRPLUS of each from that page.
 //!
 //! A page is used only if no attribute or name changed through this mount since it was
-//! asked for (the attribute cache's version, `attrs.rs`: every change bumps it), and
+//! asked for (the count of changes the attribute cache keeps, `attrs.rs`), and
 //! only on the connection that answered it; any other page is given back (its entries'
 //! references forgotten, its host handle released). Bounded: [`MAX_AHEAD`] pages asked
 //! for or waiting at once.
@@ -36,7 +36,8 @@ pub struct Page<H> {
     pub eof: bool,
     /// The host handle the listing continues on.
     pub host: H,
-    /// The attribute cache's version when the page was asked for.
+    /// The count of changes made through the mount when the page was asked for
+    /// (`AttrCache::changes`).
     pub since: u64,
 }
 
@@ -53,6 +54,9 @@ struct State<H> {
     /// Subdirectories seen in listings, and their parents.
     subdirs: HashMap<u64, Vec<u64>>,
     parent: HashMap<u64, u64>,
+    /// Per parent, how far its subdirectories were considered as siblings to list
+    /// ahead (each is looked at once: a wide directory costs linear work, not square).
+    sibling_cursor: HashMap<u64, usize>,
 }
 
 pub type Job = Box<dyn FnOnce() + Send>;
@@ -92,6 +96,7 @@ impl<H: Send + 'static> Prelist<H> {
                 listings: 0,
                 subdirs: HashMap::new(),
                 parent: HashMap::new(),
+                sibling_cursor: HashMap::new(),
             }),
             arrived: Condvar::new(),
             jobs: Mutex::new(tx),
@@ -119,17 +124,22 @@ impl<H: Send + 'static> Prelist<H> {
             s.listed.clear();
             s.subdirs.clear();
             s.parent.clear();
+            s.sibling_cursor.clear();
         }
         if first {
             s.listings += 1;
             let at = s.listings;
             s.listed.insert(dir, at);
             s.subdirs.insert(dir, Vec::new());
+            s.sibling_cursor.remove(&dir);
         }
         for &d in subdirs {
             s.parent.insert(d, dir);
         }
-        s.subdirs.entry(dir).or_default().extend_from_slice(subdirs);
+        let known = s.subdirs.entry(dir).or_default();
+        if known.len() < MAX_KNOWN {
+            known.extend_from_slice(subdirs);
+        }
         // A walk going down: the kernel listed this directory's parent too, lately (a
         // parent listed long ago, as the root by an earlier walk, says nothing of what
         // comes next).
@@ -142,10 +152,27 @@ impl<H: Send + 'static> Prelist<H> {
             return (Vec::new(), Vec::new());
         }
         let mut want: Vec<u64> = subdirs.to_vec();
-        if first {
-            if let Some(p) = s.parent.get(&dir) {
-                want.extend(s.subdirs.get(p).into_iter().flatten().copied());
+        if let (true, Some(&p)) = (first, s.parent.get(&dir)) {
+            // The siblings not yet considered, as many as there is room for.
+            let room = MAX_AHEAD.saturating_sub(s.ready.len() + s.pending.len());
+            let from = s.sibling_cursor.get(&p).copied().unwrap_or(0);
+            let sibs = s
+                .subdirs
+                .get(&p)
+                .map_or(&[][..], |v| &v[from.min(v.len())..]);
+            let mut taken = 0;
+            let mut seen = 0;
+            for &d in sibs {
+                if taken >= room {
+                    break;
+                }
+                seen += 1;
+                if !s.listed.contains_key(&d) && !s.pending.contains_key(&d) {
+                    want.push(d);
+                    taken += 1;
+                }
             }
+            s.sibling_cursor.insert(p, from + seen);
         }
         let mut out = Vec::new();
         let mut stale = Vec::new();
