@@ -13,13 +13,13 @@
 //! its end: the kernel's page cache has it then.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use hexz_protocol::{Op, ReplyBody, MAX_READ_FILES};
 
 use crate::transport::Transport;
+use crate::workers::Workers;
 
 /// Files at most this long are read ahead.
 pub const SMALL_FILE: u64 = 64 * 1024;
@@ -29,8 +29,6 @@ const MAX_BYTES: usize = 32 << 20;
 const MAX_DIRS: usize = 4096;
 /// Listed bytes asked for in one request (the reply must fit one frame too).
 const BATCH_BYTES: u64 = 768 * 1024;
-/// Requests in flight at once.
-const WORKERS: usize = 2;
 /// Nodes remembered as asked for, at most.
 const MAX_ASKED_FOR: usize = 1 << 16;
 /// Files asked for before the share used decides whether to ask at listing time.
@@ -137,7 +135,10 @@ struct Job {
 pub struct Ahead {
     state: Mutex<State>,
     answered: Condvar,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    conn: Arc<dyn Transport>,
+    workers: Arc<Workers>,
+    /// This adapter's own `Arc`, for the jobs (which end quietly once it is gone).
+    me: Weak<Ahead>,
 }
 
 /// One listed entry, as the adapter passes it on.
@@ -149,39 +150,15 @@ pub struct Listed<'a> {
 }
 
 impl Ahead {
-    /// Starts the threads that send the requests on `conn`.
-    pub fn start(conn: Arc<dyn Transport>) -> Arc<Ahead> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let ahead = Arc::new(Ahead {
+    /// Requests go on `conn`, sent by `workers`.
+    pub fn start(conn: Arc<dyn Transport>, workers: Arc<Workers>) -> Arc<Ahead> {
+        Arc::new_cyclic(|me| Ahead {
             state: Mutex::new(State::default()),
             answered: Condvar::new(),
-            jobs: Mutex::new(tx),
-        });
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..WORKERS {
-            let rx = rx.clone();
-            let conn = conn.clone();
-            // Weak: the threads end when the adapter (and its sender) goes.
-            let me = Arc::downgrade(&ahead);
-            let spawned = std::thread::Builder::new()
-                .name(format!("hexz-ahead-{i}"))
-                .spawn(move || loop {
-                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                        Ok(j) => j,
-                        Err(_) => return,
-                    };
-                    let r = conn.call_epoch(Op::ReadFiles {
-                        nodes: job.nodes.clone(),
-                        max_size: SMALL_FILE as u32,
-                    });
-                    let Some(me) = me.upgrade() else { return };
-                    me.answer(job, r.ok());
-                });
-            if let Err(e) = spawned {
-                tracing::warn!("no read-ahead thread: {e}");
-            }
-        }
-        ahead
+            conn,
+            workers,
+            me: me.clone(),
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -238,15 +215,18 @@ impl Ahead {
         }
     }
 
+    /// Sends `job`'s request on a worker; its answer is kept by [`Ahead::answer`].
     fn send(&self, job: Job) {
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job);
-        if let Err(mpsc::SendError(job)) = sent {
-            self.answer(job, None);
-        }
+        let (conn, me) = (self.conn.clone(), self.me.clone());
+        self.workers.run(Box::new(move || {
+            let r = conn.call_epoch(Op::ReadFiles {
+                nodes: job.nodes.clone(),
+                max_size: SMALL_FILE as u32,
+            });
+            if let Some(me) = me.upgrade() {
+                me.answer(job, r.ok());
+            }
+        }));
     }
 
     /// A request that can change `node`'s data is about to be sent, or was answered; or
@@ -383,7 +363,7 @@ mod tests {
     use crate::transport::CallError;
     use hexz_protocol::ByteBuf;
     use hexz_protocol::{FileData, Limits};
-    use std::sync::mpsc::{Receiver, SyncSender};
+    use std::sync::mpsc::{self, Receiver, SyncSender};
 
     /// Answers `read_files` with each node's id as its contents, once the test lets it.
     struct Gate {
@@ -420,6 +400,18 @@ mod tests {
         }
     }
 
+    /// An `Ahead` over a [`Gate`]: what each request asked for, and the sender that lets
+    /// the next one be answered.
+    fn gated() -> (Arc<Ahead>, Receiver<Vec<u64>>, mpsc::Sender<()>) {
+        let (asked_tx, asked) = mpsc::sync_channel(4);
+        let (go, go_rx) = mpsc::channel();
+        let gate = Arc::new(Gate {
+            asked: Mutex::new(asked_tx),
+            go: Mutex::new(go_rx),
+        });
+        (Ahead::start(gate, Workers::start(2)), asked, go)
+    }
+
     fn listed(ahead: &Ahead, dir: u64, nodes: &[(u64, &'static [u8])]) {
         let entries: Vec<Listed<'_>> = nodes
             .iter()
@@ -435,13 +427,7 @@ mod tests {
 
     #[test]
     fn once_a_walk_reads_what_it_lists_files_are_asked_for_at_listing() {
-        let (asked_tx, asked) = mpsc::sync_channel(4);
-        let (go, go_rx) = mpsc::channel();
-        let gate = Arc::new(Gate {
-            asked: Mutex::new(asked_tx),
-            go: Mutex::new(go_rx),
-        });
-        let ahead = Ahead::start(gate);
+        let (ahead, asked, go) = gated();
         let names: Vec<Vec<u8>> = (0..300).map(|i| format!("f{i}").into_bytes()).collect();
         let list = |dir: u64, base: u64| {
             let entries: Vec<Listed<'_>> = names
@@ -474,13 +460,7 @@ mod tests {
 
     #[test]
     fn a_copy_asked_for_before_a_change_is_not_kept_and_others_are_used() {
-        let (asked_tx, asked) = mpsc::sync_channel(4);
-        let (go, go_rx) = mpsc::channel();
-        let gate = Arc::new(Gate {
-            asked: Mutex::new(asked_tx),
-            go: Mutex::new(go_rx),
-        });
-        let ahead = Ahead::start(gate);
+        let (ahead, asked, go) = gated();
         listed(
             &ahead,
             1,

@@ -32,6 +32,11 @@ use crate::ahead::{Ahead, Listed};
 use crate::attrs::{AttrCache, CAPS_XATTR};
 use crate::names::Names;
 use crate::prelist::{Page, Prelist};
+use crate::workers::Workers;
+
+/// Threads sending read-ahead requests (each waits for its reply): how many are in
+/// flight at once, small files and listings together.
+const READ_AHEAD_THREADS: usize = 4;
 use crate::transport::{CallError, Transport};
 
 /// A handle on the host, valid only on the connection (`epoch`) that opened it. Everyone
@@ -310,13 +315,7 @@ fn list_one_ahead(
     let Some(l) = list else {
         return pl.failed(d, n); // the handle goes with `host`
     };
-    let subdirs: Vec<u64> = l
-        .entries
-        .iter()
-        .filter(|e| e.name != b"." && e.name != b"..")
-        .filter(|e| e.entry.attr.mode & libc::S_IFMT == libc::S_IFDIR)
-        .map(|e| e.entry.node)
-        .collect();
+    let subdirs = subdirs_of(&l.entries);
     let page = Page {
         entries: l.entries,
         eof: l.eof,
@@ -335,6 +334,16 @@ fn list_one_ahead(
             list_one_ahead(conn, pl2, sub, m, want, since, depth - 1)
         }));
     }
+}
+
+/// The subdirectories named in a listing page (not `.` and `..`).
+fn subdirs_of(entries: &[DirEntryPlus]) -> Vec<u64> {
+    entries
+        .iter()
+        .filter(|e| e.name != b"." && e.name != b"..")
+        .filter(|e| e.entry.attr.mode & libc::S_IFMT == libc::S_IFDIR)
+        .map(|e| e.entry.node)
+        .collect()
 }
 
 /// Gives back a listing page read ahead and not used: its entries' references (all but
@@ -465,6 +474,7 @@ fn idempotent(op: &Op) -> bool {
 
 impl HexzFs {
     pub fn new(conn: Arc<dyn Transport>, opts: Options) -> HexzFs {
+        let workers = opts.read_ahead.then(|| Workers::start(READ_AHEAD_THREADS));
         HexzFs {
             no_open: opts.no_open,
             no_opendir: opts.no_opendir,
@@ -479,9 +489,11 @@ impl HexzFs {
             attrs: AttrCache::default(),
             host_read_only: AtomicBool::new(false),
             names: Names::default(),
-            ahead: (opts.read_ahead && conn.has_cap(CAP_READ_FILES))
-                .then(|| Ahead::start(conn.clone())),
-            prelist: opts.read_ahead.then(Prelist::start),
+            ahead: workers
+                .clone()
+                .filter(|_| conn.has_cap(CAP_READ_FILES))
+                .map(|w| Ahead::start(conn.clone(), w)),
+            prelist: workers.map(Prelist::start),
             conn,
         }
     }
@@ -761,12 +773,7 @@ impl HexzFs {
     /// directories ahead (`prelist.rs`).
     fn list_ahead(&self, dir: u64, first: bool, entries: &[DirEntryPlus]) {
         let Some(pl) = &self.prelist else { return };
-        let subdirs: Vec<u64> = entries
-            .iter()
-            .filter(|e| e.name != b"." && e.name != b"..")
-            .filter(|e| e.entry.attr.mode & libc::S_IFMT == libc::S_IFDIR)
-            .map(|e| e.entry.node)
-            .collect();
+        let subdirs = subdirs_of(entries);
         let want = self.dirplus_batch.load(Ordering::Relaxed);
         let since = self.attrs.changes();
         let (ask, stale) = pl.kernel_listed(dir, first, &subdirs, since);

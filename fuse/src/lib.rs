@@ -9,6 +9,7 @@ mod fs;
 mod names;
 mod prelist;
 mod transport;
+mod workers;
 
 pub use fs::{HexzFs, Options, MAX_NODE_HANDLES};
 pub use transport::{CallError, Transport};

@@ -12,11 +12,12 @@
 //! for or waiting at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hexz_protocol::DirEntryPlus;
+
+use crate::workers::{Job, Workers};
 
 /// Pages asked for and not yet used, at most.
 pub const MAX_AHEAD: usize = 128;
@@ -25,8 +26,6 @@ const MAX_KNOWN: usize = 1 << 16;
 /// A walk goes down when the kernel lists a directory whose parent was among its last
 /// this many listings.
 const RECENT: u64 = 64;
-/// Threads sending the requests.
-const WORKERS: usize = 2;
 /// How long the kernel's listing waits for a page already asked for.
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -59,33 +58,15 @@ struct State<H> {
     sibling_cursor: HashMap<u64, usize>,
 }
 
-pub type Job = Box<dyn FnOnce() + Send>;
-
 pub struct Prelist<H> {
     state: Mutex<State<H>>,
     arrived: Condvar,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    workers: Arc<Workers>,
 }
 
 impl<H: Send + 'static> Prelist<H> {
-    pub fn start() -> Arc<Prelist<H>> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..WORKERS {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("hexz-prelist-{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!("no listing-ahead thread: {e}");
-            }
-        }
+    /// Requests are sent by `workers`.
+    pub fn start(workers: Arc<Workers>) -> Arc<Prelist<H>> {
         Arc::new(Prelist {
             state: Mutex::new(State {
                 ready: HashMap::new(),
@@ -99,7 +80,7 @@ impl<H: Send + 'static> Prelist<H> {
                 sibling_cursor: HashMap::new(),
             }),
             arrived: Condvar::new(),
-            jobs: Mutex::new(tx),
+            workers,
         })
     }
 
@@ -226,16 +207,9 @@ impl<H: Send + 'static> Prelist<H> {
         out
     }
 
-    /// Runs `job` on a listing-ahead thread.
+    /// Runs `job` on a read-ahead thread.
     pub fn spawn(&self, job: Job) {
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job);
-        if let Err(mpsc::SendError(job)) = sent {
-            job(); // the threads are gone: do it here rather than leave it pending
-        }
+        self.workers.run(job);
     }
 
     /// The page asked for as request `n` arrived: kept unless `dir` changed or was

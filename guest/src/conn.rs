@@ -269,17 +269,23 @@ impl Conn {
                 }
                 same_node
             });
-            match items.as_slice() {
-                &[(node, nlookup)] => self.post_on(epoch, Op::Forget { node, nlookup }),
-                many => {
-                    for chunk in many.chunks(REFS_PER_REQUEST) {
-                        self.post_on(
-                            epoch,
-                            Op::BatchForget {
-                                items: chunk.to_vec(),
-                            },
-                        );
-                    }
+            self.post_forgets(epoch, &items);
+        }
+    }
+
+    /// Gives back `items` on connection `epoch`: one `forget`, or `batch_forget`s.
+    fn post_forgets(&self, epoch: u64, items: &[(u64, u64)]) {
+        match items {
+            [] => {}
+            &[(node, nlookup)] => self.post_on(epoch, Op::Forget { node, nlookup }),
+            many => {
+                for chunk in many.chunks(REFS_PER_REQUEST) {
+                    self.post_on(
+                        epoch,
+                        Op::BatchForget {
+                            items: chunk.to_vec(),
+                        },
+                    );
                 }
             }
         }
@@ -524,16 +530,7 @@ impl Conn {
                     self.forgets_queued.notify_one();
                 }
             }
-            many => {
-                for chunk in many.chunks(REFS_PER_REQUEST) {
-                    self.post_on(
-                        epoch,
-                        Op::BatchForget {
-                            items: chunk.to_vec(),
-                        },
-                    );
-                }
-            }
+            many => self.post_forgets(epoch, many),
         }
     }
 }
