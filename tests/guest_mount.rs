@@ -520,6 +520,9 @@ fn rm_rf_of_ten_thousand_files_leaves_no_upper_files() {
     for i in 0..10_000 {
         fs::write(m.path(&format!("many/{long}-{i:05}")), b"x").unwrap();
     }
+    // Creates may be answered before the host made them (write-behind): an fsync of the
+    // directory waits until they are.
+    File::open(m.path("many")).unwrap().sync_all().unwrap();
     assert!(upper_files(&m.overlay) >= 10_000, "files were not created");
     drop_caches();
     let st = Command::new("rm")

@@ -1390,3 +1390,176 @@ fn read_files_needs_its_capability() {
         ReplyBody::Err(Errno::ENOSYS)
     );
 }
+
+#[test]
+fn write_behind_batches_run_in_order_at_the_clients_time_with_reserved_ids() {
+    let fx = Fixture::new();
+    let server = fx.server("s", &["--overlay", &fx.overlay("ov")]);
+    let mut c = server.connect();
+    assert!(c.hello.caps.contains(&"write_behind".to_string()));
+    let (first, count) = match c.call(Op::Reserve { count: 4 }) {
+        ReplyBody::Reserved { first, count } => (first, count),
+        other => panic!("expected reserved, got {other:?}"),
+    };
+    assert_eq!(count, 4);
+    let create_as = |name: &str, node: u64, data: &[u8]| Op::CreateAs {
+        parent: ROOT_NODE,
+        name: name.as_bytes().to_vec(),
+        mode: 0o640,
+        flags: O_RDWR as u32,
+        uid: 1000,
+        gid: 1000,
+        node,
+        data: ByteBuf::from(data.to_vec()),
+    };
+    let at = |s: i64| Timespec(s, 123);
+    let ops = vec![
+        Timed {
+            at: at(1_000),
+            op: create_as("a", first, b"hello"),
+        },
+        Timed {
+            at: at(2_000),
+            op: create_as("b", first + 1, b""),
+        },
+        // An id this connection did not reserve; a name that exists (the id is used up).
+        Timed {
+            at: at(3_000),
+            op: create_as("c", first + 100, b""),
+        },
+        Timed {
+            at: at(4_000),
+            op: create_as("README.md", first + 2, b""),
+        },
+        // Not allowed in a batch: not executed.
+        Timed {
+            at: at(5_000),
+            op: Op::Lookup {
+                parent: ROOT_NODE,
+                name: b"a".to_vec(),
+            },
+        },
+        // In order: b exists by now.
+        Timed {
+            at: at(6_000),
+            op: Op::Unlink {
+                parent: ROOT_NODE,
+                name: b"b".to_vec(),
+            },
+        },
+    ];
+    let replies = match c.call(Op::Batch { ops }) {
+        ReplyBody::Batch { replies } => replies,
+        other => panic!("expected batch, got {other:?}"),
+    };
+    assert_eq!(replies.len(), 6, "{replies:?}");
+    let ReplyBody::Created { entry, fh } = &replies[0] else {
+        panic!("create_as a: {:?}", replies[0]);
+    };
+    assert_eq!(entry.node, first);
+    assert_eq!(entry.attr.ino, first);
+    assert_eq!(entry.attr.size, 5);
+    assert_eq!(entry.attr.mode, libc::S_IFREG | 0o640);
+    assert_eq!((entry.attr.uid, entry.attr.gid), (1000, 1000));
+    assert_eq!(
+        (entry.attr.atime, entry.attr.mtime, entry.attr.ctime),
+        (at(1_000), at(1_000), at(1_000)),
+        "the client's time, also for the write of its data"
+    );
+    assert_eq!(c.read(*fh, 0, 100).unwrap(), b"hello");
+    assert!(matches!(replies[1], ReplyBody::Created { .. }));
+    assert_eq!(replies[2], ReplyBody::Err(Errno::EINVAL));
+    assert_eq!(replies[3], ReplyBody::Err(Errno::EEXIST));
+    assert_eq!(replies[4], ReplyBody::Err(Errno::EINVAL));
+    assert!(
+        matches!(replies[5], ReplyBody::Ok { .. }),
+        "{:?}",
+        replies[5]
+    );
+    assert_eq!(c.lookup(ROOT_NODE, "b").unwrap_err(), Errno::ENOENT);
+    assert_eq!(c.lookup(ROOT_NODE, "c").unwrap_err(), Errno::ENOENT);
+    let root = c.getattr(ROOT_NODE).unwrap();
+    assert_eq!((root.mtime, root.ctime), (at(6_000), at(6_000)));
+    assert_eq!(c.walk("a").unwrap().node, first);
+    // A reserved id is good for one create only (README.md's failure used first + 2).
+    let again = |c: &mut Client, node: u64| {
+        c.call(Op::CreateAs {
+            parent: ROOT_NODE,
+            name: b"again".to_vec(),
+            mode: 0o600,
+            flags: O_RDWR as u32,
+            uid: 0,
+            gid: 0,
+            node,
+            data: ByteBuf::new(),
+        })
+    };
+    assert_eq!(again(&mut c, first), ReplyBody::Err(Errno::EINVAL));
+    assert_eq!(again(&mut c, first + 2), ReplyBody::Err(Errno::EINVAL));
+    assert!(matches!(
+        again(&mut c, first + 3),
+        ReplyBody::Created { .. }
+    ));
+    // Another connection cannot use this one's ids, and gets its own.
+    let mut other = server.connect();
+    let ReplyBody::Reserved { first: theirs, .. } = other.call(Op::Reserve { count: 1 }) else {
+        panic!("reserve on a second connection");
+    };
+    assert!(theirs >= first + 4, "ids are never handed out twice");
+    // Bounds.
+    assert_eq!(
+        c.call(Op::Reserve { count: 0 }),
+        ReplyBody::Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        c.call(Op::Reserve { count: 1025 }),
+        ReplyBody::Err(Errno::EINVAL)
+    );
+    for _ in 0..4 {
+        assert!(matches!(
+            c.call(Op::Reserve { count: 1024 }),
+            ReplyBody::Reserved { .. }
+        ));
+    }
+    assert_eq!(
+        c.call(Op::Reserve { count: 1 }),
+        ReplyBody::Err(Errno::EAGAIN),
+        "at most 4096 unused ids per connection"
+    );
+    let too_many = (0..257)
+        .map(|i| Timed {
+            at: at(i),
+            op: Op::Unlink {
+                parent: ROOT_NODE,
+                name: b"nothing".to_vec(),
+            },
+        })
+        .collect();
+    assert_eq!(
+        c.call(Op::Batch { ops: too_many }),
+        ReplyBody::Err(Errno::EINVAL)
+    );
+    // Without the capability.
+    let mut h = default_hello();
+    h.caps.retain(|c| c != "write_behind");
+    let stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    let mut plain = hexz_protocol::client::Client::new(stream, h).unwrap();
+    for op in [
+        Op::Reserve { count: 1 },
+        Op::Batch { ops: vec![] },
+        create_as("x", first + 3, b""),
+    ] {
+        assert_eq!(plain.call(op).unwrap(), ReplyBody::Err(Errno::ENOSYS));
+    }
+}
+
+#[test]
+fn write_behind_is_refused_by_a_read_only_server() {
+    let fx = Fixture::new();
+    let server = fx.server("s", &["--read-only"]);
+    let mut c = server.connect();
+    assert_eq!(
+        c.call(Op::Reserve { count: 1 }),
+        ReplyBody::Err(Errno::EROFS)
+    );
+}

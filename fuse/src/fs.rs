@@ -26,10 +26,12 @@ use fuser::{
 };
 use hexz_protocol::{
     Attr, DirEntryPlus, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec, CAP_READ_FILES,
+    CAP_WRITE_BEHIND,
 };
 
 use crate::ahead::{Ahead, Listed};
 use crate::attrs::{AttrCache, CAPS_XATTR};
+use crate::behind::{Behind, MAX_FIRST_DATA};
 use crate::names::Names;
 use crate::prelist::{Page, Prelist};
 use crate::workers::Workers;
@@ -240,6 +242,10 @@ pub struct Options {
     /// other small files in one request (if the host offers `read_files`); when a walk
     /// goes down, the first listing page of the next directories (`prelist.rs`).
     pub read_ahead: bool,
+    /// Answer creates (with their first bytes) and unlinks at once and send them to the
+    /// host behind, in order, many per round trip (`behind.rs`), in no-open mode and
+    /// where the host offers `write_behind`.
+    pub write_behind: bool,
 }
 
 impl Default for Options {
@@ -251,6 +257,7 @@ impl Default for Options {
             max_node_handles: MAX_NODE_HANDLES,
             no_opendir: true,
             read_ahead: false,
+            write_behind: false,
         }
     }
 }
@@ -282,6 +289,11 @@ pub struct HexzFs {
     ahead: Option<Arc<Ahead>>,
     /// Directories listed ahead of a walk (`prelist.rs`), when on.
     prelist: Option<Arc<Prelist<Arc<HostFh>>>>,
+    /// Creates and unlinks answered at once (`behind.rs`), when on; it is also `conn`.
+    behind: Option<Arc<Behind>>,
+    /// What the host's entries say besides the node (TTL in ms << 32 | blksize), for
+    /// entries answered early; 0 until one was seen.
+    entry_template: AtomicU64,
 }
 
 /// How many levels below the directories a walk is about to enter are listed ahead too.
@@ -387,6 +399,14 @@ fn time(t: Timespec) -> SystemTime {
     }
 }
 
+/// This machine's clock now.
+fn now_ts() -> Timespec {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timespec(d.as_secs() as i64, d.subsec_nanos())
+}
+
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
@@ -474,6 +494,13 @@ fn idempotent(op: &Op) -> bool {
 
 impl HexzFs {
     pub fn new(conn: Arc<dyn Transport>, opts: Options) -> HexzFs {
+        let behind = (opts.write_behind && opts.no_open && conn.has_cap(CAP_WRITE_BEHIND))
+            .then(|| Behind::start(conn.clone()));
+        // Everything goes through write-behind's barrier (see behind.rs).
+        let conn: Arc<dyn Transport> = match &behind {
+            Some(b) => b.clone(),
+            None => conn,
+        };
         let workers = opts.read_ahead.then(|| Workers::start(READ_AHEAD_THREADS));
         HexzFs {
             no_open: opts.no_open,
@@ -494,6 +521,8 @@ impl HexzFs {
                 .filter(|_| conn.has_cap(CAP_READ_FILES))
                 .map(|w| Ahead::start(conn.clone(), w)),
             prelist: workers.map(Prelist::start),
+            behind,
+            entry_template: AtomicU64::new(0),
             conn,
         }
     }
@@ -540,7 +569,123 @@ impl HexzFs {
         if let Some(h) = self.nodes().current(node, self.conn.epoch()) {
             return Ok(h);
         }
+        if let Some(h) = self.created_fh(node) {
+            return Ok(h);
+        }
         self.open_node(node, None).map(|(h, _)| h)
+    }
+
+    /// True (once) if a change answered early on `node` failed on the host.
+    fn behind_failed(&self, node: u64) -> bool {
+        self.behind.as_ref().is_some_and(|b| {
+            b.barrier();
+            b.take_failed(node)
+        })
+    }
+
+    /// Answers a create at once (`behind.rs`): in a directory whose every name this
+    /// mount knows (so the name is free), with a node id the host set aside for this
+    /// connection; the host makes the file behind. The attributes are those the host
+    /// will give it (its times are sent along).
+    fn create_early(
+        &self,
+        req: &Request,
+        parent: u64,
+        n: &OsStr,
+        mode: u32,
+        flags: u32,
+    ) -> Option<(Duration, FileAttr)> {
+        let b = self.behind.as_ref()?;
+        let template = self.entry_template.load(Ordering::Relaxed);
+        if template == 0
+            || hexz_protocol::check_name(n.as_bytes()).is_err()
+            || !self.names.absent(parent, n.as_bytes())
+        {
+            return None;
+        }
+        let (node, epoch) = b.take_id()?;
+        let t = now_ts();
+        let a = Attr {
+            ino: node,
+            mode: libc::S_IFREG | (mode & 0o7777),
+            nlink: 1,
+            uid: req.uid(),
+            gid: req.gid(),
+            rdev: 0,
+            size: 0,
+            blocks: 0,
+            blksize: template as u32,
+            atime: t,
+            mtime: t,
+            ctime: t,
+        };
+        let ttl_ms = (template >> 32) as u32;
+        let entry = hexz_protocol::Entry {
+            node,
+            generation: 0,
+            attr: a,
+            entry_ttl_ms: ttl_ms,
+            attr_ttl_ms: ttl_ms,
+            dir_attr: self.dir_attr_at(parent, t),
+        };
+        let since = self.attrs.since();
+        self.dir_changed(parent);
+        self.note_new_name(parent, n.as_bytes(), &entry, since);
+        self.attrs.set_no_caps(node);
+        self.note_written(node, FileHandle(0), epoch);
+        let op = Op::CreateAs {
+            parent,
+            name: name(n),
+            mode,
+            flags,
+            uid: a.uid,
+            gid: a.gid,
+            node,
+            data: hexz_protocol::ByteBuf::new(),
+        };
+        b.create(epoch, op, t, node, parent);
+        Some((ttl(ttl_ms), attr(&a)))
+    }
+
+    /// A directory's attributes once a file was added or removed at `t` (the host
+    /// stamps early changes with the time they were answered): its times change,
+    /// nothing else does. `None` unless they are cached.
+    fn dir_attr_at(&self, dir: u64, t: Timespec) -> Option<Attr> {
+        let (a, _) = self.attrs.get(dir)?;
+        Some(Attr {
+            mtime: t,
+            ctime: t,
+            ..a
+        })
+    }
+
+    /// Answers an unlink at once (`behind.rs`) when this mount knows the name's node
+    /// (the kernel has checked the rest); the host removes it behind.
+    fn unlink_early(&self, parent: u64, n: &OsStr) -> bool {
+        let Some(b) = &self.behind else { return false };
+        let t = now_ts();
+        if self.names.get(parent, n.as_bytes()).is_none()
+            || !b.unlink(self.conn.epoch(), parent, name(n), t)
+        {
+            return false;
+        }
+        let ttl_ms = (self.entry_template.load(Ordering::Relaxed) >> 32) as u32;
+        let dir_attr = self.dir_attr_at(parent, t);
+        let since = self.attrs.since();
+        let done = ReplyBody::Ok {
+            dir_attr,
+            attr_ttl_ms: dir_attr.map(|_| ttl_ms),
+        };
+        self.note_removal(parent, n, &Ok(done), since, false);
+        true
+    }
+
+    /// The host handle an early create opened for `node` (`behind.rs`), once applied.
+    fn created_fh(&self, node: u64) -> Option<Arc<HostFh>> {
+        let b = self.behind.as_ref()?;
+        b.barrier();
+        let (fh, epoch) = b.take_fh(node)?;
+        Some(self.keep_node_fh(node, self.host_fh(fh, epoch, false)))
     }
 
     /// Opens the node's data handle on the host, reading `read` in the same round trip
@@ -954,6 +1099,10 @@ impl HexzFs {
     /// version `since`: the parent's attributes changed (the reply may carry the new
     /// ones), and the entry's node is as the reply says, unless another change raced.
     fn note_new_name(&self, parent: u64, n: &[u8], e: &hexz_protocol::Entry, since: u64) {
+        self.entry_template.store(
+            (e.entry_ttl_ms as u64) << 32 | e.attr.blksize as u64,
+            Ordering::Relaxed,
+        );
         self.names.seen(parent, n, e.node);
         self.attrs.invalidate(parent);
         if let Some(d) = &e.dir_attr {
@@ -997,6 +1146,13 @@ fn name(n: &OsStr) -> Vec<u8> {
 }
 
 impl Filesystem for HexzFs {
+    fn destroy(&mut self) {
+        // Unmounted: the changes answered early reach the host before the daemon goes.
+        if let Some(b) = &self.behind {
+            b.barrier();
+        }
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let limits = self.conn.limits();
         let _ = config.set_max_write(limits.max_write);
@@ -1068,6 +1224,8 @@ impl Filesystem for HexzFs {
         // The kernel dropped the inode: so does the daemon's data handle for it (which
         // would otherwise keep a deleted file's space in use on the host).
         let data_handle = self.nodes().remove(ino.0);
+        let created = self.behind.as_ref().and_then(|b| b.forgotten(ino.0));
+        let created = created.map(|(fh, epoch)| self.host_fh(fh, epoch, false));
         let listings = self.listings().forget(ino.0);
         self.attrs.forget(ino.0);
         if let Some(a) = &self.ahead {
@@ -1077,6 +1235,7 @@ impl Filesystem for HexzFs {
             self.give_back(page);
         }
         drop(data_handle); // released on the host unless a request still holds it
+        drop(created);
         drop(listings);
         self.conn.forget(&[(ino.0, nlookup)]);
     }
@@ -1210,6 +1369,9 @@ impl Filesystem for HexzFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         self.materialize_handles();
+        if self.unlink_early(parent.0, n) {
+            return reply.ok();
+        }
         let since = self.attrs.since();
         let r = self.call(Op::Unlink {
             parent: parent.0,
@@ -1405,6 +1567,17 @@ impl Filesystem for HexzFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if fh.0 == 0 {
+            if let Some(b) = &self.behind {
+                let max = MAX_FIRST_DATA.min(self.conn.limits().max_write as usize);
+                if b.append(ino.0, offset, data, max) {
+                    // The first bytes of a file created early go with its create.
+                    self.data_changes(ino.0);
+                    self.attrs.invalidate(ino.0);
+                    return reply.written(data.len() as u32);
+                }
+            }
+        }
         let since = self.attrs.since();
         self.data_changes(ino.0);
         let r = self.data_call_epoch(ino.0, fh, |fh| Op::Write {
@@ -1490,7 +1663,7 @@ impl Filesystem for HexzFs {
         reply: ReplyEmpty,
     ) {
         // Writes acknowledged by a host that has since gone away may be lost: say so.
-        if self.take_lost_writes(ino.0, fh, false) {
+        if self.take_lost_writes(ino.0, fh, false) || self.behind_failed(ino.0) {
             return reply.error(fuser::Errno::EIO);
         }
         match self.data_call(ino.0, fh, |fh| Op::Fsync { fh, datasync }) {
@@ -1650,6 +1823,9 @@ impl Filesystem for HexzFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.behind_failed(ino.0) {
+            return reply.error(fuser::Errno::EIO);
+        }
         // Directories have no handles (see `opendir`): a host handle just for this.
         let r = match self.call_epoch(Op::Opendir {
             node: ino.0,
@@ -1760,6 +1936,15 @@ impl Filesystem for HexzFs {
             // The host handle becomes the node's data handle: make it read-write (the
             // kernel has already checked what this caller may do).
             flags = (flags & !(libc::O_ACCMODE as u32)) | libc::O_RDWR as u32;
+        }
+        if let Some((t, a)) = self.create_early(req, parent.0, n, mode, flags) {
+            return reply.created(
+                &t,
+                &a,
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            );
         }
         let op = Op::Create {
             parent: parent.0,

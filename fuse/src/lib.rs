@@ -5,6 +5,7 @@
 
 mod ahead;
 mod attrs;
+mod behind;
 mod fs;
 mod names;
 mod prelist;

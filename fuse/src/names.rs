@@ -61,6 +61,11 @@ impl Names {
         s.complete.contains(&dir) && !s.names.contains_key(&(dir, name.to_vec()))
     }
 
+    /// The node `name` in `dir` names, if known.
+    pub fn get(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        self.state().names.get(&(dir, name.to_vec())).copied()
+    }
+
     /// `name` left `dir`; returns the node it named, if known.
     pub fn removed(&self, dir: u64, name: &[u8]) -> Option<u64> {
         self.state().names.remove(&(dir, name.to_vec()))

@@ -138,6 +138,7 @@ fn refs_in(body: &ReplyBody) -> Vec<u64> {
             .filter(|e| e.name != b"." && e.name != b"..")
             .map(|e| e.entry.node)
             .collect(),
+        ReplyBody::Batch { replies } => replies.iter().flat_map(refs_in).collect(),
         _ => Vec::new(),
     }
 }

@@ -57,6 +57,12 @@ struct Cli {
     /// when a walk goes down. On by default.
     #[arg(long)]
     no_read_ahead: bool,
+    /// Do not answer creates (with their first bytes) and unlinks before the host has
+    /// applied them (where the host offers `write_behind`, they are answered at once and
+    /// sent behind, in order, many per round trip; a failure the host reports later
+    /// makes fsync on the file or its directory return EIO). On by default.
+    #[arg(long)]
+    no_write_behind: bool,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_node_handles: cli.max_node_handles,
             no_opendir: !cli.opendir_per_dir,
             read_ahead: !cli.no_read_ahead,
+            write_behind: !cli.no_write_behind,
         },
     );
     let mut config = Config::default();

@@ -188,6 +188,7 @@ pub const CAP_RENAME2: &str = "rename2";
 pub const CAP_LSEEK: &str = "lseek";
 pub const CAP_FALLOCATE: &str = "fallocate";
 pub const CAP_READ_FILES: &str = "read_files";
+pub const CAP_WRITE_BEHIND: &str = "write_behind";
 /// Every capability protocol v1 defines.
 pub const CAPS: &[&str] = &[
     CAP_READDIRPLUS,
@@ -196,10 +197,17 @@ pub const CAPS: &[&str] = &[
     CAP_LSEEK,
     CAP_FALLOCATE,
     CAP_READ_FILES,
+    CAP_WRITE_BEHIND,
 ];
 
 /// Most nodes one [`Op::ReadFiles`] may name.
 pub const MAX_READ_FILES: usize = 4096;
+/// Most node ids one [`Op::Reserve`] may ask for.
+pub const MAX_RESERVE: u32 = 1024;
+/// Most node ids one connection may hold reserved and unused at once.
+pub const MAX_RESERVED: usize = 4096;
+/// Most requests one [`Op::Batch`] may carry.
+pub const MAX_BATCH: usize = 256;
 
 /// Every operation. Names are the CBOR keys (snake_case).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -404,6 +412,38 @@ pub enum Op {
         nodes: Vec<NodeId>,
         max_size: u32,
     },
+    /// Sets `count` fresh node ids aside for this connection, to be named by its
+    /// [`Op::CreateAs`] requests (so a client can answer a create before the server has
+    /// made the file).
+    Reserve {
+        count: u32,
+    },
+    /// `create` with `O_EXCL` whose new node gets the reserved id `node` and the
+    /// contents `data`.
+    CreateAs {
+        parent: NodeId,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+        mode: u32,
+        flags: u32,
+        uid: u32,
+        gid: u32,
+        node: NodeId,
+        data: ByteBuf,
+    },
+    /// Requests executed one after another, in order, each as if sent alone at the
+    /// client's time `at` (every time it sets from the clock is `at`); one reply per
+    /// request, in order.
+    Batch {
+        ops: Vec<Timed>,
+    },
+}
+
+/// One request of a [`Op::Batch`] and the time it happened at the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timed {
+    pub at: Timespec,
+    pub op: Op,
 }
 
 /// One file of a [`ReplyBody::Files`] reply: its whole contents when the reply was made.
@@ -477,6 +517,15 @@ pub enum ReplyBody {
     Files {
         files: Vec<FileData>,
     },
+    /// `reserve`: the ids `first .. first + count`.
+    Reserved {
+        first: NodeId,
+        count: u32,
+    },
+    /// `batch`: the reply to each request, in order.
+    Batch {
+        replies: Vec<ReplyBody>,
+    },
 }
 
 impl Op {
@@ -518,6 +567,9 @@ impl Op {
             Op::Fallocate { .. } => "fallocate",
             Op::Lseek { .. } => "lseek",
             Op::ReadFiles { .. } => "read_files",
+            Op::Reserve { .. } => "reserve",
+            Op::CreateAs { .. } => "create_as",
+            Op::Batch { .. } => "batch",
         }
     }
 
@@ -534,6 +586,7 @@ impl Op {
             Op::Lseek { .. } => Some(CAP_LSEEK),
             Op::Fallocate { .. } => Some(CAP_FALLOCATE),
             Op::ReadFiles { .. } => Some(CAP_READ_FILES),
+            Op::Reserve { .. } | Op::CreateAs { .. } | Op::Batch { .. } => Some(CAP_WRITE_BEHIND),
             _ => None,
         }
     }
@@ -575,6 +628,9 @@ impl Op {
         "fallocate",
         "lseek",
         "read_files",
+        "reserve",
+        "create_as",
+        "batch",
     ];
 }
 
@@ -607,12 +663,14 @@ impl ReplyBody {
             ReplyBody::Names { .. } => "names",
             ReplyBody::Offset { .. } => "offset",
             ReplyBody::Files { .. } => "files",
+            ReplyBody::Reserved { .. } => "reserved",
+            ReplyBody::Batch { .. } => "batch",
         }
     }
 
     /// Every reply variant name of protocol v1.
     pub const NAMES: &'static [&'static str] = &[
         "err", "ok", "hello", "entry", "attr", "opened", "created", "data", "written", "dir",
-        "dir_plus", "statfs", "names", "offset", "files",
+        "dir_plus", "statfs", "names", "offset", "files", "reserved", "batch",
     ];
 }

@@ -295,6 +295,26 @@ fn samples() -> Vec<Op> {
             nodes: vec![2, 3],
             max_size: 4096,
         },
+        Op::Reserve { count: 16 },
+        Op::CreateAs {
+            parent: 1,
+            name: b"f".to_vec(),
+            mode: 0o644,
+            flags: 2,
+            uid: 0,
+            gid: 0,
+            node: 99,
+            data: serde_bytes::ByteBuf::from(b"x".to_vec()),
+        },
+        Op::Batch {
+            ops: vec![Timed {
+                at: Timespec(1, 2),
+                op: Op::Unlink {
+                    parent: 1,
+                    name: b"f".to_vec(),
+                },
+            }],
+        },
     ]
 }
 

@@ -435,6 +435,8 @@ fn ops_needing_a_capability() {
         }),
         Some("read_files")
     );
+    assert_eq!(cap(Op::Reserve { count: 1 }), Some("write_behind"));
+    assert_eq!(cap(Op::Batch { ops: vec![] }), Some("write_behind"));
     assert_eq!(
         CAPS,
         &[
@@ -443,7 +445,8 @@ fn ops_needing_a_capability() {
             "rename2",
             "lseek",
             "fallocate",
-            "read_files"
+            "read_files",
+            "write_behind"
         ]
     );
 }

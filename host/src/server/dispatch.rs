@@ -2,8 +2,8 @@
 
 use hexz_protocol::hello::{MAX_BATCH_FORGET, MAX_READDIR_ENTRIES};
 use hexz_protocol::{
-    Attr, DirEntry, DirEntryPlus, DirList, Entry, Errno, FileData, Limits, Op, ReplyBody,
-    MAX_READ_FILES,
+    Attr, DirEntry, DirEntryPlus, DirList, Entry, Errno, FileData, Limits, Op, ReplyBody, Timed,
+    MAX_BATCH, MAX_READ_FILES, MAX_RESERVE, MAX_RESERVED,
 };
 use serde_bytes::ByteBuf;
 
@@ -17,6 +17,8 @@ pub struct Session {
     pub ttl_ms: u32,
     /// Capabilities agreed in hello; ops needing another one get ENOSYS.
     pub caps: Vec<String>,
+    /// Node ids `reserve` set aside for this connection and no `create_as` used yet.
+    reserved: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Session {
@@ -26,7 +28,12 @@ impl Session {
             limits,
             ttl_ms,
             caps,
+            reserved: Default::default(),
         }
+    }
+
+    fn reserved(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn entry(&self, attr: Attr) -> Entry {
@@ -330,7 +337,75 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             ReplyBody::Err(Errno::EINVAL)
         }
         Op::ReadFiles { nodes, max_size } => read_files(vfs, s, &nodes, max_size),
+        Op::Reserve { count } => reserve(vfs, s, count),
+        Op::CreateAs {
+            parent,
+            name,
+            mode,
+            flags,
+            uid,
+            gid,
+            node,
+            data,
+        } => {
+            if !s.reserved().remove(&node) {
+                return ReplyBody::Err(Errno::EINVAL);
+            }
+            let r = vfs.create_as(o, parent, &name, mode, flags, uid, gid, node, &data);
+            reply(r, |(a, fh)| ReplyBody::Created {
+                entry: s.new_entry(vfs, parent, a),
+                fh,
+            })
+        }
+        Op::Batch { ops } => batch(vfs, s, ops),
     }
+}
+
+/// `reserve`: fresh ids for this connection's `create_as`, at most [`MAX_RESERVED`]
+/// unused at once.
+fn reserve(vfs: &Vfs, s: &Session, count: u32) -> ReplyBody {
+    if count == 0 || count > MAX_RESERVE {
+        return ReplyBody::Err(Errno::EINVAL);
+    }
+    let mut held = s.reserved();
+    if held.len() + count as usize > MAX_RESERVED {
+        return ReplyBody::Err(Errno::EAGAIN);
+    }
+    match vfs.reserve_ids(count) {
+        Ok(first) => {
+            held.extend(first..first + count as u64);
+            ReplyBody::Reserved { first, count }
+        }
+        Err(e) => ReplyBody::Err(e),
+    }
+}
+
+/// Bytes of a `batch` reply besides its replies.
+const BATCH_REPLY_BASE: usize = 64;
+/// The most one reply of a request allowed in a batch encodes to (a `created` with the
+/// entry and the directory's attributes, every field at its largest).
+const BATCH_ITEM_MAX: usize = 1024;
+
+/// `batch`: the requests in order, each as if alone. Only requests with small replies
+/// may be in one; the requests whose replies might not fit the frame are not executed,
+/// and the reply is shorter than the request (docs/PROTOCOL.md §7.1).
+fn batch(vfs: &Vfs, s: &Session, ops: Vec<Timed>) -> ReplyBody {
+    if ops.len() > MAX_BATCH {
+        return ReplyBody::Err(Errno::EINVAL);
+    }
+    let room = (s.limits.max_frame as usize).saturating_sub(BATCH_REPLY_BASE);
+    let fit = room / BATCH_ITEM_MAX;
+    let replies = ops
+        .into_iter()
+        .take(fit)
+        .map(|Timed { at, op }| match op {
+            Op::CreateAs { .. } | Op::Write { .. } | Op::Unlink { .. } => {
+                crate::vfs::at_time((at.0, at.1), || dispatch(vfs, s, op))
+            }
+            _ => ReplyBody::Err(Errno::EINVAL),
+        })
+        .collect();
+    ReplyBody::Batch { replies }
 }
 
 /// Bytes of a `files` reply besides the files' data: the envelope and the request id.
@@ -408,4 +483,76 @@ fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -
         })
         .collect();
     ReplyBody::DirPlus { entries, eof }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hexz_protocol::{encode_frame, Reply, Timespec};
+
+    fn encoded(body: ReplyBody) -> usize {
+        let mut out = Vec::new();
+        encode_frame(
+            &Reply {
+                id: u64::MAX,
+                r: body,
+            },
+            u32::MAX,
+            &mut out,
+        )
+        .unwrap();
+        out.len()
+    }
+
+    /// What a batch reserves per reply must cover the largest reply a batch request can
+    /// get, or a full batch's reply would not fit the frame.
+    #[test]
+    fn every_reply_a_batch_allows_fits_its_share_of_the_frame() {
+        let t = Timespec(i64::MIN, 999_999_999);
+        let a = Attr {
+            ino: u64::MAX,
+            mode: u32::MAX,
+            nlink: u32::MAX,
+            uid: u32::MAX,
+            gid: u32::MAX,
+            rdev: u64::MAX,
+            size: u64::MAX,
+            blocks: u64::MAX,
+            blksize: u32::MAX,
+            atime: t,
+            mtime: t,
+            ctime: t,
+        };
+        let entry = Entry {
+            node: u64::MAX,
+            generation: u64::MAX,
+            attr: a,
+            entry_ttl_ms: u32::MAX,
+            attr_ttl_ms: u32::MAX,
+            dir_attr: Some(a),
+        };
+        let worst = [
+            ReplyBody::Created {
+                entry,
+                fh: u64::MAX,
+            },
+            ReplyBody::Written {
+                size: u32::MAX,
+                attr: Some(a),
+                attr_ttl_ms: Some(u32::MAX),
+            },
+            ReplyBody::Ok {
+                dir_attr: Some(a),
+                attr_ttl_ms: Some(u32::MAX),
+            },
+            ReplyBody::Err(Errno::EINVAL),
+        ];
+        for body in worst {
+            let name = body.name();
+            let n = encoded(body);
+            assert!(n <= BATCH_ITEM_MAX, "{name}: {n} bytes");
+        }
+        // The envelope of a batch reply with no replies.
+        assert!(encoded(ReplyBody::Batch { replies: vec![] }) <= BATCH_REPLY_BASE);
+    }
 }

@@ -161,7 +161,24 @@ fn io_errno(e: std::io::Error) -> Errno {
     Errno::from_io(&e)
 }
 
+thread_local! {
+    /// The time changes made on this thread are stamped with, instead of the clock's.
+    static CLOCK: std::cell::Cell<Option<(i64, u32)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every time it takes from the clock being `t` (a `batch` request made
+/// at the client's time `t`: docs/PROTOCOL.md §7.1).
+pub fn at_time<T>(t: (i64, u32), f: impl FnOnce() -> T) -> T {
+    let before = CLOCK.with(|c| c.replace(Some(t)));
+    let r = f();
+    CLOCK.with(|c| c.set(before));
+    r
+}
+
 pub(crate) fn now() -> (i64, u32) {
+    if let Some(t) = CLOCK.with(|c| c.get()) {
+        return t;
+    }
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

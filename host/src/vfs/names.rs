@@ -17,6 +17,8 @@ pub(super) struct NewNode {
     pub rdev: u64,
     pub uid: u32,
     pub gid: u32,
+    /// A node id reserved earlier ([`Vfs::reserve_ids`]) instead of the next free one.
+    pub id: Option<u64>,
 }
 
 impl Vfs {
@@ -59,13 +61,20 @@ impl Vfs {
             rdev,
             uid,
             gid,
+            id,
         } = new;
         let mut prec = self.dir_rec(inner, parent)?;
         if self.child(inner, parent, name)?.is_some() {
             return Err(Errno::EEXIST);
         }
         self.check_space(256 + name.len() as u64)?;
-        let id = inner.overlay.state.next_id;
+        let id = match id {
+            // Reserved ids are below next_id and were handed out once: one in use is a
+            // caller's mistake, not a reason to reuse it.
+            Some(id) if id < inner.overlay.state.next_id && self.rec(inner, id).is_err() => id,
+            Some(_) => return Err(Errno::EINVAL),
+            None => inner.overlay.state.next_id,
+        };
         let t = now();
         let is_dir = kind == Kind::Dir;
         let size = if let Kind::Symlink(ref target) = kind {
@@ -144,6 +153,7 @@ impl Vfs {
                 rdev,
                 uid,
                 gid,
+                id: None,
             },
         )
     }
@@ -167,6 +177,7 @@ impl Vfs {
                 rdev: 0,
                 uid,
                 gid,
+                id: None,
             },
         )
     }
@@ -196,6 +207,7 @@ impl Vfs {
                 rdev: 0,
                 uid,
                 gid,
+                id: None,
             },
         )
     }

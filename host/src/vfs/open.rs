@@ -95,6 +95,7 @@ impl Vfs {
                         rdev: 0,
                         uid,
                         gid,
+                        id: None,
                     };
                     self.make_node_locked(&mut inner, parent, name, new)?.ino
                 }
@@ -110,6 +111,72 @@ impl Vfs {
             self.forget(owner, node, 1);
         }
         opened
+    }
+
+    /// Sets `count` fresh node ids aside (the first is returned): no node is given one
+    /// of them unless [`Vfs::create_as`] names it. Ids are never reused, so ids reserved
+    /// and never used are simply skipped.
+    pub fn reserve_ids(&self, count: u32) -> VfsResult<u64> {
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        let mut inner = self.write_lock()?;
+        let first = inner.overlay.state.next_id;
+        inner.overlay.state.next_id = first.checked_add(count as u64).ok_or(Errno::ENOSPC)?;
+        Ok(first)
+    }
+
+    /// An exclusive create-and-open whose node gets the reserved id `id` (the caller
+    /// checks it was reserved for `owner`) and the contents `data`
+    /// (docs/PROTOCOL.md §7.1 `create_as`). The entry is referenced for `owner`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_as(
+        &self,
+        owner: u64,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: u32,
+        uid: u32,
+        gid: u32,
+        id: u64,
+        data: &[u8],
+    ) -> VfsResult<(Attr, u64)> {
+        check_name(name).map_err(|e| e.errno())?;
+        {
+            let mut inner = self.write_lock()?;
+            let new = NewNode {
+                kind: Kind::File,
+                mode: libc::S_IFREG | (mode & 0o7777),
+                rdev: 0,
+                uid,
+                gid,
+                id: Some(id),
+            };
+            self.make_node_locked(&mut inner, parent, name, new)?;
+            self.refs().take(owner, id, 1);
+        }
+        let fh = match self.open(owner, id, flags) {
+            Ok(fh) => fh,
+            Err(e) => {
+                self.forget(owner, id, 1);
+                return Err(e);
+            }
+        };
+        let written = match data.is_empty() {
+            true => Ok(0),
+            false => self.write(owner, fh, 0, data),
+        };
+        match written.and_then(|_| self.attr(&self.state(), id)) {
+            Ok(a) => Ok((a, fh)),
+            Err(e) => {
+                // The file stays (empty, or shorter), without the client's reference or
+                // handle: the reply is the error.
+                let _ = self.release(owner, fh);
+                self.forget(owner, id, 1);
+                Err(e)
+            }
+        }
     }
 
     pub fn opendir(&self, owner: u64, node: u64) -> VfsResult<u64> {

@@ -280,6 +280,35 @@ pub fn op() -> impl Strategy<Value = Op> {
         (prop::collection::vec(n(), 0..6), any::<u32>())
             .prop_map(|(nodes, max_size)| Op::ReadFiles { nodes, max_size })
             .boxed(),
+        any::<u32>().prop_map(|count| Op::Reserve { count }).boxed(),
+        (
+            (n(), name(), any::<u32>(), any::<u32>()),
+            (any::<u32>(), any::<u32>(), n(), bytes(30)),
+        )
+            .prop_map(
+                |((parent, name, mode, flags), (uid, gid, node, data))| Op::CreateAs {
+                    parent,
+                    name,
+                    mode,
+                    flags,
+                    uid,
+                    gid,
+                    node,
+                    data: serde_bytes::ByteBuf::from(data),
+                },
+            )
+            .boxed(),
+        prop::collection::vec((ts(), n(), name()), 0..4)
+            .prop_map(|items| Op::Batch {
+                ops: items
+                    .into_iter()
+                    .map(|(at, parent, name)| Timed {
+                        at,
+                        op: Op::Unlink { parent, name },
+                    })
+                    .collect(),
+            })
+            .boxed(),
     ])
 }
 
@@ -415,6 +444,14 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
                         data: serde_bytes::ByteBuf::from(data),
                     })
                     .collect(),
+            })
+            .boxed(),
+        (n(), any::<u32>())
+            .prop_map(|(first, count)| ReplyBody::Reserved { first, count })
+            .boxed(),
+        prop::collection::vec(any::<u32>(), 0..4)
+            .prop_map(|errs| ReplyBody::Batch {
+                replies: errs.into_iter().map(|e| ReplyBody::Err(Errno(e))).collect(),
             })
             .boxed(),
     ])

@@ -1,0 +1,516 @@
+//! Write-behind of creates and unlinks (docs/PROTOCOL.md §7.1 `reserve`, `create_as`,
+//! `batch`): creating a file (with its first bytes) and removing a name are answered at
+//! once in this daemon and sent to the host in order, many per round trip.
+//!
+//! Why answering early is exact: the overlay has one writer, this mount (`names.rs`);
+//! the kernel has checked permissions (`default_permissions`) and the file type before
+//! it sends the request; a create is answered early only in a directory whose every name
+//! is known, so the name is certainly free, and its node id is one the host set aside
+//! for this connection (`reserve`), so the kernel gets the id the file will have.
+//!
+//! What is left are the host's own failures (its disk full or failing, the connection
+//! lost before the change was applied). Those are reported late, as a local
+//! filesystem reports write-back errors: `fsync` on the file or its directory says EIO,
+//! the log says what failed, and write-behind stops, so later changes get their errors
+//! in time.
+//!
+//! Ordering: [`Behind`] is the transport the adapter uses, and every call passes its
+//! barrier (it waits until every change answered before it was sent has been applied);
+//! forgets wait too, since the connection counts a reference only once the reply that
+//! added it arrived.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+
+use hexz_protocol::{Limits, Op, ReplyBody, Timed, Timespec, MAX_BATCH};
+
+use crate::transport::{CallError, Transport};
+
+/// Ids asked for at a time; more are asked for when fewer than [`LOW_IDS`] are left.
+const RESERVE_IDS: u32 = 256;
+const LOW_IDS: usize = 64;
+/// Bytes of first data one early create may carry.
+pub const MAX_FIRST_DATA: usize = 64 * 1024;
+/// Changes waiting to be sent at most (beyond, they wait for the host like any other).
+const MAX_QUEUED: usize = 4 * MAX_BATCH;
+/// Bytes of data waiting to be sent at most.
+const MAX_QUEUED_BYTES: usize = 4 << 20;
+/// Host handles of early-created files kept for their next use at most (older ones are
+/// released, and reopened if needed).
+const MAX_KEPT_FHS: usize = 256;
+
+struct Queued {
+    op: Op,
+    /// When it happened here (the host stamps the change with it).
+    at: Timespec,
+    /// For `create_as`: the node it makes; for `write`: the node written (its handle is
+    /// filled in when the batch is sent, the create's reply having come).
+    node: Option<u64>,
+    parent: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Changes not sent yet, in order.
+    queue: Vec<Queued>,
+    /// The connection the queued changes belong to.
+    epoch: u64,
+    /// Changes ever queued / ever finished (applied or failed).
+    queued: u64,
+    done: u64,
+    /// A batch is on its way.
+    busy: bool,
+    /// Reserved, unused ids of connection `ids_epoch`.
+    ids: VecDeque<u64>,
+    ids_epoch: u64,
+    want_ids: bool,
+    /// The host handle each early-created file got, for its next data request.
+    fhs: HashMap<u64, (u64, u64)>,
+    fh_order: VecDeque<u64>,
+    /// Early-created nodes whose create is queued or on its way; those of them the
+    /// kernel has forgotten meanwhile.
+    pending: HashSet<u64>,
+    gone: HashSet<u64>,
+    /// Early-created files whose next bytes may still be answered early: how many they
+    /// have so far.
+    early: HashMap<u64, u64>,
+    /// Forgets waiting for the changes before them.
+    forgets: Vec<(u64, u64)>,
+    /// Nodes (files and directories) a change failed on: their next fsync says EIO.
+    failed: HashSet<u64>,
+    /// After a failure, or without the host's support: nothing more is answered early.
+    off: bool,
+    queued_bytes: usize,
+}
+
+pub struct Behind {
+    inner: Arc<dyn Transport>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Behind {
+    /// Wraps `inner`; the thread that sends the changes runs while the wrapper lives.
+    pub fn start(inner: Arc<dyn Transport>) -> Arc<Behind> {
+        let b = Arc::new(Behind {
+            inner,
+            state: Mutex::new(State {
+                want_ids: true,
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+        });
+        let weak = Arc::downgrade(&b);
+        let spawned = std::thread::Builder::new()
+            .name("hexz-behind".into())
+            .spawn(move || sender(weak));
+        if let Err(e) = spawned {
+            tracing::warn!("no write-behind thread: {e}");
+            b.state().off = true;
+        }
+        b
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reserved node id for an early create on the current connection, if one is at
+    /// hand and nothing failed.
+    pub fn take_id(&self) -> Option<(u64, u64)> {
+        let epoch = self.inner.epoch();
+        let mut s = self.state();
+        if s.off || s.queue.len() >= MAX_QUEUED || s.queued_bytes >= MAX_QUEUED_BYTES {
+            return None;
+        }
+        if s.ids_epoch != epoch {
+            s.ids.clear(); // reserved on a connection that is gone
+        }
+        if (!s.queue.is_empty() || s.busy) && s.epoch != epoch {
+            return None; // changes of the older connection are still on their way
+        }
+        let id = s.ids.pop_front();
+        if s.ids.len() < LOW_IDS && !s.want_ids {
+            s.want_ids = true;
+            self.changed.notify_all();
+        }
+        id.map(|id| (id, epoch))
+    }
+
+    /// Queues an early create (a `create_as` naming `node`, taken with
+    /// [`Behind::take_id`] on connection `epoch`) made at `at`.
+    pub fn create(&self, epoch: u64, op: Op, at: Timespec, node: u64, parent: u64) {
+        let mut s = self.state();
+        s.pending.insert(node);
+        s.early.insert(node, 0);
+        self.push(&mut s, epoch, op, at, Some(node), parent);
+    }
+
+    /// Answers a write early when it continues the first bytes of a file created early
+    /// (at most `max` of them): added to the queued create, or queued after it. False
+    /// when the write must go the usual way.
+    pub fn append(&self, node: u64, offset: u64, data: &[u8], max: usize) -> bool {
+        let mut s = self.state();
+        let Some(&len) = s.early.get(&node) else {
+            return false;
+        };
+        if s.off
+            || len != offset
+            || len as usize + data.len() > max
+            || s.queued_bytes + data.len() > MAX_QUEUED_BYTES
+            || s.queue.len() >= MAX_QUEUED
+        {
+            return false;
+        }
+        let create = s.queue.iter_mut().rev().find_map(|q| match &mut q.op {
+            Op::CreateAs { node: n, data, .. } if *n == node => Some(data),
+            _ => None,
+        });
+        match create {
+            Some(first) => first.extend_from_slice(data),
+            None => {
+                let op = Op::Write {
+                    fh: 0, // the create's handle, once its reply has come
+                    offset,
+                    data: data.to_vec(),
+                };
+                let epoch = s.epoch;
+                self.push(&mut s, epoch, op, now(), Some(node), 0);
+            }
+        }
+        s.queued_bytes += data.len();
+        s.early.insert(node, len + data.len() as u64);
+        true
+    }
+
+    /// Queues an unlink made at `at` of a name the kernel and this mount know
+    /// (connection `epoch`); false if it must go the usual way.
+    pub fn unlink(&self, epoch: u64, parent: u64, name: Vec<u8>, at: Timespec) -> bool {
+        let mut s = self.state();
+        if s.off || s.queue.len() >= MAX_QUEUED || epoch != self.inner.epoch() {
+            return false;
+        }
+        if (!s.queue.is_empty() || s.busy) && s.epoch != epoch {
+            return false;
+        }
+        self.push(&mut s, epoch, Op::Unlink { parent, name }, at, None, parent);
+        true
+    }
+
+    fn push(
+        &self,
+        s: &mut State,
+        epoch: u64,
+        op: Op,
+        at: Timespec,
+        node: Option<u64>,
+        parent: u64,
+    ) {
+        s.epoch = epoch;
+        s.queue.push(Queued {
+            op,
+            at,
+            node,
+            parent,
+        });
+        s.queued += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until every change queued before this call has been applied (or failed).
+    pub fn barrier(&self) {
+        let mut s = self.state();
+        let target = s.queued;
+        while s.done < target {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The host handle an early create opened for `node`, for its next data request
+    /// (call after [`Behind::barrier`]); its writes go the usual way from now on.
+    pub fn take_fh(&self, node: u64) -> Option<(u64, u64)> {
+        let mut s = self.state();
+        s.early.remove(&node);
+        s.fhs.remove(&node)
+    }
+
+    /// The kernel forgot `node`: the host handle its early create opened is returned to
+    /// be released, or released once the changes queued for it are done.
+    pub fn forgotten(&self, node: u64) -> Option<(u64, u64)> {
+        let mut s = self.state();
+        s.early.remove(&node);
+        if s.pending.contains(&node) || s.queue.iter().any(|q| q.node == Some(node)) {
+            s.gone.insert(node);
+            return None;
+        }
+        s.fhs.remove(&node)
+    }
+
+    /// True (once) if a change on `node` failed on the host after it was answered.
+    pub fn take_failed(&self, node: u64) -> bool {
+        self.state().failed.remove(&node)
+    }
+
+    /// Sends the queued changes, in batches; also keeps reserved ids at hand.
+    fn run_once(&self) -> bool {
+        let mut s = self.state();
+        if s.want_ids && !s.off {
+            s.want_ids = false;
+            drop(s);
+            self.reserve();
+            return true;
+        }
+        if s.queue.is_empty() {
+            return false;
+        }
+        let n = s.queue.len().min(MAX_BATCH);
+        let taken: Vec<Queued> = s.queue.drain(..n).collect();
+        let whole = s.queue.is_empty();
+        let forgets_before = if whole { s.forgets.len() } else { 0 };
+        let epoch = s.epoch;
+        let mut release = Vec::new();
+        // Writes after an early create go on the handle its reply brought.
+        let mut batch = Vec::with_capacity(taken.len());
+        for mut q in taken {
+            if let (Op::Write { fh, .. }, Some(node)) = (&mut q.op, q.node) {
+                match s.fhs.get(&node) {
+                    Some(&(h, e)) if e == epoch => *fh = h,
+                    _ => {
+                        let why = "its file was not created".to_string();
+                        finish(&mut s, q, Err(why), &mut release, epoch);
+                        s.done += 1;
+                        continue;
+                    }
+                }
+            }
+            batch.push(q);
+        }
+        let n = batch.len();
+        s.busy = true;
+        drop(s);
+
+        let ops: Vec<Timed> = batch
+            .iter()
+            .map(|q| Timed {
+                at: q.at,
+                op: q.op.clone(),
+            })
+            .collect();
+        let replies = match self.inner.call_on(epoch, Op::Batch { ops }) {
+            Ok(ReplyBody::Batch { replies }) => Ok(replies),
+            Ok(other) => Err(format!("a {} reply to a batch", other.name())),
+            Err(CallError::Errno(e)) => Err(e.to_string()),
+            Err(CallError::Lost) | Err(CallError::Stale) => {
+                Err("the connection to the host was lost".to_string())
+            }
+        };
+        let mut s = self.state();
+        let mut batch = batch.into_iter();
+        match replies {
+            Ok(replies) => {
+                for (q, r) in batch.by_ref().zip(replies) {
+                    finish(&mut s, q, Ok(r), &mut release, epoch);
+                }
+                // Not executed (the reply had no room for them): first in line again.
+                let rest: Vec<Queued> = batch.collect();
+                s.done += n as u64 - rest.len() as u64;
+                s.queue.splice(0..0, rest);
+            }
+            Err(why) => {
+                for q in batch {
+                    finish(&mut s, q, Err(why.clone()), &mut release, epoch);
+                }
+                s.done += n as u64;
+            }
+        }
+        s.busy = false;
+        settle_gone(&mut s, &mut release);
+        let forgets: Vec<(u64, u64)> = if s.queue.is_empty() {
+            std::mem::take(&mut s.forgets)
+        } else {
+            let k = forgets_before.min(s.forgets.len());
+            s.forgets.drain(..k).collect()
+        };
+        self.changed.notify_all();
+        drop(s);
+        if !forgets.is_empty() {
+            self.inner.forget(&forgets);
+        }
+        for (fh, e) in release {
+            self.inner.post_on(e, Op::Release { fh });
+        }
+        true
+    }
+
+    fn reserve(&self) {
+        match self.inner.call_epoch(Op::Reserve { count: RESERVE_IDS }) {
+            Ok((ReplyBody::Reserved { first, count }, epoch)) => {
+                let mut s = self.state();
+                if s.ids_epoch != epoch {
+                    s.ids.clear();
+                    s.ids_epoch = epoch;
+                }
+                s.ids.extend(first..first.saturating_add(count as u64));
+            }
+            Ok(_) | Err(CallError::Errno(_)) => {
+                // A host without write-behind, or read-only: creates wait for it.
+                self.state().off = true;
+            }
+            Err(_) => {
+                // The connection dropped: ask again on the next early create.
+            }
+        }
+    }
+}
+
+/// Forgotten early-created files with nothing left queued: their handles go.
+fn settle_gone(s: &mut State, release: &mut Vec<(u64, u64)>) {
+    let done: Vec<u64> = s
+        .gone
+        .iter()
+        .copied()
+        .filter(|n| !s.pending.contains(n) && !s.queue.iter().any(|q| q.node == Some(*n)))
+        .collect();
+    for n in done {
+        s.gone.remove(&n);
+        release.extend(s.fhs.remove(&n));
+    }
+}
+
+/// Keeps at most [`MAX_KEPT_FHS`] handles of early-created files: the oldest go first,
+/// except those with changes still queued.
+fn trim_fhs(s: &mut State, release: &mut Vec<(u64, u64)>) {
+    let mut spared = 0;
+    while s.fh_order.len() > MAX_KEPT_FHS && spared < s.fh_order.len() {
+        let Some(old) = s.fh_order.pop_front() else {
+            break;
+        };
+        if !s.fhs.contains_key(&old) {
+            continue; // taken or released already
+        }
+        if s.queue.iter().any(|q| q.node == Some(old)) {
+            s.fh_order.push_back(old);
+            spared += 1;
+            continue;
+        }
+        s.early.remove(&old);
+        release.extend(s.fhs.remove(&old));
+    }
+}
+
+fn now() -> Timespec {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timespec(d.as_secs() as i64, d.subsec_nanos())
+}
+
+/// Records what became of one change (under the lock); handles to release go out.
+fn finish(
+    s: &mut State,
+    q: Queued,
+    r: Result<ReplyBody, String>,
+    release: &mut Vec<(u64, u64)>,
+    epoch: u64,
+) {
+    let failed = match (&q.op, r) {
+        (Op::CreateAs { .. }, Ok(ReplyBody::Created { entry, fh })) => {
+            let node = entry.node;
+            s.pending.remove(&node);
+            s.fhs.insert(node, (fh, epoch));
+            s.fh_order.push_back(node);
+            trim_fhs(s, release);
+            None
+        }
+        (Op::Unlink { .. }, Ok(ReplyBody::Ok { .. })) => None,
+        (Op::Write { data, .. }, Ok(ReplyBody::Written { size, .. }))
+            if size as usize == data.len() =>
+        {
+            None
+        }
+        (_, Ok(ReplyBody::Err(e))) => Some(e.to_string()),
+        (_, Ok(other)) => Some(format!("an unexpected {} reply", other.name())),
+        (_, Err(why)) => Some(why),
+    };
+    match &q.op {
+        Op::CreateAs { data, .. } => s.queued_bytes = s.queued_bytes.saturating_sub(data.len()),
+        Op::Write { data, .. } => s.queued_bytes = s.queued_bytes.saturating_sub(data.len()),
+        _ => {}
+    }
+    let Some(why) = failed else { return };
+    let what = match &q.op {
+        Op::CreateAs { name, .. } => format!("creating {:?}", String::from_utf8_lossy(name)),
+        Op::Unlink { name, .. } => format!("removing {:?}", String::from_utf8_lossy(name)),
+        Op::Write { offset, data, .. } => format!("writing {} bytes at {offset}", data.len()),
+        op => op.name().to_string(),
+    };
+    tracing::error!(
+        parent = q.parent,
+        node = q.node,
+        "write-behind: {what} failed on the host after it was answered: {why}; fsync on \
+         the file or its directory reports EIO, and changes now wait for the host"
+    );
+    s.failed.insert(q.parent);
+    if let Some(node) = q.node {
+        s.failed.insert(node);
+        s.pending.remove(&node);
+        s.early.remove(&node);
+    }
+    s.off = true;
+}
+
+fn sender(weak: Weak<Behind>) {
+    loop {
+        let Some(b) = weak.upgrade() else { return };
+        if b.run_once() {
+            continue;
+        }
+        let s = b.state();
+        let asked = s.want_ids && !s.off;
+        if s.queue.is_empty() && !asked {
+            // Woken by new work; the timeout lets the thread end with the adapter.
+            let _ = b
+                .changed
+                .wait_timeout(s, std::time::Duration::from_millis(500));
+        }
+    }
+}
+
+impl Transport for Behind {
+    fn call_epoch(&self, op: Op) -> Result<(ReplyBody, u64), CallError> {
+        self.barrier();
+        self.inner.call_epoch(op)
+    }
+
+    fn call_on(&self, epoch: u64, op: Op) -> Result<ReplyBody, CallError> {
+        self.barrier();
+        self.inner.call_on(epoch, op)
+    }
+
+    fn post_on(&self, epoch: u64, op: Op) {
+        // Releases of handles the host already gave: nothing queued can concern them.
+        self.inner.post_on(epoch, op)
+    }
+
+    fn forget(&self, items: &[(u64, u64)]) {
+        let mut s = self.state();
+        if s.busy || !s.queue.is_empty() {
+            s.forgets.extend_from_slice(items);
+            return;
+        }
+        drop(s);
+        self.inner.forget(items)
+    }
+
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+
+    fn has_cap(&self, cap: &str) -> bool {
+        self.inner.has_cap(cap)
+    }
+}
