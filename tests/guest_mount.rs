@@ -23,12 +23,22 @@ struct Mount {
     overlay: PathBuf,
     /// Where the server's stderr goes (None: the test's stderr).
     server_log: Option<PathBuf>,
+    /// More arguments for `serve`.
+    server_extra: Vec<String>,
 }
 
 /// `hexz-host serve` on `socket` over `overlay`, its stderr to `log` if given.
-fn start_server(snap: &Path, socket: &Path, overlay: &Path, log: Option<&Path>) -> Server {
+fn start_server(
+    snap: &Path,
+    socket: &Path,
+    overlay: &Path,
+    log: Option<&Path>,
+    extra: &[String],
+) -> Server {
     let Some(log) = log else {
-        return Server::start(snap, socket, &["--overlay", overlay.to_str().unwrap()]);
+        let mut args = vec!["--overlay", overlay.to_str().unwrap()];
+        args.extend(extra.iter().map(String::as_str));
+        return Server::start(snap, socket, &args);
     };
     let _ = fs::remove_file(socket);
     let err = OpenOptions::new()
@@ -43,6 +53,7 @@ fn start_server(snap: &Path, socket: &Path, overlay: &Path, log: Option<&Path>) 
         .arg(format!("unix:{}", socket.display()))
         .arg("--overlay")
         .arg(overlay)
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(err)
@@ -75,11 +86,22 @@ impl Mount {
     }
 
     fn with_log(dir: &Path, snap: &Path, extra_guest: &[&str], log: Option<&Path>) -> Mount {
+        Mount::with_server(dir, snap, extra_guest, log, &[])
+    }
+
+    fn with_server(
+        dir: &Path,
+        snap: &Path,
+        extra_guest: &[&str],
+        log: Option<&Path>,
+        server_extra: &[&str],
+    ) -> Mount {
         let mnt = dir.join("mnt");
         fs::create_dir_all(&mnt).unwrap();
         let socket = dir.join("hexz.sock");
         let overlay = dir.join("overlay");
-        let server = start_server(snap, &socket, &overlay, log);
+        let server_extra: Vec<String> = server_extra.iter().map(|a| a.to_string()).collect();
+        let server = start_server(snap, &socket, &overlay, log, &server_extra);
         let guest = spawn_guest(&mnt, &socket, extra_guest);
         let m = Mount {
             server: Some(server),
@@ -89,6 +111,7 @@ impl Mount {
             socket,
             overlay,
             server_log: log.map(Path::to_path_buf),
+            server_extra,
         };
         m.wait_mounted();
         m
@@ -120,6 +143,7 @@ impl Mount {
             &self.socket,
             &self.overlay,
             self.server_log.as_deref(),
+            &self.server_extra,
         ));
     }
 
@@ -934,4 +958,166 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
         settled,
         "live nodes: {before} before the walk, {after} after it and a cache drop"
     );
+}
+
+/// Every regular file under `root`, with its contents, by relative path.
+fn tree_files(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn creates_and_unlinks_answered_early_are_exact_and_reach_the_host_before_unmount() {
+    if !fuse_available() {
+        return;
+    }
+    // Files created in directories this mount made are answered before the host has
+    // made them (write-behind), with their first bytes; so are unlinks. Whatever mix of
+    // early and ordinary requests a workload makes, the tree must read as a local copy
+    // does — through this mount, after the caches are dropped, and through a new mount
+    // after this one was unmounted straight after the last change.
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = fixture(tmp.path());
+    let local = tmp.path().join("local");
+    let log = tmp.path().join("serve.log");
+    let mut m = Mount::with_log(tmp.path(), &snap, &[], Some(&log));
+    let both = |rel: &str, f: &dyn Fn(&Path)| {
+        f(&m.path(rel));
+        f(&local.join(rel));
+    };
+    for d in ["w", "w/sub"] {
+        both(d, &|p| fs::create_dir_all(p).unwrap());
+    }
+    for i in 0..300usize {
+        let dir = if i % 3 == 0 { "w/sub" } else { "w" };
+        // Empty, small, exactly 64 KiB, and larger than what is answered early.
+        let len = [0, 1, 100, 4096, 65_536, 65_537, 200_000][i % 7] + i % 5;
+        let data = pseudo_random(len, i as u64);
+        both(&format!("{dir}/f{i:03}"), &|p| fs::write(p, &data).unwrap());
+        if i % 4 == 1 {
+            // More bytes at the end (continuing what was answered early, or not).
+            let more = pseudo_random(3000, 7 + i as u64);
+            both(&format!("{dir}/f{i:03}"), &|p| {
+                use std::io::Write;
+                let mut f = OpenOptions::new().append(true).open(p).unwrap();
+                f.write_all(&more).unwrap();
+            });
+        }
+        if i % 5 == 2 {
+            both(&format!("{dir}/f{i:03}"), &|p| fs::remove_file(p).unwrap());
+        }
+        if i % 10 == 2 {
+            // The same name again, other bytes.
+            let again = pseudo_random(50 + i, 99 + i as u64);
+            both(&format!("{dir}/f{i:03}"), &|p| {
+                fs::write(p, &again).unwrap()
+            });
+        }
+        if i % 11 == 0 && i % 5 != 2 {
+            both(&format!("{dir}/f{i:03}"), &|p| {
+                fs::rename(p, p.with_extension("moved")).unwrap()
+            });
+        }
+        if i % 13 == 0 {
+            // Written in place and truncated, through one descriptor.
+            let p = format!("{dir}/g{i:03}");
+            both(&p, &|p| {
+                let f = File::create(p).unwrap();
+                f.write_all_at(b"0123456789", 0).unwrap();
+                f.write_all_at(b"ab", 3).unwrap();
+                f.set_len(7).unwrap();
+            });
+        }
+    }
+    let want = tree_files(&local.join("w"));
+    assert!(want.len() > 200, "{} files", want.len());
+    assert!(
+        tree_files(&m.path("w")) == want,
+        "the mount differs from the local copy"
+    );
+    drop_caches();
+    assert!(
+        tree_files(&m.path("w")) == want,
+        "after dropping the caches, the mount differs from the local copy"
+    );
+    // The last changes, then unmount at once: they reach the host first.
+    for i in 0..100usize {
+        both(&format!("w/last{i:03}"), &|p| {
+            fs::write(p, i.to_string()).unwrap()
+        });
+    }
+    for i in 0..50usize {
+        both(&format!("w/last{i:03}"), &|p| fs::remove_file(p).unwrap());
+    }
+    m.unmount();
+    let ops = closed_connection_ops(&log);
+    assert!(ops.get("batch").copied().unwrap_or(0) > 0, "{ops:?}");
+    assert!(
+        ops.get("create").copied().unwrap_or(0) < 50,
+        "creates were not answered early: {ops:?}"
+    );
+    assert!(
+        ops.get("unlink").copied().unwrap_or(0) < 20,
+        "unlinks were not answered early: {ops:?}"
+    );
+    drop(m);
+    let m = Mount::new(tmp.path(), &snap, &[]);
+    let want = tree_files(&local.join("w"));
+    assert!(
+        tree_files(&m.path("w")) == want,
+        "after unmounting, a new mount differs from the local copy"
+    );
+}
+
+#[test]
+fn a_create_answered_early_that_the_host_then_refuses_fails_fsync() {
+    if !fuse_available() {
+        return;
+    }
+    // The overlay has room for about one of the files below: creates answered early
+    // whose data the host then has no room for must make fsync on the file and on its
+    // directory fail (EIO), and the mount must say so in its log.
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = fixture(tmp.path());
+    let m = Mount::with_server(tmp.path(), &snap, &[], None, &["--overlay-size", "200K"]);
+    fs::create_dir(m.path("d")).unwrap();
+    let data = pseudo_random(60_000, 5);
+    let mut answered = Vec::new();
+    for i in 0..8 {
+        let p = m.path(&format!("d/f{i}"));
+        // Early answers succeed; once write-behind stopped, the host's ENOSPC comes in
+        // time, at the write.
+        if fs::write(&p, &data).is_ok() {
+            answered.push(p);
+        }
+    }
+    assert!(answered.len() >= 2, "{} files written", answered.len());
+    let fsync = |p: &Path| File::open(p).and_then(|f| f.sync_all());
+    let failed: Vec<_> = answered.iter().filter(|p| fsync(p).is_err()).collect();
+    assert!(
+        !failed.is_empty(),
+        "every fsync succeeded, but the overlay cannot hold {} files of 60 kB",
+        answered.len()
+    );
+    let e = fsync(&m.path("d")).expect_err("fsync of the directory");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // Every file that fsync accepted is whole.
+    for p in &answered {
+        if !failed.contains(&p) {
+            assert!(fs::read(p).unwrap() == data, "{} is not whole", p.display());
+        }
+    }
 }

@@ -21,6 +21,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use hexz_protocol::{Limits, Op, ReplyBody, Timed, Timespec, MAX_BATCH};
 
@@ -35,6 +36,10 @@ pub const MAX_FIRST_DATA: usize = 64 * 1024;
 const MAX_QUEUED: usize = 4 * MAX_BATCH;
 /// Bytes of data waiting to be sent at most.
 const MAX_QUEUED_BYTES: usize = 4 << 20;
+/// How long a change may wait for more to go in the same batch, unless something waits
+/// for it: the app never waits for it, and every batch costs the guest a round of system
+/// calls and wake-ups.
+const LINGER: Duration = Duration::from_millis(20);
 /// Host handles of early-created files kept for their next use at most (older ones are
 /// released, and reopened if needed).
 const MAX_KEPT_FHS: usize = 256;
@@ -60,6 +65,10 @@ struct State {
     done: u64,
     /// A batch is on its way.
     busy: bool,
+    /// Since when the oldest change of `queue` waits.
+    since: Option<Instant>,
+    /// Callers in [`Behind::barrier`].
+    waiting: usize,
     /// Reserved, unused ids of connection `ids_epoch`.
     ids: VecDeque<u64>,
     ids_epoch: u64,
@@ -207,6 +216,9 @@ impl Behind {
         parent: u64,
     ) {
         s.epoch = epoch;
+        if s.queue.is_empty() {
+            s.since = Some(Instant::now());
+        }
         s.queue.push(Queued {
             op,
             at,
@@ -214,16 +226,26 @@ impl Behind {
             parent,
         });
         s.queued += 1;
-        self.changed.notify_all();
+        // The sender sets its deadline on the first change; a full batch or a caller
+        // waiting sends at once.
+        if s.queue.len() == 1 || s.queue.len() >= MAX_BATCH || s.waiting > 0 {
+            self.changed.notify_all();
+        }
     }
 
     /// Waits until every change queued before this call has been applied (or failed).
     pub fn barrier(&self) {
         let mut s = self.state();
         let target = s.queued;
+        if s.done >= target {
+            return;
+        }
+        s.waiting += 1;
+        self.changed.notify_all(); // the sender stops lingering
         while s.done < target {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+        s.waiting -= 1;
     }
 
     /// The host handle an early create opened for `node`, for its next data request
@@ -234,16 +256,21 @@ impl Behind {
         s.fhs.remove(&node)
     }
 
-    /// The kernel forgot `node`: the host handle its early create opened is returned to
-    /// be released, or released once the changes queued for it are done.
-    pub fn forgotten(&self, node: u64) -> Option<(u64, u64)> {
+    /// The kernel forgot `node`: the host handle its early create opened is released
+    /// with the next batch, once the changes queued for it are done.
+    pub fn forgotten(&self, node: u64) {
         let mut s = self.state();
         s.early.remove(&node);
         if s.pending.contains(&node) || s.queue.iter().any(|q| q.node == Some(node)) {
             s.gone.insert(node);
-            return None;
+            return;
         }
-        s.fhs.remove(&node)
+        if let Some((fh, e)) = s.fhs.remove(&node) {
+            if e == self.inner.epoch() {
+                let at = now();
+                self.push(&mut s, e, Op::Release { fh }, at, None, 0);
+            }
+        }
     }
 
     /// True (once) if a change on `node` failed on the host after it was answered.
@@ -252,19 +279,25 @@ impl Behind {
     }
 
     /// Sends the queued changes, in batches; also keeps reserved ids at hand.
-    fn run_once(&self) -> bool {
+    /// Sends a batch (or reserves ids) and returns `None`, or returns how long to wait.
+    fn run_once(&self) -> Option<Duration> {
         let mut s = self.state();
         if s.want_ids && !s.off {
             s.want_ids = false;
             drop(s);
             self.reserve();
-            return true;
+            return None;
         }
         if s.queue.is_empty() {
-            return false;
+            return Some(Duration::from_millis(500));
+        }
+        let age = s.since.map_or(LINGER, |t| t.elapsed());
+        if s.waiting == 0 && s.queue.len() < MAX_BATCH && age < LINGER {
+            return Some(LINGER - age);
         }
         let n = s.queue.len().min(MAX_BATCH);
         let taken: Vec<Queued> = s.queue.drain(..n).collect();
+        s.since = (!s.queue.is_empty()).then(Instant::now);
         let whole = s.queue.is_empty();
         let forgets_before = if whole { s.forgets.len() } else { 0 };
         let epoch = s.epoch;
@@ -332,14 +365,18 @@ impl Behind {
             s.forgets.drain(..k).collect()
         };
         self.changed.notify_all();
+        // Handles let go go with the next batch (on their own connection only).
+        for (fh, e) in release {
+            if e == s.epoch {
+                let at = now();
+                self.push(&mut s, e, Op::Release { fh }, at, None, 0);
+            }
+        }
         drop(s);
         if !forgets.is_empty() {
             self.inner.forget(&forgets);
         }
-        for (fh, e) in release {
-            self.inner.post_on(e, Op::Release { fh });
-        }
-        true
+        None
     }
 
     fn reserve(&self) {
@@ -435,6 +472,8 @@ fn finish(
     match &q.op {
         Op::CreateAs { data, .. } => s.queued_bytes = s.queued_bytes.saturating_sub(data.len()),
         Op::Write { data, .. } => s.queued_bytes = s.queued_bytes.saturating_sub(data.len()),
+        // A handle let go: nothing depends on how that went.
+        Op::Release { .. } => return,
         _ => {}
     }
     let Some(why) = failed else { return };
@@ -462,16 +501,16 @@ fn finish(
 fn sender(weak: Weak<Behind>) {
     loop {
         let Some(b) = weak.upgrade() else { return };
-        if b.run_once() {
-            continue;
-        }
+        let Some(wait) = b.run_once() else { continue };
         let s = b.state();
+        // Re-checked under the lock, so that no wake-up is missed in between.
         let asked = s.want_ids && !s.off;
-        if s.queue.is_empty() && !asked {
-            // Woken by new work; the timeout lets the thread end with the adapter.
-            let _ = b
-                .changed
-                .wait_timeout(s, std::time::Duration::from_millis(500));
+        let ready = !s.queue.is_empty()
+            && (s.waiting > 0 || s.queue.len() >= MAX_BATCH || s.since.is_none());
+        if !asked && !ready {
+            // Woken by new work or a waiting caller; the timeout also lets the thread
+            // end with the adapter.
+            let _ = b.changed.wait_timeout(s, wait);
         }
     }
 }

@@ -1224,8 +1224,9 @@ impl Filesystem for HexzFs {
         // The kernel dropped the inode: so does the daemon's data handle for it (which
         // would otherwise keep a deleted file's space in use on the host).
         let data_handle = self.nodes().remove(ino.0);
-        let created = self.behind.as_ref().and_then(|b| b.forgotten(ino.0));
-        let created = created.map(|(fh, epoch)| self.host_fh(fh, epoch, false));
+        if let Some(b) = &self.behind {
+            b.forgotten(ino.0);
+        }
         let listings = self.listings().forget(ino.0);
         self.attrs.forget(ino.0);
         if let Some(a) = &self.ahead {
@@ -1235,7 +1236,6 @@ impl Filesystem for HexzFs {
             self.give_back(page);
         }
         drop(data_handle); // released on the host unless a request still holds it
-        drop(created);
         drop(listings);
         self.conn.forget(&[(ino.0, nlookup)]);
     }

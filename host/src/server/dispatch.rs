@@ -399,7 +399,7 @@ fn batch(vfs: &Vfs, s: &Session, ops: Vec<Timed>) -> ReplyBody {
         .into_iter()
         .take(fit)
         .map(|Timed { at, op }| match op {
-            Op::CreateAs { .. } | Op::Write { .. } | Op::Unlink { .. } => {
+            Op::CreateAs { .. } | Op::Write { .. } | Op::Unlink { .. } | Op::Release { .. } => {
                 crate::vfs::at_time((at.0, at.1), || dispatch(vfs, s, op))
             }
             _ => ReplyBody::Err(Errno::EINVAL),
