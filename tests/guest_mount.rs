@@ -1092,7 +1092,15 @@ fn a_create_answered_early_that_the_host_then_refuses_fails_fsync() {
     // directory fail (EIO), and the mount must say so in its log.
     let tmp = tempfile::tempdir().unwrap();
     let snap = fixture(tmp.path());
-    let m = Mount::with_server(tmp.path(), &snap, &[], None, &["--overlay-size", "200K"]);
+    let guest_log = tmp.path().join("guest.log");
+    let debug = format!("--debug-log={}", guest_log.display());
+    let m = Mount::with_server(
+        tmp.path(),
+        &snap,
+        &[&debug],
+        None,
+        &["--overlay-size", "200K"],
+    );
     fs::create_dir(m.path("d")).unwrap();
     let data = pseudo_random(60_000, 5);
     let mut answered = Vec::new();
@@ -1114,6 +1122,12 @@ fn a_create_answered_early_that_the_host_then_refuses_fails_fsync() {
     );
     let e = fsync(&m.path("d")).expect_err("fsync of the directory");
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let log = fs::read_to_string(&guest_log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("write-behind: creating") && l.contains("ENOSPC")),
+        "the daemon's log does not say which create failed:\n{log}"
+    );
     // Every file that fsync accepted is whole.
     for p in &answered {
         if !failed.contains(&p) {

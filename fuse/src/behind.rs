@@ -135,8 +135,8 @@ impl Behind {
         if s.ids_epoch != epoch {
             s.ids.clear(); // reserved on a connection that is gone
         }
-        if (!s.queue.is_empty() || s.busy) && s.epoch != epoch {
-            return None; // changes of the older connection are still on their way
+        if !can_queue(&s, epoch) {
+            return None;
         }
         let id = s.ids.pop_front();
         if s.ids.len() < LOW_IDS && !s.want_ids {
@@ -196,10 +196,11 @@ impl Behind {
     /// (connection `epoch`); false if it must go the usual way.
     pub fn unlink(&self, epoch: u64, parent: u64, name: Vec<u8>, at: Timespec) -> bool {
         let mut s = self.state();
-        if s.off || s.queue.len() >= MAX_QUEUED || epoch != self.inner.epoch() {
-            return false;
-        }
-        if (!s.queue.is_empty() || s.busy) && s.epoch != epoch {
+        if s.off
+            || s.queue.len() >= MAX_QUEUED
+            || epoch != self.inner.epoch()
+            || !can_queue(&s, epoch)
+        {
             return false;
         }
         self.push(&mut s, epoch, Op::Unlink { parent, name }, at, None, parent);
@@ -265,12 +266,28 @@ impl Behind {
             s.gone.insert(node);
             return;
         }
-        if let Some((fh, e)) = s.fhs.remove(&node) {
-            if e == self.inner.epoch() {
-                let at = now();
-                self.push(&mut s, e, Op::Release { fh }, at, None, 0);
-            }
+        if let Some(h) = s.fhs.remove(&node) {
+            let now_instead = self.release(&mut s, h);
+            drop(s);
+            now_instead
+                .into_iter()
+                .for_each(|(fh, e)| self.post_release(fh, e));
         }
+    }
+
+    /// Queues the release of host handle `fh` of connection `epoch` for the next batch;
+    /// returns it if it must be released on its own (changes of another connection are
+    /// still queued).
+    fn release(&self, s: &mut State, (fh, epoch): (u64, u64)) -> Option<(u64, u64)> {
+        if !can_queue(s, epoch) {
+            return Some((fh, epoch));
+        }
+        self.push(s, epoch, Op::Release { fh }, now(), None, 0);
+        None
+    }
+
+    fn post_release(&self, fh: u64, epoch: u64) {
+        self.inner.post_on(epoch, Op::Release { fh });
     }
 
     /// True (once) if a change on `node` failed on the host after it was answered.
@@ -278,22 +295,16 @@ impl Behind {
         self.state().failed.remove(&node)
     }
 
-    /// Sends the queued changes, in batches; also keeps reserved ids at hand.
-    /// Sends a batch (or reserves ids) and returns `None`, or returns how long to wait.
-    fn run_once(&self) -> Option<Duration> {
+    /// Reserves ids or sends a batch, whichever is due (see [`due_in`]).
+    fn run_once(&self) {
         let mut s = self.state();
+        if due_in(&s).is_some() {
+            return;
+        }
         if s.want_ids && !s.off {
             s.want_ids = false;
             drop(s);
-            self.reserve();
-            return None;
-        }
-        if s.queue.is_empty() {
-            return Some(Duration::from_millis(500));
-        }
-        let age = s.since.map_or(LINGER, |t| t.elapsed());
-        if s.waiting == 0 && s.queue.len() < MAX_BATCH && age < LINGER {
-            return Some(LINGER - age);
+            return self.reserve();
         }
         let n = s.queue.len().min(MAX_BATCH);
         let taken: Vec<Queued> = s.queue.drain(..n).collect();
@@ -365,18 +376,18 @@ impl Behind {
             s.forgets.drain(..k).collect()
         };
         self.changed.notify_all();
-        // Handles let go go with the next batch (on their own connection only).
-        for (fh, e) in release {
-            if e == s.epoch {
-                let at = now();
-                self.push(&mut s, e, Op::Release { fh }, at, None, 0);
-            }
-        }
+        // Handles let go go with the next batch.
+        let now_instead: Vec<_> = release
+            .into_iter()
+            .filter_map(|h| self.release(&mut s, h))
+            .collect();
         drop(s);
+        now_instead
+            .into_iter()
+            .for_each(|(fh, e)| self.post_release(fh, e));
         if !forgets.is_empty() {
             self.inner.forget(&forgets);
         }
-        None
     }
 
     fn reserve(&self) {
@@ -397,6 +408,35 @@ impl Behind {
                 // The connection dropped: ask again on the next early create.
             }
         }
+    }
+}
+
+/// Whether a change of connection `epoch` may join the queue: not while changes of
+/// another connection are queued or on their way (they go on theirs, or fail).
+fn can_queue(s: &State, epoch: u64) -> bool {
+    (s.queue.is_empty() && !s.busy) || s.epoch == epoch
+}
+
+/// `None` if the sender has something to do now (ids to reserve, or a batch to send:
+/// it is full, a caller waits for it, or its oldest change lingered long enough);
+/// otherwise how long it may sleep.
+fn due_in(s: &State) -> Option<Duration> {
+    if s.want_ids && !s.off {
+        return None;
+    }
+    if s.queue.is_empty() {
+        return Some(Duration::from_millis(500));
+    }
+    let age = s.since.map_or(LINGER, |t| t.elapsed());
+    (s.waiting == 0 && s.queue.len() < MAX_BATCH && age < LINGER).then(|| LINGER - age)
+}
+
+/// The bytes of file data a queued change holds (bounded by [`MAX_QUEUED_BYTES`]).
+fn queued_data(op: &Op) -> usize {
+    match op {
+        Op::CreateAs { data, .. } => data.len(),
+        Op::Write { data, .. } => data.len(),
+        _ => 0,
     }
 }
 
@@ -435,7 +475,8 @@ fn trim_fhs(s: &mut State, release: &mut Vec<(u64, u64)>) {
     }
 }
 
-fn now() -> Timespec {
+/// This machine's clock now.
+pub(crate) fn now() -> Timespec {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -450,6 +491,10 @@ fn finish(
     release: &mut Vec<(u64, u64)>,
     epoch: u64,
 ) {
+    s.queued_bytes = s.queued_bytes.saturating_sub(queued_data(&q.op));
+    if matches!(q.op, Op::Release { .. }) {
+        return; // a handle let go: nothing depends on how that went
+    }
     let failed = match (&q.op, r) {
         (Op::CreateAs { .. }, Ok(ReplyBody::Created { entry, fh })) => {
             let node = entry.node;
@@ -469,13 +514,6 @@ fn finish(
         (_, Ok(other)) => Some(format!("an unexpected {} reply", other.name())),
         (_, Err(why)) => Some(why),
     };
-    match &q.op {
-        Op::CreateAs { data, .. } => s.queued_bytes = s.queued_bytes.saturating_sub(data.len()),
-        Op::Write { data, .. } => s.queued_bytes = s.queued_bytes.saturating_sub(data.len()),
-        // A handle let go: nothing depends on how that went.
-        Op::Release { .. } => return,
-        _ => {}
-    }
     let Some(why) = failed else { return };
     let what = match &q.op {
         Op::CreateAs { name, .. } => format!("creating {:?}", String::from_utf8_lossy(name)),
@@ -501,15 +539,12 @@ fn finish(
 fn sender(weak: Weak<Behind>) {
     loop {
         let Some(b) = weak.upgrade() else { return };
-        let Some(wait) = b.run_once() else { continue };
+        b.run_once();
         let s = b.state();
-        // Re-checked under the lock, so that no wake-up is missed in between.
-        let asked = s.want_ids && !s.off;
-        let ready = !s.queue.is_empty()
-            && (s.waiting > 0 || s.queue.len() >= MAX_BATCH || s.since.is_none());
-        if !asked && !ready {
-            // Woken by new work or a waiting caller; the timeout also lets the thread
-            // end with the adapter.
+        // Decided under the lock the wait releases, so that no wake-up is missed.
+        if let Some(wait) = due_in(&s) {
+            // Woken by the first change, a full batch or a waiting caller; the timeout
+            // also lets the thread end with the adapter.
             let _ = b.changed.wait_timeout(s, wait);
         }
     }

@@ -399,14 +399,6 @@ fn time(t: Timespec) -> SystemTime {
     }
 }
 
-/// This machine's clock now.
-fn now_ts() -> Timespec {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Timespec(d.as_secs() as i64, d.subsec_nanos())
-}
-
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
@@ -604,7 +596,7 @@ impl HexzFs {
             return None;
         }
         let (node, epoch) = b.take_id()?;
-        let t = now_ts();
+        let t = crate::behind::now();
         let a = Attr {
             ino: node,
             mode: libc::S_IFREG | (mode & 0o7777),
@@ -663,7 +655,7 @@ impl HexzFs {
     /// (the kernel has checked the rest); the host removes it behind.
     fn unlink_early(&self, parent: u64, n: &OsStr) -> bool {
         let Some(b) = &self.behind else { return false };
-        let t = now_ts();
+        let t = crate::behind::now();
         if self.names.get(parent, n.as_bytes()).is_none()
             || !b.unlink(self.conn.epoch(), parent, name(n), t)
         {

@@ -315,12 +315,11 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             flags,
             uid,
             gid,
-        } => reply(
+        } => created(
+            vfs,
+            s,
+            parent,
             vfs.create(o, parent, &name, mode, flags, uid, gid),
-            |(a, fh)| ReplyBody::Created {
-                entry: s.new_entry(vfs, parent, a),
-                fh,
-            },
         ),
         Op::Fallocate {
             fh,
@@ -352,13 +351,18 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
                 return ReplyBody::Err(Errno::EINVAL);
             }
             let r = vfs.create_as(o, parent, &name, mode, flags, uid, gid, node, &data);
-            reply(r, |(a, fh)| ReplyBody::Created {
-                entry: s.new_entry(vfs, parent, a),
-                fh,
-            })
+            created(vfs, s, parent, r)
         }
         Op::Batch { ops } => batch(vfs, s, ops),
     }
+}
+
+/// The reply to a create in `parent`: the entry, with the directory's new attributes.
+fn created(vfs: &Vfs, s: &Session, parent: u64, r: VfsResult<(Attr, u64)>) -> ReplyBody {
+    reply(r, |(a, fh)| ReplyBody::Created {
+        entry: s.new_entry(vfs, parent, a),
+        fh,
+    })
 }
 
 /// `reserve`: fresh ids for this connection's `create_as`, at most [`MAX_RESERVED`]

@@ -81,6 +81,22 @@ impl Vfs {
         uid: u32,
         gid: u32,
     ) -> VfsResult<(Attr, u64)> {
+        self.create_node(owner, parent, name, mode, flags, uid, gid, None)
+    }
+
+    /// `create`, the new node getting the id `id` when given (reserved for `owner`).
+    #[allow(clippy::too_many_arguments)]
+    fn create_node(
+        &self,
+        owner: u64,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: u32,
+        uid: u32,
+        gid: u32,
+        id: Option<u64>,
+    ) -> VfsResult<(Attr, u64)> {
         check_name(name).map_err(|e| e.errno())?;
         let node = {
             let mut inner = self.write_lock()?;
@@ -95,7 +111,7 @@ impl Vfs {
                         rdev: 0,
                         uid,
                         gid,
-                        id: None,
+                        id,
                     };
                     self.make_node_locked(&mut inner, parent, name, new)?.ino
                 }
@@ -142,31 +158,12 @@ impl Vfs {
         id: u64,
         data: &[u8],
     ) -> VfsResult<(Attr, u64)> {
-        check_name(name).map_err(|e| e.errno())?;
-        {
-            let mut inner = self.write_lock()?;
-            let new = NewNode {
-                kind: Kind::File,
-                mode: libc::S_IFREG | (mode & 0o7777),
-                rdev: 0,
-                uid,
-                gid,
-                id: Some(id),
-            };
-            self.make_node_locked(&mut inner, parent, name, new)?;
-            self.refs().take(owner, id, 1);
+        let excl = flags | libc::O_EXCL as u32;
+        let (attr, fh) = self.create_node(owner, parent, name, mode, excl, uid, gid, Some(id))?;
+        if data.is_empty() {
+            return Ok((attr, fh));
         }
-        let fh = match self.open(owner, id, flags) {
-            Ok(fh) => fh,
-            Err(e) => {
-                self.forget(owner, id, 1);
-                return Err(e);
-            }
-        };
-        let written = match data.is_empty() {
-            true => Ok(0),
-            false => self.write(owner, fh, 0, data),
-        };
+        let written = self.write(owner, fh, 0, data);
         match written.and_then(|_| self.attr(&self.state(), id)) {
             Ok(a) => Ok((a, fh)),
             Err(e) => {
