@@ -1109,3 +1109,146 @@ fn the_frames_a_run_read_are_prefetched_by_the_next_open() {
         );
     }
 }
+
+/// A TCP relay on loopback in front of a registry, counting the bytes the registry sends;
+/// with a budget, it cuts every connection once that many have passed and refuses new
+/// ones (a registry that goes away mid-download).
+struct Relay {
+    port: u16,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    fn start(to: u16, budget: Option<u64>) -> Relay {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let sent = Arc::new(AtomicU64::new(0));
+        let total = sent.clone();
+        let over = move |n: u64| budget.is_some_and(|b| n >= b);
+        std::thread::spawn(move || {
+            for client in l.incoming() {
+                let Ok(client) = client else { return };
+                if over(total.load(Ordering::Relaxed)) {
+                    continue; // dropped: refused
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let total = total.clone();
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let (mut server, mut client) = (server, client);
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if over(total.fetch_add(n as u64, Ordering::Relaxed) + n as u64) {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Relay { port, sent }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn a_pull_cut_short_resumes_where_it_stopped_and_starts_over_if_what_it_kept_is_damaged() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    // Incompressible, so the data blob is ~25 MiB.
+    fs::write(src.join("big.bin"), pseudo_random(24 << 20, 9)).unwrap();
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let snap_len = fs::metadata(&snap).unwrap().len();
+    ok(
+        &hexz(&cache, &[&"push", &snap, &format!("{}/team/ws:v1", reg.host())]),
+        "push",
+    );
+    let out = dir.join("out");
+    fs::create_dir(&out).unwrap();
+    let pulled = out.join("ws.hxz");
+    let part = || {
+        fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".part"))
+    };
+    let pull_through = |relay: &Relay| {
+        hexz(
+            &cache,
+            &[&"pull", &format!("{}/team/ws:v1", relay.host()), &"-o", &pulled],
+        )
+    };
+
+    // The registry goes away after ~10 MiB: the pull fails, says how to resume, and
+    // keeps what arrived.
+    let cut = Relay::start(reg.port, Some(10 << 20));
+    let o = pull_through(&cut);
+    assert!(!o.status.success(), "a pull cut short must fail");
+    assert!(
+        err(&o).contains("run the same pull again to resume"),
+        "{}",
+        err(&o)
+    );
+    assert!(!pulled.exists(), "no snapshot file from a failed pull");
+    let kept = fs::metadata(part().expect("the partial download is kept")).unwrap().len();
+    assert!(kept > 4 << 20, "only {kept} bytes kept");
+
+    // Again, whole: only the rest of the blob is fetched, and the file is exact.
+    let whole = Relay::start(reg.port, None);
+    ok(&pull_through(&whole), "resumed pull");
+    assert!(fs::read(&pulled).unwrap() == fs::read(&snap).unwrap(), "resumed pull differs");
+    assert!(part().is_none(), "the partial file is gone");
+    assert!(
+        whole.sent() < snap_len - kept + (1 << 20),
+        "the resumed pull fetched {} bytes; {kept} of {snap_len} were kept",
+        whole.sent()
+    );
+
+    // Cut short again, then a byte of what was kept is damaged: the next pull notices
+    // (the digest covers every byte) and starts over.
+    fs::remove_file(&pulled).unwrap();
+    let cut = Relay::start(reg.port, Some(10 << 20));
+    assert!(!pull_through(&cut).status.success());
+    let p = part().expect("the partial download is kept");
+    let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"\xff\x00\xff", 1 << 20).unwrap();
+    drop(f);
+    let whole = Relay::start(reg.port, None);
+    let o = pull_through(&whole);
+    ok(&o, "pull after damage");
+    assert!(err(&o).contains("damaged"), "{}", err(&o));
+    assert!(fs::read(&pulled).unwrap() == fs::read(&snap).unwrap(), "pull after damage differs");
+    assert!(whole.sent() > snap_len - (1 << 20), "started over: {} bytes", whole.sent());
+}

@@ -446,18 +446,38 @@ impl<'a> Repo<'a> {
         Ok(r.resp.header("content-length").and_then(|v| v.parse().ok()))
     }
 
-    /// The whole blob as a stream.
-    pub fn blob(&self, digest: &str) -> Result<Box<dyn Read + Send + Sync>> {
+    /// The blob from byte `offset` to its end, as a stream (a range request when
+    /// `offset` is not 0; a registry that ignores it sends the whole blob, and the bytes
+    /// before `offset` are skipped here).
+    pub fn blob_from(&self, digest: &str, offset: u64) -> Result<Box<dyn Read + Send + Sync>> {
+        let range = format!("bytes={offset}-");
+        let headers: &[(&str, &str)] = if offset == 0 {
+            &[]
+        } else {
+            &[("Range", &range)]
+        };
         let r = self.reg.send(
             "GET",
             &format!("/v2/{}/blobs/{digest}", self.name),
-            &[],
+            headers,
             &Body::Empty,
             &self.pull,
-            &[200],
+            &[200, 206],
             Retry::COMMAND,
         )?;
-        Ok(r.resp.into_reader())
+        let mut reader = r.resp.into_reader();
+        if r.status == 200 && offset != 0 {
+            let skipped = std::io::copy(&mut (&mut reader).take(offset), &mut std::io::sink())
+                .map_err(|e| self.read_err("blob", e))?;
+            if skipped != offset {
+                return Err(Error::Remote(format!(
+                    "registry {}: blob {} ended after {skipped} bytes, before byte {offset}",
+                    self.reg.host,
+                    short(digest)
+                )));
+            }
+        }
+        Ok(reader)
     }
 
     /// Exactly `len` bytes of a blob from `offset`, by an HTTP range request.
