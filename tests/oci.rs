@@ -5,7 +5,10 @@
 //! (counted in the registry's storage); `skopeo inspect` reads the manifest; a registry
 //! that stops mid-read gives EIO and reads resume when it is back; a corrupted blob is a
 //! clear integrity error; processes share the chunk cache; basic auth from
-//! ~/.docker/config.json; the cache stays within its bound.
+//! ~/.docker/config.json; Bearer tokens from a token service the registry trusts, with
+//! a credential helper, anonymously for public pulls, and renewed by a long-lived mount
+//! when the registry stops accepting them; a pull cut short resumes; the cache stays
+//! within its bound.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -36,13 +39,18 @@ fn registry_available() -> bool {
 
 impl Registry {
     fn start(dir: &Path, htpasswd: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(dir, htpasswd, "")
+    }
+
+    /// With `auth` (YAML of the `auth:` section) when it is not empty.
+    fn start_with(dir: &Path, htpasswd: Option<(&str, &str)>, auth_yaml: &str) -> Registry {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         fs::create_dir_all(dir).unwrap();
-        let mut auth = String::new();
+        let mut auth = auth_yaml.to_string();
         if let Some((user, pass)) = htpasswd {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, pass])
@@ -1136,7 +1144,8 @@ impl Relay {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
                     continue;
                 };
-                let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut c_in, &mut s_out);
                     let _ = s_out.shutdown(std::net::Shutdown::Write);
@@ -1191,7 +1200,10 @@ fn a_pull_cut_short_resumes_where_it_stopped_and_starts_over_if_what_it_kept_is_
     pack(&cache, &src, &snap);
     let snap_len = fs::metadata(&snap).unwrap().len();
     ok(
-        &hexz(&cache, &[&"push", &snap, &format!("{}/team/ws:v1", reg.host())]),
+        &hexz(
+            &cache,
+            &[&"push", &snap, &format!("{}/team/ws:v1", reg.host())],
+        ),
         "push",
     );
     let out = dir.join("out");
@@ -1207,7 +1219,12 @@ fn a_pull_cut_short_resumes_where_it_stopped_and_starts_over_if_what_it_kept_is_
     let pull_through = |relay: &Relay| {
         hexz(
             &cache,
-            &[&"pull", &format!("{}/team/ws:v1", relay.host()), &"-o", &pulled],
+            &[
+                &"pull",
+                &format!("{}/team/ws:v1", relay.host()),
+                &"-o",
+                &pulled,
+            ],
         )
     };
 
@@ -1222,13 +1239,18 @@ fn a_pull_cut_short_resumes_where_it_stopped_and_starts_over_if_what_it_kept_is_
         err(&o)
     );
     assert!(!pulled.exists(), "no snapshot file from a failed pull");
-    let kept = fs::metadata(part().expect("the partial download is kept")).unwrap().len();
+    let kept = fs::metadata(part().expect("the partial download is kept"))
+        .unwrap()
+        .len();
     assert!(kept > 4 << 20, "only {kept} bytes kept");
 
     // Again, whole: only the rest of the blob is fetched, and the file is exact.
     let whole = Relay::start(reg.port, None);
     ok(&pull_through(&whole), "resumed pull");
-    assert!(fs::read(&pulled).unwrap() == fs::read(&snap).unwrap(), "resumed pull differs");
+    assert!(
+        fs::read(&pulled).unwrap() == fs::read(&snap).unwrap(),
+        "resumed pull differs"
+    );
     assert!(part().is_none(), "the partial file is gone");
     assert!(
         whole.sent() < snap_len - kept + (1 << 20),
@@ -1249,6 +1271,318 @@ fn a_pull_cut_short_resumes_where_it_stopped_and_starts_over_if_what_it_kept_is_
     let o = pull_through(&whole);
     ok(&o, "pull after damage");
     assert!(err(&o).contains("damaged"), "{}", err(&o));
-    assert!(fs::read(&pulled).unwrap() == fs::read(&snap).unwrap(), "pull after damage differs");
-    assert!(whole.sent() > snap_len - (1 << 20), "started over: {} bytes", whole.sent());
+    assert!(
+        fs::read(&pulled).unwrap() == fs::read(&snap).unwrap(),
+        "pull after damage differs"
+    );
+    assert!(
+        whole.sent() > snap_len - (1 << 20),
+        "started over: {} bytes",
+        whole.sent()
+    );
+}
+
+/// A token service as the distribution spec's Bearer scheme has it (the part of Docker
+/// Hub, GHCR or Harbor that hands out tokens): `GET /token?service=…&scope=…`, with Basic
+/// credentials or none, answers a JWT signed (RS256, `openssl dgst`) with a key whose
+/// self-signed certificate the registry trusts. Users get what they ask for; anonymous
+/// callers get `pull` on `public/*` only. The key can be replaced (`rotate`), which makes
+/// the registry refuse every token issued before, as when tokens expire.
+struct TokenServer {
+    port: u16,
+    dir: PathBuf,
+    /// Tokens issued.
+    issued: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+const TOKEN_SERVICE: &str = "hexz-test-registry";
+const TOKEN_ISSUER: &str = "hexz-test-issuer";
+
+impl TokenServer {
+    fn start(dir: &Path, user: (&'static str, &'static str)) -> TokenServer {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        fs::create_dir_all(dir).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let t = TokenServer {
+            port: l.local_addr().unwrap().port(),
+            dir: dir.to_path_buf(),
+            issued: std::sync::Arc::new(AtomicU64::new(0)),
+        };
+        t.rotate();
+        let (dir, issued) = (t.dir.clone(), t.issued.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                    match c.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => break,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let (status, body) = match token_reply(&head, &dir, user) {
+                    Ok(tok) => {
+                        issued.fetch_add(1, Ordering::Relaxed);
+                        ("200 OK", format!(r#"{{"token":"{tok}","expires_in":300}}"#))
+                    }
+                    Err(why) => ("401 Unauthorized", format!(r#"{{"details":"{why}"}}"#)),
+                };
+                use std::io::Write;
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        t
+    }
+
+    /// A new signing key and certificate (the registry reads the certificate when it starts).
+    fn rotate(&self) {
+        let o = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=hexz-test-token"])
+            .arg("-keyout")
+            .arg(self.dir.join("key.pem"))
+            .arg("-out")
+            .arg(self.dir.join("cert.pem"))
+            .output()
+            .expect("openssl");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    fn auth_yaml(&self) -> String {
+        format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+            self.port,
+            self.dir.join("cert.pem").display()
+        )
+    }
+
+    fn issued(&self) -> u64 {
+        self.issued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                out.push(u8::from_str_radix(h, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The token for one request head, or why none.
+fn token_reply(head: &str, dir: &Path, user: (&str, &str)) -> Result<String, String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let target = head.split_whitespace().nth(1).ok_or("no request line")?;
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let mut service = String::new();
+    let mut scopes = Vec::new();
+    for kv in query.split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "service" => service = percent_decode(v),
+            "scope" => scopes.push(percent_decode(v)),
+            _ => {}
+        }
+    }
+    let basic = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        let v = v.trim();
+        (k.eq_ignore_ascii_case("authorization") && v.starts_with("Basic "))
+            .then(|| String::from_utf8(b64.decode(&v[6..]).ok()?).ok())
+            .flatten()
+    });
+    let who = match basic {
+        Some(b) if b == format!("{}:{}", user.0, user.1) => Some(user.0),
+        Some(_) => return Err("wrong user name or password".into()),
+        None => None,
+    };
+    let mut access = Vec::new();
+    for scope in &scopes {
+        for one in scope.split(' ') {
+            let mut parts = one.rsplitn(2, ':');
+            let (Some(actions), Some(rest)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Some(("repository", name)) = rest.split_once(':') else {
+                continue;
+            };
+            let granted: Vec<&str> = actions
+                .split(',')
+                .filter(|a| who.is_some() || (*a == "pull" && name.starts_with("public/")))
+                .collect();
+            access.push(serde_json::json!({"type": "repository", "name": name, "actions": granted}));
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let cert = fs::read_to_string(dir.join("cert.pem")).map_err(|e| e.to_string())?;
+    let der: String = cert.lines().filter(|l| !l.starts_with("-----")).collect();
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [der]});
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER, "sub": who.unwrap_or(""), "aud": service,
+        "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", access.len()),
+        "access": access,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        url.encode(header.to_string()),
+        url.encode(claims.to_string())
+    );
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(dir.join("key.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(signing_input.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let sig = child.wait_with_output().map_err(|e| e.to_string())?;
+    Ok(format!("{signing_input}.{}", url.encode(sig.stdout)))
+}
+
+#[test]
+fn a_registry_with_bearer_tokens_is_used_with_credentials_from_a_helper_anonymously_for_public_pulls_and_across_a_key_rotation(
+) {
+    if !registry_available() {
+        return;
+    }
+    if Command::new("openssl").arg("version").output().is_err() {
+        skip("openssl is not installed (apt-get install openssl)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tokens = TokenServer::start(&dir.join("tokens"), ("ci", "t0ken-pw"));
+    let mut reg = Registry::start_with(&dir.join("reg"), None, &tokens.auth_yaml());
+    let cache = dir.join("cache");
+    let src = workspace(dir);
+    let snap = dir.join("ws.hxz");
+    pack(&cache, &src, &snap);
+    let private = format!("{}/private/ws:v1", reg.host());
+    let public = format!("{}/public/ws:v1", reg.host());
+
+    // No credentials: refused with the hint to log in.
+    let o = hexz(&cache, &[&"push", &snap, &private]);
+    assert!(!o.status.success(), "push without credentials");
+    assert!(err(&o).contains("docker login"), "{}", err(&o));
+
+    // Credentials from a credential helper (`credHelpers`), as `docker login` with a
+    // helper leaves them: a program on PATH answering `get` with JSON.
+    let docker = dir.join("docker");
+    let helpers = dir.join("helpers");
+    fs::create_dir_all(&docker).unwrap();
+    fs::create_dir_all(&helpers).unwrap();
+    fs::write(
+        docker.join("config.json"),
+        format!(r#"{{"credHelpers":{{"{}":"hexztest"}}}}"#, reg.host()),
+    )
+    .unwrap();
+    let helper = helpers.join("docker-credential-hexztest");
+    fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread host\n[ \"$host\" = \"{}\" ] || exit 1\necho '{{\"ServerURL\":\"'$host'\",\"Username\":\"ci\",\"Secret\":\"t0ken-pw\"}}'\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        helpers.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let with = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        Command::new(bin("hexz-host"))
+            .args(args)
+            .env("HEXZ_CACHE_DIR", &cache)
+            .env("HEXZ_OCI_PREFETCH", "0")
+            .env("DOCKER_CONFIG", &docker)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    ok(&with(&[&"push", &snap, &private]), "push with a helper's credentials");
+    ok(&with(&[&"push", &snap, &public]), "push of the public copy");
+    let o = with(&[&"cat", &format!("oci://{private}"), &"b.bin"]);
+    ok(&o, "lazy cat with a token");
+    assert!(o.stdout == fs::read(src.join("b.bin")).unwrap());
+    let p = dir.join("p.hxz");
+    ok(&with(&[&"pull", &private, &"-o", &p]), "pull with a token");
+    assert!(fs::read(&p).unwrap() == fs::read(&snap).unwrap());
+
+    // Anonymously: a public repository opens and reads (an anonymous token), a
+    // private one does not, and nothing can be pushed.
+    let anon_cache = dir.join("anon-cache");
+    let o = hexz(&anon_cache, &[&"cat", &format!("oci://{public}"), &"a.bin"]);
+    ok(&o, "anonymous lazy cat of a public repository");
+    assert!(o.stdout == fs::read(src.join("a.bin")).unwrap());
+    let o = hexz(&anon_cache, &[&"ls", &format!("oci://{private}")]);
+    assert!(!o.status.success(), "anonymous read of a private repository");
+    assert!(err(&o).contains("docker login"), "{}", err(&o));
+    let o = hexz(&anon_cache, &[&"push", &snap, &format!("{}/public/other:v1", reg.host())]);
+    assert!(!o.status.success(), "anonymous push");
+
+    // A long-lived reader across a key rotation: every token it holds is refused from
+    // then on (as when they expire), and it must get new ones by itself.
+    if !fuse_available() {
+        return;
+    }
+    let mnt = dir.join("mnt");
+    let mount_cache = dir.join("mount-cache");
+    let mut m = DaemonMount::start(
+        &format!("oci://{private}"),
+        &mnt,
+        dir,
+        "mount",
+        &[
+            ("HEXZ_CACHE_DIR", mount_cache.as_os_str()),
+            ("HEXZ_OCI_PREFETCH", "0".as_ref()),
+            ("DOCKER_CONFIG", docker.as_os_str()),
+            ("PATH", path.as_ref()),
+        ],
+    );
+    let a = fs::read(mnt.join("a.bin"));
+    let before = tokens.issued();
+    reg.stop();
+    tokens.rotate();
+    reg.resume();
+    let b = fs::read(mnt.join("b.bin"));
+    m.stop();
+    assert!(a.unwrap() == fs::read(src.join("a.bin")).unwrap());
+    assert!(
+        b.unwrap() == fs::read(src.join("b.bin")).unwrap(),
+        "a read after the key rotation differs"
+    );
+    assert!(tokens.issued() > before, "no new token was asked for after the rotation");
 }

@@ -141,7 +141,12 @@ fn write_snapshot(repo: &Repo, layer: &Layer, target: &Path) -> Result<()> {
         )));
     }
     let data_at = HEADER_LEN as u64;
-    let mut kept = f.metadata().map_err(io)?.len().saturating_sub(data_at).min(size);
+    let mut kept = f
+        .metadata()
+        .map_err(io)?
+        .len()
+        .saturating_sub(data_at)
+        .min(size);
     let mut hasher = sha2::Sha256::new();
     if kept > 0 {
         hash_prefix(&f, data_at, kept, &mut hasher).map_err(io)?;
@@ -184,7 +189,11 @@ fn write_snapshot(repo: &Repo, layer: &Layer, target: &Path) -> Result<()> {
             "data blob {} arrived with digest {}{}",
             short(digest),
             short(&got),
-            if resumed { " (after starting over)" } else { "" }
+            if resumed {
+                " (after starting over)"
+            } else {
+                ""
+            }
         )));
     }
     f.write_all_at(&index[HEADER_LEN..], data_at + size)
@@ -200,7 +209,12 @@ fn write_snapshot(repo: &Repo, layer: &Layer, target: &Path) -> Result<()> {
 }
 
 /// Feeds `len` bytes of `file` from `offset` to `hasher`.
-fn hash_prefix(file: &File, offset: u64, len: u64, hasher: &mut sha2::Sha256) -> std::io::Result<()> {
+fn hash_prefix(
+    file: &File,
+    offset: u64,
+    len: u64,
+    hasher: &mut sha2::Sha256,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     while done < len {
