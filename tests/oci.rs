@@ -988,10 +988,13 @@ fn the_cache_stays_within_its_bound_evicting_the_least_recently_used_blob() {
     ok(&hexz(&cache, &[&"push", &za, &ra]), "push z");
     ok(&hexz(&cache, &[&"push", &lz, &rb]), "push l");
     let bound = 4_500_000u64;
+    // The two snapshots hold the same chunks: without HEXZ_OCI_SHARE=0 the second would
+    // be read out of the first's cached frames, and nothing would need evicting.
     let env = |c: &mut Command| {
         c.env("HEXZ_CACHE_DIR", &cache)
             .env("HEXZ_OCI_CACHE_BYTES", bound.to_string())
-            .env("HEXZ_OCI_PREFETCH", "0");
+            .env("HEXZ_OCI_PREFETCH", "0")
+            .env("HEXZ_OCI_SHARE", "0");
     };
     for r in [&ra, &rb] {
         let x = dir.join(format!("x-{}", r.len() + r.find('z').unwrap_or(0)));
@@ -1343,7 +1346,9 @@ impl TokenServer {
     /// A new signing key and certificate (the registry reads the certificate when it starts).
     fn rotate(&self) {
         let o = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
             .args(["-subj", "/CN=hexz-test-token"])
             .arg("-keyout")
             .arg(self.dir.join("key.pem"))
@@ -1434,7 +1439,8 @@ fn token_reply(head: &str, dir: &Path, user: (&str, &str)) -> Result<String, Str
                 .split(',')
                 .filter(|a| who.is_some() || (*a == "pull" && name.starts_with("public/")))
                 .collect();
-            access.push(serde_json::json!({"type": "repository", "name": name, "actions": granted}));
+            access
+                .push(serde_json::json!({"type": "repository", "name": name, "actions": granted}));
         }
     }
     let now = std::time::SystemTime::now()
@@ -1464,7 +1470,9 @@ fn token_reply(head: &str, dir: &Path, user: (&str, &str)) -> Result<String, Str
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(signing_input.as_bytes()).map_err(|e| e.to_string())?;
+        stdin
+            .write_all(signing_input.as_bytes())
+            .map_err(|e| e.to_string())?;
     }
     let sig = child.wait_with_output().map_err(|e| e.to_string())?;
     Ok(format!("{signing_input}.{}", url.encode(sig.stdout)))
@@ -1532,7 +1540,10 @@ fn a_registry_with_bearer_tokens_is_used_with_credentials_from_a_helper_anonymou
             .output()
             .unwrap()
     };
-    ok(&with(&[&"push", &snap, &private]), "push with a helper's credentials");
+    ok(
+        &with(&[&"push", &snap, &private]),
+        "push with a helper's credentials",
+    );
     ok(&with(&[&"push", &snap, &public]), "push of the public copy");
     let o = with(&[&"cat", &format!("oci://{private}"), &"b.bin"]);
     ok(&o, "lazy cat with a token");
@@ -1548,9 +1559,15 @@ fn a_registry_with_bearer_tokens_is_used_with_credentials_from_a_helper_anonymou
     ok(&o, "anonymous lazy cat of a public repository");
     assert!(o.stdout == fs::read(src.join("a.bin")).unwrap());
     let o = hexz(&anon_cache, &[&"ls", &format!("oci://{private}")]);
-    assert!(!o.status.success(), "anonymous read of a private repository");
+    assert!(
+        !o.status.success(),
+        "anonymous read of a private repository"
+    );
     assert!(err(&o).contains("docker login"), "{}", err(&o));
-    let o = hexz(&anon_cache, &[&"push", &snap, &format!("{}/public/other:v1", reg.host())]);
+    let o = hexz(
+        &anon_cache,
+        &[&"push", &snap, &format!("{}/public/other:v1", reg.host())],
+    );
     assert!(!o.status.success(), "anonymous push");
 
     // A long-lived reader across a key rotation: every token it holds is refused from
@@ -1584,5 +1601,108 @@ fn a_registry_with_bearer_tokens_is_used_with_credentials_from_a_helper_anonymou
         b.unwrap() == fs::read(src.join("b.bin")).unwrap(),
         "a read after the key rotation differs"
     );
-    assert!(tokens.issued() > before, "no new token was asked for after the rotation");
+    assert!(
+        tokens.issued() > before,
+        "no new token was asked for after the rotation"
+    );
+}
+
+/// Copies a directory tree (the host cache, to run the same read from the same state).
+fn copy_tree(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn a_snapshot_packed_independently_reads_the_chunks_it_shares_from_the_cache_of_another() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    let cache = dir.join("cache");
+    // Two trees that differ in a few files, packed separately: their frames differ,
+    // most of their chunks do not.
+    let v1 = workspace(dir);
+    let v2 = dir.join("v2");
+    copy_tree(&v1, &v2);
+    fs::write(v2.join("aaa-new.bin"), pseudo_random(400_000, 77)).unwrap();
+    fs::write(v2.join("pkg0/mod0.rs"), "changed\n".repeat(500)).unwrap();
+    fs::remove_file(v2.join("pkg1/mod1.rs")).unwrap();
+    for (src, tag) in [(&v1, "v1"), (&v2, "v2")] {
+        let snap = dir.join(format!("{tag}.hxz"));
+        pack(&cache, src, &snap);
+        ok(
+            &hexz(
+                &cache,
+                &[&"push", &snap, &format!("{}/team/ws:{tag}", reg.host())],
+            ),
+            "push",
+        );
+    }
+    let v2_data = fs::metadata(dir.join("v2.hxz")).unwrap().len();
+    // v1 read whole into the host cache.
+    let x1 = dir.join("x1");
+    ok(
+        &hexz(
+            &cache,
+            &[&"extract", &format!("oci://{}/team/ws:v1", reg.host()), &x1],
+        ),
+        "extract v1",
+    );
+    assert!(tree_of(&x1) == tree_of(&v1));
+    // v2, through a relay that counts what the registry sends: with sharing, and (from
+    // a copy of the same cache) without.
+    let read_v2 = |cache: &Path, share: &str, to: &Path| {
+        let relay = Relay::start(reg.port, None);
+        let o = Command::new(bin("hexz-host"))
+            .args(["extract", &format!("oci://{}/team/ws:v2", relay.host())])
+            .arg(to)
+            .env("HEXZ_CACHE_DIR", cache)
+            .env("HEXZ_OCI_PREFETCH", "0")
+            .env("HEXZ_OCI_SHARE", share)
+            .env("DOCKER_CONFIG", cache.join("no-docker-config"))
+            .output()
+            .unwrap();
+        ok(&o, "extract v2");
+        assert!(tree_of(to) == tree_of(&v2), "v2 read back differs");
+        relay.sent()
+    };
+    let (plain, damaged) = (dir.join("cache-plain"), dir.join("cache-damaged"));
+    copy_tree(&cache, &plain);
+    copy_tree(&cache, &damaged);
+    let shared = read_v2(&cache, "1", &dir.join("x2"));
+    let unshared = read_v2(&plain, "0", &dir.join("x2-plain"));
+    eprintln!("v2 ({v2_data} bytes): {shared} fetched with v1 cached, {unshared} without sharing");
+    assert!(
+        unshared > v2_data * 9 / 10,
+        "without sharing all of v2 is fetched: {unshared} of {v2_data} bytes"
+    );
+    assert!(
+        shared < v2_data * 3 / 10,
+        "with v1 cached, v2 fetched {shared} of {v2_data} bytes (without sharing: {unshared})"
+    );
+    // v1's cached frames damaged: v2 still reads exactly (what fails its check is fetched).
+    let data_dir = damaged.join("oci/data");
+    for e in fs::read_dir(&data_dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_none() {
+            let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+            let len = f.metadata().unwrap().len();
+            for at in (0..len).step_by(200_000) {
+                std::os::unix::fs::FileExt::write_all_at(&f, b"\x00\xffdamage", at).unwrap();
+            }
+        }
+    }
+    let after_damage = read_v2(&damaged, "1", &dir.join("x2-damaged"));
+    assert!(
+        after_damage > shared,
+        "damaged sources were fetched instead"
+    );
 }

@@ -175,6 +175,68 @@ impl HostCache {
         }
     }
 
+    /// Records which index blob describes a cached data blob, so that other snapshots can
+    /// find their chunks in it ([`super::share`]).
+    pub fn link_index(&self, data_digest: &str, index_digest: &str) {
+        let Some(h) = hex_of(data_digest) else { return };
+        let path = self.root.join("data").join(format!("{h}.idx"));
+        if fs::read_to_string(&path).is_ok_and(|t| t.trim() == index_digest) {
+            return;
+        }
+        let _ = self.write_atomic(&path, index_digest.as_bytes());
+    }
+
+    /// Cached data blobs other than `except` that name their index blob, most recently
+    /// used first: (data digest, index digest).
+    pub fn linked(&self, except: &str) -> Vec<(String, String)> {
+        let Ok(rd) = fs::read_dir(self.root.join("data")) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "idx") {
+                continue;
+            }
+            let Some(h) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let digest = format!("sha256:{h}");
+            if digest == except || hex_of(&digest).is_none() {
+                continue;
+            }
+            let Ok(meta) = fs::metadata(path.with_extension("")) else {
+                let _ = fs::remove_file(&path); // its data blob was evicted
+                continue;
+            };
+            let Ok(index) = fs::read_to_string(&path) else {
+                continue;
+            };
+            let index = index.trim().to_string();
+            if hex_of(&index).is_some() {
+                found.push((
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    digest,
+                    index,
+                ));
+            }
+        }
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        found.into_iter().map(|(_, d, i)| (d, i)).collect()
+    }
+
+    /// The cached copy of a data blob of `frames` frames if the cache already has one
+    /// (never creates it).
+    pub fn existing_data(self: &Arc<Self>, digest: &str, frames: usize) -> Option<DataCache> {
+        let path = self.root.join("data").join(hex_of(digest)?);
+        let size = fs::metadata(&path).ok()?.len();
+        let map = fs::metadata(path.with_extension("map")).ok()?;
+        if map.len() != frames as u64 {
+            return None;
+        }
+        self.data(digest, size, frames)
+    }
+
     /// The manifest digest `reference` (a tag) resolved to last time: a hint only, for
     /// opening that manifest's snapshot while the registry is asked again.
     pub fn tag_hint(&self, reference: &str) -> Option<String> {
@@ -280,7 +342,7 @@ impl HostCache {
                     }
                     return;
                 }
-                if path.extension().is_some_and(|e| e == "map") {
+                if path.extension().is_some_and(|e| e == "map" || e == "idx") {
                     return; // removed with its data file
                 }
                 let used = allocated(meta);
@@ -299,6 +361,7 @@ impl HostCache {
             }
             // The map first: without it no process trusts the data file.
             let _ = fs::remove_file(path.with_extension("map"));
+            let _ = fs::remove_file(path.with_extension("idx"));
             if fs::remove_file(&path).is_ok() {
                 freed += len;
             }
@@ -495,6 +558,15 @@ impl DataCache {
         (idx as usize) < self.frames
             && self.files.map.read_exact_at(&mut b, idx as u64).is_ok()
             && b[0] == 1
+    }
+
+    /// Which frames are marked present, read in one go.
+    pub fn present(&self) -> Vec<bool> {
+        let mut map = vec![0u8; self.frames];
+        if self.files.map.read_exact_at(&mut map, 0).is_err() {
+            return Vec::new();
+        }
+        map.into_iter().map(|b| b == 1).collect()
     }
 
     /// The stored bytes of a present frame at `offset` in the blob (unverified).

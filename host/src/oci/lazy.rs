@@ -11,6 +11,7 @@ use super::cache::{DataCache, HostCache, MAX_ACCESS_LOG};
 use super::client::{short, Registry, Repo, Retry};
 use super::manifest::{Layer, Manifest};
 use super::reference::Reference;
+use super::share::Shared;
 use crate::error::{Error, Result};
 use crate::snapshot::format::{Chunk, Frame, HEADER_LEN};
 use crate::snapshot::reader::{decode_frame_owned, Window, WindowPlan};
@@ -50,6 +51,12 @@ pub struct RemoteData {
     /// Bytes and requests fetched from the registry (logged when closed).
     fetched: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    /// Chunks other cached blobs hold ([`Shared`]): built in the background at open,
+    /// waited for by the first frame the cache lacks.
+    shared: OnceLock<Option<Arc<Shared>>>,
+    sharing: Mutex<Option<std::thread::JoinHandle<Option<Shared>>>>,
+    /// Bytes of frames put together from other blobs instead of fetched.
+    borrowed: AtomicU64,
 }
 
 /// A fetch running ahead: (first frame, frame after the last, the fetching thread).
@@ -98,6 +105,54 @@ impl RemoteData {
         self.fetched.fetch_add(len, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         Ok(bytes)
+    }
+
+    /// Starts finding the chunks other cached blobs hold (`HEXZ_OCI_SHARE=0` turns
+    /// this off).
+    fn start_sharing(&self) {
+        if std::env::var("HEXZ_OCI_SHARE").is_ok_and(|v| v == "0") {
+            let _ = self.shared.set(None);
+            return;
+        }
+        let (cache, own) = (self.cache.clone(), self.digest.clone());
+        let h = std::thread::Builder::new()
+            .name("hexz-share".into())
+            .spawn(move || Shared::build(&cache, &own));
+        match h {
+            Ok(h) => *self.sharing.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
+            Err(_) => {
+                let _ = self.shared.set(None);
+            }
+        }
+    }
+
+    fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared
+            .get_or_init(|| {
+                let h = self
+                    .sharing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                h.and_then(|h| h.join().ok().flatten()).map(Arc::new)
+            })
+            .as_ref()
+    }
+
+    /// Frame `idx` put together from chunks other cached blobs hold, if they hold all.
+    pub fn borrow(&self, idx: u32, f: &Frame, chunks: &[Chunk]) -> Option<Vec<u8>> {
+        let bytes = self.shared()?.assemble(idx, f, chunks)?;
+        self.borrowed
+            .fetch_add(f.stored_len as u64, Ordering::Relaxed);
+        Some(bytes)
+    }
+
+    /// Whether a frame could be put together without a fetch (never waits).
+    pub fn borrowable(&self, chunks: &[Chunk]) -> bool {
+        self.shared
+            .get()
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.covers(chunks))
     }
 
     /// A frame's verified bytes from the host cache, if it holds them. A copy that fails
@@ -259,11 +314,12 @@ impl Drop for RemoteData {
         self.closed.store(true, Ordering::Relaxed);
         super::cache::flush(Duration::from_secs(5));
         tracing::info!(
-            "fetched {} bytes in {} requests from data blob {} of {}",
+            "fetched {} bytes in {} requests from data blob {} of {} ({} bytes of frames put together from chunks other cached snapshots hold)",
             self.fetched.load(Ordering::Relaxed),
             self.requests.load(Ordering::Relaxed),
             short(&self.digest),
-            self.reference
+            self.reference,
+            self.borrowed.load(Ordering::Relaxed),
         );
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         if log.order.len() != log.saved_len {
@@ -386,6 +442,9 @@ fn open_layer(
         closed: Arc::new(AtomicBool::new(false)),
         fetched: Arc::new(AtomicU64::new(0)),
         requests: Arc::new(AtomicU64::new(0)),
+        shared: OnceLock::new(),
+        sharing: Mutex::new(None),
+        borrowed: AtomicU64::new(0),
     });
     let name = if at == 0 {
         pinned.to_string()
@@ -415,6 +474,8 @@ fn open_layer(
         layer.data.size,
         snap.index().frames.len(),
     ));
+    cache.link_index(&layer.data.digest, &layer.index.digest);
+    remote.start_sharing();
     prefetch(&snap, &remote);
     let Some(base_ref) = snap.index().base.clone() else {
         return Ok(snap);

@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod pull;
 pub mod push;
 pub mod reference;
+pub mod share;
 
 pub use reference::Reference;
 

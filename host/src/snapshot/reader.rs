@@ -315,6 +315,32 @@ impl Snapshot {
         )
     }
 
+    /// The index an index blob (header + index) holds, checked as `open` checks it, for
+    /// reading another snapshot's frames out of the host cache.
+    pub(crate) fn index_of_blob(blob: &[u8]) -> Result<Index> {
+        if blob.len() < HEADER_LEN {
+            return Err(Error::NotASnapshot);
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        hb.copy_from_slice(&blob[..HEADER_LEN]);
+        let header = Header::decode(&hb)?;
+        let stored = &blob[HEADER_LEN..];
+        if header.index_len != stored.len() as u64 || header.index_raw_len > MAX_INDEX_RAW {
+            return Err(Error::corrupt("index blob does not match its header"));
+        }
+        if blake3::hash(stored).as_bytes() != &header.index_hash {
+            return Err(Error::corrupt("index checksum mismatch"));
+        }
+        let raw = decompress(header.index_codec, stored, header.index_raw_len as usize)?;
+        if blake3::hash(&raw).as_bytes() != &header.id {
+            return Err(Error::corrupt("index does not match the snapshot id"));
+        }
+        let (index, _): (Index, usize) = decode_bounded(&raw)
+            .map_err(|e| Error::corrupt(format!("index does not decode: {e}")))?;
+        validate(&index, header.index_offset, header.version)?;
+        Ok(index)
+    }
+
     fn from_parts(
         path: &Path,
         header: Header,
@@ -616,6 +642,9 @@ impl Snapshot {
         if let Some(raw) = r.cached_frame(idx, f, chunks) {
             return Ok(FrameBytes::whole(raw));
         }
+        if let Some(raw) = r.borrow(idx, f, chunks) {
+            return Ok(FrameBytes::whole(raw));
+        }
         let has = |w: &Window| {
             w.frames
                 .get((idx - w.first) as usize)
@@ -678,9 +707,7 @@ impl Snapshot {
         for _ in running..AHEAD_DEPTH {
             // Frames already held need no fetch (a few are skipped, not a whole file).
             let skip = self.index.frames.len().min(next + 64);
-            while next < skip
-                && (self.cache.contains_key(&(next as u32)) || r.is_cached(next as u32))
-            {
+            while next < skip && self.held(next as u32, r) {
                 next += 1;
             }
             if next >= skip {
@@ -704,6 +731,16 @@ impl Snapshot {
 
     /// The frames one fetch from `idx` covers: contiguous in the blob, within `budget`
     /// stored bytes, not cached; returns the end frame and the stored length.
+    /// Whether frame `idx` needs no fetch: in the frame cache, the host cache, or made of
+    /// chunks other cached blobs hold.
+    fn held(&self, idx: u32, r: &crate::oci::lazy::RemoteData) -> bool {
+        self.cache.contains_key(&idx)
+            || r.is_cached(idx)
+            || self
+                .frame_meta(idx)
+                .is_ok_and(|(_, chunks)| r.borrowable(chunks))
+    }
+
     fn window_from(&self, idx: u32, budget: u64, r: &crate::oci::lazy::RemoteData) -> (usize, u64) {
         let mut end = idx as usize + 1;
         let mut len = self.index.frames[idx as usize].stored_len as u64;
@@ -711,8 +748,7 @@ impl Snapshot {
             let prev = &self.index.frames[end - 1];
             if len + next.stored_len as u64 > budget
                 || next.offset != prev.offset + prev.stored_len as u64
-                || self.cache.contains_key(&(end as u32))
-                || r.is_cached(end as u32)
+                || self.held(end as u32, r)
             {
                 break;
             }
@@ -846,7 +882,7 @@ fn stored_raw(f: &Frame) -> bool {
     f.codec == Codec::Raw as u8 && f.stored_len == f.raw_len
 }
 
-fn verify_chunks(idx: u32, chunks: &[Chunk], raw: &[u8]) -> Result<()> {
+pub(crate) fn verify_chunks(idx: u32, chunks: &[Chunk], raw: &[u8]) -> Result<()> {
     for c in chunks {
         let bytes = raw
             .get(c.offset as usize..(c.offset + c.len) as usize)

@@ -1,0 +1,67 @@
+#!/bin/bash
+# A new version packed from scratch, opened on a host that has the previous one cached:
+# bytes the registry sends for reading the whole new version (hexz-host extract), with
+# chunk sharing across snapshots on and off (HEXZ_OCI_SHARE=0), and the time it takes.
+# v1 is bench/oci.sh's workspace (a git clone of this repo, /usr/lib/x86_64-linux-gnu as
+# vendor/, 256 MiB of random assets/blob.bin); v2 is the same tree with the repository
+# checked out 20 commits earlier, 16 vendor libraries replaced by other files, and 8 MiB
+# of new random bytes. Each packed on its own (`pack`, not `commit`): their frames
+# differ, most chunks do not.
+# Usage (root): bench/oci-share.sh [WORKDIR]   (reuses WORKDIR/ws and ws.hxz from oci.sh)
+set -eu
+W=${1:-/tmp/hexz-bench-oci}
+H=${HEXZ_HOST:-$(dirname "$0")/../target/release/hexz-host}; H=$(realpath "$H")
+REPO_SRC=$(realpath "$(dirname "$0")/..")
+mkdir -p "$W"; cd "$W"
+export HEXZ_OCI_PREFETCH=0
+now() { date +%s.%N; }
+if [ ! -e ws.hxz ]; then
+  rm -rf ws; git clone -q "$REPO_SRC" ws
+  mkdir -p ws/vendor ws/assets
+  cp -a /usr/lib/x86_64-linux-gnu ws/vendor/lib
+  head -c $((256 << 20)) /dev/urandom > ws/assets/blob.bin
+  printf 'vendor/\nassets/\n' >> ws/.git/info/exclude
+  "$H" pack ws -o ws.hxz
+fi
+if [ ! -e ws2.hxz ]; then
+  rm -rf ws2; cp -a ws ws2
+  git -C ws2 checkout -q HEAD~20 2>/dev/null || true
+  ls ws2/vendor/lib/*.so* 2>/dev/null | head -16 | while read -r f; do head -c 300000 /dev/urandom > "$f"; done
+  head -c $((8 << 20)) /dev/urandom > ws2/assets/new.bin
+  "$H" pack ws2 -o ws2.hxz
+fi
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p share-reg
+cat > share-reg/config.yml <<CFG
+version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: $W/share-reg/data
+http:
+  addr: 127.0.0.1:$PORT
+CFG
+docker-registry serve share-reg/config.yml > share-reg/log 2>&1 & RPID=$!
+trap 'kill $RPID 2>/dev/null' EXIT
+until curl -sf "http://127.0.0.1:$PORT/v2/" > /dev/null; do sleep 0.1; done
+"$H" push ws.hxz "127.0.0.1:$PORT/bench/ws:v1" > /dev/null
+"$H" push ws2.hxz "127.0.0.1:$PORT/bench/ws:v2" > /dev/null
+Z2=$(( $(stat -c %s ws2.hxz) ))
+# Bytes the registry sent for blob GETs since the mark (its access log has them).
+sent() { tail -n +"$1" share-reg/log | grep -o 'http.response.written=[0-9]*' | cut -d= -f2 | paste -sd+ - | bc; }
+rm -rf share-cache x1; export HEXZ_CACHE_DIR=$W/share-cache
+"$H" extract "oci://127.0.0.1:$PORT/bench/ws:v1" x1 > /dev/null
+cp -a share-cache share-cache-plain
+for mode in 1 0; do
+  if [ $mode = 0 ]; then export HEXZ_CACHE_DIR=$W/share-cache-plain; fi
+  rm -rf x2; sync; echo 3 > /proc/sys/vm/drop_caches
+  MARK=$(( $(wc -l < share-reg/log) + 1 ))
+  s=$(now); HEXZ_OCI_SHARE=$mode ${PERF:+perf record -q -o $W/share-$mode.perf --} "$H" extract "oci://127.0.0.1:$PORT/bench/ws:v2" x2 > /dev/null; e=$(now)
+  B=$(sent "$MARK")
+  diff -r --no-dereference ws2 x2 -x .git > /dev/null || { echo "v2 extracted differs"; exit 1; }
+  printf "share=%s  v2 read whole: %s bytes from the registry of %s (%.1f %%), %.2f s\n" \
+    "$mode" "$B" "$Z2" "$(echo "100 * $B / $Z2" | bc -l)" "$(echo "$e - $s" | bc)"
+done
+rm -rf x1 x2 share-cache share-cache-plain
