@@ -56,8 +56,15 @@ pub struct RemoteData {
     shared: OnceLock<Option<Arc<Shared>>>,
     sharing: Mutex<Option<std::thread::JoinHandle<Option<Shared>>>>,
     /// Bytes of frames put together from other blobs instead of fetched.
-    borrowed: AtomicU64,
+    borrowed: Arc<AtomicU64>,
+    /// Frames being put together ahead of a sequential reader, in order.
+    assembling: Mutex<VecDeque<Assembly>>,
+    /// The frame after the last one put together for a reader (a run continues there).
+    last_borrowed: AtomicU64,
 }
+
+/// Frames put together on another thread: (first frame, frame after the last, thread).
+type Assembly = (u32, u32, std::thread::JoinHandle<Vec<Option<Vec<u8>>>>);
 
 /// A fetch running ahead: (first frame, frame after the last, the fetching thread).
 type Ahead = (u32, u32, std::thread::JoinHandle<Result<Window>>);
@@ -139,12 +146,78 @@ impl RemoteData {
             .as_ref()
     }
 
-    /// Frame `idx` put together from chunks other cached blobs hold, if they hold all.
-    pub fn borrow(&self, idx: u32, f: &Frame, chunks: &[Chunk]) -> Option<Vec<u8>> {
-        let bytes = self.shared()?.assemble(idx, f, chunks)?;
+    /// Frame `idx` put together from chunks other cached blobs hold, if they hold all:
+    /// taken from a thread that put it together ahead (with the frames after it, in
+    /// order), or put together here. True in `.1` when the frame continues a run.
+    pub(crate) fn borrow(
+        &self,
+        idx: u32,
+        f: &Frame,
+        chunks: &[Chunk],
+    ) -> Option<(Vec<(u32, Vec<u8>)>, bool)> {
+        let shared = self.shared()?;
+        let run = self.last_borrowed.swap(idx as u64 + 1, Ordering::Relaxed) == idx as u64;
+        if let Some((first, frames)) = self.take_assembled(idx) {
+            let got: Vec<(u32, Vec<u8>)> = (first..)
+                .zip(frames)
+                .filter_map(|(j, b)| Some((j, b?)))
+                .collect();
+            if got.iter().any(|(j, _)| *j == idx) {
+                return Some((got, run));
+            }
+        }
+        let bytes = shared.assemble(idx, f, chunks)?;
         self.borrowed
             .fetch_add(f.stored_len as u64, Ordering::Relaxed);
-        Some(bytes)
+        Some((vec![(idx, bytes)], run))
+    }
+
+    /// The frame after which more can be put together ahead, and how many threads do.
+    pub(crate) fn assembling(&self) -> (Option<u32>, usize) {
+        let a = self.assembling.lock().unwrap_or_else(|e| e.into_inner());
+        (a.back().map(|w| w.1), a.len())
+    }
+
+    /// Puts `frames` (consecutive from `first`, each held by other blobs) together on
+    /// another thread.
+    pub(crate) fn assemble_ahead(&self, first: u32, frames: Vec<(Frame, Vec<Chunk>)>) {
+        let Some(shared) = self.shared().cloned() else {
+            return;
+        };
+        let end = first + frames.len() as u32;
+        let borrowed = self.borrowed.clone();
+        if let Ok(h) = std::thread::Builder::new()
+            .name("hexz-share".into())
+            .spawn(move || {
+                (first..)
+                    .zip(frames)
+                    .map(|(j, (f, chunks))| {
+                        let b = shared.assemble(j, &f, &chunks)?;
+                        borrowed.fetch_add(f.stored_len as u64, Ordering::Relaxed);
+                        Some(b)
+                    })
+                    .collect()
+            })
+        {
+            let mut a = self.assembling.lock().unwrap_or_else(|e| e.into_inner());
+            a.push_back((first, end, h));
+        }
+    }
+
+    /// The frames of the thread putting `idx` together (waited for); threads for frames
+    /// before it are let go.
+    fn take_assembled(&self, idx: u32) -> Option<(u32, Vec<Option<Vec<u8>>>)> {
+        let job = {
+            let mut a = self.assembling.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                match a.front() {
+                    Some(w) if w.1 <= idx => drop(a.pop_front()),
+                    Some(w) if w.0 <= idx => break a.pop_front(),
+                    _ => break None,
+                }
+            }
+        }?;
+        job.2.join().ok().map(|frames| (job.0, frames))
     }
 
     /// Whether a frame could be put together without a fetch (never waits).
@@ -444,7 +517,9 @@ fn open_layer(
         requests: Arc::new(AtomicU64::new(0)),
         shared: OnceLock::new(),
         sharing: Mutex::new(None),
-        borrowed: AtomicU64::new(0),
+        borrowed: Arc::new(AtomicU64::new(0)),
+        assembling: Mutex::new(VecDeque::new()),
+        last_borrowed: AtomicU64::new(u64::MAX),
     });
     let name = if at == 0 {
         pinned.to_string()

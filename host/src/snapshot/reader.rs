@@ -642,8 +642,21 @@ impl Snapshot {
         if let Some(raw) = r.cached_frame(idx, f, chunks) {
             return Ok(FrameBytes::whole(raw));
         }
-        if let Some(raw) = r.borrow(idx, f, chunks) {
-            return Ok(FrameBytes::whole(raw));
+        if let Some((frames, run)) = r.borrow(idx, f, chunks) {
+            let mut mine = None;
+            for (j, raw) in frames {
+                if j == idx {
+                    mine = Some(raw);
+                } else {
+                    self.cache.insert(j, FrameBytes::whole(raw));
+                }
+            }
+            if run {
+                self.assemble_ahead(idx + 1, r);
+            }
+            if let Some(raw) = mine {
+                return Ok(FrameBytes::whole(raw));
+            }
         }
         let has = |w: &Window| {
             w.frames
@@ -697,6 +710,38 @@ impl Snapshot {
             }
         }
         mine.ok_or_else(|| Error::corrupt(format!("frame {idx} was not fetched")))
+    }
+
+    /// Keeps [`AHEAD_DEPTH`] runs of frames that other cached blobs hold being put
+    /// together after frame `from`, for a reader going through them in order.
+    fn assemble_ahead(&self, from: u32, r: &crate::oci::lazy::RemoteData) {
+        use crate::oci::lazy::{AHEAD_DEPTH, WINDOW_MAX};
+        let (end, running) = r.assembling();
+        let mut next = end.map_or(from, |e| e.max(from)) as usize;
+        for _ in running..AHEAD_DEPTH {
+            let mut plan = Vec::new();
+            let mut raw = 0u64;
+            while raw < WINDOW_MAX / 2 && next < self.index.frames.len() {
+                let j = next as u32;
+                if self.cache.contains_key(&j) || r.is_cached(j) {
+                    break;
+                }
+                let Ok((f, chunks)) = self.frame_meta(j) else {
+                    break;
+                };
+                if !r.borrowable(chunks) {
+                    break;
+                }
+                raw += f.raw_len as u64;
+                plan.push((f.clone(), chunks.to_vec()));
+                next += 1;
+            }
+            if plan.is_empty() {
+                return;
+            }
+            let first = (next - plan.len()) as u32;
+            r.assemble_ahead(first, plan);
+        }
     }
 
     /// Keeps [`AHEAD_DEPTH`] windows of a stream in flight after frame `from`.
