@@ -63,6 +63,9 @@ pub struct RemoteData {
     last_borrowed: AtomicU64,
 }
 
+/// A frame put together from other blobs: (frame, its bytes).
+pub(crate) type Borrowed = (u32, Vec<u8>);
+
 /// Frames put together on another thread: (first frame, frame after the last, thread).
 type Assembly = (u32, u32, std::thread::JoinHandle<Vec<Option<Vec<u8>>>>);
 
@@ -154,11 +157,11 @@ impl RemoteData {
         idx: u32,
         f: &Frame,
         chunks: &[Chunk],
-    ) -> Option<(Vec<(u32, Vec<u8>)>, bool)> {
+    ) -> Option<(Vec<Borrowed>, bool)> {
         let shared = self.shared()?;
         let run = self.last_borrowed.swap(idx as u64 + 1, Ordering::Relaxed) == idx as u64;
         if let Some((first, frames)) = self.take_assembled(idx) {
-            let got: Vec<(u32, Vec<u8>)> = (first..)
+            let got: Vec<Borrowed> = (first..)
                 .zip(frames)
                 .filter_map(|(j, b)| Some((j, b?)))
                 .collect();
