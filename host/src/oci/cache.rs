@@ -105,6 +105,17 @@ impl HostCache {
     /// The cached copy of a data blob of `size` bytes with `frames` frames, created
     /// (sparse) if absent. None if the cache cannot hold it.
     pub fn data(self: &Arc<Self>, digest: &str, size: u64, frames: usize) -> Option<DataCache> {
+        self.data_used(digest, size, frames, true)
+    }
+
+    /// As [`Self::data`]; `used` marks it recently used (for eviction).
+    fn data_used(
+        self: &Arc<Self>,
+        digest: &str,
+        size: u64,
+        frames: usize,
+        used: bool,
+    ) -> Option<DataCache> {
         let path = self.root.join("data").join(hex_of(digest)?);
         let open = |p: &Path, len: u64| -> std::io::Result<File> {
             let f = File::options()
@@ -121,7 +132,9 @@ impl HostCache {
         let res = (|| {
             let data = open(&path, size)?;
             let map = open(&path.with_extension("map"), frames as u64)?;
-            let _ = data.set_modified(SystemTime::now());
+            if used {
+                let _ = data.set_modified(SystemTime::now());
+            }
             Ok::<_, std::io::Error>((data, map))
         })();
         match res {
@@ -186,9 +199,9 @@ impl HostCache {
         let _ = self.write_atomic(&path, index_digest.as_bytes());
     }
 
-    /// Cached data blobs other than `except` that name their index blob, most recently
-    /// used first: (data digest, index digest).
-    pub fn linked(&self, except: &str) -> Vec<(String, String)> {
+    /// Cached data blobs not in `except` that name their index blob, most recently used
+    /// first: (data digest, index digest).
+    pub fn linked(&self, except: &[String]) -> Vec<(String, String)> {
         let Ok(rd) = fs::read_dir(self.root.join("data")) else {
             return Vec::new();
         };
@@ -202,7 +215,7 @@ impl HostCache {
                 continue;
             };
             let digest = format!("sha256:{h}");
-            if digest == except || hex_of(&digest).is_none() {
+            if except.contains(&digest) || hex_of(&digest).is_none() {
                 continue;
             }
             let Ok(meta) = fs::metadata(path.with_extension("")) else {
@@ -226,7 +239,7 @@ impl HostCache {
     }
 
     /// The cached copy of a data blob of `frames` frames if the cache already has one
-    /// (never creates it).
+    /// (never creates it, and does not count as a use: [`DataCache::touch`] does).
     pub fn existing_data(self: &Arc<Self>, digest: &str, frames: usize) -> Option<DataCache> {
         let path = self.root.join("data").join(hex_of(digest)?);
         let size = fs::metadata(&path).ok()?.len();
@@ -234,7 +247,7 @@ impl HostCache {
         if map.len() != frames as u64 {
             return None;
         }
-        self.data(digest, size, frames)
+        self.data_used(digest, size, frames, false)
     }
 
     /// The manifest digest `reference` (a tag) resolved to last time: a hint only, for
@@ -558,6 +571,11 @@ impl DataCache {
         (idx as usize) < self.frames
             && self.files.map.read_exact_at(&mut b, idx as u64).is_ok()
             && b[0] == 1
+    }
+
+    /// Marks the blob recently used (at most every few seconds).
+    pub fn touch(&self) {
+        touch(&self.files.data);
     }
 
     /// Which frames are marked present, read in one go.

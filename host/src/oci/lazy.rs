@@ -119,15 +119,15 @@ impl RemoteData {
 
     /// Starts finding the chunks other cached blobs hold (`HEXZ_OCI_SHARE=0` turns
     /// this off).
-    fn start_sharing(&self) {
+    fn start_sharing(&self, skip: Vec<String>) {
         if std::env::var("HEXZ_OCI_SHARE").is_ok_and(|v| v == "0") {
             let _ = self.shared.set(None);
             return;
         }
-        let (cache, own) = (self.cache.clone(), self.digest.clone());
+        let cache = self.cache.clone();
         let h = std::thread::Builder::new()
             .name("hexz-share".into())
-            .spawn(move || Shared::build(&cache, &own));
+            .spawn(move || Shared::build(&cache, &skip));
         match h {
             Ok(h) => *self.sharing.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
             Err(_) => {
@@ -553,7 +553,7 @@ fn open_layer(
         snap.index().frames.len(),
     ));
     cache.link_index(&layer.data.digest, &layer.index.digest);
-    remote.start_sharing();
+    remote.start_sharing(chain.iter().map(|l| l.data.digest.clone()).collect());
     prefetch(&snap, &remote);
     let Some(base_ref) = snap.index().base.clone() else {
         return Ok(snap);

@@ -36,6 +36,9 @@ struct Loc {
 
 struct Source {
     data: DataCache,
+    /// Whether a frame was taken from it yet (the first marks it used, for eviction:
+    /// being looked into is not a use).
+    used: std::sync::atomic::AtomicBool,
     frames: Vec<Frame>,
     chunks: Vec<Chunk>,
 }
@@ -51,11 +54,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The chunks of the cached blobs other than `own` (None when there are none).
-    pub fn build(cache: &Arc<HostCache>, own: &str) -> Option<Shared> {
+    /// The chunks of the cached blobs not in `skip` (None when there are none). A
+    /// snapshot skips its own blob and those of its base chain, whose chunks it names
+    /// as external anyway.
+    pub fn build(cache: &Arc<HostCache>, skip: &[String]) -> Option<Shared> {
         let mut map = HashMap::new();
         let mut sources = Vec::new();
-        for (digest, index_digest) in cache.linked(own).into_iter().take(MAX_SOURCES) {
+        for (digest, index_digest) in cache.linked(skip).into_iter().take(MAX_SOURCES) {
             let Some(blob) = cache.blob(&index_digest) else {
                 continue;
             };
@@ -87,6 +92,7 @@ impl Shared {
             }
             sources.push(Source {
                 data,
+                used: std::sync::atomic::AtomicBool::new(false),
                 frames: index.frames,
                 chunks: index.chunks,
             });
@@ -120,6 +126,11 @@ impl Shared {
         let mut out = vec![0u8; f.raw_len as usize];
         for c in chunks {
             let loc = self.map.get(&c.id)?;
+            if loc.len != c.len {
+                // Two indexes disagree on a chunk's length: one of them lies about its
+                // id. Fetched, and checked, instead.
+                return None;
+            }
             let src = self.decoded(loc.source, loc.frame)?;
             let from = src.get(loc.offset as usize..(loc.offset + loc.len) as usize)?;
             out.get_mut(c.offset as usize..(c.offset + c.len) as usize)?
@@ -149,7 +160,12 @@ impl Shared {
         let first = f.first_chunk as usize;
         let chunks = &s.chunks[first..first + f.chunk_count as usize];
         let bytes = match decode_frame_owned(frame, f, chunks, stored) {
-            Ok(b) => Arc::new(b),
+            Ok(b) => {
+                if !s.used.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    s.data.touch();
+                }
+                Arc::new(b)
+            }
             Err(e) => {
                 tracing::warn!("registry cache: a frame shared with another snapshot is damaged ({e}); fetching instead");
                 s.data.forget(frame);
