@@ -7,22 +7,15 @@
 # checked out 20 commits earlier, 16 vendor libraries replaced by other files, and 8 MiB
 # of new random bytes. Each packed on its own (`pack`, not `commit`): their frames
 # differ, most chunks do not.
-# Usage (root): bench/oci-share.sh [WORKDIR]   (reuses WORKDIR/ws and ws.hxz from oci.sh)
+# Usage (root): bench/oci-share.sh [WORKDIR]   (after bench/oci.sh WORKDIR: uses its ws and ws.hxz)
+# PERF=1 also records each extract with perf (WORKDIR/share-1.perf, share-0.perf).
 set -eu
 W=${1:-/tmp/hexz-bench-oci}
 H=${HEXZ_HOST:-$(dirname "$0")/../target/release/hexz-host}; H=$(realpath "$H")
-REPO_SRC=$(realpath "$(dirname "$0")/..")
 mkdir -p "$W"; cd "$W"
 export HEXZ_OCI_PREFETCH=0
 now() { date +%s.%N; }
-if [ ! -e ws.hxz ]; then
-  rm -rf ws; git clone -q "$REPO_SRC" ws
-  mkdir -p ws/vendor ws/assets
-  cp -a /usr/lib/x86_64-linux-gnu ws/vendor/lib
-  head -c $((256 << 20)) /dev/urandom > ws/assets/blob.bin
-  printf 'vendor/\nassets/\n' >> ws/.git/info/exclude
-  "$H" pack ws -o ws.hxz
-fi
+[ -e ws.hxz ] || { echo "no workspace in $W: run bench/oci.sh $W first" >&2; exit 1; }
 if [ ! -e ws2.hxz ]; then
   rm -rf ws2; cp -a ws ws2
   git -C ws2 checkout -q HEAD~20 2>/dev/null || true

@@ -135,11 +135,21 @@ impl Drop for Registry {
 
 /// `hexz-host` with its own cache directory and no prefetch unless asked.
 fn hexz(cache: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    hexz_env(cache, &[], args)
+}
+
+/// As [`hexz`], with `env` set last (over those defaults).
+fn hexz_env(
+    cache: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
+    args: &[&dyn AsRef<std::ffi::OsStr>],
+) -> Output {
     Command::new(bin("hexz-host"))
         .args(args)
         .env("HEXZ_CACHE_DIR", cache)
         .env("HEXZ_OCI_PREFETCH", "0")
         .env("DOCKER_CONFIG", cache.join("no-docker-config"))
+        .envs(env.iter().copied())
         .output()
         .expect("run hexz-host")
 }
@@ -1531,14 +1541,14 @@ fn a_registry_with_bearer_tokens_is_used_with_credentials_from_a_helper_anonymou
         std::env::var("PATH").unwrap_or_default()
     );
     let with = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
-        Command::new(bin("hexz-host"))
-            .args(args)
-            .env("HEXZ_CACHE_DIR", &cache)
-            .env("HEXZ_OCI_PREFETCH", "0")
-            .env("DOCKER_CONFIG", &docker)
-            .env("PATH", &path)
-            .output()
-            .unwrap()
+        hexz_env(
+            &cache,
+            &[
+                ("DOCKER_CONFIG", docker.as_os_str()),
+                ("PATH", path.as_ref()),
+            ],
+            args,
+        )
     };
     ok(
         &with(&[&"push", &snap, &private]),
@@ -1661,15 +1671,15 @@ fn a_snapshot_packed_independently_reads_the_chunks_it_shares_from_the_cache_of_
     // a copy of the same cache) without.
     let read_v2 = |cache: &Path, share: &str, to: &Path| {
         let relay = Relay::start(reg.port, None);
-        let o = Command::new(bin("hexz-host"))
-            .args(["extract", &format!("oci://{}/team/ws:v2", relay.host())])
-            .arg(to)
-            .env("HEXZ_CACHE_DIR", cache)
-            .env("HEXZ_OCI_PREFETCH", "0")
-            .env("HEXZ_OCI_SHARE", share)
-            .env("DOCKER_CONFIG", cache.join("no-docker-config"))
-            .output()
-            .unwrap();
+        let o = hexz_env(
+            cache,
+            &[("HEXZ_OCI_SHARE", share.as_ref())],
+            &[
+                &"extract",
+                &format!("oci://{}/team/ws:v2", relay.host()),
+                &to,
+            ],
+        );
         ok(&o, "extract v2");
         assert!(tree_of(to) == tree_of(&v2), "v2 read back differs");
         relay.sent()

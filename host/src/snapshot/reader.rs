@@ -287,25 +287,7 @@ impl Snapshot {
         remote: Arc<crate::oci::lazy::RemoteData>,
         cache_bytes: u64,
     ) -> Result<Snapshot> {
-        if blob.len() < HEADER_LEN {
-            return Err(Error::NotASnapshot);
-        }
-        let mut hb = [0u8; HEADER_LEN];
-        hb.copy_from_slice(&blob[..HEADER_LEN]);
-        let header = Header::decode(&hb)?;
-        if header.index_offset != HEADER_LEN as u64 + data_len
-            || header.index_len != (blob.len() - HEADER_LEN) as u64
-        {
-            return Err(Error::corrupt(format!(
-                "index blob ({} bytes) and data blob ({data_len} bytes) do not match the header (index at {}+{})",
-                blob.len(),
-                header.index_offset,
-                header.index_len
-            )));
-        }
-        if header.index_raw_len > MAX_INDEX_RAW {
-            return Err(Error::corrupt("index larger than the 1 GiB limit"));
-        }
+        let header = index_blob_header(blob, Some(data_len))?;
         Snapshot::from_parts(
             name,
             header,
@@ -318,23 +300,8 @@ impl Snapshot {
     /// The index an index blob (header + index) holds, checked as `open` checks it, for
     /// reading another snapshot's frames out of the host cache.
     pub(crate) fn index_of_blob(blob: &[u8]) -> Result<Index> {
-        if blob.len() < HEADER_LEN {
-            return Err(Error::NotASnapshot);
-        }
-        let mut hb = [0u8; HEADER_LEN];
-        hb.copy_from_slice(&blob[..HEADER_LEN]);
-        let header = Header::decode(&hb)?;
-        let stored = &blob[HEADER_LEN..];
-        if header.index_len != stored.len() as u64 || header.index_raw_len > MAX_INDEX_RAW {
-            return Err(Error::corrupt("index blob does not match its header"));
-        }
-        if blake3::hash(stored).as_bytes() != &header.index_hash {
-            return Err(Error::corrupt("index checksum mismatch"));
-        }
-        let raw = decompress(header.index_codec, stored, header.index_raw_len as usize)?;
-        if blake3::hash(&raw).as_bytes() != &header.id {
-            return Err(Error::corrupt("index does not match the snapshot id"));
-        }
+        let header = index_blob_header(blob, None)?;
+        let raw = checked_index(&header, &blob[HEADER_LEN..])?;
         let (index, _): (Index, usize) = decode_bounded(&raw)
             .map_err(|e| Error::corrupt(format!("index does not decode: {e}")))?;
         validate(&index, header.index_offset, header.version)?;
@@ -348,13 +315,7 @@ impl Snapshot {
         backing: Backing,
         cache_bytes: u64,
     ) -> Result<Snapshot> {
-        if blake3::hash(stored).as_bytes() != &header.index_hash {
-            return Err(Error::corrupt("index checksum mismatch"));
-        }
-        let raw = decompress(header.index_codec, stored, header.index_raw_len as usize)?;
-        if blake3::hash(&raw).as_bytes() != &header.id {
-            return Err(Error::corrupt("index does not match the snapshot id"));
-        }
+        let raw = checked_index(&header, stored)?;
         let file_len = header.index_offset + header.index_len;
         let (index, used): (Index, usize) = decode_bounded(&raw)
             .map_err(|e| Error::corrupt(format!("index does not decode: {e}")))?;
@@ -812,6 +773,43 @@ impl Snapshot {
     pub fn cache_weight(&self) -> u64 {
         self.cache.weight()
     }
+}
+
+/// The header at the start of an OCI index blob, checked against the blob's length (and
+/// the data blob's, when given).
+fn index_blob_header(blob: &[u8], data_len: Option<u64>) -> Result<Header> {
+    if blob.len() < HEADER_LEN {
+        return Err(Error::NotASnapshot);
+    }
+    let mut hb = [0u8; HEADER_LEN];
+    hb.copy_from_slice(&blob[..HEADER_LEN]);
+    let header = Header::decode(&hb)?;
+    let data_fits = data_len.is_none_or(|d| header.index_offset == HEADER_LEN as u64 + d);
+    if !data_fits || header.index_len != (blob.len() - HEADER_LEN) as u64 {
+        return Err(Error::corrupt(format!(
+            "index blob ({} bytes) and data blob ({} bytes) do not match the header (index at {}+{})",
+            blob.len(),
+            data_len.map_or_else(|| "?".to_string(), |d| d.to_string()),
+            header.index_offset,
+            header.index_len
+        )));
+    }
+    if header.index_raw_len > MAX_INDEX_RAW {
+        return Err(Error::corrupt("index larger than the 1 GiB limit"));
+    }
+    Ok(header)
+}
+
+/// The decompressed index of `stored`, checked against the header's hash and id.
+fn checked_index(header: &Header, stored: &[u8]) -> Result<Vec<u8>> {
+    if blake3::hash(stored).as_bytes() != &header.index_hash {
+        return Err(Error::corrupt("index checksum mismatch"));
+    }
+    let raw = decompress(header.index_codec, stored, header.index_raw_len as usize)?;
+    if blake3::hash(&raw).as_bytes() != &header.id {
+        return Err(Error::corrupt("index does not match the snapshot id"));
+    }
+    Ok(raw)
 }
 
 /// The frames one range fetch from a registry covers, with what checking them needs.
