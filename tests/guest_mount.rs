@@ -2,6 +2,7 @@
 //! AF_VSOCK here), served by a real `hexz-host serve`, driven with ordinary programs and
 //! system calls. Every mount a test makes is unmounted, also when the test fails.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -1090,6 +1091,95 @@ fn creates_and_unlinks_answered_early_are_exact_and_reach_the_host_before_unmoun
     );
 }
 
+/// What a directory of the mount shows: each name with its size and bytes.
+fn dir_view(dir: &Path) -> BTreeMap<String, (u64, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if let (Ok(m), Ok(b)) = (fs::metadata(&p), fs::read(&p)) {
+            out.insert(e.file_name().to_string_lossy().into_owned(), (m.len(), b));
+        }
+    }
+    out
+}
+
+#[test]
+fn unlinks_answered_early_that_never_reached_the_host_show_the_hosts_files_again() {
+    if !fuse_available() {
+        return;
+    }
+    // Files made and synced through the mount, then unlinked — answered early, queued —
+    // while the server is stopped; the server is killed (the batch is lost) and started
+    // again. The host still has the files, so the mount must show them again: it must
+    // stop answering "no such name" in that directory from memory.
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = fixture(tmp.path());
+    let guest_log = tmp.path().join("guest.log");
+    let debug = format!("--debug-log={}", guest_log.display());
+    let mut m = Mount::new(
+        tmp.path(),
+        &snap,
+        &["--negative-ttl", "30", "--timeout", "5", &debug],
+    );
+    fs::create_dir(m.path("d")).unwrap();
+    for i in 0..10 {
+        fs::write(m.path(&format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    File::open(m.path("d")).unwrap().sync_all().unwrap();
+    let server = m.server.as_ref().unwrap().child.id();
+    // SAFETY: stopping our own child.
+    unsafe { libc::kill(server as i32, libc::SIGSTOP) };
+    for i in 0..5 {
+        fs::remove_file(m.path(&format!("d/f{i}"))).unwrap();
+    }
+    // Looked up meanwhile: answered "no such name" from memory, which the kernel keeps
+    // for the negative TTL (30 s) unless told otherwise.
+    for i in 0..5 {
+        assert!(!m.path(&format!("d/f{i}")).exists());
+    }
+    std::thread::sleep(Duration::from_millis(200)); // the batch leaves, and waits
+    m.restart_server_after_kill9();
+    let log = fs::read_to_string(&guest_log).unwrap_or_default();
+    assert!(
+        log.contains("write-behind: removing"),
+        "no unlink was answered early and then lost:\n{log}"
+    );
+    // The host's view, from a second daemon that remembers nothing.
+    let mnt2 = tmp.path().join("mnt2");
+    fs::create_dir_all(&mnt2).unwrap();
+    let mut second = spawn_guest(&mnt2, &m.socket, &[]);
+    let mounted = eventually(30, || is_mounted(&mnt2));
+    let host = mounted.then(|| dir_view(&mnt2.join("d")));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let _ = second.wait();
+    if is_mounted(&mnt2) {
+        let c = std::ffi::CString::new(mnt2.to_str().unwrap()).unwrap();
+        // SAFETY: detaching a mount this test made.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let host = host.expect("the second mount");
+    assert_eq!(
+        host.len(),
+        10,
+        "the host lost the unlinks: {:?}",
+        host.keys()
+    );
+    // By name first: a listing would show the mount the names again by itself.
+    let by_name = |i: usize| m.path(&format!("d/f{i}"));
+    let found = eventually(10, || (0..10).all(|i| by_name(i).exists()));
+    assert!(
+        found,
+        "by name, f0..f9 exist: {:?}; the host has {:?}",
+        (0..10).map(|i| by_name(i).exists()).collect::<Vec<_>>(),
+        host.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        dir_view(&m.path("d")) == host,
+        "the mount's d differs from the host's"
+    );
+}
+
 #[test]
 fn a_create_answered_early_that_the_host_then_refuses_fails_fsync() {
     if !fuse_available() {
@@ -1142,4 +1232,46 @@ fn a_create_answered_early_that_the_host_then_refuses_fails_fsync() {
             assert!(fs::read(p).unwrap() == data, "{} is not whole", p.display());
         }
     }
+    // And the mount shows what the host has, not what it answered: a file the host could
+    // not create is gone, one whose bytes it could not keep shows the bytes it has. A
+    // second daemon on the same server, which remembers nothing, shows the host's view.
+    let view = |root: &Path| -> Vec<Option<(u64, Vec<u8>)>> {
+        (0..8)
+            .map(|i| {
+                let p = root.join(format!("d/f{i}"));
+                Some((fs::metadata(&p).ok()?.len(), fs::read(&p).ok()?))
+            })
+            .collect()
+    };
+    let mnt2 = tmp.path().join("mnt2");
+    fs::create_dir_all(&mnt2).unwrap();
+    let mut second = spawn_guest(&mnt2, &m.socket, &[]);
+    let mounted = eventually(30, || is_mounted(&mnt2));
+    let host = mounted.then(|| view(&mnt2));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let _ = second.wait();
+    if is_mounted(&mnt2) {
+        let c = std::ffi::CString::new(mnt2.to_str().unwrap()).unwrap();
+        // SAFETY: detaching a mount this test made.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let host = host.expect("the second mount");
+    assert!(
+        host.iter()
+            .any(|v| v.as_ref().map(|(_, b)| &b[..]) != Some(&data[..])),
+        "the host holds every file whole; nothing was refused"
+    );
+    let same = eventually(10, || view(&m.mnt) == host);
+    assert!(
+        same,
+        "the mount still shows files or bytes the host refused: {:?} vs the host's {:?}",
+        view(&m.mnt)
+            .iter()
+            .map(|v| v.as_ref().map(|(n, b)| (*n, b.len())))
+            .collect::<Vec<_>>(),
+        host.iter()
+            .map(|v| v.as_ref().map(|(n, b)| (*n, b.len())))
+            .collect::<Vec<_>>()
+    );
 }

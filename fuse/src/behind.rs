@@ -20,7 +20,7 @@
 //! added it arrived.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use hexz_protocol::{Limits, Op, ReplyBody, Timed, Timespec, MAX_BATCH};
@@ -90,13 +90,29 @@ struct State {
     /// After a failure, or without the host's support: nothing more is answered early.
     off: bool,
     queued_bytes: usize,
+    /// Changes that failed since the last batch, for [`Behind::on_lost`].
+    lost: Vec<Lost>,
+}
+
+/// A change answered early that the host then refused or never got: what the mount
+/// showed of it may not be what the host has (`name` in `parent` for a create or an
+/// unlink; `node`'s attributes and bytes for a create or a write).
+#[derive(Clone, Debug)]
+pub struct Lost {
+    pub parent: u64,
+    pub name: Option<Vec<u8>>,
+    pub node: Option<u64>,
 }
 
 pub struct Behind {
     inner: Arc<dyn Transport>,
     state: Mutex<State>,
     changed: Condvar,
+    /// Told of the changes that failed, before the requests waiting for them go on.
+    on_lost: OnceLock<LostHook>,
 }
+
+type LostHook = Box<dyn Fn(Vec<Lost>) + Send + Sync>;
 
 impl Behind {
     /// Wraps `inner`; the thread that sends the changes runs while the wrapper lives.
@@ -108,6 +124,7 @@ impl Behind {
                 ..State::default()
             }),
             changed: Condvar::new(),
+            on_lost: OnceLock::new(),
         });
         let weak = Arc::downgrade(&b);
         let spawned = std::thread::Builder::new()
@@ -122,6 +139,14 @@ impl Behind {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Calls `hook` with the changes that failed on the host after they were answered,
+    /// after each batch, before the requests waiting for that batch go on (so they see
+    /// what it did). It runs on the sending thread, under its lock, and must neither
+    /// call back into write-behind nor wait for the kernel.
+    pub fn on_lost(&self, hook: LostHook) {
+        let _ = self.on_lost.set(hook);
     }
 
     /// A reserved node id for an early create on the current connection, if one is at
@@ -369,6 +394,12 @@ impl Behind {
         }
         s.busy = false;
         settle_gone(&mut s, &mut release);
+        let lost = std::mem::take(&mut s.lost);
+        if !lost.is_empty() {
+            if let Some(hook) = self.on_lost.get() {
+                hook(lost);
+            }
+        }
         let forgets: Vec<(u64, u64)> = if s.queue.is_empty() {
             std::mem::take(&mut s.forgets)
         } else {
@@ -528,6 +559,14 @@ fn finish(
          the file or its directory reports EIO, and changes now wait for the host"
     );
     s.failed.insert(q.parent);
+    s.lost.push(Lost {
+        parent: q.parent,
+        name: match &q.op {
+            Op::CreateAs { name, .. } | Op::Unlink { name, .. } => Some(name.clone()),
+            _ => None,
+        },
+        node: q.node,
+    });
     if let Some(node) = q.node {
         s.failed.insert(node);
         s.pending.remove(&node);

@@ -15,7 +15,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -280,11 +280,11 @@ pub struct HexzFs {
     /// kernel's buffer last time (entries that do not fit are forgotten again).
     dirplus_batch: AtomicU32,
     /// Attributes the host sent, answering the kernel's re-asking (`attrs.rs`).
-    attrs: AttrCache,
+    attrs: Arc<AttrCache>,
     /// The host refused a read-write open with EROFS: it serves read-only.
     host_read_only: AtomicBool,
     /// Names seen, for removals' victims and names certainly absent (`names.rs`).
-    names: Names,
+    names: Arc<Names>,
     /// Small files read ahead (`ahead.rs`), when on.
     ahead: Option<Arc<Ahead>>,
     /// Directories listed ahead of a walk (`prelist.rs`), when on.
@@ -294,6 +294,57 @@ pub struct HexzFs {
     /// What the host's entries say besides the node (TTL in ms << 32 | blksize), for
     /// entries answered early; 0 until one was seen.
     entry_template: AtomicU64,
+    /// The session's channel for telling the kernel to drop what it cached (set by
+    /// whoever mounts, once the session exists).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+}
+
+/// What to do when changes answered early fail on the host (refused, or lost with the
+/// connection): this mount stops trusting what it remembers of them — that it knows
+/// every name of the directory (its lookups go to the host again, or an unlink the host
+/// never got would hide a file it has), the name, and the attributes of the directory
+/// and the file — and the kernel is told to drop the entry, the attributes and the
+/// cached bytes, so the mount shows what the host has. The kernel is told from a thread
+/// of its own: an invalidation waits for the directory's lock, which a request waiting
+/// for this very batch may hold.
+fn forget_lost(
+    behind: &Behind,
+    names: Arc<Names>,
+    attrs: Arc<AttrCache>,
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<crate::behind::Lost>();
+    let spawned = std::thread::Builder::new()
+        .name("hexz-inval".into())
+        .spawn(move || {
+            for l in rx {
+                let Some(n) = notifier.get() else { continue };
+                // An error (ENOENT: the kernel holds nothing of it) is as good.
+                if let Some(name) = &l.name {
+                    let _ = n.inval_entry(INodeNo(l.parent), OsStr::from_bytes(name));
+                }
+                let _ = n.inval_inode(INodeNo(l.parent), 0, 0);
+                if let Some(node) = l.node {
+                    let _ = n.inval_inode(INodeNo(node), 0, 0);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no thread to tell the kernel about failed changes: {e}");
+    }
+    behind.on_lost(Box::new(move |lost| {
+        for l in lost {
+            names.not_complete(l.parent);
+            if let Some(name) = &l.name {
+                names.removed(l.parent, name);
+            }
+            attrs.invalidate(l.parent);
+            if let Some(node) = l.node {
+                attrs.invalidate(node);
+            }
+            let _ = tx.send(l);
+        }
+    }));
 }
 
 /// How many levels below the directories a walk is about to enter are listed ahead too.
@@ -494,6 +545,11 @@ impl HexzFs {
             None => conn,
         };
         let workers = opts.read_ahead.then(|| Workers::start(READ_AHEAD_THREADS));
+        let (names, attrs) = (Arc::new(Names::default()), Arc::new(AttrCache::default()));
+        let notifier = Arc::new(OnceLock::new());
+        if let Some(b) = &behind {
+            forget_lost(b, names.clone(), attrs.clone(), notifier.clone());
+        }
         HexzFs {
             no_open: opts.no_open,
             no_opendir: opts.no_opendir,
@@ -505,9 +561,9 @@ impl HexzFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             dirplus_batch: AtomicU32::new(DIRPLUS_START),
-            attrs: AttrCache::default(),
+            attrs,
             host_read_only: AtomicBool::new(false),
-            names: Names::default(),
+            names,
             ahead: workers
                 .clone()
                 .filter(|_| conn.has_cap(CAP_READ_FILES))
@@ -515,8 +571,15 @@ impl HexzFs {
             prelist: workers.map(Prelist::start),
             behind,
             entry_template: AtomicU64::new(0),
+            notifier,
             conn,
         }
+    }
+
+    /// Where the mounting code puts the session's [`fuser::Notifier`] (before the
+    /// session runs), so that the kernel can be told what write-behind got wrong.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn nodes(&self) -> MutexGuard<'_, Nodes> {

@@ -73,6 +73,12 @@ impl Names {
 
     /// The directory `dir` itself was removed.
     pub fn dir_gone(&self, dir: u64) {
+        self.not_complete(dir);
+    }
+
+    /// What this mount saw of `dir`'s names may no longer be all of them (a change
+    /// answered early failed on the host): its lookups go to the host again.
+    pub fn not_complete(&self, dir: u64) {
         self.state().complete.remove(&dir);
     }
 

@@ -120,8 +120,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     config.clone_fd = true;
     let mountpoint = std::fs::canonicalize(&cli.mountpoint)
         .with_context(|| format!("mountpoint {}", cli.mountpoint.display()))?;
+    let notifier = fs.notifier_slot();
     let session = fuser::Session::new(fs, &mountpoint, &config)
         .with_context(|| format!("cannot mount {}", mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     let background = session.spawn().context("starting the FUSE session")?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     std::thread::Builder::new()
