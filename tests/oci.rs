@@ -1669,11 +1669,14 @@ fn a_snapshot_packed_independently_reads_the_chunks_it_shares_from_the_cache_of_
     assert!(tree_of(&x1) == tree_of(&v1));
     // v2, through a relay that counts what the registry sends: with sharing, and (from
     // a copy of the same cache) without.
-    let read_v2 = |cache: &Path, share: &str, to: &Path| {
+    let read_v2_prefetching = |cache: &Path, share: &str, prefetch: &str, to: &Path| {
         let relay = Relay::start(reg.port, None);
         let o = hexz_env(
             cache,
-            &[("HEXZ_OCI_SHARE", share.as_ref())],
+            &[
+                ("HEXZ_OCI_SHARE", share.as_ref()),
+                ("HEXZ_OCI_PREFETCH", prefetch.as_ref()),
+            ],
             &[
                 &"extract",
                 &format!("oci://{}/team/ws:v2", relay.host()),
@@ -1684,12 +1687,23 @@ fn a_snapshot_packed_independently_reads_the_chunks_it_shares_from_the_cache_of_
         assert!(tree_of(to) == tree_of(&v2), "v2 read back differs");
         relay.sent()
     };
+    let read_v2 = |cache: &Path, share: &str, to: &Path| read_v2_prefetching(cache, share, "0", to);
     let (plain, damaged) = (dir.join("cache-plain"), dir.join("cache-damaged"));
     copy_tree(&cache, &plain);
     copy_tree(&cache, &damaged);
     let shared = read_v2(&cache, "1", &dir.join("x2"));
+    // Read again with prefetch on: the frames the first run read and put together from
+    // v1 are not fetched ahead either (they were never v2's to cache).
+    let again = read_v2_prefetching(&cache, "1", "1", &dir.join("x2-again"));
+    assert!(
+        again < v2_data / 10,
+        "the second read of v2, prefetching, fetched {again} of {v2_data} bytes"
+    );
     let unshared = read_v2(&plain, "0", &dir.join("x2-plain"));
-    eprintln!("v2 ({v2_data} bytes): {shared} fetched with v1 cached, {unshared} without sharing");
+    eprintln!(
+        "v2 ({v2_data} bytes): {shared} fetched with v1 cached, {again} when read again \
+         prefetching, {unshared} without sharing"
+    );
     assert!(
         unshared > v2_data * 9 / 10,
         "without sharing all of v2 is fetched: {unshared} of {v2_data} bytes"

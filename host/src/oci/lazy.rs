@@ -53,8 +53,7 @@ pub struct RemoteData {
     requests: Arc<AtomicU64>,
     /// Chunks other cached blobs hold ([`Shared`]): built in the background at open,
     /// waited for by the first frame the cache lacks.
-    shared: OnceLock<Option<Arc<Shared>>>,
-    sharing: Mutex<Option<std::thread::JoinHandle<Option<Shared>>>>,
+    shared: Arc<Sharing>,
     /// Bytes of frames put together from other blobs instead of fetched.
     borrowed: Arc<AtomicU64>,
     /// Frames being put together ahead of a sequential reader, in order.
@@ -65,6 +64,35 @@ pub struct RemoteData {
 
 /// A frame put together from other blobs: (frame, its bytes).
 pub(crate) type Borrowed = (u32, Vec<u8>);
+
+/// The map of chunks other cached blobs hold: being built, then built (None: nothing
+/// to share, or sharing is off).
+#[derive(Default)]
+struct Sharing {
+    built: OnceLock<Option<Arc<Shared>>>,
+    building: Mutex<Option<std::thread::JoinHandle<Option<Shared>>>>,
+}
+
+impl Sharing {
+    /// The map, waiting for it to be built.
+    fn get(&self) -> Option<&Arc<Shared>> {
+        self.built
+            .get_or_init(|| {
+                let h = self
+                    .building
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                h.and_then(|h| h.join().ok().flatten()).map(Arc::new)
+            })
+            .as_ref()
+    }
+
+    /// The map if it is built (never waits).
+    fn ready(&self) -> Option<&Arc<Shared>> {
+        self.built.get().and_then(Option::as_ref)
+    }
+}
 
 /// Frames put together on another thread: (first frame, frame after the last, thread).
 type Assembly = (u32, u32, std::thread::JoinHandle<Vec<Option<Vec<u8>>>>);
@@ -121,7 +149,7 @@ impl RemoteData {
     /// this off).
     fn start_sharing(&self, skip: Vec<String>) {
         if std::env::var("HEXZ_OCI_SHARE").is_ok_and(|v| v == "0") {
-            let _ = self.shared.set(None);
+            let _ = self.shared.built.set(None);
             return;
         }
         let cache = self.cache.clone();
@@ -129,24 +157,21 @@ impl RemoteData {
             .name("hexz-share".into())
             .spawn(move || Shared::build(&cache, &skip));
         match h {
-            Ok(h) => *self.sharing.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
+            Ok(h) => {
+                *self
+                    .shared
+                    .building
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(h)
+            }
             Err(_) => {
-                let _ = self.shared.set(None);
+                let _ = self.shared.built.set(None);
             }
         }
     }
 
     fn shared(&self) -> Option<&Arc<Shared>> {
-        self.shared
-            .get_or_init(|| {
-                let h = self
-                    .sharing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                h.and_then(|h| h.join().ok().flatten()).map(Arc::new)
-            })
-            .as_ref()
+        self.shared.get()
     }
 
     /// Frame `idx` put together from chunks other cached blobs hold, if they hold all:
@@ -225,10 +250,7 @@ impl RemoteData {
 
     /// Whether a frame could be put together without a fetch (never waits).
     pub fn borrowable(&self, chunks: &[Chunk]) -> bool {
-        self.shared
-            .get()
-            .and_then(Option::as_ref)
-            .is_some_and(|s| s.covers(chunks))
+        self.shared.ready().is_some_and(|s| s.covers(chunks))
     }
 
     /// A frame's verified bytes from the host cache, if it holds them. A copy that fails
@@ -518,8 +540,7 @@ fn open_layer(
         closed: Arc::new(AtomicBool::new(false)),
         fetched: Arc::new(AtomicU64::new(0)),
         requests: Arc::new(AtomicU64::new(0)),
-        shared: OnceLock::new(),
-        sharing: Mutex::new(None),
+        shared: Arc::new(Sharing::default()),
         borrowed: Arc::new(AtomicU64::new(0)),
         assembling: Mutex::new(VecDeque::new()),
         last_borrowed: AtomicU64::new(u64::MAX),
@@ -642,10 +663,15 @@ fn prefetch(snap: &Snapshot, remote: &Arc<RemoteData>) {
     let Some(data) = remote.data.get().and_then(Option::clone) else {
         return;
     };
-    let n = work.len();
+    let sharing = remote.shared.clone();
     let _ = std::thread::Builder::new()
         .name("hexz-prefetch".into())
         .spawn(move || {
+            // Frames other cached snapshots hold are put together when read, not fetched.
+            if let Some(shared) = sharing.get() {
+                work.retain(|(_, _, chunks)| !shared.covers(chunks));
+            }
+            let n = work.len();
             let started = Instant::now();
             let mut fetched = 0u64;
             let mut i = 0;
