@@ -1091,6 +1091,24 @@ fn creates_and_unlinks_answered_early_are_exact_and_reach_the_host_before_unmoun
     );
 }
 
+/// `f` of a second daemon's mount at `mnt2`, on `m`'s server: what the host has, seen
+/// by a daemon that remembers nothing. The second mount is gone when this returns.
+fn through_second_daemon<T>(m: &Mount, mnt2: &Path, f: impl FnOnce(&Path) -> T) -> T {
+    fs::create_dir_all(mnt2).unwrap();
+    let mut second = spawn_guest(mnt2, &m.socket, &[]);
+    let mounted = eventually(30, || is_mounted(mnt2));
+    let seen = mounted.then(|| f(mnt2));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let _ = second.wait();
+    if is_mounted(mnt2) {
+        let c = std::ffi::CString::new(mnt2.to_str().unwrap()).unwrap();
+        // SAFETY: detaching a mount this test made.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    seen.expect("the second mount")
+}
+
 /// What a directory of the mount shows: each name with its size and bytes.
 fn dir_view(dir: &Path) -> BTreeMap<String, (u64, Vec<u8>)> {
     let mut out = BTreeMap::new();
@@ -1145,20 +1163,9 @@ fn unlinks_answered_early_that_never_reached_the_host_show_the_hosts_files_again
         "no unlink was answered early and then lost:\n{log}"
     );
     // The host's view, from a second daemon that remembers nothing.
-    let mnt2 = tmp.path().join("mnt2");
-    fs::create_dir_all(&mnt2).unwrap();
-    let mut second = spawn_guest(&mnt2, &m.socket, &[]);
-    let mounted = eventually(30, || is_mounted(&mnt2));
-    let host = mounted.then(|| dir_view(&mnt2.join("d")));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
-    let _ = second.wait();
-    if is_mounted(&mnt2) {
-        let c = std::ffi::CString::new(mnt2.to_str().unwrap()).unwrap();
-        // SAFETY: detaching a mount this test made.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
-    let host = host.expect("the second mount");
+    let host = through_second_daemon(&m, &tmp.path().join("mnt2"), |mnt2| {
+        dir_view(&mnt2.join("d"))
+    });
     assert_eq!(
         host.len(),
         10,
@@ -1243,20 +1250,7 @@ fn a_create_answered_early_that_the_host_then_refuses_fails_fsync() {
             })
             .collect()
     };
-    let mnt2 = tmp.path().join("mnt2");
-    fs::create_dir_all(&mnt2).unwrap();
-    let mut second = spawn_guest(&mnt2, &m.socket, &[]);
-    let mounted = eventually(30, || is_mounted(&mnt2));
-    let host = mounted.then(|| view(&mnt2));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
-    let _ = second.wait();
-    if is_mounted(&mnt2) {
-        let c = std::ffi::CString::new(mnt2.to_str().unwrap()).unwrap();
-        // SAFETY: detaching a mount this test made.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
-    let host = host.expect("the second mount");
+    let host = through_second_daemon(&m, &tmp.path().join("mnt2"), view);
     assert!(
         host.iter()
             .any(|v| v.as_ref().map(|(_, b)| &b[..]) != Some(&data[..])),
