@@ -62,8 +62,13 @@ pub struct RemoteData {
     last_borrowed: AtomicU64,
 }
 
-/// A frame put together from other blobs: (frame, its bytes).
-pub(crate) type Borrowed = (u32, Vec<u8>);
+/// What [`RemoteData::borrow`] put together: the frame asked for, others put together
+/// with it (frame, bytes), and whether the frame continues a run read in order.
+pub(crate) struct Borrowed {
+    pub mine: Vec<u8>,
+    pub others: Vec<(u32, Vec<u8>)>,
+    pub run: bool,
+}
 
 /// The map of chunks other cached blobs hold: being built, then built (None: nothing
 /// to share, or sharing is off).
@@ -74,6 +79,29 @@ struct Sharing {
 }
 
 impl Sharing {
+    /// Starts building, in the background, the map for a snapshot chain (whose own blobs
+    /// are not looked into): one map for every layer of it. `HEXZ_OCI_SHARE=0` turns
+    /// sharing off.
+    fn start(cache: &Arc<HostCache>, chain: &[Layer]) -> Arc<Sharing> {
+        let sharing = Arc::new(Sharing::default());
+        if std::env::var("HEXZ_OCI_SHARE").is_ok_and(|v| v == "0") {
+            let _ = sharing.built.set(None);
+            return sharing;
+        }
+        let cache = cache.clone();
+        let skip: Vec<String> = chain.iter().map(|l| l.data.digest.clone()).collect();
+        match std::thread::Builder::new()
+            .name("hexz-share".into())
+            .spawn(move || Shared::build(&cache, &skip))
+        {
+            Ok(h) => *sharing.building.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
+            Err(_) => {
+                let _ = sharing.built.set(None);
+            }
+        }
+        sharing
+    }
+
     /// The map, waiting for it to be built.
     fn get(&self) -> Option<&Arc<Shared>> {
         self.built
@@ -145,59 +173,38 @@ impl RemoteData {
         Ok(bytes)
     }
 
-    /// Starts finding the chunks other cached blobs hold (`HEXZ_OCI_SHARE=0` turns
-    /// this off).
-    fn start_sharing(&self, skip: Vec<String>) {
-        if std::env::var("HEXZ_OCI_SHARE").is_ok_and(|v| v == "0") {
-            let _ = self.shared.built.set(None);
-            return;
-        }
-        let cache = self.cache.clone();
-        let h = std::thread::Builder::new()
-            .name("hexz-share".into())
-            .spawn(move || Shared::build(&cache, &skip));
-        match h {
-            Ok(h) => {
-                *self
-                    .shared
-                    .building
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(h)
-            }
-            Err(_) => {
-                let _ = self.shared.built.set(None);
-            }
-        }
-    }
-
     fn shared(&self) -> Option<&Arc<Shared>> {
         self.shared.get()
     }
 
     /// Frame `idx` put together from chunks other cached blobs hold, if they hold all:
-    /// taken from a thread that put it together ahead (with the frames after it, in
-    /// order), or put together here. True in `.1` when the frame continues a run.
-    pub(crate) fn borrow(
-        &self,
-        idx: u32,
-        f: &Frame,
-        chunks: &[Chunk],
-    ) -> Option<(Vec<Borrowed>, bool)> {
+    /// taken from a thread that put it together ahead, or put together here. Also the
+    /// other frames that thread put together (for the frame cache), and whether `idx`
+    /// continues a run of frames read in order.
+    pub(crate) fn borrow(&self, idx: u32, f: &Frame, chunks: &[Chunk]) -> Option<Borrowed> {
         let shared = self.shared()?;
         let run = self.last_borrowed.swap(idx as u64 + 1, Ordering::Relaxed) == idx as u64;
+        let mut others = Vec::new();
+        let mut mine = None;
         if let Some((first, frames)) = self.take_assembled(idx) {
-            let got: Vec<Borrowed> = (first..)
-                .zip(frames)
-                .filter_map(|(j, b)| Some((j, b?)))
-                .collect();
-            if got.iter().any(|(j, _)| *j == idx) {
-                return Some((got, run));
+            for (j, b) in (first..).zip(frames) {
+                match b {
+                    Some(b) if j == idx => mine = Some(b),
+                    Some(b) => others.push((j, b)),
+                    None => {}
+                }
             }
         }
-        let bytes = shared.assemble(idx, f, chunks)?;
-        self.borrowed
-            .fetch_add(f.stored_len as u64, Ordering::Relaxed);
-        Some((vec![(idx, bytes)], run))
+        let mine = match mine {
+            Some(b) => b,
+            None => {
+                let b = shared.assemble(idx, f, chunks)?;
+                self.borrowed
+                    .fetch_add(f.stored_len as u64, Ordering::Relaxed);
+                b
+            }
+        };
+        Some(Borrowed { mine, others, run })
     }
 
     /// The frame after which more can be put together ahead, and how many threads do.
@@ -477,10 +484,7 @@ pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Resu
                 let chain = Manifest::parse_chain(&bytes, &key).ok()?;
                 let pinned = r.pinned(&d);
                 let snap = open_layer(
-                    &reg,
-                    &cache,
-                    &pinned,
-                    &chain,
+                    &ChainOpen::new(&reg, &cache, &pinned, &chain),
                     0,
                     cache_bytes,
                     &mut seen_spec,
@@ -509,19 +513,49 @@ pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Resu
     };
     let pinned = r.pinned(&digest);
     let chain = Manifest::parse_chain(&bytes, &r.to_string())?;
-    open_layer(&reg, &cache, &pinned, &chain, 0, cache_bytes, seen)
-        .map_err(|e| e.at(pinned.to_string()))
+    open_layer(
+        &ChainOpen::new(&reg, &cache, &pinned, &chain),
+        0,
+        cache_bytes,
+        seen,
+    )
+    .map_err(|e| e.at(pinned.to_string()))
+}
+
+/// What every layer of one manifest's snapshot chain is opened with.
+struct ChainOpen<'a> {
+    reg: &'a Arc<Registry>,
+    cache: &'a Arc<HostCache>,
+    pinned: &'a Reference,
+    chain: &'a [Layer],
+    /// One map of shared chunks for the whole chain.
+    sharing: Arc<Sharing>,
+}
+
+impl<'a> ChainOpen<'a> {
+    fn new(
+        reg: &'a Arc<Registry>,
+        cache: &'a Arc<HostCache>,
+        pinned: &'a Reference,
+        chain: &'a [Layer],
+    ) -> ChainOpen<'a> {
+        ChainOpen {
+            reg,
+            cache,
+            pinned,
+            chain,
+            sharing: Sharing::start(cache, chain),
+        }
+    }
 }
 
 fn open_layer(
-    reg: &Arc<Registry>,
-    cache: &Arc<HostCache>,
-    pinned: &Reference,
-    chain: &[Layer],
+    c: &ChainOpen,
     at: usize,
     cache_bytes: u64,
     seen: &mut Vec<[u8; 32]>,
 ) -> Result<Snapshot> {
+    let (reg, cache, pinned, chain) = (c.reg, c.cache, c.pinned, c.chain);
     let layer = &chain[at];
     let blob = index_blob(reg, cache, &pinned.repo, layer)?;
     let remote = Arc::new(RemoteData {
@@ -540,7 +574,7 @@ fn open_layer(
         closed: Arc::new(AtomicBool::new(false)),
         fetched: Arc::new(AtomicU64::new(0)),
         requests: Arc::new(AtomicU64::new(0)),
-        shared: Arc::new(Sharing::default()),
+        shared: c.sharing.clone(),
         borrowed: Arc::new(AtomicU64::new(0)),
         assembling: Mutex::new(VecDeque::new()),
         last_borrowed: AtomicU64::new(u64::MAX),
@@ -574,7 +608,6 @@ fn open_layer(
         snap.index().frames.len(),
     ));
     cache.link_index(&layer.data.digest, &layer.index.digest);
-    remote.start_sharing(chain.iter().map(|l| l.data.digest.clone()).collect());
     prefetch(&snap, &remote);
     let Some(base_ref) = snap.index().base.clone() else {
         return Ok(snap);
@@ -582,7 +615,9 @@ fn open_layer(
     snap.check_depth(seen)?;
     let base_cache = (cache_bytes / 4).max(16 << 20);
     let base = match chain.iter().position(|l| l.id == base_ref.id) {
-        Some(i) if i > at => open_layer(reg, cache, pinned, chain, i, base_cache, seen)?,
+        Some(i) if i > at => {
+            open_layer(c, i, base_cache, seen)?
+        }
         Some(_) => return Err(Error::corrupt("the manifest's chain of snapshots loops")),
         None if Reference::is_remote(&base_ref.path) => open(&base_ref.path, base_cache, seen)
             .map_err(|e| snap.missing_base(&base_ref.path, e))?,

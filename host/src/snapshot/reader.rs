@@ -603,21 +603,14 @@ impl Snapshot {
         if let Some(raw) = r.cached_frame(idx, f, chunks) {
             return Ok(FrameBytes::whole(raw));
         }
-        if let Some((frames, run)) = r.borrow(idx, f, chunks) {
-            let mut mine = None;
-            for (j, raw) in frames {
-                if j == idx {
-                    mine = Some(raw);
-                } else {
-                    self.cache.insert(j, FrameBytes::whole(raw));
-                }
+        if let Some(b) = r.borrow(idx, f, chunks) {
+            for (j, raw) in b.others {
+                self.cache.insert(j, FrameBytes::whole(raw));
             }
-            if run {
+            if b.run {
                 self.assemble_ahead(idx + 1, r);
             }
-            if let Some(raw) = mine {
-                return Ok(FrameBytes::whole(raw));
-            }
+            return Ok(FrameBytes::whole(b.mine));
         }
         let has = |w: &Window| {
             w.frames
@@ -735,8 +728,6 @@ impl Snapshot {
         WindowPlan::new(first, frames)
     }
 
-    /// The frames one fetch from `idx` covers: contiguous in the blob, within `budget`
-    /// stored bytes, not cached; returns the end frame and the stored length.
     /// Whether frame `idx` needs no fetch: in the frame cache, the host cache, or made of
     /// chunks other cached blobs hold.
     fn held(&self, idx: u32, r: &crate::oci::lazy::RemoteData) -> bool {
@@ -747,6 +738,8 @@ impl Snapshot {
                 .is_ok_and(|(_, chunks)| r.borrowable(chunks))
     }
 
+    /// The frames one fetch from `idx` covers: contiguous in the blob, within `budget`
+    /// stored bytes, not cached; returns the end frame and the stored length.
     fn window_from(&self, idx: u32, budget: u64, r: &crate::oci::lazy::RemoteData) -> (usize, u64) {
         let mut end = idx as usize + 1;
         let mut len = self.index.frames[idx as usize].stored_len as u64;
