@@ -7,13 +7,12 @@
 # Uses the workspace and registry storage that bench/oci.sh left in WORKDIR (run it first).
 # Usage (root): bench/oci-ab.sh WORKDIR OLD_HEXZ NEW_HEXZ      N=5, PERF=0 by default.
 set -eu
+. "$(dirname "$0")/oci-lib.sh"
 W=$(realpath "$1"); A=$(realpath "$2"); B=$(realpath "$3"); N=${N:-5}
 cd "$W"
 [ -e reg/config.yml ] || { echo "no registry in $W: run bench/oci.sh $W first" >&2; exit 1; }
-PORT=$(sed -n 's/.*addr: 127.0.0.1:\([0-9]*\).*/\1/p' reg/config.yml)
-docker-registry serve reg/config.yml > reg/ab.log 2>&1 & RPID=$!
+registry_up reg reg/ab.log
 trap 'kill $RPID 2>/dev/null' EXIT
-until curl -sf "http://127.0.0.1:$PORT/v2/" > /dev/null; do sleep 0.1; done
 REF=oci://127.0.0.1:$PORT/bench/ws:v1
 export HEXZ_OCI_PREFETCH=0
 med() { printf "%s\n" "$@" | sort -g | sed -n "$(( ($# + 1) / 2 ))p"; }

@@ -10,6 +10,7 @@
 # Usage (root): bench/oci-share.sh [WORKDIR]   (after bench/oci.sh WORKDIR: uses its ws and ws.hxz)
 # PERF=1 also records each extract with perf (WORKDIR/share-1.perf, share-0.perf).
 set -eu
+. "$(dirname "$0")/oci-lib.sh"
 W=${1:-/tmp/hexz-bench-oci}
 H=${HEXZ_HOST:-$(dirname "$0")/../target/release/hexz-host}; H=$(realpath "$H")
 mkdir -p "$W"; cd "$W"
@@ -23,22 +24,8 @@ if [ ! -e ws2.hxz ]; then
   head -c $((8 << 20)) /dev/urandom > ws2/assets/new.bin
   "$H" pack ws2 -o ws2.hxz
 fi
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p share-reg
-cat > share-reg/config.yml <<CFG
-version: 0.1
-log:
-  level: info
-  formatter: text
-storage:
-  filesystem:
-    rootdirectory: $W/share-reg/data
-http:
-  addr: 127.0.0.1:$PORT
-CFG
-docker-registry serve share-reg/config.yml > share-reg/log 2>&1 & RPID=$!
+registry_up share-reg
 trap 'kill $RPID 2>/dev/null' EXIT
-until curl -sf "http://127.0.0.1:$PORT/v2/" > /dev/null; do sleep 0.1; done
 "$H" push ws.hxz "127.0.0.1:$PORT/bench/ws:v1" > /dev/null
 "$H" push ws2.hxz "127.0.0.1:$PORT/bench/ws:v2" > /dev/null
 Z2=$(( $(stat -c %s ws2.hxz) ))

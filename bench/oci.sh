@@ -15,6 +15,7 @@
 #              warm, and curl downloading the data blob under the same two conditions
 # Usage (root): bench/oci.sh [WORKDIR]     N=5 by default; needs docker-registry, git, curl.
 set -eu
+. "$(dirname "$0")/oci-lib.sh"
 W=${1:-/tmp/hexz-bench-oci}; N=${N:-5}
 H=${HEXZ_HOST:-$(dirname "$0")/../target/release/hexz-host}; H=$(realpath "$H")
 REPO_SRC=$(realpath "$(dirname "$0")/..")
@@ -35,23 +36,11 @@ if [ ! -e ws.hxz ]; then
 fi
 SIZE=$(stat -c %s ws.hxz)
 
-# The registry: loopback, filesystem storage, request log at info level.
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p reg
-cat > reg/config.yml <<EOF
-version: 0.1
-log:
-  level: info
-  formatter: text
-storage:
-  filesystem:
-    rootdirectory: $W/reg/data
-http:
-  addr: 127.0.0.1:$PORT
-EOF
-docker-registry serve reg/config.yml > reg/log 2>&1 & RPID=$!
+# The registry: loopback, filesystem storage, request log at info level (a fresh port
+# each run, the storage kept).
+rm -f reg/config.yml
+registry_up reg
 trap 'kill $RPID 2>/dev/null; umount mnt 2>/dev/null || true' EXIT
-until curl -sf "http://127.0.0.1:$PORT/v2/" > /dev/null; do sleep 0.1; done
 REF=127.0.0.1:$PORT/bench/ws:v1
 "$H" push ws.hxz "$REF" > push.out; cat push.out
 DATA=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
