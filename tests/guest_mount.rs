@@ -866,7 +866,7 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
     let log = tmp.path().join("server.log");
     let guest_log = tmp.path().join("guest.log");
     let debug = format!("--debug-log={}", guest_log.display());
-    let m = Mount::with_log(tmp.path(), &snap, &[&debug], Some(&log));
+    let mut m = Mount::with_log(tmp.path(), &snap, &[&debug], Some(&log));
     let server = m.server.as_ref().unwrap();
     drop_caches();
     let before = live_nodes(server, &log);
@@ -966,6 +966,18 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
     assert!(
         settled,
         "live nodes: {before} before the walk, {after} after it and a cache drop"
+    );
+    // The directories ahead were listed many per round trip (`list_dirs`), without host
+    // handles: fewer directory handles opened than directories listed.
+    m.unmount();
+    let ops = closed_connection_ops(&log);
+    eprintln!("requests the host served: {ops:?}");
+    let n = |k: &str| ops.get(k).copied().unwrap_or(0);
+    assert!(n("list_dirs") >= 1, "nothing was listed ahead: {ops:?}");
+    assert!(
+        n("opendir") < 29,
+        "{} directory handles opened for 29 directories walked: {ops:?}",
+        n("opendir")
     );
 }
 

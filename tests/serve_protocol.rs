@@ -1392,6 +1392,166 @@ fn read_files_needs_its_capability() {
 }
 
 #[test]
+fn list_dirs_returns_whole_listings_with_references_and_bounds_its_reply() {
+    let fx = Fixture::new();
+    let server = fx.server("s", &["--overlay", &fx.overlay("ov")]);
+    let mut c = server.connect();
+    assert!(c.hello.caps.contains(&"list_dirs".to_string()));
+    let dir = c.walk("dir").unwrap().node;
+    let nested = c.walk("dir/nested").unwrap().node;
+    let empty = c.walk("emptydir").unwrap().node;
+    let readme = c.walk("README.md").unwrap().node;
+    let made = c.mkdir(ROOT_NODE, "made").unwrap().node;
+    for name in ["x", "y", "ghost"] {
+        let (e, fh) = c.create(made, name, 0o644, O_RDWR).unwrap();
+        c.ok(Op::Release { fh }).unwrap();
+        c.ok(Op::Forget {
+            node: e.node,
+            nlookup: 1,
+        })
+        .unwrap();
+    }
+    let list = |c: &mut Client, nodes: Vec<u64>, max_entries: u32| match c.call(Op::ListDirs {
+        nodes,
+        max_entries,
+    }) {
+        ReplyBody::Listings { dirs } => dirs
+            .into_iter()
+            .map(|d| (d.node, d.entries))
+            .collect::<Vec<_>>(),
+        other => panic!("expected listings, got {other:?}"),
+    };
+    // What opendir + readdirplus from cookie 0 give, in one page.
+    let by_handle = |c: &mut Client, node: u64| {
+        let ReplyBody::Opened {
+            fh, list: Some(l), ..
+        } = c.call(Op::Opendir {
+            node,
+            list: Some(4096),
+        })
+        else {
+            panic!("opendir {node}");
+        };
+        assert!(l.eof);
+        c.ok(Op::Releasedir { fh }).unwrap();
+        let refs: Vec<_> = l
+            .entries
+            .iter()
+            .filter(|e| e.name != b"." && e.name != b"..")
+            .map(|e| (e.entry.node, 1))
+            .collect();
+        c.ok(Op::BatchForget { items: refs }).unwrap();
+        l.entries
+    };
+    // In the order asked; a file, a node that does not exist, and a directory longer
+    // than max_entries (made: ., .., ghost, x, y) come back without entries.
+    let got = list(
+        &mut c,
+        vec![nested, readme, ROOT_NODE, 999_999, dir, empty, made],
+        5,
+    );
+    let order: Vec<_> = got.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        order,
+        vec![nested, readme, ROOT_NODE, 999_999, dir, empty, made]
+    );
+    let whole: Vec<bool> = got.iter().map(|(_, e)| e.is_some()).collect();
+    // The root has 12 entries with . and ..: longer than 5.
+    assert_eq!(whole, [true, false, false, false, true, true, true]);
+    for (node, entries) in got.into_iter().filter(|(_, e)| e.is_some()) {
+        let entries = entries.unwrap();
+        assert_eq!(entries, by_handle(&mut c, node), "listing of node {node}");
+    }
+    let names = |c: &mut Client, node: u64, max: u32| -> Option<Vec<Vec<u8>>> {
+        let mut got = list(c, vec![node], max);
+        let entries = got.pop().unwrap().1?;
+        Some(entries.into_iter().map(|e| e.name).collect())
+    };
+    assert_eq!(names(&mut c, made, 4), None, "max_entries counts . and ..");
+    let mut want: Vec<Vec<u8>> = vec![b".".to_vec(), b"..".to_vec()];
+    assert_eq!(names(&mut c, empty, 2), Some(want.clone()));
+    // Each entry but . and .. is a reference: the first listing of `made` holds one on
+    // `ghost`, which outlives its name.
+    let ghost = c.lookup(made, "ghost").unwrap().node;
+    c.ok(Op::Forget {
+        node: ghost,
+        nlookup: 1,
+    })
+    .unwrap();
+    c.ok(Op::Unlink {
+        parent: made,
+        name: b"ghost".to_vec(),
+    })
+    .unwrap();
+    want.extend([b"x".to_vec(), b"y".to_vec()]);
+    let mut now = names(&mut c, made, 4).unwrap();
+    now[2..].sort();
+    assert_eq!(now, want, "ghost is gone from the listing");
+    assert_eq!(c.getattr(ghost).unwrap().nlink, 0, "held by the listing");
+    c.ok(Op::Forget {
+        node: ghost,
+        nlookup: 1,
+    })
+    .unwrap();
+    assert_eq!(c.getattr(ghost), Err(Errno::ESTALE));
+    // The reply stops before the first listing that would not fit in the frame; one that
+    // would not fit even alone comes back without entries.
+    let wide = c.mkdir(ROOT_NODE, "wide").unwrap().node;
+    let add = |c: &mut Client, range: std::ops::Range<u32>| {
+        for i in range {
+            let (e, fh) = c
+                .create(wide, &format!("f{i:04}"), 0o644, O_RDWR)
+                .unwrap();
+            c.ok(Op::Release { fh }).unwrap();
+            c.ok(Op::Forget {
+                node: e.node,
+                nlookup: 1,
+            })
+            .unwrap();
+        }
+    };
+    add(&mut c, 0..2000);
+    let got = list(&mut c, vec![wide, wide, dir], 4096);
+    assert_eq!(got.len(), 1, "two listings of 2,002 entries fit one frame");
+    assert_eq!(got[0].1.as_ref().map(Vec::len), Some(2002));
+    let got = list(&mut c, vec![dir, wide], 4096);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|(_, e)| e.is_some()));
+    add(&mut c, 2000..3600);
+    let got = list(&mut c, vec![wide, dir], 4096);
+    assert_eq!(got.len(), 2);
+    assert!(got[0].1.is_none(), "3,602 entries cannot fit one frame");
+    assert!(got[1].1.is_some());
+    // Bounds: more than 256 nodes, max_entries 0 or above 4096.
+    for (nodes, max_entries) in [(vec![dir; 257], 8), (vec![dir], 0), (vec![dir], 4097)] {
+        assert_eq!(
+            c.call(Op::ListDirs { nodes, max_entries }),
+            ReplyBody::Err(Errno::EINVAL)
+        );
+    }
+    assert_eq!(list(&mut c, vec![empty; 256], 2).len(), 256);
+}
+
+#[test]
+fn list_dirs_needs_its_capability() {
+    let fx = Fixture::new();
+    let server = fx.server("s", &[]);
+    let mut h = default_hello();
+    h.caps.retain(|c| c != "list_dirs");
+    let stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    let mut c = hexz_protocol::client::Client::new(stream, h).unwrap();
+    assert!(!c.hello.caps.contains(&"list_dirs".to_string()));
+    assert_eq!(
+        c.call(Op::ListDirs {
+            nodes: vec![ROOT_NODE],
+            max_entries: 8
+        })
+        .unwrap(),
+        ReplyBody::Err(Errno::ENOSYS)
+    );
+}
+
+#[test]
 fn write_behind_batches_run_in_order_at_the_clients_time_with_reserved_ids() {
     let fx = Fixture::new();
     let server = fx.server("s", &["--overlay", &fx.overlay("ov")]);

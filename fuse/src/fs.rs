@@ -25,8 +25,8 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use hexz_protocol::{
-    Attr, DirEntryPlus, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec, CAP_READ_FILES,
-    CAP_WRITE_BEHIND,
+    Attr, DirEntryPlus, Errno, Op, ReadAt, ReplyBody, SetTime, Timespec, CAP_LIST_DIRS,
+    CAP_READ_FILES, CAP_WRITE_BEHIND, MAX_LIST_DIRS,
 };
 
 use crate::ahead::{Ahead, Listed};
@@ -288,7 +288,7 @@ pub struct HexzFs {
     /// Small files read ahead (`ahead.rs`), when on.
     ahead: Option<Arc<Ahead>>,
     /// Directories listed ahead of a walk (`prelist.rs`), when on.
-    prelist: Option<Arc<Prelist<Arc<HostFh>>>>,
+    prelist: Option<Pages>,
     /// Creates and unlinks answered at once (`behind.rs`), when on; it is also `conn`.
     behind: Option<Arc<Behind>>,
     /// What the host's entries say besides the node (TTL in ms << 32 | blksize), for
@@ -350,11 +350,16 @@ fn forget_lost(
 /// How many levels below the directories a walk is about to enter are listed ahead too.
 const LIST_AHEAD_DEPTH: u32 = 1;
 
-/// Lists directory `d` ahead (request `n` of `pl`): its first page, kept for the
-/// kernel's first READDIRPLUS; then, `depth` levels further, its subdirectories.
+/// The host handle a listing continues on; none for a whole listing read ahead.
+type ListingFh = Option<Arc<HostFh>>;
+type Pages = Arc<Prelist<ListingFh>>;
+
+/// Lists directory `d` ahead (request `n` of `pl`) on a host handle of its own: its
+/// first page, kept for the kernel's first READDIRPLUS; then, `depth` levels further,
+/// its subdirectories.
 fn list_one_ahead(
     conn: Arc<dyn Transport>,
-    pl: Arc<Prelist<Arc<HostFh>>>,
+    pl: Pages,
     d: u64,
     n: u64,
     want: u32,
@@ -382,7 +387,8 @@ fn list_one_ahead(
     let page = Page {
         entries: l.entries,
         eof: l.eof,
-        host,
+        host: Some(host),
+        epoch,
         since,
     };
     for p in pl.arrived(d, n, page) {
@@ -391,10 +397,112 @@ fn list_one_ahead(
     if depth == 0 {
         return;
     }
-    for (sub, m) in pl.deeper(d, &subdirs) {
+    let deeper = pl.deeper(d, &subdirs);
+    list_ahead_jobs(conn, pl, deeper, want, since, depth - 1);
+}
+
+/// Lists directories `dirs` ahead (each with its request number of `pl`): with
+/// `list_dirs`, many whole listings per round trip and no host handles; a directory
+/// that does not come back whole is listed on a handle of its own.
+fn list_many_ahead(
+    conn: Arc<dyn Transport>,
+    pl: Pages,
+    dirs: Vec<(u64, u64)>,
+    want: u32,
+    since: u64,
+    depth: u32,
+) {
+    let mut alone = Vec::new();
+    let mut deeper = Vec::new();
+    let mut left = &dirs[..];
+    while !left.is_empty() {
+        let ask = &left[..left.len().min(MAX_LIST_DIRS)];
+        let op = Op::ListDirs {
+            nodes: ask.iter().map(|&(d, _)| d).collect(),
+            max_entries: want,
+        };
+        let (got, epoch) = match conn.call_epoch(op) {
+            Ok((ReplyBody::Listings { dirs }, epoch)) => (dirs, epoch),
+            _ => {
+                alone.extend_from_slice(left);
+                break;
+            }
+        };
+        let mut answered = 0;
+        let mut got = got.into_iter();
+        for &(d, n) in ask {
+            let Some(listing) = got.next() else { break };
+            answered += 1;
+            let entries = match listing.entries {
+                Some(e) if listing.node == d => e,
+                Some(e) => {
+                    // Not the directory asked for: given back, listed alone.
+                    forget_entries(&*conn, &e);
+                    alone.push((d, n));
+                    continue;
+                }
+                None => {
+                    alone.push((d, n));
+                    continue;
+                }
+            };
+            let subdirs = subdirs_of(&entries);
+            let page = Page {
+                entries,
+                eof: true,
+                host: None,
+                epoch,
+                since,
+            };
+            for p in pl.arrived(d, n, page) {
+                give_back(&*conn, p);
+            }
+            if depth > 0 {
+                deeper.extend(pl.deeper(d, &subdirs));
+            }
+        }
+        // A listing the host sent beyond what was asked is given back.
+        for extra in got {
+            forget_entries(&*conn, extra.entries.as_deref().unwrap_or_default());
+        }
+        if answered == 0 {
+            alone.extend_from_slice(left);
+            break;
+        }
+        left = &left[answered..];
+    }
+    for (d, n) in alone {
+        list_one_ahead(conn.clone(), pl.clone(), d, n, want, since, depth);
+    }
+    if depth > 0 {
+        list_ahead_jobs(conn, pl, deeper, want, since, depth - 1);
+    }
+}
+
+/// Starts listing `dirs` ahead on the read-ahead threads: all in one job with
+/// `list_dirs`, else one job each.
+fn list_ahead_jobs(
+    conn: Arc<dyn Transport>,
+    pl: Pages,
+    dirs: Vec<(u64, u64)>,
+    want: u32,
+    since: u64,
+    depth: u32,
+) {
+    if dirs.is_empty() {
+        return;
+    }
+    if conn.has_cap(CAP_LIST_DIRS) {
+        let pl2 = pl.clone();
+        pl.spawn(Box::new(move || {
+            list_many_ahead(conn, pl2, dirs, want, since, depth)
+        }));
+        return;
+    }
+    for (d, n) in dirs {
         let (conn, pl2) = (conn.clone(), pl.clone());
         pl.spawn(Box::new(move || {
-            list_one_ahead(conn, pl2, sub, m, want, since, depth - 1)
+            list_one_ahead(conn, pl2, d, n, want, since, depth)
         }));
     }
 }
@@ -411,9 +519,13 @@ fn subdirs_of(entries: &[DirEntryPlus]) -> Vec<u64> {
 
 /// Gives back a listing page read ahead and not used: its entries' references (all but
 /// `.` and `..`) and, as the last holder lets go, its host handle.
-fn give_back(conn: &dyn Transport, page: Page<Arc<HostFh>>) {
-    let refs: Vec<(u64, u64)> = page
-        .entries
+fn give_back(conn: &dyn Transport, page: Page<ListingFh>) {
+    forget_entries(conn, &page.entries);
+}
+
+/// Gives back the references of listing entries that never reached the kernel.
+fn forget_entries(conn: &dyn Transport, entries: &[DirEntryPlus]) {
+    let refs: Vec<(u64, u64)> = entries
         .iter()
         .filter(|e| e.name != b"." && e.name != b"..")
         .map(|e| (e.entry.node, 1))
@@ -532,6 +644,7 @@ fn idempotent(op: &Op) -> bool {
             | Op::Open { .. }
             | Op::Opendir { .. }
             | Op::ReadFiles { .. }
+            | Op::ListDirs { .. }
     )
 }
 
@@ -880,13 +993,13 @@ impl HexzFs {
         cookie: u64,
         plus: Option<u32>,
         make: impl Fn(u64) -> Op,
-    ) -> Result<Option<(ReplyBody, Arc<HostFh>)>, Errno> {
+    ) -> Result<Option<(ReplyBody, ListingFh)>, Errno> {
         let epoch = self.conn.epoch();
         let mut held = None;
         if let (0, Some(_), Some(pl)) = (cookie, plus, &self.prelist) {
             if let Some(page) = pl.take(node) {
                 // Only if nothing changed since it was asked for, on this connection.
-                if page.host.epoch == epoch && page.since == self.attrs.changes() {
+                if page.epoch == epoch && page.since == self.attrs.changes() {
                     tracing::debug!(dir = node, "listing from a page read ahead");
                     let body = ReplyBody::DirPlus {
                         entries: page.entries,
@@ -921,7 +1034,7 @@ impl HexzFs {
                                 entries: l.entries,
                                 eof: l.eof,
                             };
-                            return Ok(Some((page, self.host_fh(fh, e, true))));
+                            return Ok(Some((page, Some(self.host_fh(fh, e, true)))));
                         }
                         (ReplyBody::Opened { fh, .. }, e) => self.host_fh(fh, e, true),
                         _ => return Err(Errno::EIO),
@@ -930,7 +1043,7 @@ impl HexzFs {
             };
             // Listing is idempotent: after a reconnect it goes again on a fresh handle.
             match self.conn.call_on(host.epoch, make(host.fh)) {
-                Ok(b) => return Ok(Some((b, host))),
+                Ok(b) => return Ok(Some((b, Some(host)))),
                 Err(CallError::Errno(e)) => return Err(e),
                 Err(CallError::Stale) | Err(CallError::Lost) => continue,
             }
@@ -940,12 +1053,16 @@ impl HexzFs {
 
     /// Where a listing got to: the kernel asks next from `cookie`.
     /// An ended listing lets its host handle go.
-    fn listing_reached(&self, node: u64, cookie: u64, ended: bool, host: Arc<HostFh>) {
-        let next = if ended {
-            drop(host);
-            Next::End
-        } else {
-            Next::Handle(host)
+    /// Without a host handle (a whole listing read ahead) a listing not ended continues
+    /// on a fresh one.
+    fn listing_reached(&self, node: u64, cookie: u64, ended: bool, host: ListingFh) {
+        let next = match (ended, host) {
+            (true, host) => {
+                drop(host);
+                Next::End
+            }
+            (false, Some(host)) => Next::Handle(host),
+            (false, None) => return,
         };
         let let_go = self.listings().put(node, cookie, next);
         drop(let_go);
@@ -965,7 +1082,7 @@ impl HexzFs {
 
     /// A listing page read ahead and not used: its entries' references go back to the
     /// host, and its handle is released.
-    fn give_back(&self, page: Page<Arc<HostFh>>) {
+    fn give_back(&self, page: Page<ListingFh>) {
         give_back(&*self.conn, page);
     }
 
@@ -980,12 +1097,14 @@ impl HexzFs {
         for page in stale {
             self.give_back(page);
         }
-        for (d, n) in ask {
-            let (conn, pl2) = (self.conn.clone(), pl.clone());
-            pl.spawn(Box::new(move || {
-                list_one_ahead(conn, pl2, d, n, want, since, LIST_AHEAD_DEPTH)
-            }));
-        }
+        list_ahead_jobs(
+            self.conn.clone(),
+            pl.clone(),
+            ask,
+            want,
+            since,
+            LIST_AHEAD_DEPTH,
+        );
     }
 
     /// A request that can change `node`'s data is about to be sent, or was answered: a

@@ -33,8 +33,10 @@ const WAIT: Duration = Duration::from_secs(5);
 pub struct Page<H> {
     pub entries: Vec<DirEntryPlus>,
     pub eof: bool,
-    /// The host handle the listing continues on.
+    /// The host handle the listing continues on (none for a whole listing).
     pub host: H,
+    /// The connection that answered it.
+    pub epoch: u64,
     /// The count of changes made through the mount when the page was asked for
     /// (`AttrCache::changes`).
     pub since: u64,

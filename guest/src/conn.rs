@@ -138,6 +138,12 @@ fn refs_in(body: &ReplyBody) -> Vec<u64> {
             .filter(|e| e.name != b"." && e.name != b"..")
             .map(|e| e.entry.node)
             .collect(),
+        ReplyBody::Listings { dirs } => dirs
+            .iter()
+            .flat_map(|d| d.entries.iter().flatten())
+            .filter(|e| e.name != b"." && e.name != b"..")
+            .map(|e| e.entry.node)
+            .collect(),
         ReplyBody::Batch { replies } => replies.iter().flat_map(refs_in).collect(),
         _ => Vec::new(),
     }
@@ -630,6 +636,25 @@ mod tests {
                 eof: true
             }),
             vec![7, 8]
+        );
+        assert_eq!(
+            refs_in(&ReplyBody::Listings {
+                dirs: vec![
+                    hexz_protocol::DirListing {
+                        node: 3,
+                        entries: Some(vec![plus(b".", 3), plus(b"..", 1), plus(b"c", 9)])
+                    },
+                    hexz_protocol::DirListing {
+                        node: 4,
+                        entries: None
+                    },
+                    hexz_protocol::DirListing {
+                        node: 5,
+                        entries: Some(vec![plus(b"d", 10), plus(b"e", 9)])
+                    },
+                ]
+            }),
+            vec![9, 10, 9]
         );
         assert!(refs_in(&ReplyBody::ok()).is_empty());
     }

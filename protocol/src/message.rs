@@ -189,6 +189,7 @@ pub const CAP_LSEEK: &str = "lseek";
 pub const CAP_FALLOCATE: &str = "fallocate";
 pub const CAP_READ_FILES: &str = "read_files";
 pub const CAP_WRITE_BEHIND: &str = "write_behind";
+pub const CAP_LIST_DIRS: &str = "list_dirs";
 /// Every capability protocol v1 defines.
 pub const CAPS: &[&str] = &[
     CAP_READDIRPLUS,
@@ -198,10 +199,13 @@ pub const CAPS: &[&str] = &[
     CAP_FALLOCATE,
     CAP_READ_FILES,
     CAP_WRITE_BEHIND,
+    CAP_LIST_DIRS,
 ];
 
 /// Most nodes one [`Op::ReadFiles`] may name.
 pub const MAX_READ_FILES: usize = 4096;
+/// Most directories one [`Op::ListDirs`] may name.
+pub const MAX_LIST_DIRS: usize = 256;
 /// Most node ids one [`Op::Reserve`] may ask for.
 pub const MAX_RESERVE: u32 = 1024;
 /// Most node ids one connection may hold reserved and unused at once.
@@ -412,6 +416,13 @@ pub enum Op {
         nodes: Vec<NodeId>,
         max_size: u32,
     },
+    /// The whole listing of each named directory of at most `max_entries` entries, as
+    /// `readdirplus` from cookie 0 gives it, without handles: many directories in one
+    /// round trip (a client listing ahead of a tree walk).
+    ListDirs {
+        nodes: Vec<NodeId>,
+        max_entries: u32,
+    },
     /// Sets `count` fresh node ids aside for this connection, to be named by its
     /// [`Op::CreateAs`] requests (so a client can answer a create before the server has
     /// made the file).
@@ -451,6 +462,15 @@ pub struct Timed {
 pub struct FileData {
     pub node: NodeId,
     pub data: ByteBuf,
+}
+
+/// One directory of a [`ReplyBody::Listings`] reply: its whole listing, or none (not an
+/// existing directory, or longer than asked).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirListing {
+    pub node: NodeId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<DirEntryPlus>>,
 }
 
 /// The reply to each operation; which variant answers which op is in docs/PROTOCOL.md.
@@ -517,6 +537,10 @@ pub enum ReplyBody {
     Files {
         files: Vec<FileData>,
     },
+    /// `list_dirs`: one item per directory named, in order, up to where the reply stops.
+    Listings {
+        dirs: Vec<DirListing>,
+    },
     /// `reserve`: the ids `first .. first + count`.
     Reserved {
         first: NodeId,
@@ -567,6 +591,7 @@ impl Op {
             Op::Fallocate { .. } => "fallocate",
             Op::Lseek { .. } => "lseek",
             Op::ReadFiles { .. } => "read_files",
+            Op::ListDirs { .. } => "list_dirs",
             Op::Reserve { .. } => "reserve",
             Op::CreateAs { .. } => "create_as",
             Op::Batch { .. } => "batch",
@@ -586,6 +611,7 @@ impl Op {
             Op::Lseek { .. } => Some(CAP_LSEEK),
             Op::Fallocate { .. } => Some(CAP_FALLOCATE),
             Op::ReadFiles { .. } => Some(CAP_READ_FILES),
+            Op::ListDirs { .. } => Some(CAP_LIST_DIRS),
             Op::Reserve { .. } | Op::CreateAs { .. } | Op::Batch { .. } => Some(CAP_WRITE_BEHIND),
             _ => None,
         }
@@ -628,6 +654,7 @@ impl Op {
         "fallocate",
         "lseek",
         "read_files",
+        "list_dirs",
         "reserve",
         "create_as",
         "batch",
@@ -663,6 +690,7 @@ impl ReplyBody {
             ReplyBody::Names { .. } => "names",
             ReplyBody::Offset { .. } => "offset",
             ReplyBody::Files { .. } => "files",
+            ReplyBody::Listings { .. } => "listings",
             ReplyBody::Reserved { .. } => "reserved",
             ReplyBody::Batch { .. } => "batch",
         }
@@ -671,6 +699,6 @@ impl ReplyBody {
     /// Every reply variant name of protocol v1.
     pub const NAMES: &'static [&'static str] = &[
         "err", "ok", "hello", "entry", "attr", "opened", "created", "data", "written", "dir",
-        "dir_plus", "statfs", "names", "offset", "files", "reserved", "batch",
+        "dir_plus", "statfs", "names", "offset", "files", "listings", "reserved", "batch",
     ];
 }

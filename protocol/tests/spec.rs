@@ -295,6 +295,10 @@ fn samples() -> Vec<Op> {
             nodes: vec![2, 3],
             max_size: 4096,
         },
+        Op::ListDirs {
+            nodes: vec![1, 4],
+            max_entries: 64,
+        },
         Op::Reserve { count: 16 },
         Op::CreateAs {
             parent: 1,

@@ -435,6 +435,13 @@ fn ops_needing_a_capability() {
         }),
         Some("read_files")
     );
+    assert_eq!(
+        cap(Op::ListDirs {
+            nodes: vec![1],
+            max_entries: 1
+        }),
+        Some("list_dirs")
+    );
     assert_eq!(cap(Op::Reserve { count: 1 }), Some("write_behind"));
     assert_eq!(cap(Op::Batch { ops: vec![] }), Some("write_behind"));
     assert_eq!(
@@ -446,7 +453,8 @@ fn ops_needing_a_capability() {
             "lseek",
             "fallocate",
             "read_files",
-            "write_behind"
+            "write_behind",
+            "list_dirs"
         ]
     );
 }

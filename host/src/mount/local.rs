@@ -68,6 +68,11 @@ impl Local {
                     self.show(&mut e.entry.attr);
                 }
             }
+            ReplyBody::Listings { dirs } => {
+                for e in dirs.iter_mut().flat_map(|d| d.entries.iter_mut().flatten()) {
+                    self.show(&mut e.entry.attr);
+                }
+            }
             ReplyBody::Written { attr: Some(a), .. } => self.show(a),
             _ => {}
         }

@@ -2,8 +2,8 @@
 
 use hexz_protocol::hello::{MAX_BATCH_FORGET, MAX_READDIR_ENTRIES};
 use hexz_protocol::{
-    Attr, DirEntry, DirEntryPlus, DirList, Entry, Errno, FileData, Limits, Op, ReplyBody, Timed,
-    MAX_BATCH, MAX_READ_FILES, MAX_RESERVE, MAX_RESERVED,
+    Attr, DirEntry, DirEntryPlus, DirList, DirListing, Entry, Errno, FileData, Limits, Op,
+    ReplyBody, Timed, MAX_BATCH, MAX_LIST_DIRS, MAX_READ_FILES, MAX_RESERVE, MAX_RESERVED,
 };
 use serde_bytes::ByteBuf;
 
@@ -109,6 +109,7 @@ pub fn dispatch_inline(vfs: &Vfs, s: &Session, op: &Op) -> Option<ReplyBody> {
         | Op::Opendir { .. }
         | Op::Readdir { .. }
         | Op::Readdirplus { .. }
+        | Op::ListDirs { .. }
         | Op::Hello(_) => Some(dispatch(vfs, s, op.clone())),
         Op::Read { fh, offset, size } if *size <= s.limits.max_read => vfs
             .read_cached(s.owner, *fh, *offset, *size)
@@ -336,6 +337,14 @@ pub fn dispatch(vfs: &Vfs, s: &Session, op: Op) -> ReplyBody {
             ReplyBody::Err(Errno::EINVAL)
         }
         Op::ReadFiles { nodes, max_size } => read_files(vfs, s, &nodes, max_size),
+        Op::ListDirs { nodes, max_entries }
+            if nodes.len() > MAX_LIST_DIRS
+                || max_entries == 0
+                || max_entries > MAX_READDIR_ENTRIES =>
+        {
+            ReplyBody::Err(Errno::EINVAL)
+        }
+        Op::ListDirs { nodes, max_entries } => list_dirs(vfs, s, &nodes, max_entries),
         Op::Reserve { count } => reserve(vfs, s, count),
         Op::CreateAs {
             parent,
@@ -441,6 +450,68 @@ fn read_files(vfs: &Vfs, s: &Session, nodes: &[u64], max_size: u32) -> ReplyBody
     ReplyBody::Files { files }
 }
 
+/// Bytes of a `listings` reply besides its listings, and of one listing besides its
+/// entries.
+const LISTINGS_REPLY_BASE: usize = 1024;
+const LISTING_ITEM_COST: usize = 32;
+/// Worst-case encoded size of one `readdirplus` entry beside its name (every attribute
+/// at its largest).
+const PLUS_ENTRY_COST: usize = 320;
+
+/// The whole listing of each named directory of at most `max_entries` entries, in
+/// order, up to the first that would not fit the frame (docs/PROTOCOL.md §7.1).
+fn list_dirs(vfs: &Vfs, s: &Session, nodes: &[u64], max_entries: u32) -> ReplyBody {
+    let room = (s.limits.max_frame as usize).saturating_sub(LISTINGS_REPLY_BASE);
+    let mut used = 0usize;
+    let mut dirs = Vec::new();
+    for &node in nodes {
+        let first = dirs.is_empty();
+        let mut stop = false;
+        let fits = |count: usize, names: usize| {
+            let need = LISTING_ITEM_COST + count * PLUS_ENTRY_COST + names;
+            if used + need <= room {
+                true
+            } else {
+                // A listing that would not fit even alone is answered without entries;
+                // any other ends the reply.
+                stop = !first && need <= room;
+                false
+            }
+        };
+        let items = match vfs.list_whole(node, max_entries, fits) {
+            Ok(Some(items)) => items,
+            _ if stop => break,
+            _ => {
+                used += LISTING_ITEM_COST;
+                dirs.push(DirListing {
+                    node,
+                    entries: None,
+                });
+                continue;
+            }
+        };
+        used += LISTING_ITEM_COST
+            + items
+                .iter()
+                .map(|i| PLUS_ENTRY_COST + i.name.len())
+                .sum::<usize>();
+        let entries = vfs
+            .entries_plus(s.owner, items)
+            .into_iter()
+            .map(|(i, attr)| DirEntryPlus {
+                name: i.name,
+                cookie: i.cookie,
+                entry: s.entry(attr),
+            })
+            .collect();
+        dirs.push(DirListing {
+            node,
+            entries: Some(entries),
+        });
+    }
+    ReplyBody::Listings { dirs }
+}
+
 /// A page of entries that fits the negotiated frame. Only the entries sent are referenced.
 fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -> ReplyBody {
     let items = match vfs.readdir(s.owner, fh, cookie, max) {
@@ -450,7 +521,7 @@ fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -
     let budget = s.limits.max_frame as usize - 1024;
     // Worst-case encoded sizes beside the name (an entry with every attribute at its
     // largest), so a page never overflows the frame after its references are taken.
-    let per_entry = if plus { 320 } else { 64 };
+    let per_entry = if plus { PLUS_ENTRY_COST } else { 64 };
     let mut used = 0usize;
     let mut n = 0;
     for it in &items {

@@ -7,7 +7,7 @@ use hexz_protocol::{check_name, Attr, Errno};
 
 use super::handles::{entry_cookie, HandleKind, Keyed, Listing, OpenHandle};
 use super::names::NewNode;
-use super::{errno_of, kind_bits, DirItem, Vfs, VfsResult, ROOT};
+use super::{errno_of, kind_bits, DirItem, Inner, Vfs, VfsResult, ROOT};
 use crate::overlay::journal::Kind;
 
 fn access(flags: u32) -> (bool, bool) {
@@ -200,11 +200,6 @@ impl Vfs {
             }
         };
         let inner = self.state();
-        let parent = if node == ROOT {
-            ROOT
-        } else {
-            self.rec(&inner, node).map_or(ROOT, |r| r.parent)
-        };
         let keyed = match cached {
             Some(k) => k,
             None => {
@@ -223,11 +218,50 @@ impl Vfs {
                 k
             }
         };
+        Ok(self.page(&inner, node, &keyed, cookie, max))
+    }
+
+    /// The whole listing of directory `node`, as `readdir` on a fresh handle from cookie
+    /// 0 gives it, if it has at most `max` entries (`.` and `..` included) and
+    /// `fits(count, name bytes)` of its children says yes; `Ok(None)` otherwise. Opens
+    /// no handle and takes no references; its cost is bounded by what it returns (the
+    /// count and name bytes are summed before any name is hashed).
+    pub fn list_whole(
+        &self,
+        node: u64,
+        max: u32,
+        fits: impl FnOnce(usize, usize) -> bool,
+    ) -> VfsResult<Option<Vec<DirItem>>> {
+        let inner = self.state();
+        let l = self.listing(&inner, node)?;
+        let mut count = 0usize;
+        let mut bytes = 0usize;
+        while let Some((name, _)) = self.listing_entry(&l, count) {
+            count += 1;
+            bytes += name.len();
+            if count + 2 > max as usize {
+                return Ok(None);
+            }
+        }
+        if !fits(count + 2, bytes + 3) {
+            return Ok(None);
+        }
+        let keyed = self.keyed(l);
+        Ok(Some(self.page(&inner, node, &keyed, 0, max)))
+    }
+
+    /// Up to `max` entries of a listing after `cookie` (`readdir`).
+    fn page(&self, inner: &Inner, node: u64, keyed: &Keyed, cookie: u64, max: u32) -> Vec<DirItem> {
+        let parent = if node == ROOT {
+            ROOT
+        } else {
+            self.rec(inner, node).map_or(ROOT, |r| r.parent)
+        };
         let mut out = Vec::new();
         let max = max.max(1) as usize;
         // Removed since the listing was taken: skipped.
         let item = |name: &[u8], id: u64, cookie: u64| {
-            self.rec(&inner, id).ok().map(|r| DirItem {
+            self.rec(inner, id).ok().map(|r| DirItem {
                 name: name.to_vec(),
                 node: id,
                 kind: kind_bits(&r.kind, r.mode),
@@ -259,7 +293,7 @@ impl Vfs {
                 last = Some(key);
             }
         }
-        Ok(out)
+        out
     }
 
     /// A listing in cookie order.

@@ -280,6 +280,9 @@ pub fn op() -> impl Strategy<Value = Op> {
         (prop::collection::vec(n(), 0..6), any::<u32>())
             .prop_map(|(nodes, max_size)| Op::ReadFiles { nodes, max_size })
             .boxed(),
+        (prop::collection::vec(n(), 0..6), any::<u32>())
+            .prop_map(|(nodes, max_entries)| Op::ListDirs { nodes, max_entries })
+            .boxed(),
         any::<u32>().prop_map(|count| Op::Reserve { count }).boxed(),
         (
             (n(), name(), any::<u32>(), any::<u32>()),
@@ -446,6 +449,20 @@ pub fn reply_body() -> impl Strategy<Value = ReplyBody> {
                     .collect(),
             })
             .boxed(),
+        prop::collection::vec(
+            (
+                n(),
+                prop::option::of(prop::collection::vec(dir_entry_plus(), 0..3)),
+            ),
+            0..4,
+        )
+        .prop_map(|dirs| ReplyBody::Listings {
+            dirs: dirs
+                .into_iter()
+                .map(|(node, entries)| DirListing { node, entries })
+                .collect(),
+        })
+        .boxed(),
         (n(), any::<u32>())
             .prop_map(|(first, count)| ReplyBody::Reserved { first, count })
             .boxed(),
