@@ -982,6 +982,130 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
 }
 
 /// Every regular file under `root`, with its contents, by relative path.
+#[test]
+fn lookups_answered_from_listings_match_a_local_copy_before_and_after_changes() {
+    if !fuse_available() {
+        return;
+    }
+    // Paths looked up one by one, with no listing (as `git status` and `make` do): the
+    // daemon lists each directory once (`list_dirs`) and answers the lookups that follow
+    // from it. Every `stat`, and every "no such name", must match a local copy, also
+    // after changes through the mount that the listings held predate — the sharpest a
+    // write through a hard link from another directory, which changes an entry no lookup
+    // has taken yet. Afterwards (caches dropped) the server holds no more nodes than at
+    // the start: listings held gave their references back.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let local = tmp.path().join("local");
+    for d in 0..4 {
+        fs::create_dir_all(src.join(format!("d{d}/sub"))).unwrap();
+        for f in 0..6 {
+            fs::write(src.join(format!("d{d}/f{f}")), vec![b'x'; 7 * f + d]).unwrap();
+        }
+    }
+    fs::hard_link(src.join("d0/f4"), src.join("d1/link")).unwrap();
+    let snap = tmp.path().join("ws.hxz");
+    let r = hexz_e2e::hexz_host(&[&"pack", &src, &"-o", &snap]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&local)
+        .status()
+        .unwrap()
+        .success());
+    let log = tmp.path().join("server.log");
+    let mut m = Mount::with_log(tmp.path(), &snap, &[], Some(&log));
+    let server = m.server.as_ref().unwrap();
+    drop_caches();
+    let before = live_nodes(server, &log);
+    // Times of what the changes touch differ between the two copies (made at different
+    // moments), and a directory's size is the file system's own.
+    let touched = ["d1/link", "d0/f4", "d2/new", "d0/sub", "d0/sub/inside"];
+    let stat = |root: &Path, p: &str| {
+        fs::symlink_metadata(root.join(p))
+            .map(|md| {
+                let len = if md.is_dir() { 0 } else { md.len() };
+                let t = (!touched.contains(&p)).then(|| (md.mtime(), md.mtime_nsec()));
+                (len, md.mode(), md.nlink(), t)
+            })
+            .map_err(|e| e.kind())
+    };
+    let mut wrong = Vec::new();
+    let mut check = |paths: &[&str], when: &str| {
+        for p in paths {
+            let (got, want) = (stat(&m.mnt, p), stat(&local, p));
+            if got != want {
+                wrong.push(format!("{when}: {p}: {got:?} vs {want:?}"));
+            }
+        }
+    };
+    // One name in each directory: its listing is now held, the other names untaken.
+    check(
+        &["d0/f0", "d1/f0", "d2/f0", "d3/f0", "d0/nope", "d3/sub/none"],
+        "first",
+    );
+    // Changes through the mount, made the same way in the local copy.
+    let change = |root: &Path| {
+        OpenOptions::new()
+            .append(true)
+            .open(root.join("d1/link"))
+            .unwrap()
+            .write_all_at(b"through the link", 0)
+            .unwrap();
+        fs::write(root.join("d2/new"), b"made").unwrap();
+        fs::remove_file(root.join("d3/f1")).unwrap();
+        fs::write(root.join("d0/sub/inside"), b"in sub").unwrap();
+    };
+    change(&m.mnt);
+    change(&local);
+    let mut all = vec![
+        "d1/link",
+        "d2/new",
+        "d3/f1",
+        "d0/sub",
+        "d0/sub/inside",
+        "d2/f9",
+    ];
+    let names: Vec<String> = (0..4)
+        .flat_map(|d| (0..6).map(move |f| format!("d{d}/f{f}")))
+        .collect();
+    all.extend(names.iter().map(String::as_str));
+    check(&all, "after the changes");
+    // Once more with the kernel's caches dropped: fresh listings, all names looked up.
+    drop_caches();
+    check(&all, "after a cache drop");
+    assert!(
+        wrong.is_empty(),
+        "stat differs from a local copy:\n{}",
+        wrong.join("\n")
+    );
+    drop_caches();
+    let mut after = u64::MAX;
+    let settled = eventually(30, || {
+        drop_caches();
+        after = live_nodes(server, &log);
+        after <= before
+    });
+    assert!(
+        settled,
+        "live nodes: {before} before, {after} after the lookups and a cache drop"
+    );
+    m.unmount();
+    let ops = closed_connection_ops(&log);
+    eprintln!("requests the host served: {ops:?}");
+    let n = |k: &str| ops.get(k).copied().unwrap_or(0);
+    assert!(
+        n("list_dirs") >= 4,
+        "no directory was listed for lookups: {ops:?}"
+    );
+    assert!(
+        n("lookup") < 40,
+        "{} lookups sent for 66 paths stat'ed: {ops:?}",
+        n("lookup")
+    );
+}
+
 fn tree_files(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();
     let mut todo = vec![root.to_path_buf()];

@@ -1411,10 +1411,9 @@ fn list_dirs_returns_whole_listings_with_references_and_bounds_its_reply() {
         })
         .unwrap();
     }
-    let list = |c: &mut Client, nodes: Vec<u64>, max_entries: u32| match c.call(Op::ListDirs {
-        nodes,
-        max_entries,
-    }) {
+    let list = |c: &mut Client, nodes: Vec<u64>, max_entries: u32| match c
+        .call(Op::ListDirs { nodes, max_entries })
+    {
         ReplyBody::Listings { dirs } => dirs
             .into_iter()
             .map(|d| (d.node, d.entries))
@@ -1499,9 +1498,7 @@ fn list_dirs_returns_whole_listings_with_references_and_bounds_its_reply() {
     let wide = c.mkdir(ROOT_NODE, "wide").unwrap().node;
     let add = |c: &mut Client, range: std::ops::Range<u32>| {
         for i in range {
-            let (e, fh) = c
-                .create(wide, &format!("f{i:04}"), 0o644, O_RDWR)
-                .unwrap();
+            let (e, fh) = c.create(wide, &format!("f{i:04}"), 0o644, O_RDWR).unwrap();
             c.ok(Op::Release { fh }).unwrap();
             c.ok(Op::Forget {
                 node: e.node,

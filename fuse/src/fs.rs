@@ -32,6 +32,7 @@ use hexz_protocol::{
 use crate::ahead::{Ahead, Listed};
 use crate::attrs::{AttrCache, CAPS_XATTR};
 use crate::behind::{Behind, MAX_FIRST_DATA};
+use crate::dirlook::{Answer, DirLook, Held};
 use crate::names::Names;
 use crate::prelist::{Page, Prelist};
 use crate::workers::Workers;
@@ -289,6 +290,8 @@ pub struct HexzFs {
     ahead: Option<Arc<Ahead>>,
     /// Directories listed ahead of a walk (`prelist.rs`), when on.
     prelist: Option<Pages>,
+    /// Lookups answered from whole listings (`dirlook.rs`), when on.
+    dirlook: Option<DirLook>,
     /// Creates and unlinks answered at once (`behind.rs`), when on; it is also `conn`.
     behind: Option<Arc<Behind>>,
     /// What the host's entries say besides the node (TTL in ms << 32 | blksize), for
@@ -681,6 +684,7 @@ impl HexzFs {
                 .clone()
                 .filter(|_| conn.has_cap(CAP_READ_FILES))
                 .map(|w| Ahead::start(conn.clone(), w)),
+            dirlook: (workers.is_some() && conn.has_cap(CAP_LIST_DIRS)).then(DirLook::default),
             prelist: workers.map(Prelist::start),
             behind,
             entry_template: AtomicU64::new(0),
@@ -1078,6 +1082,69 @@ impl HexzFs {
         if let Some(page) = self.prelist.as_ref().and_then(|pl| pl.forget(dir)) {
             self.give_back(page);
         }
+        if let Some(held) = self.dirlook.as_ref().and_then(|d| d.forget(dir)) {
+            self.conn.forget(&held.refs());
+        }
+    }
+
+    /// A lookup answered from `parent`'s whole listing (`dirlook.rs`), asking for it if
+    /// need be; `None`: send the lookup. `since` becomes the attribute cache's version
+    /// when the listing was asked for (what the entry's attributes are cached against).
+    fn lookup_listed(
+        &self,
+        parent: u64,
+        name: &[u8],
+        since: &mut u64,
+    ) -> Option<Result<ReplyBody, Errno>> {
+        let dl = self.dirlook.as_ref()?;
+        let (answer, back) = dl.lookup(parent, name, self.attrs.changes(), self.conn.epoch());
+        for held in back {
+            self.conn.forget(&held.refs());
+        }
+        match answer {
+            Answer::Entry(e, version) => {
+                *since = version;
+                Some(Ok(ReplyBody::Entry(e.entry)))
+            }
+            Answer::Absent => Some(Err(Errno::ENOENT)),
+            Answer::Host => None,
+            Answer::List => {
+                let (version, changes) = (self.attrs.since(), self.attrs.changes());
+                let op = Op::ListDirs {
+                    nodes: vec![parent],
+                    max_entries: crate::dirlook::MAX_ENTRIES,
+                };
+                let (mut dirs, epoch) = match self.conn.call_epoch(op) {
+                    Ok((ReplyBody::Listings { dirs }, epoch)) => (dirs, epoch),
+                    _ => return None,
+                };
+                let entries = match dirs.pop() {
+                    Some(l) if l.node == parent && dirs.is_empty() => l.entries,
+                    other => {
+                        // Not what was asked: whatever it holds goes back.
+                        for l in dirs.iter().chain(other.as_ref()) {
+                            forget_entries(&*self.conn, l.entries.as_deref().unwrap_or_default());
+                        }
+                        return None;
+                    }
+                };
+                let Some(entries) = entries else {
+                    dl.too_long(parent);
+                    return None;
+                };
+                let mut held = Held::new(entries, changes, version, epoch);
+                // Fresh: nothing taken yet, so a name it does not give is absent.
+                let r = match held.take(name) {
+                    Some(e) => Ok(ReplyBody::Entry(e.entry)),
+                    None => Err(Errno::ENOENT),
+                };
+                for old in dl.put(parent, held) {
+                    self.conn.forget(&old.refs());
+                }
+                *since = version;
+                Some(r)
+            }
+        }
     }
 
     /// A listing page read ahead and not used: its entries' references go back to the
@@ -1372,9 +1439,11 @@ impl Filesystem for HexzFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
-        let since = self.attrs.since();
+        let mut since = self.attrs.since();
         let r = if self.names.absent(parent.0, n.as_bytes()) {
             Err(Errno::ENOENT) // a directory this mount made and saw every name of
+        } else if let Some(r) = self.lookup_listed(parent.0, n.as_bytes(), &mut since) {
+            r
         } else {
             self.call(Op::Lookup {
                 parent: parent.0,
@@ -1408,6 +1477,9 @@ impl Filesystem for HexzFs {
         }
         if let Some(page) = self.prelist.as_ref().and_then(|pl| pl.forget(ino.0)) {
             self.give_back(page);
+        }
+        if let Some(held) = self.dirlook.as_ref().and_then(|d| d.forget(ino.0)) {
+            self.conn.forget(&held.refs());
         }
         drop(data_handle); // released on the host unless a request still holds it
         drop(listings);

@@ -6,6 +6,7 @@
 mod ahead;
 mod attrs;
 mod behind;
+mod dirlook;
 mod fs;
 mod names;
 mod prelist;

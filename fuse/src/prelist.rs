@@ -2,13 +2,14 @@
 //! directory, then descend into its subdirectories one by one, and each first listing is
 //! a round trip the walk waits for. When the kernel lists a directory whose parent it
 //! listed too (a walk going down), the adapter asks the host for the first page of that
-//! directory's subdirectories and of its siblings not listed yet, in the background, and
-//! answers the kernel's first READDIRPLUS of each from that page.
+//! directory's subdirectories and of its siblings not listed yet, in the background (many
+//! whole listings per `list_dirs` request where the host offers it), and answers the
+//! kernel's first READDIRPLUS of each from that page.
 //!
 //! A page is used only if no attribute or name changed through this mount since it was
 //! asked for (the count of changes the attribute cache keeps, `attrs.rs`), and
 //! only on the connection that answered it; any other page is given back (its entries'
-//! references forgotten, its host handle released). Bounded: [`MAX_AHEAD`] pages asked
+//! references forgotten, its host handle, if any, released). Bounded: [`MAX_AHEAD`] pages asked
 //! for or waiting at once.
 
 use std::collections::{HashMap, VecDeque};
