@@ -842,27 +842,17 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
     // Afterwards (caches dropped) the server holds no more nodes than at the start: pages
     // not used gave their references back.
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    let local = tmp.path().join("local");
-    for a in 0..4 {
-        for b in 0..6 {
-            let d = src.join(format!("a{a}/b{b}"));
-            fs::create_dir_all(d.join("c")).unwrap();
-            for f in 0..5 {
-                fs::write(d.join(format!("f{f}")), vec![b'x'; 10 * f + a + b]).unwrap();
+    let (snap, local) = packed_with_local_copy(tmp.path(), |src| {
+        for a in 0..4 {
+            for b in 0..6 {
+                let d = src.join(format!("a{a}/b{b}"));
+                fs::create_dir_all(d.join("c")).unwrap();
+                for f in 0..5 {
+                    fs::write(d.join(format!("f{f}")), vec![b'x'; 10 * f + a + b]).unwrap();
+                }
             }
         }
-    }
-    let snap = tmp.path().join("ws.hxz");
-    let r = hexz_e2e::hexz_host(&[&"pack", &src, &"-o", &snap]);
-    assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&src)
-        .arg(&local)
-        .status()
-        .unwrap()
-        .success());
+    });
     let log = tmp.path().join("server.log");
     let guest_log = tmp.path().join("guest.log");
     let debug = format!("--debug-log={}", guest_log.display());
@@ -995,25 +985,15 @@ fn lookups_answered_from_listings_match_a_local_copy_before_and_after_changes() 
     // has taken yet. Afterwards (caches dropped) the server holds no more nodes than at
     // the start: listings held gave their references back.
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    let local = tmp.path().join("local");
-    for d in 0..4 {
-        fs::create_dir_all(src.join(format!("d{d}/sub"))).unwrap();
-        for f in 0..6 {
-            fs::write(src.join(format!("d{d}/f{f}")), vec![b'x'; 7 * f + d]).unwrap();
+    let (snap, local) = packed_with_local_copy(tmp.path(), |src| {
+        for d in 0..4 {
+            fs::create_dir_all(src.join(format!("d{d}/sub"))).unwrap();
+            for f in 0..6 {
+                fs::write(src.join(format!("d{d}/f{f}")), vec![b'x'; 7 * f + d]).unwrap();
+            }
         }
-    }
-    fs::hard_link(src.join("d0/f4"), src.join("d1/link")).unwrap();
-    let snap = tmp.path().join("ws.hxz");
-    let r = hexz_e2e::hexz_host(&[&"pack", &src, &"-o", &snap]);
-    assert_eq!(r.status, 0, "{}", r.stderr);
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&src)
-        .arg(&local)
-        .status()
-        .unwrap()
-        .success());
+        fs::hard_link(src.join("d0/f4"), src.join("d1/link")).unwrap();
+    });
     let log = tmp.path().join("server.log");
     let mut m = Mount::with_log(tmp.path(), &snap, &[], Some(&log));
     let server = m.server.as_ref().unwrap();
@@ -1104,6 +1084,26 @@ fn lookups_answered_from_listings_match_a_local_copy_before_and_after_changes() 
         "{} lookups sent for 66 paths stat'ed: {ops:?}",
         n("lookup")
     );
+}
+
+/// A tree made by `build` in `dir/src`, packed into `dir/ws.hxz` and copied (`cp -a`)
+/// to `dir/local`: the snapshot and the local copy to compare the mount with.
+fn packed_with_local_copy(dir: &Path, build: impl FnOnce(&Path)) -> (PathBuf, PathBuf) {
+    let src = dir.join("src");
+    let local = dir.join("local");
+    fs::create_dir_all(&src).unwrap();
+    build(&src);
+    let snap = dir.join("ws.hxz");
+    let r = hexz_e2e::hexz_host(&[&"pack", &src, &"-o", &snap]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&local)
+        .status()
+        .unwrap()
+        .success());
+    (snap, local)
 }
 
 fn tree_files(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {

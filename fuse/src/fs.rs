@@ -357,156 +357,142 @@ const LIST_AHEAD_DEPTH: u32 = 1;
 type ListingFh = Option<Arc<HostFh>>;
 type Pages = Arc<Prelist<ListingFh>>;
 
-/// Lists directory `d` ahead (request `n` of `pl`) on a host handle of its own: its
-/// first page, kept for the kernel's first READDIRPLUS; then, `depth` levels further,
-/// its subdirectories.
-fn list_one_ahead(
+/// Listing directories ahead for the kernel's first READDIRPLUS of each (`prelist.rs`):
+/// where requests go, where pages go, the entries a page asks for, and the count of
+/// changes when the walk asked (a page is used only if it did not move since).
+#[derive(Clone)]
+struct ListAhead {
     conn: Arc<dyn Transport>,
     pl: Pages,
-    d: u64,
-    n: u64,
     want: u32,
     since: u64,
-    depth: u32,
-) {
-    let op = Op::Opendir {
-        node: d,
-        list: Some(want),
-    };
-    let (fh, list, epoch) = match conn.call_epoch(op) {
-        Ok((ReplyBody::Opened { fh, list, .. }, epoch)) => (fh, list, epoch),
-        _ => return pl.failed(d, n),
-    };
-    let host = Arc::new(HostFh {
-        fh,
-        epoch,
-        dir: true,
-        conn: conn.clone(),
-    });
-    let Some(l) = list else {
-        return pl.failed(d, n); // the handle goes with `host`
-    };
-    let subdirs = subdirs_of(&l.entries);
-    let page = Page {
-        entries: l.entries,
-        eof: l.eof,
-        host: Some(host),
-        epoch,
-        since,
-    };
-    for p in pl.arrived(d, n, page) {
-        give_back(&*conn, p);
-    }
-    if depth == 0 {
-        return;
-    }
-    let deeper = pl.deeper(d, &subdirs);
-    list_ahead_jobs(conn, pl, deeper, want, since, depth - 1);
 }
 
-/// Lists directories `dirs` ahead (each with its request number of `pl`): with
-/// `list_dirs`, many whole listings per round trip and no host handles; a directory
-/// that does not come back whole is listed on a handle of its own.
-fn list_many_ahead(
-    conn: Arc<dyn Transport>,
-    pl: Pages,
-    dirs: Vec<(u64, u64)>,
-    want: u32,
-    since: u64,
-    depth: u32,
-) {
-    let mut alone = Vec::new();
-    let mut deeper = Vec::new();
-    let mut left = &dirs[..];
-    while !left.is_empty() {
-        let ask = &left[..left.len().min(MAX_LIST_DIRS)];
-        let op = Op::ListDirs {
-            nodes: ask.iter().map(|&(d, _)| d).collect(),
-            max_entries: want,
+impl ListAhead {
+    /// Starts listing `dirs` (each with its request number of `pl`), and `depth` levels
+    /// of their subdirectories, on the read-ahead threads: all in one job with
+    /// `list_dirs`, else one job each.
+    fn start(self, dirs: Vec<(u64, u64)>, depth: u32) {
+        if dirs.is_empty() {
+            return;
+        }
+        let pl = self.pl.clone();
+        if self.conn.has_cap(CAP_LIST_DIRS) {
+            pl.spawn(Box::new(move || self.many(dirs, depth)));
+            return;
+        }
+        for (d, n) in dirs {
+            let me = self.clone();
+            pl.spawn(Box::new(move || me.one(d, n, depth)));
+        }
+    }
+
+    /// Lists directory `d` (request `n`) on a host handle of its own: its first page,
+    /// then `depth` levels of its subdirectories.
+    fn one(&self, d: u64, n: u64, depth: u32) {
+        let op = Op::Opendir {
+            node: d,
+            list: Some(self.want),
         };
-        let (got, epoch) = match conn.call_epoch(op) {
-            Ok((ReplyBody::Listings { dirs }, epoch)) => (dirs, epoch),
-            _ => {
+        let (fh, list, epoch) = match self.conn.call_epoch(op) {
+            Ok((ReplyBody::Opened { fh, list, .. }, epoch)) => (fh, list, epoch),
+            _ => return self.pl.failed(d, n),
+        };
+        let host = Arc::new(HostFh {
+            fh,
+            epoch,
+            dir: true,
+            conn: self.conn.clone(),
+        });
+        let Some(l) = list else {
+            return self.pl.failed(d, n); // the handle goes with `host`
+        };
+        let subdirs = subdirs_of(&l.entries);
+        self.arrived(d, n, l.entries, l.eof, Some(host), epoch);
+        if depth > 0 {
+            let deeper = self.pl.deeper(d, &subdirs);
+            self.clone().start(deeper, depth - 1);
+        }
+    }
+
+    /// Lists `dirs` with `list_dirs`: many whole listings per round trip and no host
+    /// handles; a directory that does not come back whole is listed on a handle of its
+    /// own.
+    fn many(&self, dirs: Vec<(u64, u64)>, depth: u32) {
+        let mut alone = Vec::new();
+        let mut deeper = Vec::new();
+        let mut left = &dirs[..];
+        while !left.is_empty() {
+            let ask = &left[..left.len().min(MAX_LIST_DIRS)];
+            let op = Op::ListDirs {
+                nodes: ask.iter().map(|&(d, _)| d).collect(),
+                max_entries: self.want,
+            };
+            let (got, epoch) = match self.conn.call_epoch(op) {
+                Ok((ReplyBody::Listings { dirs }, epoch)) => (dirs, epoch),
+                _ => {
+                    alone.extend_from_slice(left);
+                    break;
+                }
+            };
+            let mut answered = 0;
+            let mut got = got.into_iter();
+            for &(d, n) in ask {
+                let Some(listing) = got.next() else { break };
+                answered += 1;
+                let entries = match listing.entries {
+                    Some(e) if listing.node == d => e,
+                    other => {
+                        // Not whole, or not the directory asked for (given back).
+                        forget_entries(&*self.conn, other.as_deref().unwrap_or_default());
+                        alone.push((d, n));
+                        continue;
+                    }
+                };
+                let subdirs = subdirs_of(&entries);
+                self.arrived(d, n, entries, true, None, epoch);
+                if depth > 0 {
+                    deeper.extend(self.pl.deeper(d, &subdirs));
+                }
+            }
+            // A listing the host sent beyond what was asked is given back.
+            for extra in got {
+                forget_entries(&*self.conn, extra.entries.as_deref().unwrap_or_default());
+            }
+            if answered == 0 {
                 alone.extend_from_slice(left);
                 break;
             }
-        };
-        let mut answered = 0;
-        let mut got = got.into_iter();
-        for &(d, n) in ask {
-            let Some(listing) = got.next() else { break };
-            answered += 1;
-            let entries = match listing.entries {
-                Some(e) if listing.node == d => e,
-                Some(e) => {
-                    // Not the directory asked for: given back, listed alone.
-                    forget_entries(&*conn, &e);
-                    alone.push((d, n));
-                    continue;
-                }
-                None => {
-                    alone.push((d, n));
-                    continue;
-                }
-            };
-            let subdirs = subdirs_of(&entries);
-            let page = Page {
-                entries,
-                eof: true,
-                host: None,
-                epoch,
-                since,
-            };
-            for p in pl.arrived(d, n, page) {
-                give_back(&*conn, p);
-            }
-            if depth > 0 {
-                deeper.extend(pl.deeper(d, &subdirs));
-            }
+            left = &left[answered..];
         }
-        // A listing the host sent beyond what was asked is given back.
-        for extra in got {
-            forget_entries(&*conn, extra.entries.as_deref().unwrap_or_default());
+        for (d, n) in alone {
+            self.one(d, n, depth);
         }
-        if answered == 0 {
-            alone.extend_from_slice(left);
-            break;
+        if depth > 0 {
+            self.clone().start(deeper, depth - 1);
         }
-        left = &left[answered..];
     }
-    for (d, n) in alone {
-        list_one_ahead(conn.clone(), pl.clone(), d, n, want, since, depth);
-    }
-    if depth > 0 {
-        list_ahead_jobs(conn, pl, deeper, want, since, depth - 1);
-    }
-}
 
-/// Starts listing `dirs` ahead on the read-ahead threads: all in one job with
-/// `list_dirs`, else one job each.
-fn list_ahead_jobs(
-    conn: Arc<dyn Transport>,
-    pl: Pages,
-    dirs: Vec<(u64, u64)>,
-    want: u32,
-    since: u64,
-    depth: u32,
-) {
-    if dirs.is_empty() {
-        return;
-    }
-    if conn.has_cap(CAP_LIST_DIRS) {
-        let pl2 = pl.clone();
-        pl.spawn(Box::new(move || {
-            list_many_ahead(conn, pl2, dirs, want, since, depth)
-        }));
-        return;
-    }
-    for (d, n) in dirs {
-        let (conn, pl2) = (conn.clone(), pl.clone());
-        pl.spawn(Box::new(move || {
-            list_one_ahead(conn, pl2, d, n, want, since, depth)
-        }));
+    /// The page of `d` (request `n`) arrived: kept for the kernel, or given back.
+    fn arrived(
+        &self,
+        d: u64,
+        n: u64,
+        entries: Vec<DirEntryPlus>,
+        eof: bool,
+        host: ListingFh,
+        epoch: u64,
+    ) {
+        let page = Page {
+            entries,
+            eof,
+            host,
+            epoch,
+            since: self.since,
+        };
+        for p in self.pl.arrived(d, n, page) {
+            give_back(&*self.conn, p);
+        }
     }
 }
 
@@ -1164,14 +1150,13 @@ impl HexzFs {
         for page in stale {
             self.give_back(page);
         }
-        list_ahead_jobs(
-            self.conn.clone(),
-            pl.clone(),
-            ask,
+        let ahead = ListAhead {
+            conn: self.conn.clone(),
+            pl: pl.clone(),
             want,
             since,
-            LIST_AHEAD_DEPTH,
-        );
+        };
+        ahead.start(ask, LIST_AHEAD_DEPTH);
     }
 
     /// A request that can change `node`'s data is about to be sent, or was answered: a

@@ -54,7 +54,8 @@ struct Cli {
     max_node_handles: usize,
     /// Do not read ahead of tree walks: a directory's other small files when the first
     /// one is read (where the host offers `read_files`), the next directories' listings
-    /// when a walk goes down. On by default.
+    /// when a walk goes down, and a directory's whole listing at a lookup in it (where the
+    /// host offers `list_dirs`). On by default.
     #[arg(long)]
     no_read_ahead: bool,
     /// Do not answer creates (with their first bytes) and unlinks before the host has

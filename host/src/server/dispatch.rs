@@ -7,7 +7,7 @@ use hexz_protocol::{
 };
 use serde_bytes::ByteBuf;
 
-use crate::vfs::{SetAttr, Vfs, VfsResult};
+use crate::vfs::{DirItem, SetAttr, Vfs, VfsResult};
 
 /// What one connection has agreed and who it is, as dispatch needs it. Handles and node
 /// references belong to `owner` in the VFS core.
@@ -495,18 +495,9 @@ fn list_dirs(vfs: &Vfs, s: &Session, nodes: &[u64], max_entries: u32) -> ReplyBo
                 .iter()
                 .map(|i| PLUS_ENTRY_COST + i.name.len())
                 .sum::<usize>();
-        let entries = vfs
-            .entries_plus(s.owner, items)
-            .into_iter()
-            .map(|(i, attr)| DirEntryPlus {
-                name: i.name,
-                cookie: i.cookie,
-                entry: s.entry(attr),
-            })
-            .collect();
         dirs.push(DirListing {
             node,
-            entries: Some(entries),
+            entries: Some(entries_plus(vfs, s, items)),
         });
     }
     ReplyBody::Listings { dirs }
@@ -548,16 +539,22 @@ fn readdir(vfs: &Vfs, s: &Session, fh: u64, cookie: u64, max: u32, plus: bool) -
             eof,
         };
     }
-    let entries = vfs
-        .entries_plus(s.owner, items)
+    ReplyBody::DirPlus {
+        entries: entries_plus(vfs, s, items),
+        eof,
+    }
+}
+
+/// Listing entries with their attributes, each (but `.` and `..`) referenced.
+fn entries_plus(vfs: &Vfs, s: &Session, items: Vec<DirItem>) -> Vec<DirEntryPlus> {
+    vfs.entries_plus(s.owner, items)
         .into_iter()
         .map(|(i, attr)| DirEntryPlus {
             name: i.name,
             cookie: i.cookie,
             entry: s.entry(attr),
         })
-        .collect();
-    ReplyBody::DirPlus { entries, eof }
+        .collect()
 }
 
 #[cfg(test)]
