@@ -587,6 +587,22 @@ fn live_nodes(server: &Server, log: &Path) -> u64 {
         .unwrap_or_else(|_| panic!("unreadable live_nodes in {tail:?}"))
 }
 
+/// Within 30 s of dropping the guest kernel's caches (again and again), the server
+/// holds no more live nodes than `before`: what the daemon kept after `what` (pages,
+/// listings) gave its references back.
+fn nodes_settle_back(server: &Server, log: &Path, before: u64, what: &str) {
+    let mut after = u64::MAX;
+    let settled = eventually(30, || {
+        drop_caches();
+        after = live_nodes(server, log);
+        after <= before
+    });
+    assert!(
+        settled,
+        "live nodes: {before} before, {after} after {what} and a cache drop"
+    );
+}
+
 #[test]
 fn the_server_holds_no_more_nodes_after_rm_rf_than_before() {
     if !fuse_available() {
@@ -946,17 +962,7 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
         "only {used} listings came from pages read ahead"
     );
     drop(pins);
-    drop_caches();
-    let mut after = u64::MAX;
-    let settled = eventually(30, || {
-        drop_caches();
-        after = live_nodes(server, &log);
-        after <= before
-    });
-    assert!(
-        settled,
-        "live nodes: {before} before the walk, {after} after it and a cache drop"
-    );
+    nodes_settle_back(server, &log, before, "the walk");
     // The directories ahead were listed many per round trip (`list_dirs`), without host
     // handles: fewer directory handles opened than directories listed.
     m.unmount();
@@ -971,7 +977,6 @@ fn listings_read_ahead_of_a_walk_are_used_and_never_older_than_a_change() {
     );
 }
 
-/// Every regular file under `root`, with its contents, by relative path.
 #[test]
 fn lookups_answered_from_listings_match_a_local_copy_before_and_after_changes() {
     if !fuse_available() {
@@ -1060,17 +1065,7 @@ fn lookups_answered_from_listings_match_a_local_copy_before_and_after_changes() 
         "stat differs from a local copy:\n{}",
         wrong.join("\n")
     );
-    drop_caches();
-    let mut after = u64::MAX;
-    let settled = eventually(30, || {
-        drop_caches();
-        after = live_nodes(server, &log);
-        after <= before
-    });
-    assert!(
-        settled,
-        "live nodes: {before} before, {after} after the lookups and a cache drop"
-    );
+    nodes_settle_back(server, &log, before, "the lookups");
     m.unmount();
     let ops = closed_connection_ops(&log);
     eprintln!("requests the host served: {ops:?}");
@@ -1106,6 +1101,7 @@ fn packed_with_local_copy(dir: &Path, build: impl FnOnce(&Path)) -> (PathBuf, Pa
     (snap, local)
 }
 
+/// Every regular file under `root`, with its contents, by relative path.
 fn tree_files(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();
     let mut todo = vec![root.to_path_buf()];

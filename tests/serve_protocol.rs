@@ -1372,22 +1372,35 @@ fn read_files_returns_whole_small_files_in_order_and_bounds_its_reply() {
     assert_eq!(files(&mut c, vec![readme; 4096], 16).len(), 4096);
 }
 
-#[test]
-fn read_files_needs_its_capability() {
+/// A connection to `server` whose hello leaves `cap` out.
+fn client_without(
+    server: &Server,
+    cap: &str,
+) -> hexz_protocol::client::Client<std::os::unix::net::UnixStream> {
+    let mut h = default_hello();
+    h.caps.retain(|c| c != cap);
+    let stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+    let c = hexz_protocol::client::Client::new(stream, h).unwrap();
+    assert!(!c.hello.caps.contains(&cap.to_string()));
+    c
+}
+
+/// A client that leaves `cap` out of its hello gets ENOSYS for `op`.
+fn refused_without_capability(cap: &str, op: Op) {
     let fx = Fixture::new();
     let server = fx.server("s", &[]);
-    let mut h = default_hello();
-    h.caps.retain(|c| c != "read_files");
-    let stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
-    let mut c = hexz_protocol::client::Client::new(stream, h).unwrap();
-    assert!(!c.hello.caps.contains(&"read_files".to_string()));
-    assert_eq!(
-        c.call(Op::ReadFiles {
+    let mut c = client_without(&server, cap);
+    assert_eq!(c.call(op).unwrap(), ReplyBody::Err(Errno::ENOSYS));
+}
+
+#[test]
+fn read_files_needs_its_capability() {
+    refused_without_capability(
+        "read_files",
+        Op::ReadFiles {
             nodes: vec![ROOT_NODE],
-            max_size: 1
-        })
-        .unwrap(),
-        ReplyBody::Err(Errno::ENOSYS)
+            max_size: 1,
+        },
     );
 }
 
@@ -1531,20 +1544,12 @@ fn list_dirs_returns_whole_listings_with_references_and_bounds_its_reply() {
 
 #[test]
 fn list_dirs_needs_its_capability() {
-    let fx = Fixture::new();
-    let server = fx.server("s", &[]);
-    let mut h = default_hello();
-    h.caps.retain(|c| c != "list_dirs");
-    let stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
-    let mut c = hexz_protocol::client::Client::new(stream, h).unwrap();
-    assert!(!c.hello.caps.contains(&"list_dirs".to_string()));
-    assert_eq!(
-        c.call(Op::ListDirs {
+    refused_without_capability(
+        "list_dirs",
+        Op::ListDirs {
             nodes: vec![ROOT_NODE],
-            max_entries: 8
-        })
-        .unwrap(),
-        ReplyBody::Err(Errno::ENOSYS)
+            max_entries: 8,
+        },
     );
 }
 
@@ -1697,10 +1702,7 @@ fn write_behind_batches_run_in_order_at_the_clients_time_with_reserved_ids() {
         ReplyBody::Err(Errno::EINVAL)
     );
     // Without the capability.
-    let mut h = default_hello();
-    h.caps.retain(|c| c != "write_behind");
-    let stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
-    let mut plain = hexz_protocol::client::Client::new(stream, h).unwrap();
+    let mut plain = client_without(&server, "write_behind");
     for op in [
         Op::Reserve { count: 1 },
         Op::Batch { ops: vec![] },

@@ -44,7 +44,7 @@ impl Held {
     pub fn new(entries: Vec<DirEntryPlus>, changes: u64, version: u64, epoch: u64) -> Held {
         let entries = entries
             .into_iter()
-            .filter(|e| e.name != b"." && e.name != b"..")
+            .filter(DirEntryPlus::is_referenced)
             .map(|e| (e.name.clone(), Some(e)))
             .collect();
         Held {

@@ -424,44 +424,24 @@ impl ListAhead {
         let mut left = &dirs[..];
         while !left.is_empty() {
             let ask = &left[..left.len().min(MAX_LIST_DIRS)];
-            let op = Op::ListDirs {
-                nodes: ask.iter().map(|&(d, _)| d).collect(),
-                max_entries: self.want,
+            let nodes: Vec<u64> = ask.iter().map(|&(d, _)| d).collect();
+            let Some((got, epoch)) =
+                list_dirs(&*self.conn, &nodes, self.want).filter(|(got, _)| !got.is_empty())
+            else {
+                alone.extend_from_slice(left);
+                break;
             };
-            let (got, epoch) = match self.conn.call_epoch(op) {
-                Ok((ReplyBody::Listings { dirs }, epoch)) => (dirs, epoch),
-                _ => {
-                    alone.extend_from_slice(left);
-                    break;
-                }
-            };
-            let mut answered = 0;
-            let mut got = got.into_iter();
-            for &(d, n) in ask {
-                let Some(listing) = got.next() else { break };
-                answered += 1;
-                let entries = match listing.entries {
-                    Some(e) if listing.node == d => e,
-                    other => {
-                        // Not whole, or not the directory asked for (given back).
-                        forget_entries(&*self.conn, other.as_deref().unwrap_or_default());
-                        alone.push((d, n));
-                        continue;
-                    }
+            let answered = got.len();
+            for (&(d, n), entries) in ask.iter().zip(got) {
+                let Some(entries) = entries else {
+                    alone.push((d, n)); // not whole
+                    continue;
                 };
                 let subdirs = subdirs_of(&entries);
                 self.arrived(d, n, entries, true, None, epoch);
                 if depth > 0 {
                     deeper.extend(self.pl.deeper(d, &subdirs));
                 }
-            }
-            // A listing the host sent beyond what was asked is given back.
-            for extra in got {
-                forget_entries(&*self.conn, extra.entries.as_deref().unwrap_or_default());
-            }
-            if answered == 0 {
-                alone.extend_from_slice(left);
-                break;
             }
             left = &left[answered..];
         }
@@ -496,11 +476,37 @@ impl ListAhead {
     }
 }
 
+/// What `list_dirs` answered: per node, its whole listing or `None`; and the epoch.
+type WholeListings = (Vec<Option<Vec<DirEntryPlus>>>, u64);
+
+/// Sends `list_dirs` for `nodes`: for the nodes answered (the first ones, in order),
+/// each one's whole listing, or `None` where it is not whole; and the connection that
+/// answered. A reply that is not that (a host not keeping to the protocol) is given back
+/// and counts as no answer.
+fn list_dirs(conn: &dyn Transport, nodes: &[u64], max_entries: u32) -> Option<WholeListings> {
+    let op = Op::ListDirs {
+        nodes: nodes.to_vec(),
+        max_entries,
+    };
+    let (dirs, epoch) = match conn.call_epoch(op) {
+        Ok((ReplyBody::Listings { dirs }, epoch)) => (dirs, epoch),
+        _ => return None,
+    };
+    let in_order = dirs.len() <= nodes.len() && dirs.iter().zip(nodes).all(|(d, &n)| d.node == n);
+    if !in_order {
+        for d in &dirs {
+            forget_entries(conn, d.entries.as_deref().unwrap_or_default());
+        }
+        return None;
+    }
+    Some((dirs.into_iter().map(|d| d.entries).collect(), epoch))
+}
+
 /// The subdirectories named in a listing page (not `.` and `..`).
 fn subdirs_of(entries: &[DirEntryPlus]) -> Vec<u64> {
     entries
         .iter()
-        .filter(|e| e.name != b"." && e.name != b"..")
+        .filter(|e| e.is_referenced())
         .filter(|e| e.entry.attr.mode & libc::S_IFMT == libc::S_IFDIR)
         .map(|e| e.entry.node)
         .collect()
@@ -516,7 +522,7 @@ fn give_back(conn: &dyn Transport, page: Page<ListingFh>) {
 fn forget_entries(conn: &dyn Transport, entries: &[DirEntryPlus]) {
     let refs: Vec<(u64, u64)> = entries
         .iter()
-        .filter(|e| e.name != b"." && e.name != b"..")
+        .filter(|e| e.is_referenced())
         .map(|e| (e.entry.node, 1))
         .collect();
     conn.forget(&refs);
@@ -1068,9 +1074,7 @@ impl HexzFs {
         if let Some(page) = self.prelist.as_ref().and_then(|pl| pl.forget(dir)) {
             self.give_back(page);
         }
-        if let Some(held) = self.dirlook.as_ref().and_then(|d| d.forget(dir)) {
-            self.conn.forget(&held.refs());
-        }
+        self.let_go(self.dirlook.as_ref().and_then(|d| d.forget(dir)));
     }
 
     /// A lookup answered from `parent`'s whole listing (`dirlook.rs`), asking for it if
@@ -1084,9 +1088,7 @@ impl HexzFs {
     ) -> Option<Result<ReplyBody, Errno>> {
         let dl = self.dirlook.as_ref()?;
         let (answer, back) = dl.lookup(parent, name, self.attrs.changes(), self.conn.epoch());
-        for held in back {
-            self.conn.forget(&held.refs());
-        }
+        self.let_go(back);
         match answer {
             Answer::Entry(e, version) => {
                 *since = version;
@@ -1096,25 +1098,9 @@ impl HexzFs {
             Answer::Host => None,
             Answer::List => {
                 let (version, changes) = (self.attrs.since(), self.attrs.changes());
-                let op = Op::ListDirs {
-                    nodes: vec![parent],
-                    max_entries: crate::dirlook::MAX_ENTRIES,
-                };
-                let (mut dirs, epoch) = match self.conn.call_epoch(op) {
-                    Ok((ReplyBody::Listings { dirs }, epoch)) => (dirs, epoch),
-                    _ => return None,
-                };
-                let entries = match dirs.pop() {
-                    Some(l) if l.node == parent && dirs.is_empty() => l.entries,
-                    other => {
-                        // Not what was asked: whatever it holds goes back.
-                        for l in dirs.iter().chain(other.as_ref()) {
-                            forget_entries(&*self.conn, l.entries.as_deref().unwrap_or_default());
-                        }
-                        return None;
-                    }
-                };
-                let Some(entries) = entries else {
+                let (mut got, epoch) =
+                    list_dirs(&*self.conn, &[parent], crate::dirlook::MAX_ENTRIES)?;
+                let Some(entries) = got.pop()? else {
                     dl.too_long(parent);
                     return None;
                 };
@@ -1124,12 +1110,17 @@ impl HexzFs {
                     Some(e) => Ok(ReplyBody::Entry(e.entry)),
                     None => Err(Errno::ENOENT),
                 };
-                for old in dl.put(parent, held) {
-                    self.conn.forget(&old.refs());
-                }
+                self.let_go(dl.put(parent, held));
                 *since = version;
                 Some(r)
             }
+        }
+    }
+
+    /// Listings held for lookups and given up: their references go back to the host.
+    fn let_go(&self, held: impl IntoIterator<Item = Held>) {
+        for h in held {
+            self.conn.forget(&h.refs());
         }
     }
 
@@ -1463,9 +1454,7 @@ impl Filesystem for HexzFs {
         if let Some(page) = self.prelist.as_ref().and_then(|pl| pl.forget(ino.0)) {
             self.give_back(page);
         }
-        if let Some(held) = self.dirlook.as_ref().and_then(|d| d.forget(ino.0)) {
-            self.conn.forget(&held.refs());
-        }
+        self.let_go(self.dirlook.as_ref().and_then(|d| d.forget(ino.0)));
         drop(data_handle); // released on the host unless a request still holds it
         drop(listings);
         self.conn.forget(&[(ino.0, nlookup)]);
@@ -1999,7 +1988,7 @@ impl Filesystem for HexzFs {
                         );
                     if full {
                         fitted.get_or_insert(i);
-                        if e.name != b"." && e.name != b".." {
+                        if e.is_referenced() {
                             unsent.push((e.entry.node, 1));
                         }
                     } else {

@@ -135,13 +135,13 @@ fn refs_in(body: &ReplyBody) -> Vec<u64> {
             ..
         } => entries
             .iter()
-            .filter(|e| e.name != b"." && e.name != b"..")
+            .filter(|e| e.is_referenced())
             .map(|e| e.entry.node)
             .collect(),
         ReplyBody::Listings { dirs } => dirs
             .iter()
             .flat_map(|d| d.entries.iter().flatten())
-            .filter(|e| e.name != b"." && e.name != b"..")
+            .filter(|e| e.is_referenced())
             .map(|e| e.entry.node)
             .collect(),
         ReplyBody::Batch { replies } => replies.iter().flat_map(refs_in).collect(),

@@ -158,6 +158,14 @@ pub struct DirEntryPlus {
     pub entry: Entry,
 }
 
+impl DirEntryPlus {
+    /// Whether the entry gave the client a reference on its node: every entry but `.`
+    /// and `..` does (docs/PROTOCOL.md §5.3).
+    pub fn is_referenced(&self) -> bool {
+        self.name != b"." && self.name != b".."
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Statfs {
     pub blocks: u64,

@@ -465,39 +465,30 @@ fn list_dirs(vfs: &Vfs, s: &Session, nodes: &[u64], max_entries: u32) -> ReplyBo
     let mut used = 0usize;
     let mut dirs = Vec::new();
     for &node in nodes {
-        let first = dirs.is_empty();
-        let mut stop = false;
-        let fits = |count: usize, names: usize| {
-            let need = LISTING_ITEM_COST + count * PLUS_ENTRY_COST + names;
-            if used + need <= room {
-                true
-            } else {
-                // A listing that would not fit even alone is answered without entries;
-                // any other ends the reply.
-                stop = !first && need <= room;
-                false
-            }
-        };
-        let items = match vfs.list_whole(node, max_entries, fits) {
-            Ok(Some(items)) => items,
-            _ if stop => break,
-            _ => {
-                used += LISTING_ITEM_COST;
-                dirs.push(DirListing {
-                    node,
-                    entries: None,
-                });
-                continue;
-            }
-        };
-        used += LISTING_ITEM_COST
-            + items
-                .iter()
-                .map(|i| PLUS_ENTRY_COST + i.name.len())
-                .sum::<usize>();
+        // What the listing needs of the frame, once its entries are counted.
+        let mut need = None;
+        let listed = vfs.list_whole(node, max_entries, |count, names| {
+            let n = LISTING_ITEM_COST + count * PLUS_ENTRY_COST + names;
+            need = Some(n);
+            used + n <= room
+        });
+        if let Ok(Some(items)) = listed {
+            used += need.unwrap_or(LISTING_ITEM_COST);
+            dirs.push(DirListing {
+                node,
+                entries: Some(entries_plus(vfs, s, items)),
+            });
+            continue;
+        }
+        // One that fits a frame of its own ends this reply; one that fits none, or is
+        // not a directory or too long, is answered without entries.
+        if need.is_some_and(|n| n <= room) && !dirs.is_empty() {
+            break;
+        }
+        used += LISTING_ITEM_COST;
         dirs.push(DirListing {
             node,
-            entries: Some(entries_plus(vfs, s, items)),
+            entries: None,
         });
     }
     ReplyBody::Listings { dirs }
