@@ -424,7 +424,7 @@ files = sorted(glob.glob(os.path.join(out, "shares*.txt")))
 if files:
     # shares*.txt: shares.txt, plus e.g. shares-make.txt from a WORKLOADS=make run.
     # A measurement right after an ERR line for it (the command failed) is dropped.
-    data, failed = {}, set()
+    data, failed, cpu = {}, set(), {}
     dirs = {"/workspace": "hexz", "/p9": "9p", "/vfs": "virtiofs"}
     for p in files:
         for line in open(p):
@@ -437,6 +437,8 @@ if files:
                     failed.discard(key)
                     continue
                 data.setdefault((w[2], w[3], w[1]), []).append(float(w[4]))
+            elif len(w) == 9 and w[0] == "C":
+                cpu.setdefault((w[2], w[3], w[1]), []).append(tuple(map(float, w[4:])))
     names = {"tar": "`tar cf - . \\| wc -c`", "stat": "`find . -type f \\| xargs stat`",
              "git": "`git status` (packed repo)", "create": "create 300 files + `rm -rf`",
              "make": "`make -j2` (21 C files)"}
@@ -452,6 +454,29 @@ if files:
             label = {"first": "first in mount", "cold": "guest-cold", "warm": "warm"}[ph]
             print(f"| {names[w]} | {label} | {f(h)} | {f(n)} | {f(v)} | {ratio(h, n)} | {ratio(h, v)} | {cnt} |")
     print()
+    if cpu:
+        # C lines (bench/vm-guest.sh): the guest's 2 vCPUs' busy and idle seconds during
+        # the workload, and the hexz daemon's own CPU seconds (user + system).
+        print("### Where the guest's CPU time went (seconds, median of the rounds)\n")
+        print("busy = both vCPUs' busy time (≤ 2 × wall), idle = their idle time (waiting for a host, "
+              "or nothing to run), daemon = hexz-guestfused's own share of busy (user + system), "
+              "tools = the workload's own processes (user + system).\n")
+        print("| workload | cache | hexz busy | hexz idle | hexz daemon | hexz tools | 9p busy | 9p idle | 9p tools "
+              "| virtiofs busy | virtiofs idle | virtiofs tools |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for w in ["tar", "stat", "git", "create", "make"]:
+            for ph in ["first", "cold", "warm"]:
+                if not any((w, ph, s) in cpu for s in ["hexz", "9p", "virtiofs"]):
+                    continue
+                def col(s, i):
+                    if i == 3:
+                        return f(med([c[3] + c[4] for c in cpu.get((w, ph, s), [])]))
+                    return f(med([c[i] for c in cpu.get((w, ph, s), [])]))
+                label = {"first": "first in mount", "cold": "guest-cold", "warm": "warm"}[ph]
+                print(f"| {names[w]} | {label} | {col('hexz', 0)} | {col('hexz', 1)} | {col('hexz', 2)} | {col('hexz', 3)} "
+                      f"| {col('9p', 0)} | {col('9p', 1)} | {col('9p', 3)} "
+                      f"| {col('virtiofs', 0)} | {col('virtiofs', 1)} | {col('virtiofs', 3)} |")
+        print()
 p = os.path.join(out, "requests.txt")
 if os.path.exists(p):
     r = {}

@@ -3,13 +3,14 @@
 # QEMU (as a pair matching the installed qemu-utils, see ../shared/ENVIRONMENT.md),
 # busybox-static (the guest's shell), binutils (strips the guest binaries), FUSE 3, git,
 # the NBD clients, an OCI registry with skopeo, htpasswd and openssl (the registry tests;
-# openssl signs the Bearer tokens), the musl target (static guest binaries) and vhost-device-vsock (vsock
+# openssl signs the Bearer tokens), the musl target and musl-gcc (static guest binaries; the
+# daemon's allocator, mimalloc, is C) and vhost-device-vsock (vsock
 # for QEMU on hosts without /dev/vhost-vsock). Does nothing that is already done.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 busybox-static binutils cpio kmod fuse3 git
       libnbd-bin nbdkit python3-libnbd e2fsprogs
-      docker-registry skopeo apache2-utils openssl)
+      docker-registry skopeo apache2-utils openssl musl-tools)
 
 missing=()
 for p in "${PKGS[@]}"; do

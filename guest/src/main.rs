@@ -3,6 +3,11 @@
 
 mod conn;
 
+/// See guest/Cargo.toml: musl's allocator maps and unmaps memory on every few requests.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
