@@ -438,7 +438,9 @@ if files:
                     continue
                 data.setdefault((w[2], w[3], w[1]), []).append(float(w[4]))
             elif len(w) == 9 and w[0] == "C":
-                cpu.setdefault((w[2], w[3], w[1]), []).append(tuple(map(float, w[4:])))
+                # busy, idle, daemon, tools (the workload's user + system)
+                busy, idle, daemon, user, system = map(float, w[4:])
+                cpu.setdefault((w[2], w[3], w[1]), []).append((busy, idle, daemon, user + system))
     names = {"tar": "`tar cf - . \\| wc -c`", "stat": "`find . -type f \\| xargs stat`",
              "git": "`git status` (packed repo)", "create": "create 300 files + `rm -rf`",
              "make": "`make -j2` (21 C files)"}
@@ -456,7 +458,7 @@ if files:
     print()
     if cpu:
         # C lines (bench/vm-guest.sh): the guest's 2 vCPUs' busy and idle seconds during
-        # the workload, and the hexz daemon's own CPU seconds (user + system).
+        # the workload, the hexz daemon's own CPU seconds, and the workload's processes'.
         print("### Where the guest's CPU time went (seconds, median of the rounds)\n")
         print("busy = both vCPUs' busy time (≤ 2 × wall), idle = their idle time (waiting for a host, "
               "or nothing to run), daemon = hexz-guestfused's own share of busy (user + system), "
@@ -469,8 +471,6 @@ if files:
                 if not any((w, ph, s) in cpu for s in ["hexz", "9p", "virtiofs"]):
                     continue
                 def col(s, i):
-                    if i == 3:
-                        return f(med([c[3] + c[4] for c in cpu.get((w, ph, s), [])]))
                     return f(med([c[i] for c in cpu.get((w, ph, s), [])]))
                 label = {"first": "first in mount", "cold": "guest-cold", "warm": "warm"}[ph]
                 print(f"| {names[w]} | {label} | {col('hexz', 0)} | {col('hexz', 1)} | {col('hexz', 2)} | {col('hexz', 3)} "

@@ -29,15 +29,12 @@ use hexz_protocol::addr::Addr;
 use hexz_protocol::client::{self, default_hello};
 use hexz_protocol::frame::{read_frame, FrameError};
 use hexz_protocol::{
-    decode_reply, decode_reply_in, encode_frame, Errno, HelloReply, Limits, Op, ReplyBody, Request,
+    decode_reply, encode_frame, Errno, HelloReply, Limits, Op, ReplyBody, Request,
 };
 
 /// Items per `retain` / `batch_forget` request: within the protocol's 4096, and small
 /// enough (≤ 19 bytes each) to fit the smallest frame a hello can agree on.
 const REFS_PER_REQUEST: usize = 2048;
-/// The reply reader's decoding buffer: a `data` reply of up to this many bytes (the
-/// adapter reads at most 1 MiB at once) is copied out of the frame in one piece.
-const READER_SCRATCH: usize = 1 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -322,12 +319,10 @@ impl Conn {
     /// Routes replies; on a dropped connection fails the waiting calls and reconnects.
     fn reader(self: Arc<Self>, mut rd: File) {
         let mut buf = Vec::new();
-        // Byte strings up to this long (file data, up to max_read) decode in one piece.
-        let mut scratch = vec![0u8; READER_SCRATCH];
         loop {
             let max = self.limits().max_frame;
             match read_frame(&mut rd, max, &mut buf) {
-                Ok(()) => match decode_reply_in(&buf, &mut scratch) {
+                Ok(()) => match decode_reply(&buf) {
                     Ok(r) => self.route(r.id, r.r),
                     Err(e) => tracing::warn!("undecodable reply from the host: {e}"),
                 },

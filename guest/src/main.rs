@@ -3,11 +3,6 @@
 
 mod conn;
 
-/// See guest/Cargo.toml: musl's allocator maps and unmaps memory on every few requests.
-#[cfg(target_env = "musl")]
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,6 +10,11 @@ use std::time::Duration;
 use clap::Parser;
 use fuser::{Config, MountOption, SessionACL};
 use hexz_protocol::addr::Addr;
+
+/// See guest/Cargo.toml: musl's allocator maps and unmaps memory groups as they fill and empty.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

@@ -86,16 +86,8 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 }
 
 fn decode_checked<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    decode_checked_in(body, &mut [0; 4096])
-}
-
-/// Decodes with `scratch` as ciborium's buffer: a byte string at most its length is
-/// read in one piece (with the default 4 KiB, a 1 MiB `data` is assembled from 256
-/// pieces into a vector that grows ten times).
-fn decode_checked_in<T: DeserializeOwned>(body: &[u8], scratch: &mut [u8]) -> Result<T, String> {
     let mut rest = body;
-    let v: T =
-        ciborium::de::from_reader_with_buffer(&mut rest, scratch).map_err(|e| e.to_string())?;
+    let v: T = ciborium::from_reader(&mut rest).map_err(|e| e.to_string())?;
     if !rest.is_empty() {
         return Err(format!("{} bytes after the message", rest.len()));
     }
@@ -104,13 +96,6 @@ fn decode_checked_in<T: DeserializeOwned>(body: &[u8], scratch: &mut [u8]) -> Re
 
 pub fn decode_reply(body: &[u8]) -> Result<Reply, FrameError> {
     decode_body(body)
-}
-
-/// [`decode_reply`] with a caller's scratch buffer (kept across replies by a reader
-/// that decodes many large ones: see `decode_checked_in`).
-pub fn decode_reply_in(body: &[u8], scratch: &mut [u8]) -> Result<Reply, FrameError> {
-    check_canonical(body).map_err(|e| FrameError::Decode(e.to_string()))?;
-    decode_checked_in(body, scratch).map_err(FrameError::Decode)
 }
 
 /// Decodes a request; on failure, recovers the id when it can so the caller can answer

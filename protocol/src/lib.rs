@@ -15,9 +15,7 @@ pub mod name;
 
 pub use cbor::{check_canonical, CborError, CborErrorKind};
 pub use errno::Errno;
-pub use frame::{
-    decode_reply, decode_reply_in, decode_request, encode_frame, BadRequest, FrameError,
-};
+pub use frame::{decode_reply, decode_request, encode_frame, BadRequest, FrameError};
 pub use hello::{accept_hello, check_hello_reply, Limits, VERSION};
 pub use message::*;
 pub use name::{check_name, NameError};
