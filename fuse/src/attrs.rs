@@ -91,6 +91,19 @@ impl AttrCache {
         self.put(node, attr, ttl_ms, since + own)
     }
 
+    /// `node`'s attributes changed through this mount and are now `attr`, for `ttl`: as
+    /// [`AttrCache::invalidate`] (a reply to a request sent before is not cached), then
+    /// `attr` is cached.
+    pub fn replace(&self, node: u64, attr: &Attr, ttl: Duration) {
+        let mut s = self.state();
+        s.version += 1;
+        s.changes += 1;
+        if s.attrs.len() >= MAX_NODES && !s.attrs.contains_key(&node) {
+            s.attrs.clear();
+        }
+        s.attrs.insert(node, (*attr, Instant::now() + ttl));
+    }
+
     /// The attributes of `node` and how much longer they may be used, if still valid.
     pub fn get(&self, node: u64) -> Option<(Attr, Duration)> {
         let s = self.state();
@@ -202,6 +215,25 @@ mod tests {
             c.get(1).is_none(),
             "a refused reply also drops what was cached"
         );
+    }
+
+    #[test]
+    fn a_replacement_refuses_older_replies_and_is_kept_for_its_own_ttl() {
+        let c = AttrCache::default();
+        let since = c.since(); // a getattr is sent...
+        let a = Attr {
+            size: 9,
+            ..Attr::default()
+        };
+        c.replace(4, &a, Duration::from_secs(1)); // ...a write is answered here...
+        c.put(4, &Attr::default(), 60_000, since); // ...and the older reply arrives
+        assert!(
+            c.get(4).is_none(),
+            "the older reply is refused and drops it"
+        );
+        c.replace(4, &a, Duration::from_secs(1));
+        let (got, left) = c.get(4).unwrap();
+        assert_eq!((got.size, left <= Duration::from_secs(1)), (9, true));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub const MAX_FIRST_DATA: usize = 64 * 1024;
 const MAX_QUEUED: usize = 4 * MAX_BATCH;
 /// Bytes of data waiting to be sent at most.
 const MAX_QUEUED_BYTES: usize = 4 << 20;
+/// Bytes of data queued that make a batch worth sending without waiting for more.
+const SEND_BYTES: usize = 512 << 10;
 /// How long a change may wait for more to go in the same batch, unless something waits
 /// for it: the app never waits for it, and every batch costs the guest a round of system
 /// calls and wake-ups.
@@ -80,8 +82,7 @@ struct State {
     /// kernel has forgotten meanwhile.
     pending: HashSet<u64>,
     gone: HashSet<u64>,
-    /// Early-created files whose next bytes may still be answered early: how many they
-    /// have so far.
+    /// Early-created files whose writes may still be answered early: their size so far.
     early: HashMap<u64, u64>,
     /// Forgets waiting for the changes before them.
     forgets: Vec<(u64, u64)>,
@@ -180,41 +181,73 @@ impl Behind {
         self.push(&mut s, epoch, op, at, Some(node), parent);
     }
 
-    /// Answers a write early when it continues the first bytes of a file created early
-    /// (at most `max` of them): added to the queued create, or queued after it. False
-    /// when the write must go the usual way.
-    pub fn append(&self, node: u64, offset: u64, data: &[u8], max: usize) -> bool {
+    /// Answers a write early when it lands in the first `max` bytes of a file created
+    /// early (at any offset: an assembler writes its sections first and the header
+    /// last): written into the queued create's first bytes (the file is new and only
+    /// this mount writes it, so a gap before the write is zeros), or queued after the
+    /// create once that was sent. `None` when the write must go the usual way;
+    /// otherwise the time the host will stamp it with, if not the create's.
+    pub fn write(
+        &self,
+        node: u64,
+        offset: u64,
+        data: &[u8],
+        max: usize,
+    ) -> Option<Option<Timespec>> {
         let mut s = self.state();
-        let Some(&len) = s.early.get(&node) else {
-            return false;
-        };
+        let size = *s.early.get(&node)?;
+        let end = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(data.len()))
+            .filter(|&end| end <= max)?;
         if s.off
-            || len != offset
-            || len as usize + data.len() > max
-            || s.queued_bytes + data.len() > MAX_QUEUED_BYTES
+            || s.queued_bytes + data.len().max(end.saturating_sub(size as usize)) > MAX_QUEUED_BYTES
             || s.queue.len() >= MAX_QUEUED
         {
-            return false;
+            return None;
         }
         let create = s.queue.iter_mut().rev().find_map(|q| match &mut q.op {
             Op::CreateAs { node: n, data, .. } if *n == node => Some(data),
             _ => None,
         });
-        match create {
-            Some(first) => first.extend_from_slice(data),
+        let (added, at) = match create {
+            Some(first) => {
+                let before = first.len();
+                if before < end {
+                    first.resize(end, 0);
+                }
+                first[offset as usize..end].copy_from_slice(data);
+                (first.len() - before, None)
+            }
             None => {
                 let op = Op::Write {
                     fh: 0, // the create's handle, once its reply has come
                     offset,
                     data: data.to_vec(),
                 };
-                let epoch = s.epoch;
-                self.push(&mut s, epoch, op, now(), Some(node), 0);
+                let (epoch, at) = (s.epoch, now());
+                self.push(&mut s, epoch, op, at, Some(node), 0);
+                (data.len(), Some(at))
             }
-        }
-        s.queued_bytes += data.len();
-        s.early.insert(node, len + data.len() as u64);
-        true
+        };
+        s.queued_bytes += added;
+        s.early.insert(node, size.max(end as u64));
+        Some(at)
+    }
+
+    /// What a read of a file created early gets while its create is still queued here:
+    /// the create holds every byte written to the file so far (and the file is new), so
+    /// its bytes are the answer. `None` otherwise.
+    pub fn read_early(&self, node: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+        let s = self.state();
+        s.early.get(&node)?;
+        let data = s.queue.iter().find_map(|q| match &q.op {
+            Op::CreateAs { node: n, data, .. } if *n == node => Some(data),
+            _ => None,
+        })?;
+        let start = usize::try_from(offset).map_or(data.len(), |o| o.min(data.len()));
+        let end = start.saturating_add(size as usize).min(data.len());
+        Some(data[start..end].to_vec())
     }
 
     /// Queues an unlink made at `at` of a name the kernel and this mount know
@@ -331,7 +364,7 @@ impl Behind {
             drop(s);
             return self.reserve();
         }
-        let n = s.queue.len().min(MAX_BATCH);
+        let n = batch_len(&s.queue, self.inner.limits().max_frame as usize);
         let taken: Vec<Queued> = s.queue.drain(..n).collect();
         s.since = (!s.queue.is_empty()).then(Instant::now);
         let whole = s.queue.is_empty();
@@ -459,8 +492,32 @@ fn due_in(s: &State) -> Option<Duration> {
         return Some(Duration::from_millis(500));
     }
     let age = s.since.map_or(LINGER, |t| t.elapsed());
-    (s.waiting == 0 && s.queue.len() < MAX_BATCH && age < LINGER).then(|| LINGER - age)
+    let full = s.queue.len() >= MAX_BATCH || s.queued_bytes >= SEND_BYTES;
+    (s.waiting == 0 && !full && age < LINGER).then(|| LINGER - age)
 }
+
+/// How many of the queued changes go in the next batch: at most [`MAX_BATCH`], and no
+/// more than fit one request frame of `max_frame` bytes (at least one: a change alone
+/// always fits, its data being at most [`MAX_FIRST_DATA`] or `max_write`).
+fn batch_len(queue: &[Queued], max_frame: usize) -> usize {
+    let room = max_frame.saturating_sub(BATCH_BASE);
+    let mut bytes = 0;
+    let mut n = 0;
+    for q in queue.iter().take(MAX_BATCH) {
+        bytes += queued_data(&q.op) + BATCH_ITEM;
+        if n > 0 && bytes > room {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Bytes of a `batch` request besides its items (envelope, request id).
+const BATCH_BASE: usize = 1024;
+/// Bytes of one batch item besides its data, at most: the time, the request's keys and
+/// fields, a name of up to 255 bytes.
+const BATCH_ITEM: usize = 512;
 
 /// The bytes of file data a queued change holds (bounded by [`MAX_QUEUED_BYTES`]).
 fn queued_data(op: &Op) -> usize {
@@ -625,5 +682,45 @@ impl Transport for Behind {
 
     fn has_cap(&self, cap: &str) -> bool {
         self.inner.has_cap(cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(data: usize) -> Queued {
+        Queued {
+            op: Op::CreateAs {
+                parent: 1,
+                name: b"f".to_vec(),
+                mode: 0o644,
+                flags: 0,
+                uid: 0,
+                gid: 0,
+                node: 9,
+                data: hexz_protocol::ByteBuf::from(vec![0; data]),
+            },
+            at: Timespec::default(),
+            node: Some(9),
+            parent: 1,
+        }
+    }
+
+    #[test]
+    fn a_batch_fits_one_frame_and_holds_at_least_one_change() {
+        let frame = 1 << 20;
+        let big: Vec<Queued> = (0..40).map(|_| create(MAX_FIRST_DATA)).collect();
+        let n = batch_len(&big, frame);
+        assert!(n > 0 && n < 16, "{n} creates of 64 KiB in a 1 MiB frame");
+        assert!(n * (MAX_FIRST_DATA + BATCH_ITEM) + BATCH_BASE <= frame);
+        assert_eq!(
+            batch_len(&big[..1], 1000),
+            1,
+            "one change alone always goes"
+        );
+        let small: Vec<Queued> = (0..MAX_BATCH + 5).map(|_| create(10)).collect();
+        assert_eq!(batch_len(&small, frame), MAX_BATCH);
+        assert_eq!(batch_len(&[], frame), 0);
     }
 }

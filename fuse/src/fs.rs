@@ -350,6 +350,9 @@ fn forget_lost(
     }));
 }
 
+/// How long the attributes of a file written early are used (see `written_early`).
+const EARLY_WRITE_ATTR_TTL: Duration = Duration::from_secs(1);
+
 /// How many levels below the directories a walk is about to enter are listed ahead too.
 const LIST_AHEAD_DEPTH: u32 = 1;
 
@@ -767,14 +770,21 @@ impl HexzFs {
         {
             return None;
         }
-        let (node, epoch) = b.take_id()?;
         let t = crate::behind::now();
+        // The directory's attributes, for its new times and its group: in a set-group-ID
+        // directory the file gets the directory's group, as the host will give it.
+        let dir_attr = self.dir_attr_at(parent, t)?;
+        let gid = match dir_attr.mode & libc::S_ISGID {
+            0 => req.gid(),
+            _ => dir_attr.gid,
+        };
+        let (node, epoch) = b.take_id()?;
         let a = Attr {
             ino: node,
             mode: libc::S_IFREG | (mode & 0o7777),
             nlink: 1,
             uid: req.uid(),
-            gid: req.gid(),
+            gid,
             rdev: 0,
             size: 0,
             blocks: 0,
@@ -790,7 +800,7 @@ impl HexzFs {
             attr: a,
             entry_ttl_ms: ttl_ms,
             attr_ttl_ms: ttl_ms,
-            dir_attr: self.dir_attr_at(parent, t),
+            dir_attr: Some(dir_attr),
         };
         let since = self.attrs.since();
         self.dir_changed(parent);
@@ -809,6 +819,29 @@ impl HexzFs {
         };
         b.create(epoch, op, t, node, parent);
         Some((ttl(ttl_ms), attr(&a)))
+    }
+
+    /// A file created early was written early up to `end` (stamped `at` on the host, or
+    /// with its create's time): its attributes are what the host will have, but for
+    /// the blocks it will use, which are estimated as a file system without holes
+    /// counts them, and so are kept only for [`EARLY_WRITE_ATTR_TTL`]: the reads and
+    /// `stat`s of a program still writing the file need no round trip, and a later
+    /// `stat` gets the host's count.
+    fn written_early(&self, node: u64, end: u64, at: Option<Timespec>) {
+        let Some((a, left)) = self.attrs.get(node) else {
+            return self.attrs.invalidate(node);
+        };
+        let size = a.size.max(end);
+        let block = (a.blksize as u64).max(512);
+        let (mtime, ctime) = at.map_or((a.mtime, a.ctime), |t| (t, t));
+        let a = Attr {
+            size,
+            blocks: size.div_ceil(block) * block / 512,
+            mtime,
+            ctime,
+            ..a
+        };
+        self.attrs.replace(node, &a, left.min(EARLY_WRITE_ATTR_TTL));
     }
 
     /// A directory's attributes once a file was added or removed at `t` (the host
@@ -1104,6 +1137,7 @@ impl HexzFs {
                     dl.too_long(parent);
                     return None;
                 };
+                self.listed_whole(parent, &entries, changes);
                 let mut held = Held::new(entries, changes, version, epoch);
                 // Fresh: nothing taken yet, so a name it does not give is absent.
                 let r = match held.take(name) {
@@ -1114,6 +1148,17 @@ impl HexzFs {
                 *since = version;
                 Some(r)
             }
+        }
+    }
+
+    /// `dir`'s whole listing came, asked for when the count of changes through the
+    /// mount was `changes`: if none happened since, every name it has is known from now
+    /// on (`names.rs`), so other names are answered absent and creates there can be
+    /// answered early.
+    fn listed_whole(&self, dir: u64, entries: &[DirEntryPlus], changes: u64) {
+        if self.attrs.changes() == changes {
+            let names = entries.iter().map(|e| (&e.name[..], e.entry.node));
+            self.names.listed(dir, names);
         }
     }
 
@@ -1753,6 +1798,13 @@ impl Filesystem for HexzFs {
         reply: ReplyData,
     ) {
         let size = size.min(self.conn.limits().max_read);
+        if fh.0 == 0 {
+            // A file created early and not sent yet: its bytes are all here.
+            let early = self.behind.as_ref();
+            if let Some(d) = early.and_then(|b| b.read_early(ino.0, offset, size)) {
+                return reply.data(&d);
+            }
+        }
         if fh.0 == 0 && self.nodes().current(ino.0, self.conn.epoch()).is_none() {
             if let Some(a) = &self.ahead {
                 // Read ahead with its directory's other small files, or (a first read
@@ -1790,10 +1842,10 @@ impl Filesystem for HexzFs {
         if fh.0 == 0 {
             if let Some(b) = &self.behind {
                 let max = MAX_FIRST_DATA.min(self.conn.limits().max_write as usize);
-                if b.append(ino.0, offset, data, max) {
+                if let Some(at) = b.write(ino.0, offset, data, max) {
                     // The first bytes of a file created early go with its create.
                     self.data_changes(ino.0);
-                    self.attrs.invalidate(ino.0);
+                    self.written_early(ino.0, offset + data.len() as u64, at);
                     return reply.written(data.len() as u32);
                 }
             }
@@ -1958,6 +2010,7 @@ impl Filesystem for HexzFs {
     ) {
         let want = self.dirplus_batch.load(Ordering::Relaxed);
         let since = self.attrs.since();
+        let changes = self.attrs.changes();
         // The listing's host handle is found by where it got to (at cookie 0 a fresh one
         // lists its first page in the same round trip).
         let r = self.node_listing_page(ino.0, offset, Some(want), |h| Op::Readdirplus {
@@ -1968,6 +2021,9 @@ impl Filesystem for HexzFs {
         match r {
             Ok(None) => reply.ok(), // the end, as the host said last time
             Ok(Some((ReplyBody::DirPlus { entries, eof }, host))) => {
+                if offset == 0 && eof {
+                    self.listed_whole(ino.0, &entries, changes);
+                }
                 let got = entries.len();
                 let mut sent = offset;
                 // The host gave a reference for each entry but `.` and `..`; those that do

@@ -4,8 +4,11 @@
 //!   parent and name; knowing its node, the adapter drops only the attributes that
 //!   changed (the parents', the victim's, the moved node's) instead of all it remembers.
 //! - **That a name does not exist.** For a directory this mount created (and so saw every
-//!   name of since), a lookup of a name it does not hold is answered ENOENT at once —
-//!   the lookup before every create in a new directory (build outputs, git objects).
+//!   name of since), or whose whole listing it got while nothing changed through it, a
+//!   lookup of a name it does not hold is answered ENOENT at once — the lookup before
+//!   every create (build outputs, git objects, lock files) and a compiler's or make's
+//!   search for files that are not there — and a create there can be answered early
+//!   (`behind.rs`).
 //!
 //! Why this is exact: the overlay has one writer, this mount, and every name it adds or
 //! removes passes through here (entries of lookups, creates, links and listings are
@@ -49,6 +52,29 @@ impl Names {
         s.names.insert((dir, name.to_vec()), node);
     }
 
+    /// `dir`'s whole listing, asked for when nothing changed through the mount until
+    /// its reply came: every name it has, so from now on (every name it gets or loses
+    /// passing through here) a name not held is certainly absent. Not marked complete if
+    /// the listing does not fit the table.
+    pub fn listed<'a>(&self, dir: u64, entries: impl IntoIterator<Item = (&'a [u8], u64)>) {
+        let entries: Vec<(&[u8], u64)> = entries
+            .into_iter()
+            .filter(|(n, _)| *n != b"." && *n != b"..")
+            .collect();
+        let mut s = self.state();
+        if s.names.len() + entries.len() > MAX_NAMES {
+            s.names.clear();
+            s.complete.clear();
+            if entries.len() > MAX_NAMES {
+                return;
+            }
+        }
+        for (n, node) in entries {
+            s.names.insert((dir, n.to_vec()), node);
+        }
+        s.complete.insert(dir);
+    }
+
     /// `dir` was just created by this mount: it is empty, and every name it will get
     /// passes through here.
     pub fn new_dir(&self, dir: u64) {
@@ -57,6 +83,9 @@ impl Names {
 
     /// True if `dir` certainly has no `name`.
     pub fn absent(&self, dir: u64, name: &[u8]) -> bool {
+        if name == b"." || name == b".." {
+            return false;
+        }
         let s = self.state();
         s.complete.contains(&dir) && !s.names.contains_key(&(dir, name.to_vec()))
     }
@@ -130,6 +159,26 @@ mod tests {
         assert!(!n.absent(9, b"x"));
         assert_eq!(n.removed(9, b"x"), Some(10));
         assert!(n.absent(9, b"x"));
+    }
+
+    #[test]
+    fn a_whole_listing_makes_a_directory_complete() {
+        let n = Names::default();
+        n.listed(4, [(&b"."[..], 4), (&b".."[..], 1), (&b"a"[..], 7)]);
+        assert!(n.absent(4, b"b") && !n.absent(4, b"a"));
+        assert!(!n.absent(4, b"."), ". and .. are never absent");
+        assert_eq!(n.get(4, b"a"), Some(7));
+        n.seen(4, b"b", 8);
+        assert!(!n.absent(4, b"b"));
+        // A listing that does not fit the table leaves the directory incomplete.
+        let names: Vec<Vec<u8>> = (0..=MAX_NAMES)
+            .map(|i| i.to_string().into_bytes())
+            .collect();
+        n.listed(5, names.iter().map(|v| (&v[..], 9)));
+        assert!(
+            !n.absent(5, b"x") && !n.absent(4, b"zz"),
+            "the table started over"
+        );
     }
 
     #[test]

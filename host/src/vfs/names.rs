@@ -77,6 +77,15 @@ impl Vfs {
         };
         let t = now();
         let is_dir = kind == Kind::Dir;
+        // A directory with the set-group-ID bit gives its group to every node made in it
+        // and the bit itself to new directories (the rule Linux file systems follow; the
+        // kernel has already dropped the bit from a file's mode where the caller may not
+        // keep it).
+        let (gid, mode) = match prec.mode & libc::S_ISGID {
+            0 => (gid, mode),
+            _ if is_dir => (prec.gid, mode | libc::S_ISGID),
+            _ => (prec.gid, mode),
+        };
         let size = if let Kind::Symlink(ref target) = kind {
             target.len() as u64
         } else {
