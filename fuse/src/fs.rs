@@ -1460,6 +1460,10 @@ impl Filesystem for HexzFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        if n.len() > hexz_protocol::name::NAME_MAX {
+            // As the host would answer, before "no such name" from what is known here.
+            return reply.error(fuser::Errno::ENAMETOOLONG);
+        }
         let mut since = self.attrs.since();
         let r = if self.names.absent(parent.0, n.as_bytes()) {
             Err(Errno::ENOENT) // a directory this mount made and saw every name of
