@@ -1103,23 +1103,32 @@ fn packed_with_local_copy(dir: &Path, build: impl FnOnce(&Path)) -> (PathBuf, Pa
     (snap, local)
 }
 
-/// Every regular file under `root`, with its contents, by relative path.
-fn tree_files(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
+/// Every node under `root` (the root itself left out), by relative path: what `f` makes
+/// of its path and metadata (not following symlinks), where it makes anything.
+fn tree_walk<T>(
+    root: &Path,
+    mut f: impl FnMut(&Path, &fs::Metadata) -> Option<T>,
+) -> BTreeMap<String, T> {
+    let mut out = BTreeMap::new();
     let mut todo = vec![root.to_path_buf()];
     while let Some(d) = todo.pop() {
         for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let p = e.path();
-            if e.file_type().unwrap().is_dir() {
-                todo.push(p);
-            } else {
-                let rel = p.strip_prefix(root).unwrap().display().to_string();
-                out.insert(rel, fs::read(&p).unwrap());
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                todo.push(p.clone());
+            }
+            if let Some(v) = f(&p, &m) {
+                out.insert(p.strip_prefix(root).unwrap().display().to_string(), v);
             }
         }
     }
     out
+}
+
+/// Every regular file under `root`, with its contents, by relative path.
+fn tree_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    tree_walk(root, |p, m| (!m.is_dir()).then(|| fs::read(p).unwrap()))
 }
 
 #[test]
@@ -1407,29 +1416,20 @@ fn a_create_answered_early_that_the_host_then_refuses_fails_fsync() {
 /// Size, mode, owner and contents of every node under `root` (the root itself left
 /// out), by relative path; symlinks by their target.
 fn tree_meta(root: &Path) -> BTreeMap<String, (u64, u32, u32, u32, Vec<u8>)> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let body = if m.is_dir() {
-                todo.push(p.clone());
-                Vec::new()
-            } else if m.file_type().is_symlink() {
-                fs::read_link(&p)
-                    .unwrap()
-                    .into_os_string()
-                    .into_encoded_bytes()
-            } else {
-                fs::read(&p).unwrap()
-            };
-            let size = if m.is_dir() { 0 } else { m.len() };
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            out.insert(rel, (size, m.mode(), m.uid(), m.gid(), body));
-        }
-    }
-    out
+    tree_walk(root, |p, m| {
+        let body = if m.is_dir() {
+            Vec::new()
+        } else if m.file_type().is_symlink() {
+            fs::read_link(p)
+                .unwrap()
+                .into_os_string()
+                .into_encoded_bytes()
+        } else {
+            fs::read(p).unwrap()
+        };
+        let size = if m.is_dir() { 0 } else { m.len() };
+        Some((size, m.mode(), m.uid(), m.gid(), body))
+    })
 }
 
 #[test]

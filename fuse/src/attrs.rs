@@ -45,6 +45,14 @@ struct State {
 }
 
 impl State {
+    /// Caches `attr` of `node` for `ttl` (the cache starts over when full).
+    fn insert(&mut self, node: u64, attr: &Attr, ttl: Duration) {
+        if self.attrs.len() >= MAX_NODES && !self.attrs.contains_key(&node) {
+            self.attrs.clear();
+        }
+        self.attrs.insert(node, (*attr, Instant::now() + ttl));
+    }
+
     fn add_no_caps(&mut self, node: u64) {
         if self.no_caps.len() >= MAX_NODES {
             self.no_caps.clear();
@@ -77,11 +85,7 @@ impl AttrCache {
             s.attrs.remove(&node);
             return;
         }
-        let until = Instant::now() + Duration::from_millis(ttl_ms as u64);
-        if s.attrs.len() >= MAX_NODES && !s.attrs.contains_key(&node) {
-            s.attrs.clear();
-        }
-        s.attrs.insert(node, (*attr, until));
+        s.insert(node, attr, Duration::from_millis(ttl_ms as u64));
     }
 
     /// As [`AttrCache::put`], for the reply to a change that the caller followed by
@@ -98,10 +102,7 @@ impl AttrCache {
         let mut s = self.state();
         s.version += 1;
         s.changes += 1;
-        if s.attrs.len() >= MAX_NODES && !s.attrs.contains_key(&node) {
-            s.attrs.clear();
-        }
-        s.attrs.insert(node, (*attr, Instant::now() + ttl));
+        s.insert(node, attr, ttl);
     }
 
     /// The attributes of `node` and how much longer they may be used, if still valid.

@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use hexz_protocol::{Limits, Op, ReplyBody, Timed, Timespec, MAX_BATCH};
+use hexz_protocol::{ByteBuf, Limits, Op, ReplyBody, Timed, Timespec, MAX_BATCH};
 
 use crate::transport::{CallError, Transport};
 
@@ -206,11 +206,7 @@ impl Behind {
         {
             return None;
         }
-        let create = s.queue.iter_mut().rev().find_map(|q| match &mut q.op {
-            Op::CreateAs { node: n, data, .. } if *n == node => Some(data),
-            _ => None,
-        });
-        let (added, at) = match create {
+        let (added, at) = match queued_create(&mut s.queue, node) {
             Some(first) => {
                 let before = first.len();
                 if before < end {
@@ -239,12 +235,9 @@ impl Behind {
     /// the create holds every byte written to the file so far (and the file is new), so
     /// its bytes are the answer. `None` otherwise.
     pub fn read_early(&self, node: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
-        let s = self.state();
+        let mut s = self.state();
         s.early.get(&node)?;
-        let data = s.queue.iter().find_map(|q| match &q.op {
-            Op::CreateAs { node: n, data, .. } if *n == node => Some(data),
-            _ => None,
-        })?;
+        let data = queued_create(&mut s.queue, node)?;
         let start = usize::try_from(offset).map_or(data.len(), |o| o.min(data.len()));
         let end = start.saturating_add(size as usize).min(data.len());
         Some(data[start..end].to_vec())
@@ -496,6 +489,14 @@ fn due_in(s: &State) -> Option<Duration> {
     (s.waiting == 0 && !full && age < LINGER).then(|| LINGER - age)
 }
 
+/// The first bytes of `node`'s `create_as`, if it waits in the queue (not sent yet).
+fn queued_create(queue: &mut [Queued], node: u64) -> Option<&mut ByteBuf> {
+    queue.iter_mut().find_map(|q| match &mut q.op {
+        Op::CreateAs { node: n, data, .. } if *n == node => Some(data),
+        _ => None,
+    })
+}
+
 /// How many of the queued changes go in the next batch: at most [`MAX_BATCH`], and no
 /// more than fit one request frame of `max_frame` bytes (at least one: a change alone
 /// always fits, its data being at most [`MAX_FIRST_DATA`] or `max_write`).
@@ -699,7 +700,7 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 node: 9,
-                data: hexz_protocol::ByteBuf::from(vec![0; data]),
+                data: ByteBuf::from(vec![0; data]),
             },
             at: Timespec::default(),
             node: Some(9),

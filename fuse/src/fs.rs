@@ -1466,7 +1466,7 @@ impl Filesystem for HexzFs {
         }
         let mut since = self.attrs.since();
         let r = if self.names.absent(parent.0, n.as_bytes()) {
-            Err(Errno::ENOENT) // a directory this mount made and saw every name of
+            Err(Errno::ENOENT) // a directory whose every name this mount knows
         } else if let Some(r) = self.lookup_listed(parent.0, n.as_bytes(), &mut since) {
             r
         } else {
