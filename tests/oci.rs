@@ -749,12 +749,14 @@ fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cl
     let dir = tmp.path();
     let reg = Registry::start(&dir.join("reg"), None);
     // 48 MiB stored raw: the read-ahead window grows to its largest (after ~16 MiB) and
-    // later windows are fetched and checked on other threads, two ahead of the reader;
-    // compressible files after it are fetched ahead past its end.
+    // later windows are fetched and checked on other threads, two ahead of the reader,
+    // but not past the file's end: the 16 MiB file after it in pack order is not
+    // fetched. Compressible files follow.
     let src = dir.join("src");
     fs::create_dir_all(&src).unwrap();
     let big = pseudo_random(48 << 20, 7);
     fs::write(src.join("big.bin"), &big).unwrap();
+    fs::write(src.join("c.bin"), pseudo_random(16 << 20, 8)).unwrap();
     for i in 0..8 {
         fs::write(
             src.join(format!("z{i}.txt")),
@@ -768,11 +770,25 @@ fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cl
     let dest = format!("{}/team/big:v1", reg.host());
     ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
     let r = format!("oci://{dest}");
-    let c = hexz(&dir.join("c1"), &[&"cat", &r, &"big.bin"]);
+    let c = hexz_env(
+        &dir.join("c1"),
+        &[("RUST_LOG", "hexz_host=info".as_ref())],
+        &[&"cat", &r, &"big.bin"],
+    );
     ok(&c, "cat big.bin");
     assert!(
         c.stdout == big,
         "big.bin read lazily differs from the source"
+    );
+    let fetched: u64 = err(&c)
+        .split("fetched ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fetched count in the log: {}", err(&c)));
+    assert!(
+        (48 << 20..(48 << 20) + (2 << 20)).contains(&fetched),
+        "reading big.bin fetched {fetched} bytes: it is 48 MiB and what follows it should not be fetched ahead"
     );
     let z = hexz(&dir.join("c1"), &[&"cat", &r, &"z7.txt"]);
     assert_eq!(

@@ -456,6 +456,21 @@ fn fetch_range(
 pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Result<Snapshot> {
     let r = Reference::parse(reference)?;
     let reg = Arc::new(Registry::new(&r, false));
+    // A tag is asked again every time, first, so that the registry's round trip overlaps
+    // opening the host cache (creating its directories on a first run) and the snapshot
+    // of the manifest the tag named last time (below).
+    let asked = match &r.target {
+        super::reference::Target::Tag(_) => {
+            let (reg, name, target) = (reg.clone(), r.repo.clone(), r.target_str().to_string());
+            Some(
+                std::thread::Builder::new()
+                    .name("hexz-manifest".into())
+                    .spawn(move || Repo::new(&reg, &name).manifest(&target, Retry::COMMAND))
+                    .map_err(|e| Error::Remote(format!("cannot start a thread: {e}")))?,
+            )
+        }
+        super::reference::Target::Digest(_) => None,
+    };
     let cache = HostCache::shared()?;
     let repo = Repo::new(&reg, &r.repo);
     // A manifest named by digest never changes: the cached copy (checked against the
@@ -464,19 +479,11 @@ pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Resu
         super::reference::Target::Digest(d) => cache.blob(d).map(|bytes| (bytes, d.clone())),
         super::reference::Target::Tag(_) => None,
     };
-    let (bytes, digest) = match cached {
-        Some(c) => c,
-        None if matches!(r.target, super::reference::Target::Tag(_)) => {
-            // A tag is asked again every time; meanwhile the snapshot of the manifest it
-            // named last time is opened from the cache, and kept if the tag still names
-            // it (the registry's round trip then overlaps the local work).
-            let asked = {
-                let (reg, name, target) = (reg.clone(), r.repo.clone(), r.target_str().to_string());
-                std::thread::Builder::new()
-                    .name("hexz-manifest".into())
-                    .spawn(move || Repo::new(&reg, &name).manifest(&target, Retry::COMMAND))
-                    .map_err(|e| Error::Remote(format!("cannot start a thread: {e}")))?
-            };
+    let (bytes, digest) = match (cached, asked) {
+        (Some(c), _) => c,
+        (None, Some(asked)) => {
+            // Meanwhile the snapshot of the manifest the tag named last time is opened
+            // from the cache, and kept if the tag still names it.
             let key = r.to_string();
             let mut seen_spec = seen.clone();
             let guess = cache.tag_hint(&key).and_then(|d| {
@@ -505,7 +512,7 @@ pub fn open(reference: &str, cache_bytes: u64, seen: &mut Vec<[u8; 32]>) -> Resu
             }
             (m.bytes, m.digest)
         }
-        None => {
+        (None, None) => {
             let m = repo.manifest(r.target_str(), Retry::COMMAND)?;
             cache.put_blob(&m.digest, &m.bytes);
             (m.bytes, m.digest)
@@ -557,7 +564,7 @@ fn open_layer(
 ) -> Result<Snapshot> {
     let (reg, cache, pinned, chain) = (c.reg, c.cache, c.pinned, c.chain);
     let layer = &chain[at];
-    let blob = index_blob(reg, cache, &pinned.repo, layer)?;
+    let (blob, fetched) = index_blob(reg, cache, &pinned.repo, layer)?;
     let remote = Arc::new(RemoteData {
         reg: reg.clone(),
         repo: pinned.repo.clone(),
@@ -587,13 +594,26 @@ fn open_layer(
             &super::manifest::hex32(&layer.id)[..16]
         )
     };
-    let mut snap = Snapshot::from_index_blob(
-        Path::new(&name),
-        &blob,
-        layer.data.size,
-        remote.clone(),
-        cache_bytes,
-    )?;
+    // A fetched index blob is checked against its digest and written to the host cache
+    // on a second thread while this one decodes it (decoding is bounded, so safe on any
+    // bytes); the snapshot is used only if the check passed, and a failed check is the
+    // error reported.
+    let mut snap = std::thread::scope(|s| {
+        let check = fetched.then(|| s.spawn(|| check_fetched_index(cache, layer, &blob)));
+        let snap = Snapshot::from_index_blob(
+            Path::new(&name),
+            &blob,
+            layer.data.size,
+            remote.clone(),
+            cache_bytes,
+        );
+        if let Some(check) = check {
+            check
+                .join()
+                .unwrap_or_else(|_| Err(Error::corrupt("the index blob's check failed")))?;
+        }
+        snap
+    })?;
     if snap.id() != layer.id {
         return Err(Error::corrupt(format!(
             "index blob {} holds snapshot {}, but the manifest says {}",
@@ -635,10 +655,16 @@ fn open_layer(
     Ok(snap)
 }
 
-/// An index blob: from the cache, else fetched, checked against its digest and cached.
-fn index_blob(reg: &Registry, cache: &HostCache, repo: &str, layer: &Layer) -> Result<Vec<u8>> {
+/// An index blob: from the cache (checked against its digest there), else fetched; true
+/// if fetched, when the caller checks it ([`check_fetched_index`]).
+fn index_blob(
+    reg: &Registry,
+    cache: &HostCache,
+    repo: &str,
+    layer: &Layer,
+) -> Result<(Vec<u8>, bool)> {
     if let Some(b) = cache.blob(&layer.index.digest) {
-        return Ok(b);
+        return Ok((b, false));
     }
     if layer.index.size > (1 << 30) + HEADER_LEN as u64 {
         return Err(Error::corrupt(
@@ -651,7 +677,12 @@ fn index_blob(reg: &Registry, cache: &HostCache, repo: &str, layer: &Layer) -> R
         layer.index.size,
         Retry::COMMAND,
     )?;
-    let got = super::client::sha256_digest(&bytes);
+    Ok((bytes, true))
+}
+
+/// A fetched index blob checked against its digest, then kept in the host cache.
+fn check_fetched_index(cache: &HostCache, layer: &Layer, bytes: &[u8]) -> Result<()> {
+    let got = super::client::sha256_digest(bytes);
     if got != layer.index.digest {
         return Err(Error::corrupt(format!(
             "index blob {} arrived with digest {}",
@@ -659,8 +690,8 @@ fn index_blob(reg: &Registry, cache: &HostCache, repo: &str, layer: &Layer) -> R
             short(&got)
         )));
     }
-    cache.put_blob(&layer.index.digest, &bytes);
-    Ok(bytes)
+    cache.put_blob(&layer.index.digest, bytes);
+    Ok(())
 }
 
 /// Starts fetching, in the background, the frames a previous run read that the host

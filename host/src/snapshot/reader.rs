@@ -220,14 +220,19 @@ impl Snapshot {
 
     /// A chunk's verified bytes: the frame holding it and the chunk's offset in the frame.
     /// With `cached_only`, `None` when the frame is not in the cache.
-    fn chunk_bytes(&self, ci: u32, cached_only: bool) -> Option<Result<(FrameBytes, usize)>> {
+    fn chunk_bytes(
+        &self,
+        ci: u32,
+        cached_only: bool,
+        last: Option<u32>,
+    ) -> Option<Result<(FrameBytes, usize)>> {
         let c = &self.index.chunks[ci as usize];
         if c.frame != EXTERNAL {
             if cached_only {
                 return self.cache.get(&c.frame).map(|f| Ok((f, c.offset as usize)));
             }
             return Some(
-                self.frame(c.frame)
+                self.frame_of_read(c.frame, last)
                     .map(|f| (f, c.offset as usize))
                     .map_err(|e| e.at(&self.path)),
             );
@@ -236,7 +241,7 @@ impl Snapshot {
             &self.base,
             self.external.get(ci as usize - self.local_chunks),
         ) {
-            (Some(base), Some(&bi)) => base.chunk_bytes(bi, cached_only),
+            (Some(base), Some(&bi)) => base.chunk_bytes(bi, cached_only, None),
             _ => Some(Err(Error::corrupt(
                 "chunk in a base snapshot that is not open",
             )
@@ -518,6 +523,7 @@ impl Snapshot {
         }
         let want = buf.len().min((data.size - offset) as usize);
         let buf = &mut buf[..want];
+        let last = self.last_frame(data);
         let mut done = 0usize;
         // First extent that could cover `offset`: the last one starting at or before it.
         let mut ei = data
@@ -535,7 +541,7 @@ impl Snapshot {
                         ei += 1;
                         continue;
                     }
-                    let (frame, chunk_off) = match self.chunk_bytes(e.chunk, cached_only)? {
+                    let (frame, chunk_off) = match self.chunk_bytes(e.chunk, cached_only, last)? {
                         Ok(x) => x,
                         Err(err) => return Some(Err(err)),
                     };
@@ -560,9 +566,15 @@ impl Snapshot {
 
     /// A frame's verified, decompressed bytes, from the cache or the file.
     pub fn frame(&self, idx: u32) -> Result<FrameBytes> {
+        self.frame_of_read(idx, None)
+    }
+
+    /// As [`Self::frame`], for a read of a file whose data ends in frame `last` (if
+    /// known): frames of a registry's snapshot are not fetched ahead past it.
+    fn frame_of_read(&self, idx: u32, last: Option<u32>) -> Result<FrameBytes> {
         self.cache.get_or_insert_with(&idx, || match &self.backing {
             Backing::File(_) => self.load_frame(idx).map(FrameBytes::whole),
-            Backing::Remote(r) => self.load_remote(idx, r),
+            Backing::Remote(r) => self.load_remote(idx, r, last),
         })
     }
 
@@ -597,8 +609,18 @@ impl Snapshot {
     /// it, else from a window fetched by range — with the frames after it when reads are
     /// sequential, which go into the frame cache too; a stream keeps the next windows
     /// in flight.
-    fn load_remote(&self, idx: u32, r: &Arc<crate::oci::lazy::RemoteData>) -> Result<FrameBytes> {
+    fn load_remote(
+        &self,
+        idx: u32,
+        r: &Arc<crate::oci::lazy::RemoteData>,
+        last: Option<u32>,
+    ) -> Result<FrameBytes> {
         let (f, chunks) = self.frame_meta(idx)?;
+        // Where fetching ahead stops: after the file's last frame when the read is of a
+        // file that ends ahead (the frames after it are another file's), else at the end.
+        let limit = last
+            .filter(|&l| l >= idx)
+            .map_or(self.index.frames.len(), |l| l as usize + 1);
         r.record(idx);
         if let Some(raw) = r.cached_frame(idx, f, chunks) {
             return Ok(FrameBytes::whole(raw));
@@ -622,7 +644,7 @@ impl Snapshot {
             // A window that failed on its way, or failed a check before `idx` (or none):
             // fetched here from `idx`, which reports why if it fails again.
             _ => {
-                let (end, len) = self.window_from(idx, r.window(idx), r);
+                let (end, len) = self.window_from(idx, r.window(idx), r, limit);
                 let bytes = r.fetch(f.offset - HEADER_LEN as u64, len)?;
                 self.window_plan(idx, end as u32).check(bytes)
             }
@@ -630,7 +652,7 @@ impl Snapshot {
         r.fetched_to(window.end);
         let streaming = r.streaming();
         if streaming {
-            self.read_ahead(r, window.end);
+            self.read_ahead(r, window.end, limit);
         }
         // Only verified frames go into the host cache.
         r.store(&window);
@@ -698,21 +720,22 @@ impl Snapshot {
         }
     }
 
-    /// Keeps [`AHEAD_DEPTH`] windows of a stream in flight after frame `from`.
-    fn read_ahead(&self, r: &crate::oci::lazy::RemoteData, from: u32) {
+    /// Keeps [`AHEAD_DEPTH`] windows of a stream in flight after frame `from`, none of
+    /// them past frame `limit`.
+    fn read_ahead(&self, r: &crate::oci::lazy::RemoteData, from: u32, limit: usize) {
         use crate::oci::lazy::{AHEAD_DEPTH, WINDOW_MAX};
         let (chain_end, running) = r.ahead(from);
         let mut next = chain_end as usize;
         for _ in running..AHEAD_DEPTH {
             // Frames already held need no fetch (a few are skipped, not a whole file).
-            let skip = self.index.frames.len().min(next + 64);
+            let skip = limit.min(next + 64);
             while next < skip && self.held(next as u32, r) {
                 next += 1;
             }
             if next >= skip {
                 return;
             }
-            let (end, len) = self.window_from(next as u32, WINDOW_MAX, r);
+            let (end, len) = self.window_from(next as u32, WINDOW_MAX, r, limit);
             let off = self.index.frames[next].offset - HEADER_LEN as u64;
             r.fetch_ahead(self.window_plan(next as u32, end as u32), off, len);
             next = end;
@@ -739,11 +762,18 @@ impl Snapshot {
     }
 
     /// The frames one fetch from `idx` covers: contiguous in the blob, within `budget`
-    /// stored bytes, not cached; returns the end frame and the stored length.
-    fn window_from(&self, idx: u32, budget: u64, r: &crate::oci::lazy::RemoteData) -> (usize, u64) {
+    /// stored bytes, before frame `limit`, not cached; returns the end frame and the
+    /// stored length.
+    fn window_from(
+        &self,
+        idx: u32,
+        budget: u64,
+        r: &crate::oci::lazy::RemoteData,
+        limit: usize,
+    ) -> (usize, u64) {
         let mut end = idx as usize + 1;
         let mut len = self.index.frames[idx as usize].stored_len as u64;
-        while let Some(next) = self.index.frames.get(end) {
+        while let Some(next) = self.index.frames.get(end).filter(|_| end < limit) {
             let prev = &self.index.frames[end - 1];
             if len + next.stored_len as u64 > budget
                 || next.offset != prev.offset + prev.stored_len as u64
@@ -755,6 +785,17 @@ impl Snapshot {
             end += 1;
         }
         (end, len)
+    }
+
+    /// The frame a large file's data ends in, where a sequential read of it stops
+    /// fetching ahead; None for smaller files (whose reads, in a walk of a tree, go on to
+    /// the next file, the next frames in pack order) and data ending in a base.
+    fn last_frame(&self, data: &FileData) -> Option<u32> {
+        if data.size < crate::oci::lazy::WINDOW_MAX || !matches!(self.backing, Backing::Remote(_)) {
+            return None;
+        }
+        let chunk = self.index.chunks.get(data.extents.last()?.chunk as usize)?;
+        (chunk.frame != EXTERNAL).then_some(chunk.frame)
     }
 
     /// Bytes a node's file data occupies in chunks (holes and zero runs excluded).
