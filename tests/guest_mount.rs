@@ -661,11 +661,7 @@ fn a_file_capability_set_while_others_ask_for_it_is_never_reported_absent() {
     let m = Mount::new(tmp.path(), &snap, &[]);
     let f = m.path("cap-file");
     fs::write(&f, b"x").unwrap();
-    // A v2 capability: cap_net_bind_service, permitted.
-    let cap: Vec<u8> = [0x0200_0001u32, 1 << 10, 0, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
+    let cap = net_bind_service_cap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readers: Vec<_> = (0..2)
         .map(|_| {
@@ -699,6 +695,14 @@ fn a_file_capability_set_while_others_ask_for_it_is_never_reported_absent() {
         bad.len(),
         bad.first()
     );
+}
+
+/// A v2 `security.capability` value: cap_net_bind_service, permitted.
+fn net_bind_service_cap() -> Vec<u8> {
+    [0x0200_0001u32, 1 << 10, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
 }
 
 /// Appends to `file` as uid/gid 65534 (no capabilities: no CAP_FSETID).
@@ -739,71 +743,51 @@ fn a_write_drops_set_id_bits_and_file_capabilities_as_the_kernel_would() {
     let d = m.path("d");
     fs::create_dir(&d).unwrap();
     fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
-    // (name, mode, owner, whether nobody writes (else root), mode after the write)
+    // (path in the mount, mode, owner, whether nobody writes (else root), mode after);
+    // files under d/ are made here, README.md comes from the snapshot.
     let cases = [
-        ("suid-sgid-gx", 0o6755, 65534, true, 0o755),
-        ("sgid-no-gx", 0o2745, 65534, true, 0o2745),
-        ("suid-others-write", 0o4757, 0, true, 0o757),
-        ("suid-root-writes", 0o4755, 0, false, 0o4755),
-        ("snapshot-suid", 0o4757, 0, true, 0o757),
+        ("d/suid-sgid-gx", 0o6755, 65534, true, 0o755),
+        ("d/sgid-no-gx", 0o2745, 65534, true, 0o2745),
+        ("d/suid-others-write", 0o4757, 0, true, 0o757),
+        ("d/suid-root-writes", 0o4755, 0, false, 0o4755),
+        ("README.md", 0o4757, 0, true, 0o757),
     ];
-    for (name, mode, owner, _, _) in cases {
-        let f = if name == "snapshot-suid" {
-            m.path("README.md") // a file from the snapshot, not made by this mount
-        } else {
-            d.join(name)
-        };
-        if name != "snapshot-suid" {
+    for (rel, mode, owner, _, _) in cases {
+        let f = m.path(rel);
+        if rel.starts_with("d/") {
             fs::write(&f, b"x").unwrap();
         }
         std::os::unix::fs::chown(&f, Some(owner), Some(owner)).unwrap();
         fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
     }
-    // A v2 capability: cap_net_bind_service, permitted.
-    let cap: Vec<u8> = [0x0200_0001u32, 1 << 10, 0, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
     let capf = d.join("with-cap");
     fs::write(&capf, b"x").unwrap();
-    xattr::set(&capf, "security.capability", &cap).unwrap();
+    xattr::set(&capf, "security.capability", &net_bind_service_cap()).unwrap();
     assert!(xattr::get(&capf, "security.capability").unwrap().is_some());
 
-    for (name, _, _, by_nobody, _) in cases {
-        let f = if name == "snapshot-suid" {
-            m.path("README.md")
-        } else {
-            d.join(name)
-        };
+    let append_as_root = |f: &Path| {
+        OpenOptions::new()
+            .append(true)
+            .open(f)
+            .unwrap()
+            .write_all(b"more")
+            .unwrap()
+    };
+    for (rel, _, _, by_nobody, _) in cases {
         if by_nobody {
-            append_as_nobody(&f);
+            append_as_nobody(&m.path(rel));
         } else {
-            OpenOptions::new()
-                .append(true)
-                .open(&f)
-                .unwrap()
-                .write_all(b"more")
-                .unwrap();
+            append_as_root(&m.path(rel));
         }
     }
-    OpenOptions::new()
-        .append(true)
-        .open(&capf)
-        .unwrap()
-        .write_all(b"more")
-        .unwrap();
+    append_as_root(&capf);
 
     let modes = |root: &Path| -> Vec<(String, u32, bool)> {
         let mut v: Vec<_> = cases
             .iter()
-            .map(|(name, ..)| {
-                let f = if *name == "snapshot-suid" {
-                    root.join("README.md")
-                } else {
-                    root.join("d").join(name)
-                };
-                let md = fs::metadata(&f).unwrap();
-                (name.to_string(), md.mode() & 0o7777, md.len() > 1)
+            .map(|(rel, ..)| {
+                let md = fs::metadata(root.join(rel)).unwrap();
+                (rel.to_string(), md.mode() & 0o7777, md.len() > 1)
             })
             .collect();
         let has_cap = xattr::get(root.join("d/with-cap"), "security.capability").unwrap();
@@ -812,7 +796,7 @@ fn a_write_drops_set_id_bits_and_file_capabilities_as_the_kernel_would() {
     };
     let mut want: Vec<(String, u32, bool)> = cases
         .iter()
-        .map(|(name, _, _, _, after)| (name.to_string(), *after, true))
+        .map(|(rel, _, _, _, after)| (rel.to_string(), *after, true))
         .collect();
     want.push(("with-cap".into(), 0, true));
     assert_eq!(modes(&m.mnt), want, "through the mount");
