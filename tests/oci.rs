@@ -790,6 +790,18 @@ fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cl
         (48 << 20..(48 << 20) + (2 << 20)).contains(&fetched),
         "reading big.bin fetched {fetched} bytes: it is 48 MiB and what follows it should not be fetched ahead"
     );
+    // Once the stream reads whole windows, they come off one range request that runs on
+    // to the file's end, not one request each.
+    let requests: u64 = err(&c)
+        .split(" requests from data blob")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in the log: {}", err(&c)));
+    assert!(
+        requests <= REQUESTS_TO_STREAM + 1,
+        "reading big.bin took {requests} range requests"
+    );
     let z = hexz(&dir.join("c1"), &[&"cat", &r, &"z7.txt"]);
     assert_eq!(
         ok(&z, "cat z7.txt").as_bytes(),
@@ -826,6 +838,58 @@ fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cl
     assert!(
         c.stdout.len() >= 16 << 20,
         "the frames before the damage were written"
+    );
+}
+
+/// Range requests a cold read of a large file makes before it reads whole windows (the
+/// first frame, then a window doubling from 256 KiB to 8 MiB).
+const REQUESTS_TO_STREAM: u64 = 7;
+
+#[test]
+fn a_read_ahead_cut_mid_response_is_fetched_again_and_the_read_is_byte_exact() {
+    if !registry_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(&dir.join("reg"), None);
+    let src = dir.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let big = pseudo_random(64 << 20, 11);
+    fs::write(src.join("big.bin"), &big).unwrap();
+    let cache = dir.join("cache");
+    let snap = dir.join("big.hxz");
+    pack(&cache, &src, &snap);
+    ok(
+        &hexz(
+            &cache,
+            &[&"push", &snap, &format!("{}/team/big:v1", reg.host())],
+        ),
+        "push",
+    );
+    // Every connection is cut after 12 MiB: the long range request a stream reads its
+    // windows from breaks in the middle of one, more than once. Each broken window is
+    // fetched again by itself (8 MiB fit in a fresh connection), the stream goes on
+    // with a new request, and the bytes are the file's.
+    let relay = Relay::cutting_each(reg.port, 12 << 20);
+    let c = hexz_env(
+        &dir.join("c1"),
+        &[("RUST_LOG", "hexz_host=debug".as_ref())],
+        &[
+            &"cat",
+            &format!("oci://{}/team/big:v1", relay.host()),
+            &"big.bin",
+        ],
+    );
+    ok(&c, "cat big.bin through connections cut after 12 MiB");
+    assert!(
+        c.stdout == big,
+        "big.bin read through cut connections differs"
+    );
+    assert!(
+        err(&c).contains("cut short in a read ahead"),
+        "no read ahead was cut, so nothing was tested: {}",
+        err(&c)
     );
 }
 
@@ -1157,6 +1221,16 @@ struct Relay {
 
 impl Relay {
     fn start(to: u16, budget: Option<u64>) -> Relay {
+        Relay::spawn(to, budget, None)
+    }
+
+    /// A relay that cuts each connection once `each` bytes have passed on it (new
+    /// connections are taken): responses longer than that never arrive whole.
+    fn cutting_each(to: u16, each: u64) -> Relay {
+        Relay::spawn(to, None, Some(each))
+    }
+
+    fn spawn(to: u16, budget: Option<u64>, each: Option<u64>) -> Relay {
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::Arc;
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1184,15 +1258,22 @@ impl Relay {
                     use std::io::Write;
                     let (mut server, mut client) = (server, client);
                     let mut buf = vec![0u8; 16 << 10];
+                    let mut here = 0u64;
                     loop {
-                        let n = match server.read(&mut buf) {
+                        let mut n = match server.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if let Some(each) = each {
+                            n = n.min((each - here) as usize);
+                        }
+                        here += n as u64;
                         if client.write_all(&buf[..n]).is_err() {
                             break;
                         }
-                        if over(total.fetch_add(n as u64, Ordering::Relaxed) + n as u64) {
+                        if over(total.fetch_add(n as u64, Ordering::Relaxed) + n as u64)
+                            || each.is_some_and(|e| here >= e)
+                        {
                             break;
                         }
                     }

@@ -510,7 +510,29 @@ impl<'a> Repo<'a> {
         if len == 0 {
             return Ok(Ok(Vec::new()));
         }
-        let range = format!("bytes={}-{}", offset, offset + len - 1);
+        let mut body = self.blob_stream(digest, offset, len, retry)?;
+        let mut buf = crate::bufpool::take(len as usize);
+        Ok(match body.read_exact(&mut buf) {
+            Ok(()) => Ok(buf),
+            Err(e) => Err(format!(
+                "registry {}: blob {} bytes {offset}+{len} cut short: {e}",
+                self.reg.host,
+                short(digest)
+            )),
+        })
+    }
+
+    /// The body of one ranged GET of `len` (> 0) bytes of a blob from `offset`, to be
+    /// read as it arrives. A reader may stop early: the connection is then closed, not
+    /// reused.
+    pub fn blob_stream(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        retry: Retry,
+    ) -> Result<Box<dyn Read + Send + Sync>> {
+        let range = format!("bytes={}-{}", offset, offset + len.max(1) - 1);
         let r = self.reg.send(
             "GET",
             &format!("/v2/{}/blobs/{digest}", self.name),
@@ -526,15 +548,7 @@ impl<'a> Repo<'a> {
                 self.reg.host
             )));
         }
-        let mut buf = crate::bufpool::take(len as usize);
-        Ok(match r.resp.into_reader().read_exact(&mut buf) {
-            Ok(()) => Ok(buf),
-            Err(e) => Err(format!(
-                "registry {}: blob {} bytes {offset}+{len} cut short: {e}",
-                self.reg.host,
-                short(digest)
-            )),
-        })
+        Ok(r.resp.into_reader())
     }
 
     /// Asks the registry to link a blob from repository `from` (same registry) instead

@@ -4,7 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::cache::{DataCache, HostCache, MAX_ACCESS_LOG};
@@ -21,8 +21,13 @@ use crate::snapshot::Snapshot;
 const WINDOW_MIN: u64 = 256 << 10;
 /// ...doubling up to this.
 pub const WINDOW_MAX: u64 = 8 << 20;
-/// Windows fetched ahead of a stream at once (each on its own connection).
+/// Windows fetched ahead of a stream at once.
 pub const AHEAD_DEPTH: usize = 2;
+/// The most a stream through one large file asks for in one range request; its windows
+/// are read off that one response as the stream reaches them.
+const FEED_MAX: u64 = 128 << 20;
+/// A feed no window was asked of for this long lets its response go.
+const FEED_IDLE: Duration = Duration::from_secs(5);
 /// Windows a stream keeps in the frame cache behind the one it reads.
 pub const KEEP_BEHIND: usize = 2;
 
@@ -41,6 +46,8 @@ pub struct RemoteData {
     data: OnceLock<Option<DataCache>>,
     /// Fetches of the next windows running ahead of a sequential reader, in order.
     ahead: Mutex<VecDeque<Ahead>>,
+    /// The range request the windows of a stream through a large file are read from.
+    feed: Mutex<Option<Feed>>,
     /// The last windows a stream took (first frame, frame after the last), oldest first.
     behind: Mutex<VecDeque<(u32, u32)>>,
     /// (frame where the last fetch ended, current read-ahead window)
@@ -125,8 +132,110 @@ impl Sharing {
 /// Frames put together on another thread: (first frame, frame after the last, thread).
 type Assembly = (u32, u32, std::thread::JoinHandle<Vec<Option<Vec<u8>>>>);
 
-/// A fetch running ahead: (first frame, frame after the last, the fetching thread).
-type Ahead = (u32, u32, std::thread::JoinHandle<Result<Window>>);
+/// A fetch running ahead: (first frame, frame after the last, where its checked
+/// window arrives).
+type Ahead = (u32, u32, mpsc::Receiver<Result<Window>>);
+
+/// One range request being read window by window, by its own thread: where the next
+/// window must start to be read from it, where it ends, and where windows are asked.
+struct Feed {
+    pos: u64,
+    end: u64,
+    jobs: mpsc::Sender<FeedJob>,
+}
+
+/// A window asked of a [`Feed`]: its frames, its bytes in the blob, where to send it.
+struct FeedJob {
+    plan: WindowPlan,
+    offset: u64,
+    len: u64,
+    done: mpsc::SyncSender<Result<Window>>,
+}
+
+/// What a feed's thread needs of the blob (it holds no `RemoteData`, so closing is
+/// never delayed by a window nobody reads).
+struct FeedSource {
+    reg: Arc<Registry>,
+    repo: String,
+    digest: String,
+    size: u64,
+    fetched: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+}
+
+impl FeedSource {
+    /// Reads the windows asked on `jobs`, which start at `start` and follow each other,
+    /// from one range request of `start..end`, and checks each on its own thread. The
+    /// request is made when the first window is asked. An error (the request, or a body
+    /// cut short) goes to the window being read, whose reader then fetches it itself
+    /// with retries; the feed ends there, and so do windows asked after it (fetched the
+    /// same way), and the next window asked of the stream starts a new feed.
+    fn run(self, start: u64, end: u64, jobs: mpsc::Receiver<FeedJob>) {
+        let mut body: Option<Box<dyn std::io::Read + Send + Sync>> = None;
+        let mut pos = start;
+        while let Ok(job) = jobs.recv_timeout(FEED_IDLE) {
+            let bytes = if job.offset != pos || job.offset + job.len > end {
+                Err(Error::Remote("read-ahead out of order".into()))
+            } else {
+                self.read(&mut body, start, end, job.len)
+            };
+            let ok = bytes.is_ok();
+            let FeedJob {
+                plan, len, done, ..
+            } = job;
+            let check = move || {
+                let _ = done.send(bytes.map(|b| plan.check(b)));
+            };
+            if !ok {
+                check();
+                return;
+            }
+            pos += len;
+            self.fetched.fetch_add(len, Ordering::Relaxed);
+            // Checked beside the next window's arrival (if spawning fails, the reader
+            // finds the window missing and fetches it itself).
+            let _ = std::thread::Builder::new()
+                .name("hexz-check".into())
+                .spawn(check);
+            if pos >= end {
+                return;
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        body: &mut Option<Box<dyn std::io::Read + Send + Sync>>,
+        start: u64,
+        end: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        let b = match body {
+            Some(b) => b,
+            None => {
+                if end > self.size {
+                    return Err(Error::corrupt(format!(
+                        "read of {start}..{end} past the end of data blob {} ({} bytes)",
+                        short(&self.digest),
+                        self.size
+                    )));
+                }
+                let repo = Repo::new(&self.reg, &self.repo);
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                body.insert(repo.blob_stream(&self.digest, start, end - start, Retry::READ)?)
+            }
+        };
+        let mut buf = crate::bufpool::take(len as usize);
+        b.read_exact(&mut buf).map_err(|e| {
+            Error::Remote(format!(
+                "registry {}: blob {} cut short in a read ahead: {e}",
+                self.reg.host(),
+                short(&self.digest)
+            ))
+        })?;
+        Ok(buf)
+    }
+}
 
 #[derive(Default)]
 struct AccessLog {
@@ -305,8 +414,8 @@ impl RemoteData {
             h
         };
         Some(
-            h.join()
-                .unwrap_or_else(|_| Err(Error::Remote("read-ahead thread failed".into()))),
+            h.recv()
+                .unwrap_or_else(|_| Err(Error::Remote("a read ahead was given up".into()))),
         )
     }
 
@@ -323,7 +432,7 @@ impl RemoteData {
             if w.0 == end {
                 end = w.1;
                 keep.push_back(w);
-            } // else: dropped, its thread detached (it ends by itself)
+            } // else: dropped (its thread ends by itself)
         }
         *a = keep;
         (end, a.len())
@@ -331,25 +440,65 @@ impl RemoteData {
 
     /// Starts fetching `plan`'s frames (stored bytes `offset..offset + len`) on another
     /// thread, which also checks them, so the registry sends them and their BLAKE3s are
-    /// computed while the reader copies earlier ones out. The thread holds what it
-    /// needs, not the `RemoteData`, so closing is never delayed by a window nobody reads.
-    pub(crate) fn fetch_ahead(&self, plan: WindowPlan, offset: u64, len: u64) {
-        let (first, end) = plan.frames();
-        let reg = self.reg.clone();
-        let (repo, digest, size) = (self.repo.clone(), self.digest.clone(), self.size);
-        let (fetched, requests) = (self.fetched.clone(), self.requests.clone());
-        if let Ok(h) = std::thread::Builder::new()
-            .name("hexz-read-ahead".into())
-            .spawn(move || {
-                let bytes = fetch_range(&reg, &repo, &digest, size, offset, len)?;
-                fetched.fetch_add(len, Ordering::Relaxed);
-                requests.fetch_add(1, Ordering::Relaxed);
-                Ok(plan.check(bytes))
-            })
+    /// computed while the reader copies earlier ones out.
+    ///
+    /// `until` is where the stream will stop (the end of the large file it reads), or
+    /// None. With it, the window is read off one range request that runs on towards
+    /// `until` (at most [`FEED_MAX`]), and so are the windows asked after it while they
+    /// follow on: the registry sends one response instead of one per window, and its
+    /// disk reads ahead through it. Without it, the window is a range request of its own.
+    pub(crate) fn fetch_ahead(&self, plan: WindowPlan, offset: u64, len: u64, until: Option<u64>) {
+        let (first, end_frame) = plan.frames();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let mut job = Some(FeedJob {
+            plan,
+            offset,
+            len,
+            done: tx,
+        });
+        let mut feed = self.feed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = feed
+            .as_mut()
+            .filter(|f| f.pos == offset && offset + len <= f.end)
         {
-            let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
-            a.push_back((first, end, h));
+            if let Some(j) = job.take() {
+                match f.jobs.send(j) {
+                    Ok(()) => f.pos += len,
+                    Err(mpsc::SendError(j)) => job = Some(j),
+                }
+            }
         }
+        if let Some(j) = job {
+            let end = until
+                .unwrap_or(0)
+                .min(offset.saturating_add(FEED_MAX))
+                .min(self.size)
+                .max(offset + len);
+            let (jobs, asked) = mpsc::channel();
+            let _ = jobs.send(j);
+            let source = FeedSource {
+                reg: self.reg.clone(),
+                repo: self.repo.clone(),
+                digest: self.digest.clone(),
+                size: self.size,
+                fetched: self.fetched.clone(),
+                requests: self.requests.clone(),
+            };
+            // If the thread cannot start, the window's sender is dropped with it and
+            // the reader fetches the window itself.
+            let started = std::thread::Builder::new()
+                .name("hexz-read-ahead".into())
+                .spawn(move || source.run(offset, end, asked))
+                .is_ok();
+            *feed = (started && end > offset + len).then_some(Feed {
+                pos: offset + len,
+                end,
+                jobs,
+            });
+        }
+        drop(feed);
+        let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+        a.push_back((first, end_frame, rx));
     }
 
     /// Notes that a stream took window `first..end`; returns the window it has left
@@ -575,6 +724,7 @@ fn open_layer(
         cache: cache.clone(),
         data: OnceLock::new(),
         ahead: Mutex::new(VecDeque::new()),
+        feed: Mutex::new(None),
         behind: Mutex::new(VecDeque::new()),
         seq: Mutex::new((0, 0)),
         log: Mutex::new(AccessLog::default()),

@@ -639,7 +639,11 @@ impl Snapshot {
                 .get((idx - w.first) as usize)
                 .is_some_and(|f| f.is_ok())
         };
-        let window = match r.take_ahead(idx) {
+        let ahead = r.take_ahead(idx);
+        if let Some(Err(e)) = &ahead {
+            tracing::debug!("frame {idx}: read ahead failed ({e}); fetching it again");
+        }
+        let window = match ahead {
             Some(Ok(w)) if has(&w) => w,
             // A window that failed on its way, or failed a check before `idx` (or none):
             // fetched here from `idx`, which reports why if it fails again.
@@ -652,7 +656,7 @@ impl Snapshot {
         r.fetched_to(window.end);
         let streaming = r.streaming();
         if streaming {
-            self.read_ahead(r, window.end, limit);
+            self.read_ahead(r, window.end, limit, last.is_some());
         }
         // Only verified frames go into the host cache.
         r.store(&window);
@@ -721,8 +725,15 @@ impl Snapshot {
     }
 
     /// Keeps [`AHEAD_DEPTH`] windows of a stream in flight after frame `from`, none of
-    /// them past frame `limit`.
-    fn read_ahead(&self, r: &crate::oci::lazy::RemoteData, from: u32, limit: usize) {
+    /// them past frame `limit`; `to_limit` when the stream is known to go on to `limit`
+    /// (it reads a large file that ends there).
+    fn read_ahead(
+        &self,
+        r: &crate::oci::lazy::RemoteData,
+        from: u32,
+        limit: usize,
+        to_limit: bool,
+    ) {
         use crate::oci::lazy::{AHEAD_DEPTH, WINDOW_MAX};
         let (chain_end, running) = r.ahead(from);
         let mut next = chain_end as usize;
@@ -737,7 +748,11 @@ impl Snapshot {
             }
             let (end, len) = self.window_from(next as u32, WINDOW_MAX, r, limit);
             let off = self.index.frames[next].offset - HEADER_LEN as u64;
-            r.fetch_ahead(self.window_plan(next as u32, end as u32), off, len);
+            let until = to_limit
+                .then(|| self.index.frames.get(limit - 1))
+                .flatten()
+                .map(|f| f.offset + f.stored_len as u64 - HEADER_LEN as u64);
+            r.fetch_ahead(self.window_plan(next as u32, end as u32), off, len, until);
             next = end;
         }
     }
