@@ -1,5 +1,11 @@
 //! Framing: a 4-byte big-endian body length, then one CBOR data item. Pure functions
 //! over bytes; the blocking and tokio adapters below only move bytes.
+//!
+//! Messages are encoded and decoded with cbor4ii's serde support. It replaced ciborium,
+//! which wrote the same bytes, because it does both about twice as fast (`cargo bench
+//! -p hexz-protocol --bench codec`: a lookup's round trip 2.80 → 1.27 µs, a 100-entry
+//! readdirplus 199 → 94 µs). Decoding `list_dirs` replies was about a tenth of the
+//! guest daemon's CPU in a cold walk of a tree.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -47,7 +53,7 @@ pub fn encode_frame<T: Serialize>(
 ) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; PREFIX_LEN]);
-    if let Err(e) = ciborium::into_writer(msg, &mut *out) {
+    if let Err(e) = cbor4ii::serde::to_writer(&mut *out, msg) {
         out.truncate(start);
         return Err(FrameError::Encode(e.to_string()));
     }
@@ -85,13 +91,10 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     decode_checked(body).map_err(FrameError::Decode)
 }
 
+/// Decodes a body that passed [`check_canonical`] (so one item fills it: no bytes
+/// after the message).
 fn decode_checked<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    let mut rest = body;
-    let v: T = ciborium::from_reader(&mut rest).map_err(|e| e.to_string())?;
-    if !rest.is_empty() {
-        return Err(format!("{} bytes after the message", rest.len()));
-    }
-    Ok(v)
+    cbor4ii::serde::from_slice(body).map_err(|e| e.to_string())
 }
 
 pub fn decode_reply(body: &[u8]) -> Result<Reply, FrameError> {
