@@ -26,6 +26,8 @@ pub const AHEAD_DEPTH: usize = 2;
 /// The most a stream through one large file asks for in one range request; its windows
 /// are read off that one response as the stream reaches them.
 const FEED_MAX: u64 = 128 << 20;
+/// Streams through large files read from their own range request at once, at most.
+const MAX_FEEDS: usize = 4;
 /// A feed no window was asked of for this long lets its response go.
 const FEED_IDLE: Duration = Duration::from_secs(5);
 /// Windows a stream keeps in the frame cache behind the one it reads.
@@ -46,8 +48,9 @@ pub struct RemoteData {
     data: OnceLock<Option<DataCache>>,
     /// Fetches of the next windows running ahead of a sequential reader, in order.
     ahead: Mutex<VecDeque<Ahead>>,
-    /// The range request the windows of a stream through a large file are read from.
-    feed: Mutex<Option<Feed>>,
+    /// The range requests the windows of streams through large files are read from,
+    /// oldest first.
+    feeds: Mutex<Vec<Feed>>,
     /// The last windows a stream took (first frame, frame after the last), oldest first.
     behind: Mutex<VecDeque<(u32, u32)>>,
     /// (frame where the last fetch ended, current read-ahead window)
@@ -456,15 +459,20 @@ impl RemoteData {
             len,
             done: tx,
         });
-        let mut feed = self.feed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = feed
-            .as_mut()
-            .filter(|f| f.pos == offset && offset + len <= f.end)
+        let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = feeds
+            .iter()
+            .position(|f| f.pos == offset && offset + len <= f.end)
         {
+            let f = &mut feeds[at];
             if let Some(j) = job.take() {
                 match f.jobs.send(j) {
                     Ok(()) => f.pos += len,
-                    Err(mpsc::SendError(j)) => job = Some(j),
+                    Err(mpsc::SendError(j)) => {
+                        // That feed has ended (an error, or idle): a new one instead.
+                        job = Some(j);
+                        feeds.remove(at);
+                    }
                 }
             }
         }
@@ -490,13 +498,21 @@ impl RemoteData {
                 .name("hexz-read-ahead".into())
                 .spawn(move || source.run(offset, end, asked))
                 .is_ok();
-            *feed = (started && end > offset + len).then_some(Feed {
-                pos: offset + len,
-                end,
-                jobs,
-            });
+            if started && end > offset + len {
+                // Feeds of other streams are kept (a few): each goes on where its own
+                // stream will ask next.
+                feeds.retain(|f| f.pos < f.end);
+                if feeds.len() == MAX_FEEDS {
+                    feeds.remove(0);
+                }
+                feeds.push(Feed {
+                    pos: offset + len,
+                    end,
+                    jobs,
+                });
+            }
         }
-        drop(feed);
+        drop(feeds);
         let mut a = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
         a.push_back((first, end_frame, rx));
     }
@@ -724,7 +740,7 @@ fn open_layer(
         cache: cache.clone(),
         data: OnceLock::new(),
         ahead: Mutex::new(VecDeque::new()),
-        feed: Mutex::new(None),
+        feeds: Mutex::new(Vec::new()),
         behind: Mutex::new(VecDeque::new()),
         seq: Mutex::new((0, 0)),
         log: Mutex::new(AccessLog::default()),
