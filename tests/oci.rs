@@ -222,12 +222,18 @@ struct Pushed {
 }
 
 fn pushed(dir: &Path) -> Pushed {
+    let src = workspace(dir);
+    push_tree(dir, src, "team/ws")
+}
+
+/// Starts a registry in `dir/reg`, packs `src` (host cache `dir/cache`) and pushes it as
+/// `REPO:v1`.
+fn push_tree(dir: &Path, src: PathBuf, repo: &str) -> Pushed {
     let reg = Registry::start(&dir.join("reg"), None);
     let cache = dir.join("cache");
-    let src = workspace(dir);
     let snap = dir.join("ws.hxz");
     pack(&cache, &src, &snap);
-    let dest = format!("{}/team/ws:v1", reg.host());
+    let dest = format!("{}/{repo}:v1", reg.host());
     let out = ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
     let pinned = out
         .split_whitespace()
@@ -245,6 +251,35 @@ fn pushed(dir: &Path) -> Pushed {
 
 fn pack(cache: &Path, src: &Path, out: &Path) {
     ok(&hexz(cache, &[&"pack", &src, &"-o", &out]), "pack");
+}
+
+/// A tree in `dir/src` of the files `files` (name, bytes).
+fn tree_of_files(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
+    let src = dir.join("src");
+    fs::create_dir_all(&src).unwrap();
+    for (name, bytes) in files {
+        fs::write(src.join(name), bytes).unwrap();
+    }
+    src
+}
+
+/// From a log at info level: the bytes and the range requests fetched from a data blob
+/// ("fetched N bytes in M requests from data blob …", logged when it is closed).
+fn fetch_counts(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.contains(" requests from data blob"))
+        .unwrap_or_else(|| panic!("no fetch counts in the log: {log}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |w: &str| {
+        words
+            .iter()
+            .position(|x| *x == w)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count after '{w}' in: {line}"))
+    };
+    (after("fetched"), after("in"))
 }
 
 #[test]
@@ -747,28 +782,22 @@ fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cl
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let reg = Registry::start(&dir.join("reg"), None);
     // 48 MiB stored raw: the read-ahead window grows to its largest (after ~16 MiB) and
     // later windows are fetched and checked on other threads, two ahead of the reader,
     // but not past the file's end: the 16 MiB file after it in pack order is not
     // fetched. Compressible files follow.
-    let src = dir.join("src");
-    fs::create_dir_all(&src).unwrap();
     let big = pseudo_random(48 << 20, 7);
-    fs::write(src.join("big.bin"), &big).unwrap();
-    fs::write(src.join("c.bin"), pseudo_random(16 << 20, 8)).unwrap();
-    for i in 0..8 {
-        fs::write(
-            src.join(format!("z{i}.txt")),
-            format!("line {i} of a compressible file\n").repeat(40_000),
-        )
-        .unwrap();
-    }
-    let cache = dir.join("cache");
-    let snap = dir.join("big.hxz");
-    pack(&cache, &src, &snap);
-    let dest = format!("{}/team/big:v1", reg.host());
-    ok(&hexz(&cache, &[&"push", &snap, &dest]), "push");
+    let c_bin = pseudo_random(16 << 20, 8);
+    let texts: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let text = format!("line {i} of a compressible file\n").repeat(40_000);
+            (format!("z{i}.txt"), text.into_bytes())
+        })
+        .collect();
+    let mut files: Vec<(&str, &[u8])> = vec![("big.bin", &big), ("c.bin", &c_bin)];
+    files.extend(texts.iter().map(|(n, b)| (n.as_str(), b.as_slice())));
+    let src = tree_of_files(dir, &files);
+    let Pushed { reg, dest, .. } = push_tree(dir, src.clone(), "team/big");
     let r = format!("oci://{dest}");
     let c = hexz_env(
         &dir.join("c1"),
@@ -780,24 +809,13 @@ fn a_large_file_streams_through_windows_fetched_ahead_and_a_damaged_one_fails_cl
         c.stdout == big,
         "big.bin read lazily differs from the source"
     );
-    let fetched: u64 = err(&c)
-        .split("fetched ")
-        .nth(1)
-        .and_then(|t| t.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no fetched count in the log: {}", err(&c)));
+    let (fetched, requests) = fetch_counts(&err(&c));
     assert!(
         (48 << 20..(48 << 20) + (2 << 20)).contains(&fetched),
         "reading big.bin fetched {fetched} bytes: it is 48 MiB and what follows it should not be fetched ahead"
     );
     // Once the stream reads whole windows, they come off one range request that runs on
     // to the file's end, not one request each.
-    let requests: u64 = err(&c)
-        .split(" requests from data blob")
-        .next()
-        .and_then(|t| t.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no request count in the log: {}", err(&c)));
     assert!(
         requests <= REQUESTS_TO_STREAM + 1,
         "reading big.bin took {requests} range requests"
@@ -852,23 +870,10 @@ fn a_read_ahead_cut_mid_response_is_fetched_again_and_streams_read_byte_exact() 
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let reg = Registry::start(&dir.join("reg"), None);
-    let src = dir.join("src");
-    fs::create_dir_all(&src).unwrap();
     let big = pseudo_random(64 << 20, 11);
-    fs::write(src.join("big.bin"), &big).unwrap();
     let big2 = pseudo_random(40 << 20, 12);
-    fs::write(src.join("big2.bin"), &big2).unwrap();
-    let cache = dir.join("cache");
-    let snap = dir.join("big.hxz");
-    pack(&cache, &src, &snap);
-    ok(
-        &hexz(
-            &cache,
-            &[&"push", &snap, &format!("{}/team/big:v1", reg.host())],
-        ),
-        "push",
-    );
+    let src = tree_of_files(dir, &[("big.bin", &big), ("big2.bin", &big2)]);
+    let Pushed { reg, .. } = push_tree(dir, src, "team/big");
     // Every connection is cut after 12 MiB: the long range request a stream reads its
     // windows from breaks in the middle of one, more than once. Each broken window is
     // fetched again by itself (8 MiB fit in a fresh connection), the stream goes on

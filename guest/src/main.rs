@@ -75,8 +75,8 @@ fn main() -> ExitCode {
     // No transparent huge pages for this process. Debian's kernels default to THP
     // "always" in guests of 512 MiB or more, and then a first touch of the allocator's
     // memory takes a whole 2 MiB. In a 1 GiB guest, after a cold `find | xargs stat`
-    // of 6.4k files, the daemon held 80-102 MB with THP and 27 MB without, for the same
-    // walk time (docs/BENCHMARKS.md). Its memory is many small objects, not large arrays.
+    // of 6.4k files, the daemon held 95-97 MB with THP and 27 MB without, for the same
+    // walk time (bench/guest-mem.sh). Its memory is many small objects, not large arrays.
     let thp = nix::sys::prctl::set_thp_disable(true);
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -189,20 +189,20 @@ impl FeedSource {
             let check = move || {
                 let _ = done.send(bytes.map(|b| plan.check(b)));
             };
-            if !ok {
+            if ok {
+                pos += len;
+                self.fetched.fetch_add(len, Ordering::Relaxed);
+            }
+            if !ok || pos >= end {
+                // Nothing more to read: checked here.
                 check();
                 return;
             }
-            pos += len;
-            self.fetched.fetch_add(len, Ordering::Relaxed);
             // Checked beside the next window's arrival (if spawning fails, the reader
             // finds the window missing and fetches it itself).
             let _ = std::thread::Builder::new()
                 .name("hexz-check".into())
                 .spawn(check);
-            if pos >= end {
-                return;
-            }
         }
     }
 
@@ -216,13 +216,7 @@ impl FeedSource {
         let b = match body {
             Some(b) => b,
             None => {
-                if end > self.size {
-                    return Err(Error::corrupt(format!(
-                        "read of {start}..{end} past the end of data blob {} ({} bytes)",
-                        short(&self.digest),
-                        self.size
-                    )));
-                }
+                within_blob(&self.digest, self.size, start, end - start)?;
                 let repo = Repo::new(&self.reg, &self.repo);
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 body.insert(repo.blob_stream(&self.digest, start, end - start, Retry::READ)?)
@@ -598,6 +592,18 @@ impl Drop for RemoteData {
     }
 }
 
+/// Refuses a read of `offset..offset + len` that runs past the end of data blob `digest`
+/// (of `size` bytes): the index asked for bytes the blob does not have.
+fn within_blob(digest: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::corrupt(format!(
+            "read of {offset}+{len} past the end of data blob {} ({size} bytes)",
+            short(digest)
+        )));
+    }
+    Ok(())
+}
+
 /// `len` bytes of data blob `digest` (of `size` bytes) from `offset`.
 fn fetch_range(
     reg: &Registry,
@@ -607,12 +613,7 @@ fn fetch_range(
     offset: u64,
     len: u64,
 ) -> Result<Vec<u8>> {
-    if offset.checked_add(len).is_none_or(|end| end > size) {
-        return Err(Error::corrupt(format!(
-            "read of {offset}+{len} past the end of data blob {} ({size} bytes)",
-            short(digest)
-        )));
-    }
+    within_blob(digest, size, offset, len)?;
     Repo::new(reg, repo).blob_range(digest, offset, len, Retry::READ)
 }
 

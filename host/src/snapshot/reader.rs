@@ -737,6 +737,11 @@ impl Snapshot {
         use crate::oci::lazy::{AHEAD_DEPTH, WINDOW_MAX};
         let (chain_end, running) = r.ahead(from);
         let mut next = chain_end as usize;
+        // Where a stream through a large file stops: the end of frame `limit - 1`.
+        let until = to_limit
+            .then(|| self.index.frames.get(limit - 1))
+            .flatten()
+            .map(|f| f.offset + f.stored_len as u64 - HEADER_LEN as u64);
         for _ in running..AHEAD_DEPTH {
             // Frames already held need no fetch (a few are skipped, not a whole file).
             let skip = limit.min(next + 64);
@@ -748,10 +753,6 @@ impl Snapshot {
             }
             let (end, len) = self.window_from(next as u32, WINDOW_MAX, r, limit);
             let off = self.index.frames[next].offset - HEADER_LEN as u64;
-            let until = to_limit
-                .then(|| self.index.frames.get(limit - 1))
-                .flatten()
-                .map(|f| f.offset + f.stored_len as u64 - HEADER_LEN as u64);
             r.fetch_ahead(self.window_plan(next as u32, end as u32), off, len, until);
             next = end;
         }
