@@ -1052,6 +1052,7 @@ impl HexzFs {
                 Some(h) => h,
                 None => {
                     let list = plus.filter(|_| cookie == 0);
+                    tracing::debug!(dir = node, cookie, "listing on a host handle");
                     match self.call_epoch(Op::Opendir { node, list })? {
                         (
                             ReplyBody::Opened {

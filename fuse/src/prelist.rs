@@ -21,12 +21,14 @@ use hexz_protocol::DirEntryPlus;
 use crate::workers::{Job, Workers};
 
 /// Pages asked for and not yet used, at most.
-pub const MAX_AHEAD: usize = 128;
+pub const MAX_AHEAD: usize = 256;
 /// Directories remembered (listed by the kernel, or seen as a subdirectory).
 const MAX_KNOWN: usize = 1 << 16;
 /// A walk goes down when the kernel lists a directory whose parent was among its last
-/// this many listings.
+/// this many listings, or whose parent is an ancestor of the directory it listed last
+/// (a depth-first walk back from a deep subtree), looked for this many levels up.
 const RECENT: u64 = 64;
+const MAX_DEPTH: usize = 64;
 /// How long the kernel's listing waits for a page already asked for.
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -53,12 +55,29 @@ struct State<H> {
     /// then.
     listed: HashMap<u64, u64>,
     listings: u64,
+    /// The directory the kernel last listed from the start.
+    last: Option<u64>,
     /// Subdirectories seen in listings, and their parents.
     subdirs: HashMap<u64, Vec<u64>>,
     parent: HashMap<u64, u64>,
     /// Per parent, how far its subdirectories were considered as siblings to list
     /// ahead (each is looked at once: a wide directory costs linear work, not square).
     sibling_cursor: HashMap<u64, usize>,
+}
+
+impl<H> State<H> {
+    /// Whether the directory last listed is `dir` or below it (within [`MAX_DEPTH`]).
+    fn last_below(&self, dir: u64) -> bool {
+        let mut at = self.last;
+        for _ in 0..MAX_DEPTH {
+            match at {
+                Some(d) if d == dir => return true,
+                Some(d) => at = self.parent.get(&d).copied(),
+                None => return false,
+            }
+        }
+        false
+    }
 }
 
 pub struct Prelist<H> {
@@ -78,6 +97,7 @@ impl<H: Send + 'static> Prelist<H> {
                 next: 0,
                 listed: HashMap::new(),
                 listings: 0,
+                last: None,
                 subdirs: HashMap::new(),
                 parent: HashMap::new(),
                 sibling_cursor: HashMap::new(),
@@ -110,12 +130,24 @@ impl<H: Send + 'static> Prelist<H> {
             s.parent.clear();
             s.sibling_cursor.clear();
         }
+        // A walk going down: the kernel listed this directory's parent too, lately or
+        // as the last listing's ancestor (a parent listed long ago, as the root by an
+        // earlier walk, says nothing of what comes next). Judged before this listing
+        // counts.
+        let parent = s.parent.get(&dir).copied();
+        let count = s.listings + u64::from(first);
+        let walking = parent.is_some_and(|p| {
+            s.listed
+                .get(&p)
+                .is_some_and(|&at| at + RECENT >= count || s.last_below(p))
+        });
         if first {
             s.listings += 1;
             let at = s.listings;
             s.listed.insert(dir, at);
             s.subdirs.insert(dir, Vec::new());
             s.sibling_cursor.remove(&dir);
+            s.last = Some(dir);
         }
         for &d in subdirs {
             s.parent.insert(d, dir);
@@ -124,14 +156,6 @@ impl<H: Send + 'static> Prelist<H> {
         if known.len() < MAX_KNOWN {
             known.extend_from_slice(subdirs);
         }
-        // A walk going down: the kernel listed this directory's parent too, lately (a
-        // parent listed long ago, as the root by an earlier walk, says nothing of what
-        // comes next).
-        let walking = s
-            .parent
-            .get(&dir)
-            .and_then(|p| s.listed.get(p))
-            .is_some_and(|&at| at + RECENT >= s.listings);
         if !walking {
             return (Vec::new(), Vec::new());
         }
@@ -279,5 +303,50 @@ impl<H: Send + 'static> Prelist<H> {
             s.order.retain(|&d| d != dir);
         }
         page
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asked(out: &[(u64, u64)]) -> Vec<u64> {
+        out.iter().map(|&(d, _)| d).collect()
+    }
+
+    #[test]
+    fn a_depth_first_walk_back_from_a_deep_subtree_still_lists_ahead() {
+        let pl: Arc<Prelist<()>> = Prelist::start(Workers::start(0));
+        // The root holds `wide` (1000), whose first child (100) holds more
+        // subdirectories than RECENT listings, each with one of its own.
+        pl.kernel_listed(1, true, &[1000], 0);
+        pl.kernel_listed(1000, true, &[100, 101], 0);
+        let subs: Vec<u64> = (0..RECENT + 10).map(|k| 10_000 + k).collect();
+        pl.kernel_listed(100, true, &subs, 0);
+        for &d in &subs {
+            pl.kernel_listed(d, true, &[d + 100_000], 0);
+            pl.kernel_listed(d + 100_000, true, &[], 0);
+        }
+        // Back up to `wide` and down into its next child: `wide` was listed long ago,
+        // but the walk is still below it, so 101's subdirectory is listed ahead.
+        let (out, _) = pl.kernel_listed(101, true, &[20_000], 0);
+        assert!(
+            asked(&out).contains(&20_000),
+            "nothing listed ahead for the walk's next subtree: {out:?}"
+        );
+    }
+
+    #[test]
+    fn a_listing_elsewhere_after_a_walk_is_not_a_walk() {
+        let pl: Arc<Prelist<()>> = Prelist::start(Workers::start(0));
+        pl.kernel_listed(1, true, &[2, 3], 0);
+        pl.kernel_listed(2, true, &[], 0);
+        // Many listings of unrelated directories (another walk, elsewhere), then 3: its
+        // parent was listed long ago and the last listing is not below it.
+        for d in 0..(RECENT + 10) {
+            pl.kernel_listed(50_000 + d, true, &[], 0);
+        }
+        let (out, _) = pl.kernel_listed(3, true, &[4], 0);
+        assert!(out.is_empty(), "listed ahead without a walk: {out:?}");
     }
 }
