@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use hexz_protocol::{ByteBuf, Limits, Op, ReplyBody, Timed, Timespec, MAX_BATCH};
 
-use crate::transport::{CallError, Transport};
+use crate::transport::{CallError, Then, Transport};
 
 /// Ids asked for at a time; more are asked for when fewer than [`LOW_IDS`] are left.
 const RESERVE_IDS: u32 = 256;
@@ -656,6 +656,15 @@ impl Transport for Behind {
     fn call_on(&self, epoch: u64, op: Op) -> Result<ReplyBody, CallError> {
         self.barrier();
         self.inner.call_on(epoch, op)
+    }
+
+    fn call_then(&self, op: Op, then: Then) {
+        self.barrier();
+        self.inner.call_then(op, then)
+    }
+
+    fn replies_later(&self) -> bool {
+        self.inner.replies_later()
     }
 
     fn post_on(&self, epoch: u64, op: Op) {

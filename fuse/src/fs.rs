@@ -381,6 +381,13 @@ impl ListAhead {
         }
         let pl = self.pl.clone();
         if self.conn.has_cap(CAP_LIST_DIRS) {
+            if self.conn.replies_later() {
+                // Sent from here and taken on the reply thread: no thread waits for it.
+                for chunk in dirs.chunks(MAX_LIST_DIRS) {
+                    self.clone().ask(chunk.to_vec(), depth);
+                }
+                return;
+            }
             pl.spawn(Box::new(move || self.many(dirs, depth)));
             return;
         }
@@ -388,6 +395,81 @@ impl ListAhead {
             let me = self.clone();
             pl.spawn(Box::new(move || me.one(d, n, depth)));
         }
+    }
+
+    /// Sends one `list_dirs` for `dirs` (at most [`MAX_LIST_DIRS`]) without waiting;
+    /// the reply goes to [`ListAhead::answered`].
+    fn ask(self, dirs: Vec<(u64, u64)>, depth: u32) {
+        let op = Op::ListDirs {
+            nodes: dirs.iter().map(|&(d, _)| d).collect(),
+            max_entries: self.want,
+        };
+        let conn = self.conn.clone();
+        conn.call_then(op, Box::new(move |r| self.answered(dirs, depth, r)));
+    }
+
+    /// The reply to [`ListAhead::ask`], on the reply thread, which must not send: the
+    /// whole listings are kept here; the rest (directories not answered or not whole,
+    /// the next level down, references to give back) goes to a read-ahead thread.
+    fn answered(self, dirs: Vec<(u64, u64)>, depth: u32, r: Result<(ReplyBody, u64), CallError>) {
+        let nodes: Vec<u64> = dirs.iter().map(|&(d, _)| d).collect();
+        let mut alone = Vec::new();
+        let mut rest = Vec::new();
+        let mut deeper = Vec::new();
+        let mut back = Vec::new();
+        let mut pages = Vec::new();
+        match whole_listings(&nodes, r) {
+            Ok((got, epoch)) if !got.is_empty() => {
+                rest = dirs[got.len()..].to_vec();
+                for (&(d, n), entries) in dirs.iter().zip(got) {
+                    let Some(entries) = entries else {
+                        alone.push((d, n)); // not whole
+                        continue;
+                    };
+                    let subdirs = subdirs_of(&entries);
+                    let page = Page {
+                        entries,
+                        eof: true,
+                        host: None,
+                        epoch,
+                        since: self.since,
+                    };
+                    pages.extend(self.pl.arrived(d, n, page));
+                    if depth > 0 {
+                        deeper.extend(self.pl.deeper(d, &subdirs));
+                    }
+                }
+            }
+            Ok(_) => alone = dirs,
+            Err(entries) => {
+                back = entries;
+                alone = dirs;
+            }
+        }
+        if alone.is_empty()
+            && rest.is_empty()
+            && deeper.is_empty()
+            && back.is_empty()
+            && pages.is_empty()
+        {
+            return;
+        }
+        let pl = self.pl.clone();
+        pl.spawn(Box::new(move || {
+            forget_entries(&*self.conn, &back);
+            for p in pages {
+                give_back(&*self.conn, p);
+            }
+            if !rest.is_empty() {
+                self.many(rest, depth);
+            }
+            for (d, n) in alone {
+                self.one(d, n, depth);
+            }
+            if depth > 0 {
+                self.start(deeper, depth - 1);
+            }
+        }));
     }
 
     /// Lists directory `d` (request `n`) on a host handle of its own: its first page,
@@ -491,18 +573,33 @@ fn list_dirs(conn: &dyn Transport, nodes: &[u64], max_entries: u32) -> Option<Wh
         nodes: nodes.to_vec(),
         max_entries,
     };
-    let (dirs, epoch) = match conn.call_epoch(op) {
+    match whole_listings(nodes, conn.call_epoch(op)) {
+        Ok(w) => Some(w),
+        Err(back) => {
+            forget_entries(conn, &back);
+            None
+        }
+    }
+}
+
+/// What a `list_dirs` reply for `nodes` says (as [`list_dirs`]); if it is no such reply,
+/// the entries in it, whose references are to be given back.
+fn whole_listings(
+    nodes: &[u64],
+    r: Result<(ReplyBody, u64), CallError>,
+) -> Result<WholeListings, Vec<DirEntryPlus>> {
+    let (dirs, epoch) = match r {
         Ok((ReplyBody::Listings { dirs }, epoch)) => (dirs, epoch),
-        _ => return None,
+        _ => return Err(Vec::new()),
     };
     let in_order = dirs.len() <= nodes.len() && dirs.iter().zip(nodes).all(|(d, &n)| d.node == n);
     if !in_order {
-        for d in &dirs {
-            forget_entries(conn, d.entries.as_deref().unwrap_or_default());
-        }
-        return None;
+        return Err(dirs
+            .into_iter()
+            .flat_map(|d| d.entries.unwrap_or_default())
+            .collect());
     }
-    Some((dirs.into_iter().map(|d| d.entries).collect(), epoch))
+    Ok((dirs.into_iter().map(|d| d.entries).collect(), epoch))
 }
 
 /// The subdirectories named in a listing page (not `.` and `..`).

@@ -14,4 +14,4 @@ mod transport;
 mod workers;
 
 pub use fs::{HexzFs, Options, MAX_NODE_HANDLES};
-pub use transport::{CallError, Transport};
+pub use transport::{CallError, Then, Transport};

@@ -284,6 +284,8 @@ impl<H: Send + 'static> Prelist<H> {
                 .unwrap_or_else(|p| p.into_inner());
             s = next;
             if t.timed_out() {
+                // Not waited for again: the page, should it come, is given back.
+                s.pending.remove(&dir);
                 break;
             }
         }

@@ -14,6 +14,9 @@ pub enum CallError {
     Stale,
 }
 
+/// What [`Transport::call_then`] hands a reply to, with the epoch that answered it.
+pub type Then = Box<dyn FnOnce(Result<(ReplyBody, u64), CallError>) + Send>;
+
 /// Carries protocol operations to the VFS and back.
 ///
 /// Epochs: a transport that can lose its server numbers each connection; a handle is
@@ -31,6 +34,19 @@ pub trait Transport: Send + Sync + 'static {
     /// As [`Transport::call_epoch`], but only in `epoch` (the one whose handle `op`
     /// names): in any other nothing is sent and the answer is [`CallError::Stale`].
     fn call_on(&self, epoch: u64, op: Op) -> Result<ReplyBody, CallError>;
+
+    /// Sends `op` and hands its reply to `then` instead of waiting for it. Where
+    /// [`Transport::replies_later`] says so, `then` runs later on the thread that reads
+    /// replies, and must neither send nor wait there (work that does goes to another
+    /// thread); otherwise it runs before this returns.
+    fn call_then(&self, op: Op, then: Then) {
+        then(self.call_epoch(op))
+    }
+
+    /// Whether [`Transport::call_then`] returns before the reply arrives.
+    fn replies_later(&self) -> bool {
+        false
+    }
 
     /// Sends `op` without waiting for its reply, in `epoch` only (the release of a handle
     /// opened there); in another epoch it is dropped.

@@ -24,7 +24,7 @@ use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hexz_fuse::{CallError, Transport};
+use hexz_fuse::{CallError, Then, Transport};
 use hexz_protocol::addr::Addr;
 use hexz_protocol::client::{self, default_hello};
 use hexz_protocol::frame::{read_frame, FrameError};
@@ -92,7 +92,25 @@ fn read_timeout(f: &File, t: Option<Duration>) -> std::io::Result<()> {
     }
 }
 
-type Waiter = SyncSender<Result<ReplyBody, CallError>>;
+/// Who a reply goes to: a caller waiting for it, or what it is handed to on the reader
+/// thread ([`Conn::call_then`]).
+enum Waiter {
+    Caller(SyncSender<Result<ReplyBody, CallError>>),
+    Then(Then),
+}
+
+impl Waiter {
+    /// Hands over `res` (from connection `epoch`); false if nobody takes it any more.
+    fn deliver(self, res: Result<ReplyBody, CallError>, epoch: u64) -> bool {
+        match self {
+            Waiter::Caller(tx) => tx.send(res).is_ok(),
+            Waiter::Then(then) => {
+                then(res.map(|b| (b, epoch)));
+                true
+            }
+        }
+    }
+}
 
 struct Link {
     writer: Arc<Mutex<File>>,
@@ -349,7 +367,8 @@ impl Conn {
             ReplyBody::Err(e) => Err(CallError::Errno(e.sanitized())),
             body => Ok(body),
         };
-        let delivered = waiter.is_some_and(|w| w.send(res).is_ok());
+        let epoch = self.epoch();
+        let delivered = waiter.is_some_and(|w| w.deliver(res, epoch));
         if !delivered && !refs.is_empty() {
             lock(&self.orphans).extend(refs.into_iter().map(|n| (n, 1)));
             self.has_orphans.store(true, Ordering::Release);
@@ -358,8 +377,10 @@ impl Conn {
 
     fn reconnect(&self) -> File {
         *lock(&self.link) = None;
-        for (_, w) in lock(&self.pending).drain() {
-            let _ = w.send(Err(CallError::Lost));
+        let waiting: Vec<Waiter> = lock(&self.pending).drain().map(|(_, w)| w).collect();
+        let epoch = self.epoch();
+        for w in waiting {
+            w.deliver(Err(CallError::Lost), epoch);
         }
         let mut delay = Duration::from_millis(20);
         loop {
@@ -452,7 +473,7 @@ impl Conn {
         encode_frame(&Request { id, op }, max_frame, &mut frame)
             .map_err(|_| CallError::Errno(Errno::EINVAL))?;
         let (tx, rx) = sync_channel(1);
-        lock(&self.pending).insert(id, tx);
+        lock(&self.pending).insert(id, Waiter::Caller(tx));
         // A reconnect clears the link before failing the waiters: if the link is still
         // ours here, a drop from now on fails this waiter too; if not, nothing was sent.
         if lock(&self.link).as_ref().map(|l| l.epoch) != Some(epoch) {
@@ -477,6 +498,35 @@ impl Conn {
             }
         };
         r.map(|b| (b, epoch))
+    }
+
+    /// Sends `op` and hands its reply to `then` on the reader thread, without waiting
+    /// for it (or for a reconnection: with no connection, `then` gets the error now).
+    /// `then` must neither send nor wait: the reader thread never writes (a write can
+    /// block until the host reads, and the host may be waiting for its replies to be
+    /// read).
+    pub fn call_then(&self, op: Op, then: Then) {
+        let (writer, max_frame, epoch) = match self.writer(Instant::now()) {
+            Ok(w) => w,
+            Err(e) => return then(Err(e)),
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        if encode_frame(&Request { id, op }, max_frame, &mut frame).is_err() {
+            return then(Err(CallError::Errno(Errno::EINVAL)));
+        }
+        lock(&self.pending).insert(id, Waiter::Then(then));
+        // As in `exchange`: if the link is no longer ours, nothing was sent, and the
+        // reconnect may have failed the waiters before this one was added.
+        if lock(&self.link).as_ref().map(|l| l.epoch) != Some(epoch) {
+            if let Some(w) = lock(&self.pending).remove(&id) {
+                w.deliver(Err(CallError::Stale), epoch);
+            }
+            return;
+        }
+        if lock(&writer).write_all(&frame).is_err() {
+            tracing::debug!(id, "write to the host failed");
+        }
     }
 
     /// Sends `op` without waiting for the reply, on connection `epoch` only (release of a
@@ -571,6 +621,14 @@ impl Transport for Conn {
 
     fn call_on(&self, epoch: u64, op: Op) -> Result<ReplyBody, CallError> {
         Conn::call_on(self, epoch, op)
+    }
+
+    fn call_then(&self, op: Op, then: Then) {
+        Conn::call_then(self, op, then)
+    }
+
+    fn replies_later(&self) -> bool {
+        true
     }
 
     fn post_on(&self, epoch: u64, op: Op) {
@@ -834,6 +892,34 @@ mod tests {
             }
             other => panic!("the new connection began with {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_reply_handed_on_counts_its_references_and_a_loss_reaches_it() {
+        let (conn, _seen, _dir) = fake_server(|k, op| match op {
+            Op::Lookup { .. } => Some(ReplyBody::Entry(entry(9))),
+            Op::Getattr { .. } if k == 0 => None, // the host goes away
+            _ => Some(ReplyBody::ok()),
+        });
+        let (tx, rx) = sync_channel(2);
+        let lookup = Op::Lookup {
+            parent: 1,
+            name: b"x".to_vec(),
+        };
+        let t = tx.clone();
+        conn.call_then(lookup, Box::new(move |r| t.send(r).expect("send")));
+        let got = rx.recv_timeout(Duration::from_secs(5)).expect("handed on");
+        assert!(
+            matches!(got, Ok((ReplyBody::Entry(ref e), 1)) if e.node == 9),
+            "{got:?}"
+        );
+        // Counted as the reply arrived: the host gave a reference for it.
+        assert_eq!(conn.refs_on(9), 1);
+        // No reply will come: the connection drops, and the loss is handed on instead.
+        let getattr = Op::Getattr { node: 9, fh: None };
+        conn.call_then(getattr, Box::new(move |r| tx.send(r).expect("send")));
+        let got = rx.recv_timeout(Duration::from_secs(5)).expect("handed on");
+        assert_eq!(got, Err(CallError::Lost));
     }
 
     #[test]
