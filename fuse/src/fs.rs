@@ -354,7 +354,7 @@ fn forget_lost(
 const EARLY_WRITE_ATTR_TTL: Duration = Duration::from_secs(1);
 
 /// How many levels below the directories a walk is about to enter are listed ahead too.
-const LIST_AHEAD_DEPTH: u32 = 1;
+const LIST_AHEAD_DEPTH: u32 = 2;
 
 /// The host handle a listing continues on; none for a whole listing read ahead.
 type ListingFh = Option<Arc<HostFh>>;
