@@ -3,7 +3,7 @@
 # a `find . -type f | xargs stat`) of a snapshot through each given hexz-guestfused build
 # (over a Unix socket to one `hexz-host serve`), each run with a fresh daemon and dropped
 # page cache, builds interleaved. Reports per build the median of the daemon's CPU ticks
-# (user + system, 100/s), the run's wall time, the daemon threads' context switches and
+# (user + system, 100/s), the run's wall time, the daemon threads' voluntary context switches and
 # the requests the server served, and, from one more run under `strace -c -f`, its mmap
 # and munmap calls and FUSE replies (writev). docs/BENCHMARKS.md, "Where the guest's CPU
 # goes".
@@ -98,7 +98,7 @@ for _ in $(seq "$N"); do
 done
 
 echo "workload: cold $WALK"
-printf '| build | daemon CPU ticks, median of %s (range) | wall s, median | context switches, median | requests to the host, median | mmap | munmap | FUSE replies |\n' "$N"
+printf '| build | daemon CPU ticks, median of %s (range) | wall s, median | voluntary context switches, median | requests to the host, median | mmap | munmap | FUSE replies |\n' "$N"
 echo "|---|---|---|---|---|---|---|---|"
 for b in "${BUILDS[@]}"; do
   label=${b%%=*}

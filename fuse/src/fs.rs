@@ -373,8 +373,9 @@ struct ListAhead {
 
 impl ListAhead {
     /// Starts listing `dirs` (each with its request number of `pl`), and `depth` levels
-    /// of their subdirectories, on the read-ahead threads: all in one job with
-    /// `list_dirs`, else one job each.
+    /// of their subdirectories: with `list_dirs`, sent from here where the transport
+    /// replies later ([`Transport::call_then`]), else in one job on the read-ahead
+    /// threads; without it, one job each.
     fn start(self, dirs: Vec<(u64, u64)>, depth: u32) {
         if dirs.is_empty() {
             return;
@@ -413,63 +414,75 @@ impl ListAhead {
     /// the next level down, references to give back) goes to a read-ahead thread.
     fn answered(self, dirs: Vec<(u64, u64)>, depth: u32, r: Result<(ReplyBody, u64), CallError>) {
         let nodes: Vec<u64> = dirs.iter().map(|&(d, _)| d).collect();
-        let mut alone = Vec::new();
+        let mut kept = Kept::default();
         let mut rest = Vec::new();
-        let mut deeper = Vec::new();
-        let mut back = Vec::new();
-        let mut pages = Vec::new();
+        let mut refs = Vec::new();
         match whole_listings(&nodes, r) {
             Ok((got, epoch)) if !got.is_empty() => {
                 rest = dirs[got.len()..].to_vec();
-                for (&(d, n), entries) in dirs.iter().zip(got) {
-                    let Some(entries) = entries else {
-                        alone.push((d, n)); // not whole
-                        continue;
-                    };
-                    let subdirs = subdirs_of(&entries);
-                    let page = Page {
-                        entries,
-                        eof: true,
-                        host: None,
-                        epoch,
-                        since: self.since,
-                    };
-                    pages.extend(self.pl.arrived(d, n, page));
-                    if depth > 0 {
-                        deeper.extend(self.pl.deeper(d, &subdirs));
-                    }
-                }
+                self.keep(&dirs, got, epoch, depth, &mut kept);
             }
-            Ok(_) => alone = dirs,
+            Ok(_) => kept.alone = dirs,
             Err(entries) => {
-                back = entries;
-                alone = dirs;
+                refs = entries;
+                kept.alone = dirs;
             }
         }
-        if alone.is_empty()
-            && rest.is_empty()
-            && deeper.is_empty()
-            && back.is_empty()
-            && pages.is_empty()
-        {
+        if rest.is_empty() && refs.is_empty() && kept.is_empty() {
             return;
         }
         let pl = self.pl.clone();
         pl.spawn(Box::new(move || {
-            forget_entries(&*self.conn, &back);
-            for p in pages {
-                give_back(&*self.conn, p);
-            }
+            forget_entries(&*self.conn, &refs);
             if !rest.is_empty() {
                 self.many(rest, depth);
             }
-            for (d, n) in alone {
-                self.one(d, n, depth);
-            }
-            if depth > 0 {
-                self.start(deeper, depth - 1);
-            }
+            self.finish(kept, depth);
         }));
+    }
+
+    /// Keeps for the kernel the whole listings `got` (from connection `epoch`) of the
+    /// first directories of `ask`, and notes in `kept` what is left to do. Sends nothing.
+    fn keep(
+        &self,
+        ask: &[(u64, u64)],
+        got: Vec<Option<Vec<DirEntryPlus>>>,
+        epoch: u64,
+        depth: u32,
+        kept: &mut Kept,
+    ) {
+        for (&(d, n), entries) in ask.iter().zip(got) {
+            let Some(entries) = entries else {
+                kept.alone.push((d, n)); // not whole
+                continue;
+            };
+            let subdirs = subdirs_of(&entries);
+            let page = Page {
+                entries,
+                eof: true,
+                host: None,
+                epoch,
+                since: self.since,
+            };
+            kept.back.extend(self.pl.arrived(d, n, page));
+            if depth > 0 {
+                kept.deeper.extend(self.pl.deeper(d, &subdirs));
+            }
+        }
+    }
+
+    /// Does what [`ListAhead::keep`] left: gives pages back, lists the directories not
+    /// whole alone, and starts the next level down.
+    fn finish(self, kept: Kept, depth: u32) {
+        for p in kept.back {
+            give_back(&*self.conn, p);
+        }
+        for (d, n) in kept.alone {
+            self.one(d, n, depth);
+        }
+        if depth > 0 {
+            self.start(kept.deeper, depth - 1);
+        }
     }
 
     /// Lists directory `d` (request `n`) on a host handle of its own: its first page,
@@ -504,8 +517,7 @@ impl ListAhead {
     /// handles; a directory that does not come back whole is listed on a handle of its
     /// own.
     fn many(&self, dirs: Vec<(u64, u64)>, depth: u32) {
-        let mut alone = Vec::new();
-        let mut deeper = Vec::new();
+        let mut kept = Kept::default();
         let mut left = &dirs[..];
         while !left.is_empty() {
             let ask = &left[..left.len().min(MAX_LIST_DIRS)];
@@ -513,29 +525,14 @@ impl ListAhead {
             let Some((got, epoch)) =
                 list_dirs(&*self.conn, &nodes, self.want).filter(|(got, _)| !got.is_empty())
             else {
-                alone.extend_from_slice(left);
+                kept.alone.extend_from_slice(left);
                 break;
             };
             let answered = got.len();
-            for (&(d, n), entries) in ask.iter().zip(got) {
-                let Some(entries) = entries else {
-                    alone.push((d, n)); // not whole
-                    continue;
-                };
-                let subdirs = subdirs_of(&entries);
-                self.arrived(d, n, entries, true, None, epoch);
-                if depth > 0 {
-                    deeper.extend(self.pl.deeper(d, &subdirs));
-                }
-            }
+            self.keep(ask, got, epoch, depth, &mut kept);
             left = &left[answered..];
         }
-        for (d, n) in alone {
-            self.one(d, n, depth);
-        }
-        if depth > 0 {
-            self.clone().start(deeper, depth - 1);
-        }
+        self.clone().finish(kept, depth);
     }
 
     /// The page of `d` (request `n`) arrived: kept for the kernel, or given back.
@@ -558,6 +555,23 @@ impl ListAhead {
         for p in self.pl.arrived(d, n, page) {
             give_back(&*self.conn, p);
         }
+    }
+}
+
+/// What is left once the listings read ahead are kept ([`ListAhead::keep`]).
+#[derive(Default)]
+struct Kept {
+    /// Directories not listed whole: each to be listed on a host handle of its own.
+    alone: Vec<(u64, u64)>,
+    /// The next level down, asked for.
+    deeper: Vec<(u64, u64)>,
+    /// Pages to give back.
+    back: Vec<Page<ListingFh>>,
+}
+
+impl Kept {
+    fn is_empty(&self) -> bool {
+        self.alone.is_empty() && self.deeper.is_empty() && self.back.is_empty()
     }
 }
 

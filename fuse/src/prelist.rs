@@ -26,8 +26,9 @@ pub const MAX_AHEAD: usize = 256;
 const MAX_KNOWN: usize = 1 << 16;
 /// A walk goes down when the kernel lists a directory whose parent was among its last
 /// this many listings, or whose parent is an ancestor of the directory it listed last
-/// (a depth-first walk back from a deep subtree), looked for this many levels up.
+/// (a depth-first walk back from a deep subtree).
 const RECENT: u64 = 64;
+/// How many levels up from the directory listed last an ancestor is looked for.
 const MAX_DEPTH: usize = 64;
 /// How long the kernel's listing waits for a page already asked for.
 const WAIT: Duration = Duration::from_secs(5);

@@ -464,26 +464,10 @@ impl Conn {
             self.forget(&orphans);
         }
         let deadline = Instant::now() + self.timeout;
-        let (writer, max_frame, epoch) = self.writer(deadline)?;
-        if want.is_some_and(|w| w != epoch) {
-            return Err(CallError::Stale);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut frame = Vec::new();
-        encode_frame(&Request { id, op }, max_frame, &mut frame)
-            .map_err(|_| CallError::Errno(Errno::EINVAL))?;
         let (tx, rx) = sync_channel(1);
-        lock(&self.pending).insert(id, Waiter::Caller(tx));
-        // A reconnect clears the link before failing the waiters: if the link is still
-        // ours here, a drop from now on fails this waiter too; if not, nothing was sent.
-        if lock(&self.link).as_ref().map(|l| l.epoch) != Some(epoch) {
-            lock(&self.pending).remove(&id);
-            return Err(CallError::Stale);
-        }
-        if lock(&writer).write_all(&frame).is_err() {
-            // The reader notices the broken stream and fails every waiter, this one too.
-            tracing::debug!(id, "write to the host failed");
-        }
+        let (id, epoch) = self
+            .send(op, Waiter::Caller(tx), deadline, want)
+            .map_err(|(e, _)| e)?;
         let left = deadline.saturating_duration_since(Instant::now());
         let r = match rx.recv_timeout(left) {
             Ok(r) => r,
@@ -506,27 +490,46 @@ impl Conn {
     /// block until the host reads, and the host may be waiting for its replies to be
     /// read).
     pub fn call_then(&self, op: Op, then: Then) {
-        let (writer, max_frame, epoch) = match self.writer(Instant::now()) {
+        if let Err((e, Some(w))) = self.send(op, Waiter::Then(then), Instant::now(), None) {
+            w.deliver(Err(e), 0);
+        }
+    }
+
+    /// Sends `op` with `waiter` registered for its reply (waiting for a reconnection
+    /// until `deadline`; on connection `want` only, if given), and says with which id
+    /// and on which connection. If it was not sent, says why and hands the waiter back
+    /// — unless a reconnect has already handed it the loss.
+    fn send(
+        &self,
+        op: Op,
+        waiter: Waiter,
+        deadline: Instant,
+        want: Option<u64>,
+    ) -> Result<(u64, u64), (CallError, Option<Waiter>)> {
+        let (writer, max_frame, epoch) = match self.writer(deadline) {
             Ok(w) => w,
-            Err(e) => return then(Err(e)),
+            Err(e) => return Err((e, Some(waiter))),
         };
+        if want.is_some_and(|w| w != epoch) {
+            return Err((CallError::Stale, Some(waiter)));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         if encode_frame(&Request { id, op }, max_frame, &mut frame).is_err() {
-            return then(Err(CallError::Errno(Errno::EINVAL)));
+            return Err((CallError::Errno(Errno::EINVAL), Some(waiter)));
         }
-        lock(&self.pending).insert(id, Waiter::Then(then));
-        // As in `exchange`: if the link is no longer ours, nothing was sent, and the
-        // reconnect may have failed the waiters before this one was added.
+        lock(&self.pending).insert(id, waiter);
+        // A reconnect clears the link before failing the waiters: if the link is still
+        // ours here, a drop from now on fails this waiter too; if not, nothing was sent.
         if lock(&self.link).as_ref().map(|l| l.epoch) != Some(epoch) {
-            if let Some(w) = lock(&self.pending).remove(&id) {
-                w.deliver(Err(CallError::Stale), epoch);
-            }
-            return;
+            let waiter = lock(&self.pending).remove(&id);
+            return Err((CallError::Stale, waiter));
         }
         if lock(&writer).write_all(&frame).is_err() {
+            // The reader notices the broken stream and fails every waiter, this one too.
             tracing::debug!(id, "write to the host failed");
         }
+        Ok((id, epoch))
     }
 
     /// Sends `op` without waiting for the reply, on connection `epoch` only (release of a
